@@ -1,0 +1,203 @@
+"""The dictionary modules: one interface (`encode`, `decode`, `forward`) for every kind.
+
+Native parameter names and shapes (DESIGN.md section 5), d = d_in, F = d_dict:
+`W_enc [d, F]`, `b_enc [F]`, `W_dec [F, d]`, `b_dec [d]`, plus `threshold [F]` (jumprelu),
+`threshold []` (batchtopk's global inference threshold) and `r_mag [F]`, `b_mag [F]` (gated).
+Every module takes any leading shape `(..., d)` and returns features `(..., F)`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from dictionaries.errors import DtypeDeviceError, FormatError, ShapeMismatchError
+
+if TYPE_CHECKING:
+    from dictionaries.card import Card
+
+
+class DictionaryOutput(NamedTuple):
+    """What `forward` returns."""
+
+    reconstruction: Tensor
+    """x_hat, (..., d_in)."""
+    features: Tensor
+    """f, (..., d_dict)."""
+
+
+class Dictionary(nn.Module):
+    """Base of every dictionary: affine encoder, a kind-specific nonlinearity, affine decoder."""
+
+    kind: ClassVar[str]
+    extra_parameters: ClassVar[dict[str, str]] = {}  # name -> "F" or "" (scalar), beyond the four shared
+
+    def __init__(self, d_in: int, d_dict: int, *, pre_encoder_bias: bool = True, card: Card | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.d_in, self.d_dict = d_in, d_dict
+        self.pre_encoder_bias = pre_encoder_bias
+        self.card = card
+        kw = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_dict, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_dict, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(d_dict, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        for name, dim in self.extra_parameters.items():
+            shape = (d_dict,) if dim == "F" else ()
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
+
+    # ---- the interface -------------------------------------------------------------------------
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """W_enc^T (x - b_dec) + b_enc, (..., F); the b_dec subtraction only with a pre-encoder bias."""
+        self._check_input(x)
+        if self.pre_encoder_bias:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Features f (..., F) of activations x (..., d)."""
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction x_hat (..., d) of features f (..., F)."""
+        if f.shape[-1] != self.d_dict:
+            raise ShapeMismatchError("features", f"(..., {self.d_dict})", tuple(f.shape))
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> DictionaryOutput:
+        """Reconstruction and features of x."""
+        f = self.encode(x)
+        return DictionaryOutput(self.decode(f), f)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def load_native_state(self, state: dict[str, Tensor], source: str = "state") -> Dictionary:
+        """Copy native-named tensors in, checking that keys and shapes are exactly the expected ones."""
+        expected = {k: tuple(v.shape) for k, v in self.named_parameters()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise FormatError(source, f"{self.kind} dictionary expects tensors {sorted(expected)}; "
+                                      f"missing {missing}, unexpected {unexpected}")
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise ShapeMismatchError(f"{source}: tensor {key!r}", shape, tuple(state[key].shape))
+        with torch.no_grad():
+            for key, p in self.named_parameters():
+                p.copy_(state[key].to(p.dtype))
+        return self
+
+    def native_state(self) -> dict[str, Tensor]:
+        """Tensors under their native names (contiguous, detached), ready for safetensors."""
+        return {k: v.detach().contiguous() for k, v in self.named_parameters()}
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ShapeMismatchError("activations", f"(..., {self.d_in})", tuple(x.shape),
+                                     hint="Is the dictionary attached to the right hook point?")
+        w = self.W_enc
+        if x.dtype != w.dtype or x.device != w.device:
+            raise DtypeDeviceError(f"{w.dtype} on {w.device}", f"{x.dtype} on {x.device}")
+
+    def extra_repr(self) -> str:
+        name = f", name={self.card.name!r}" if self.card is not None else ""
+        return f"d_in={self.d_in}, d_dict={self.d_dict}{name}"
+
+
+class ReluDictionary(Dictionary):
+    """f = ReLU(W_enc^T (x - b_dec) + b_enc) (Bricken et al. 2023); without the b_dec subtraction when asked."""
+
+    kind = "relu"
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(self.pre_activation(x))
+
+
+class TopKDictionary(Dictionary):
+    """Keep the k largest pre-activations per token, ReLU'd (Gao et al. 2024)."""
+
+    kind = "topk"
+
+    def __init__(self, d_in: int, d_dict: int, *, k: int, **kw):
+        super().__init__(d_in, d_dict, **kw)
+        if not 0 < k <= d_dict:
+            raise ValueError(f"k must be in 1..d_dict={d_dict}, got {k}")
+        self.k = k
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_activation(x)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", k={self.k}"
+
+
+class BatchTopKDictionary(TopKDictionary):
+    """BatchTopK (Bussmann et al. 2024): top k*batch over a batch in training, a global threshold at inference.
+
+    `threshold` (a scalar) is the inference threshold; `encode` uses it, `encode_batch` the batch rule.
+    """
+
+    kind = "batchtopk"
+    extra_parameters = {"threshold": ""}
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = torch.relu(self.pre_activation(x))
+        return pre * (pre > self.threshold)
+
+    def encode_batch(self, x: Tensor) -> Tensor:
+        """The training rule: keep the k * tokens largest activations over all tokens of x (tokens, d)."""
+        pre = torch.relu(self.pre_activation(x))
+        flat = pre.flatten()
+        n_keep = min(self.k * pre[..., 0].numel(), flat.numel())
+        values, indices = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+
+class JumpReluDictionary(Dictionary):
+    """f = pre * (pre > threshold) per feature (Rajamanoharan et al. 2024b, JumpReLU)."""
+
+    kind = "jumprelu"
+    extra_parameters = {"threshold": "F"}
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_activation(x)
+        return pre * (pre > self.threshold) * (pre > 0)
+
+
+class GatedDictionary(Dictionary):
+    """Gated SAE with tied gate/magnitude weights (Rajamanoharan et al. 2024a).
+
+    gate = (W_enc^T x' + b_enc > 0); magnitude = ReLU((W_enc * exp(r_mag))^T x' + b_mag); f = gate * magnitude.
+    """
+
+    kind = "gated"
+    extra_parameters = {"r_mag": "F", "b_mag": "F"}
+
+    def encode(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        xc = x - self.b_dec if self.pre_encoder_bias else x
+        projected = xc @ self.W_enc                                   # (..., F)
+        gate = (projected + self.b_enc) > 0
+        magnitude = torch.relu(projected * torch.exp(self.r_mag) + self.b_mag)
+        return gate * magnitude
+
+
+KINDS: dict[str, type[Dictionary]] = {
+    cls.kind: cls
+    for cls in (ReluDictionary, TopKDictionary, BatchTopKDictionary, JumpReluDictionary, GatedDictionary)
+}
+
+
+def build_dictionary(card: Card, *, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> Dictionary:
+    """An empty (zero) module of the card's architecture and sizes, with the card attached."""
+    cls = KINDS[card.architecture]
+    kw = {"pre_encoder_bias": card.pre_encoder_bias, "card": card,
+          "dtype": dtype or getattr(torch, card.dtype), "device": device}
+    if card.k is not None:
+        kw["k"] = card.k
+    return cls(card.d_in, card.d_dict, **kw)

@@ -1,0 +1,110 @@
+"""Every error the package raises: one root, and each subclass also inherits the builtin it resembles.
+
+Errors carry structured attributes (what was expected, what was found, what to do) so that callers can
+act on them and the CLI can turn each into one readable line (see `cli.py`'s table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class DictionariesError(Exception):
+    """Root of every error raised by `dictionaries` and `training`."""
+
+
+class UnknownNameError(DictionariesError, KeyError):
+    """A registry name (or alias) that is not in the registry."""
+
+    def __init__(self, name: str, suggestions: Sequence[str] = ()):
+        self.name = name
+        self.suggestions = list(suggestions)
+        hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
+        super().__init__(f"no dictionary named {name!r} in the registry.{hint} (`dictctl list` shows all names)")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class CardError(DictionariesError, ValueError):
+    """A card or registry file that does not validate."""
+
+    def __init__(self, path: str, field: str, problem: str):
+        self.path = path
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{path}: field {field!r}: {problem}")
+
+
+class RegistryError(DictionariesError, ValueError):
+    """The registry as a whole is inconsistent (duplicate names, a card that is missing)."""
+
+
+class ShapeMismatchError(DictionariesError, ValueError):
+    """A tensor whose shape is not the one expected."""
+
+    def __init__(self, what: str, expected: object, found: object, hint: str = ""):
+        self.what = what
+        self.expected = expected
+        self.found = found
+        super().__init__(f"{what}: expected shape {expected}, found {found}.{' ' + hint if hint else ''}")
+
+
+class FormatError(DictionariesError, ValueError):
+    """A folder or file that is not in the format it claims to be (missing keys, unknown class)."""
+
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class MissingFileError(DictionariesError, FileNotFoundError):
+    """A file a dictionary needs is absent (locally or in the Hub repo)."""
+
+    def __init__(self, path: str, hint: str = ""):
+        self.path = path
+        super().__init__(f"missing file {path}.{' ' + hint if hint else ''}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class HashMismatchError(DictionariesError, ValueError):
+    """A downloaded file whose sha256 differs from the card's, even after fetching it again."""
+
+    def __init__(self, path: str, expected: str, found: str):
+        self.path = path
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"{path}: sha256 is {found}, the card expects {expected} (fetched twice). "
+            "The file on the server differs from the pinned one: report it, or pin the new hash deliberately."
+        )
+
+
+class HubUnreachableError(DictionariesError, ConnectionError):
+    """The Hub cannot be reached and the files are not in the cache."""
+
+    def __init__(self, what: str, endpoint: str, offline: bool):
+        self.what = what
+        self.endpoint = endpoint
+        self.offline = offline
+        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub at {endpoint} could not be reached"
+        super().__init__(
+            f"cannot fetch {what}: {why} and it is not in the local cache. "
+            "Connect to the network (unset HF_HUB_OFFLINE), point HF_ENDPOINT at a reachable mirror, "
+            "or `dictctl download` it on a machine that has network first."
+        )
+
+
+class DtypeDeviceError(DictionariesError, TypeError):
+    """An input whose dtype or device does not match the dictionary's."""
+
+    def __init__(self, expected: str, found: str):
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"input is {found} but the dictionary is {expected}; move one of them "
+            "(`dictionary.to(x.device, x.dtype)` or `x.to(...)`)."
+        )
