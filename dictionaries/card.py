@@ -81,6 +81,23 @@ class FileEntry(Strict):
         return v
 
 
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: str | Path, root: str | Path) -> FileEntry:
+    """A FileEntry for `path` (relative to `root`), hashed now."""
+    path = Path(path)
+    return FileEntry(path=path.relative_to(root).as_posix(), size=path.stat().st_size, sha256=sha256_of(path))
+
+
 class Files(Strict):
     """The files of a dictionary and the format they are in."""
 

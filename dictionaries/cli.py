@@ -1,0 +1,130 @@
+"""`dictctl`, the command line and the package's one composition root.
+
+Each command parses its arguments, calls one library function and prints the result. Errors are turned
+into one readable line by the table `ERROR_MESSAGES` (exit code 1); `DICTIONARIES_DEBUG=1` shows the
+traceback instead. `training/` is imported only inside the commands that need it, and torch only where a
+command touches tensors, so `dictctl list` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dictionaries import errors
+
+app = typer.Typer(help="Pretrained sparse-autoencoder dictionaries: browse, load, train, evaluate, publish.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+# error class -> (label, advice); the first class in the table that the error is an instance of wins.
+ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
+    (errors.UnknownNameError, "unknown name", ""),
+    (errors.CardError, "invalid card", "Fix the field named above; `dictctl schema` shows every field."),
+    (errors.RegistryError, "invalid registry", ""),
+    (errors.HashMismatchError, "hash mismatch", ""),
+    (errors.HubUnreachableError, "hub unreachable", ""),
+    (errors.MissingFileError, "missing file", ""),
+    (errors.ShapeMismatchError, "shape mismatch", ""),
+    (errors.FormatError, "bad format", ""),
+    (errors.DtypeDeviceError, "dtype/device mismatch", ""),
+    (errors.DictionariesError, "error", ""),
+]
+
+
+def report(exc: BaseException) -> int:
+    """Print an error as one line from the table; return the exit code."""
+    for cls, label, advice in ERROR_MESSAGES:
+        if isinstance(exc, cls):
+            err_console.print(f"[bold red]{label}:[/] {exc}" + (f" {advice}" if advice else ""),
+                              highlight=False, soft_wrap=True)
+            return 1
+    raise exc
+
+
+def main() -> None:
+    """Entry point of the console script: run the app, mapping package errors to one line each."""
+    try:
+        app(standalone_mode=False)
+    except errors.DictionariesError as exc:
+        if os.environ.get("DICTIONARIES_DEBUG") == "1":
+            raise
+        sys.exit(report(exc))
+    except typer.Exit as exc:  # pragma: no cover - typer's own exits
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+# ---- browsing ---------------------------------------------------------------------------------------
+@app.command("list")
+def list_(model: Optional[str] = typer.Option(None, help="Model prefix (pythia70m) or HF id."),
+          site: Optional[str] = typer.Option(None, help="embed, attn, mlp or resid."),
+          layer: Optional[int] = typer.Option(None, help="Block index."),
+          size: Optional[int] = typer.Option(None, help="Number of features."),
+          architecture: Optional[str] = typer.Option(None, help="relu, topk, batchtopk, jumprelu, gated.")) -> None:
+    """Table of registry entries with their headline stats."""
+    from dictionaries.registry import load_registry
+
+    entries = load_registry().filter(model=model, site=site, layer=layer, size=size, architecture=architecture)
+    table = Table(show_lines=False)
+    for col in ("name", "model", "site", "layer", "size", "arch", "L0", "loss rec.", "stats", "verified"):
+        table.add_column(col, justify="right" if col in ("layer", "size", "L0", "loss rec.") else "left")
+    for e in entries:
+        c, s = e.card, e.card.stats
+        table.add_row(e.name, c.model.id if c.model else "?", e.site or "?", _fmt(e.layer), str(c.d_dict),
+                      c.architecture, _fmt(s.l0 if s else None), _fmt(s.frac_loss_recovered if s else None),
+                      s.source if s else "-", "yes" if c.verified else "[yellow]no[/]")
+    console.print(table)
+    console.print(f"{len(entries)} entries")
+
+
+@app.command()
+def show(name: str = typer.Argument(..., help="Registry name or alias."),
+         as_json: bool = typer.Option(False, "--json", help="Print the card as JSON.")) -> None:
+    """The whole card of an entry."""
+    from dictionaries.registry import load_registry
+
+    entry = load_registry().get(name)
+    data = entry.card.model_dump(mode="json", exclude_none=True)
+    data["location"] = entry.location.model_dump(mode="json")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    import yaml
+
+    console.print(yaml.safe_dump(data, sort_keys=False, width=110), highlight=False, markup=False)
+
+
+@app.command()
+def schema() -> None:
+    """The card's JSON Schema."""
+    from dictionaries.card import card_schema
+
+    print(json.dumps(card_schema(), indent=2))
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models built in-process, the registry, temporary HF caches."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests are skipped where no CUDA device exists."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The toy byte-level BPE tokenizer (vocab 1024) trained on Python's docs."""
+    from training.toymodel import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_neox():
+    """A 2-layer, d_model 64 GPT-NeoX with Pythia's module names and seeded random weights (eval mode)."""
+    from training.toymodel import build_model
+
+    return build_model()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf(tmp_path, monkeypatch):
+    """Every test gets its own HF cache and no route to the real Hub."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing answers

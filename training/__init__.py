@@ -1,0 +1,1 @@
+"""training: regenerate registry entries from their recipes (imports dictionaries/, never the reverse)."""
