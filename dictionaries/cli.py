@@ -21,8 +21,9 @@ from dictionaries import errors
 
 app = typer.Typer(help="Pretrained sparse-autoencoder dictionaries: browse, load, train, evaluate, publish.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-err_console = Console(stderr=True)
+# Wide enough for the `list` table even when piped (rich falls back to 80 columns without a terminal).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 # error class -> (label, advice); the first class in the table that the error is an instance of wins.
 ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
