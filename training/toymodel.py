@@ -72,3 +72,65 @@ def build_model(config=None, seed: int = 0):
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(config or tiny_config())
     return model.eval()
+
+
+def pack_corpus(tokenizer, context_length: int):
+    """The whole corpus tokenised, documents joined by EOS, cut into (n_contexts, context_length) ids."""
+    import torch
+
+    ids: list[int] = []
+    for doc in corpus_documents():
+        ids.extend(tokenizer(doc)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // context_length
+    return torch.tensor(ids[: n * context_length]).view(n, context_length)
+
+
+def pretrain(model, tokenizer, *, steps: int = 600, batch_size: int = 32, context_length: int = 64,
+             lr: float = 3e-3, seed: int = 0, progress: bool = True):
+    """Train the toy LM briefly on the corpus (AdamW, cosine decay), so that its activations carry structure.
+
+    A randomly initialised model's activations are nearly isotropic noise: dictionaries trained on them
+    find nothing. A few hundred steps give a model whose next-token loss is far below uniform.
+    """
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    data = pack_corpus(tokenizer, context_length)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    bar = tqdm(range(steps), desc="pretraining toy LM", disable=not progress, unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        batch = data[torch.randint(len(data), (batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def toy_model_folder(cache_dir, *, d_model: int = 128, n_layers: int = 4, steps: int = 600,
+                     progress: bool = True):
+    """A folder holding the pretrained toy GPT-NeoX and its tokenizer (`from_pretrained`-loadable).
+
+    Built once and cached under `cache_dir` (keyed by its settings); later calls return at once.
+    """
+    from pathlib import Path
+
+    folder = Path(cache_dir) / f"toy-neox-d{d_model}-l{n_layers}-s{steps}"
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    tokenizer = build_tokenizer()
+    model = build_model(tiny_config(d_model=d_model, n_layers=n_layers))
+    pretrain(model, tokenizer, steps=steps, progress=progress)
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)  # atomic: a half-written folder is never taken for a finished one
+    return folder

@@ -1,0 +1,67 @@
+"""`python -m benchmarks [topic ...]`: run every benchmarks/bench_<topic>.py and print one table per topic.
+
+Each bench module exposes `run() -> list[dict]` (one dict per row, columns as keys). Peers (SAELens,
+dictionary_learning, sparsify) appear as rows of the same table, measured in the same run on the same
+machine; a peer that cannot run here has a row that says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def topics() -> list[str]:
+    """Names of the bench modules beside this file (bench_load.py -> load)."""
+    return sorted(p.stem.removeprefix("bench_") for p in Path(__file__).parent.glob("bench_*.py"))
+
+
+def render(topic: str, rows: list[dict], seconds: float) -> Table:
+    """A rich table of a topic's rows, columns in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    table = Table(title=f"{topic} ({seconds:.0f} s)", title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    return table
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    console.print(f"python {platform.python_version()}, torch {torch.__version__}, {device}, "
+                  f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    failed = 0
+    for topic in argv or topics():
+        start = time.perf_counter()
+        try:
+            rows = importlib.import_module(f"benchmarks.bench_{topic}").run()
+        except Exception as exc:  # one broken benchmark must not hide the others' tables
+            console.print(f"[red]{topic}: failed: {type(exc).__name__}: {exc}[/]")
+            failed += 1
+            continue
+        console.print(render(topic, rows, time.perf_counter() - start))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
