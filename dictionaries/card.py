@@ -215,8 +215,8 @@ class DatasetSpec(Strict):
 class Penalty(Strict):
     """The sparsity penalty (DESIGN.md section 6) and its coefficients."""
 
-    kind: Literal["l1", "tanh", "approx_l0", "none"] = "l1"
-    """l1 (Bricken 2023), tanh (Anthropic 2024), approx_l0 (Farrell 2024), none (topk/batchtopk)."""
+    kind: Literal["l1", "tanh", "approx_l0", "l0", "none"] = "l1"
+    """l1 (Bricken 2023), tanh (Anthropic 2024), approx_l0 (Farrell 2024), l0 (JumpReLU), none (topk/batchtopk)."""
     coefficient: float = Field(default=1e-3, ge=0)
     """lambda: weight of the penalty against the reconstruction loss."""
     scale_by_decoder_norm: bool = False
@@ -237,6 +237,12 @@ class Penalty(Strict):
     """TopK/BatchTopK: number of dead features used by the AuxK loss (Gao et al. 2024), None disables it."""
     aux_coefficient: float = 1 / 32
     """Weight of the AuxK loss."""
+    aux_dead_tokens: int = Field(default=10_000_000, gt=0)
+    """AuxK: a feature that did not fire on this many tokens is dead (Gao et al. 2024 use 10M)."""
+    bandwidth: float = Field(default=1e-3, gt=0)
+    """JumpReLU: width of the rectangle kernel of the threshold's straight-through estimator."""
+    initial_threshold: float = Field(default=1e-3, ge=0)
+    """JumpReLU: starting value of every feature's threshold."""
 
 
 class Optimizer(Strict):
@@ -324,20 +330,46 @@ class Recipe(Strict):
     """Seed of data order, initialisation and resampling."""
     dtype: str = "float32"
     """Training dtype of the dictionary."""
+    threshold_decay: float = Field(default=0.999, ge=0, lt=1)
+    """batchtopk: decay of the running average of the smallest kept activation (the inference threshold)."""
     unknowns: list[str] = Field(default_factory=list)
     """What is not known about the original recipe (for entries reproduced from a paper)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.architecture in ("topk", "batchtopk") and self.k is None:
-            raise ValueError(f"architecture {self.architecture} needs `k`")
-        if self.architecture not in ("topk", "batchtopk") and self.k is not None:
-            raise ValueError(f"`k` is only for topk/batchtopk, not {self.architecture}")
-        if self.decoder_norm != "at_most_one" and self.prune_below is not None:
-            raise ValueError("`prune_below` only makes sense with decoder_norm at_most_one")
+        problem = recipe_contradiction(self)
+        if problem:
+            raise ValueError(problem)
         if self.buffer_contexts * self.context_length < self.batch_size:
-            raise ValueError("the buffer holds fewer activations than one batch: raise buffer_contexts")
+            raise ValueError("the buffer holds fewer activations than one batch: raise `buffer_contexts`")
         return self
+
+
+# architecture -> the penalty kinds that make sense with it (TopK/BatchTopK need none: k sets the sparsity).
+PENALTIES_FOR = {"relu": ("l1", "tanh", "approx_l0"), "topk": ("none",), "batchtopk": ("none",),
+                 "jumprelu": ("l0",), "gated": ("l1",)}
+
+
+def recipe_contradiction(r: Recipe) -> str | None:
+    """The first pair of fields that contradict each other, as a message naming them in backticks; else None."""
+    topk = r.architecture in ("topk", "batchtopk")
+    if topk and r.k is None:
+        return f"`architecture` {r.architecture} needs `k` (active features per token)"
+    if not topk and r.k is not None:
+        return f"`k` is only for topk/batchtopk, not `architecture` {r.architecture}"
+    if r.penalty.kind not in PENALTIES_FOR[r.architecture]:
+        return (f"`penalty.kind` {r.penalty.kind} contradicts `architecture` {r.architecture}, "
+                f"which takes {' or '.join(PENALTIES_FOR[r.architecture])}")
+    if r.prune_below is not None and r.decoder_norm != "at_most_one":
+        return (f"`prune_below` needs `decoder_norm` at_most_one (with {r.decoder_norm} decoder norms "
+                "pruning by norm would drop all or nothing)")
+    if r.penalty.aux_k is not None and not topk:
+        return f"`penalty.aux_k` (AuxK) is only for topk/batchtopk, not `architecture` {r.architecture}"
+    if r.penalty.density_coefficient > 0 and r.penalty.kind != "approx_l0":
+        return "`penalty.density_coefficient` (minimum-density term) needs `penalty.kind` approx_l0"
+    if r.resampling.kind == "ghost_grads" and r.architecture != "relu":
+        return f"`resampling.kind` ghost_grads is defined for relu, not `architecture` {r.architecture}"
+    return None
 
 
 class Card(Strict):
