@@ -36,6 +36,8 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.ShapeMismatchError, "shape mismatch", ""),
     (errors.FormatError, "bad format", ""),
     (errors.DtypeDeviceError, "dtype/device mismatch", ""),
+    (errors.UnknownPresetError, "unknown preset", ""),
+    (errors.RecipeError, "invalid recipe", "Fix the fields named above; `dictctl schema` shows every recipe field."),
     (errors.DictionariesError, "error", ""),
 ]
 

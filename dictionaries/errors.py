@@ -108,3 +108,54 @@ class DtypeDeviceError(DictionariesError, TypeError):
             f"input is {found} but the dictionary is {expected}; move one of them "
             "(`dictionary.to(x.device, x.dtype)` or `x.to(...)`)."
         )
+
+
+class LocalHubError(DictionariesError, RuntimeError):
+    """The local Hub server (olah) could not start, or a git operation on its repos failed."""
+
+
+class UnverifiedFilesWarning(UserWarning):
+    """Files loaded without a recorded sha256: the warning prints each hash and size to record in the card."""
+
+    def __init__(self, what: str, files: dict[str, tuple[str, int]]):
+        self.what = what
+        self.files = dict(files)  # path -> (sha256, size)
+        listing = "; ".join(f"{p}: sha256 {h}, size {s}" for p, (h, s) in self.files.items())
+        super().__init__(f"{what}: loaded files with no recorded sha256 (not verified). "
+                         f"Record these in the card's files.items to verify future downloads: {listing}")
+
+
+class HubPathError(DictionariesError, ValueError):
+    """A malformed `hf://org/repo[/subfolder][@revision]` path."""
+
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path!r} is not a valid Hub path: {problem}. "
+                         "Write hf://org/repo/sub/folder@revision (revision optional, default main).")
+
+
+class UnknownPresetError(DictionariesError, KeyError):
+    """A recipe preset name that does not exist."""
+
+    def __init__(self, name: str, known: Sequence[str]):
+        import difflib
+
+        self.name = name
+        self.known = list(known)
+        self.suggestions = difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
+        super().__init__(f"no recipe preset named {name!r}.{hint} Known presets: {', '.join(self.known)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class RecipeError(DictionariesError, ValueError):
+    """A training recipe with an unknown field, a bad value, or fields that contradict each other."""
+
+    def __init__(self, fields: Sequence[str], problem: str):
+        self.fields = list(fields)
+        self.problem = problem
+        super().__init__(f"recipe field{'s' if len(self.fields) > 1 else ''} "
+                         f"{', '.join(repr(f) for f in self.fields)}: {problem}")
