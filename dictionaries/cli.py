@@ -38,6 +38,11 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.DtypeDeviceError, "dtype/device mismatch", ""),
     (errors.UnknownPresetError, "unknown preset", ""),
     (errors.RecipeError, "invalid recipe", "Fix the fields named above; `dictctl schema` shows every recipe field."),
+    (errors.RepoNameError, "invalid repo name", ""),
+    (errors.CardFilesMismatchError, "card does not match files", ""),
+    (errors.TargetOccupiedError, "target occupied", ""),
+    (errors.HubAuthError, "hub authentication", ""),
+    (errors.PublishError, "publish failed", ""),
     (errors.DictionariesError, "error", ""),
 ]
 

@@ -159,3 +159,65 @@ class RecipeError(DictionariesError, ValueError):
         self.problem = problem
         super().__init__(f"recipe field{'s' if len(self.fields) > 1 else ''} "
                          f"{', '.join(repr(f) for f in self.fields)}: {problem}")
+
+
+class RepoNameError(DictionariesError, ValueError):
+    """A Hub repo id (or subfolder / branch) that the Hub would not accept."""
+
+    def __init__(self, repo: str, problem: str):
+        self.repo = repo
+        self.problem = problem
+        super().__init__(f"{repo!r} is not a valid Hub repo: {problem}. Write ORG/NAME with letters, digits, "
+                         "'-', '_' and '.' (at most 96 characters each, no '--' or '..').")
+
+
+class CardFilesMismatchError(DictionariesError, ValueError):
+    """A folder whose card.json does not describe its files (hash, size, tensor names or shapes)."""
+
+    def __init__(self, path: str, what: str, expected: object, found: object):
+        self.path = path
+        self.what = what
+        self.expected = expected
+        self.found = found
+        super().__init__(f"{path}: {what} is {found} but card.json says {expected}. The card does not match the "
+                         "files: rewrite the folder with formats.write_native (or `dictctl convert`) and retry.")
+
+
+class TargetOccupiedError(DictionariesError, FileExistsError):
+    """The Hub repo folder already holds a different dictionary."""
+
+    def __init__(self, target: str, existing: str, existing_sha256: str | None, new_sha256: str | None):
+        self.target = target
+        self.existing = existing
+        self.existing_sha256 = existing_sha256
+        self.new_sha256 = new_sha256
+        super().__init__(f"{target} already holds a different dictionary ({existing!r}, weights sha256 "
+                         f"{existing_sha256}; yours is {new_sha256}). Publish to another --subfolder or repo, "
+                         "or pass --force to replace it.")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class HubAuthError(DictionariesError, PermissionError):
+    """No Hub token, or a token the Hub refused; nothing was uploaded."""
+
+    def __init__(self, repo: str, endpoint: str, problem: str):
+        self.repo = repo
+        self.endpoint = endpoint
+        self.problem = problem
+        super().__init__(f"cannot publish to {repo} on {endpoint}: {problem}. Nothing was uploaded. Set HF_TOKEN "
+                         "to a token with write access (or run `hf auth login`), then retry.")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class PublishError(DictionariesError, RuntimeError):
+    """The upload failed part-way; the commit was not made and nothing was registered."""
+
+    def __init__(self, target: str, problem: str):
+        self.target = target
+        self.problem = problem
+        super().__init__(f"publishing to {target} failed: {problem}. No commit was made and nothing was "
+                         "registered; retry when the problem is fixed.")
