@@ -43,6 +43,11 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.TargetOccupiedError, "target occupied", ""),
     (errors.HubAuthError, "hub authentication", ""),
     (errors.PublishError, "publish failed", ""),
+    (errors.DatasetColumnError, "unknown dataset column", ""),
+    (errors.RecipeMismatchError, "checkpoint of another recipe", ""),
+    (errors.SharedHarvestError, "recipes cannot share a pass", ""),
+    (errors.OutOfDataError, "out of data", ""),
+    (errors.NonFiniteLossError, "loss is not finite", ""),
     (errors.DictionariesError, "error", ""),
 ]
 

@@ -221,3 +221,66 @@ class PublishError(DictionariesError, RuntimeError):
         self.problem = problem
         super().__init__(f"publishing to {target} failed: {problem}. No commit was made and nothing was "
                          "registered; retry when the problem is fixed.")
+
+
+class DatasetColumnError(DictionariesError, KeyError):
+    """A dataset column named by the recipe that the dataset does not have."""
+
+    def __init__(self, dataset: str, column: str, columns: Sequence[str]):
+        self.dataset = dataset
+        self.column = column
+        self.columns = list(columns)
+        super().__init__(f"dataset {dataset!r} has no column {column!r}; its columns are "
+                         f"{', '.join(repr(c) for c in self.columns) or '(none)'}. Set the recipe's dataset.column "
+                         "to the one holding the text.")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class RecipeMismatchError(DictionariesError, ValueError):
+    """A resume whose checkpoint was written by a run of a different recipe."""
+
+    def __init__(self, checkpoint: str, differences: Sequence[tuple[str, object, object]]):
+        self.checkpoint = checkpoint
+        self.differences = list(differences)  # (dotted field, value in checkpoint, value now)
+        listing = "; ".join(f"{f}: checkpoint {a!r}, now {b!r}" for f, a, b in self.differences[:8])
+        more = f" (and {len(self.differences) - 8} more)" if len(self.differences) > 8 else ""
+        super().__init__(f"cannot resume from {checkpoint}: it was written by a different recipe ({listing}{more}). "
+                         "Resume with the same recipe, or train into a fresh --out folder.")
+
+
+class SharedHarvestError(DictionariesError, ValueError):
+    """Recipes trained from one harvest that disagree on a field the harvest must share (model, data, context)."""
+
+    def __init__(self, field: str, values: Sequence[object]):
+        self.field = field
+        self.values = list(values)
+        super().__init__(f"dictionaries trained from one pass must agree on {field!r}, found {self.values}. "
+                         "Train them in separate runs, or override the field so they agree.")
+
+
+class OutOfDataError(DictionariesError, EOFError):
+    """The dataset ran out before the recipe's token budget was reached."""
+
+    def __init__(self, dataset: str, tokens_done: int, tokens_wanted: int, checkpoint: str | None):
+        self.dataset = dataset
+        self.tokens_done = tokens_done
+        self.tokens_wanted = tokens_wanted
+        self.checkpoint = checkpoint
+        kept = f" The checkpoint at {checkpoint} is kept." if checkpoint else ""
+        super().__init__(f"dataset {dataset!r} ran out after {tokens_done:,} of {tokens_wanted:,} training tokens."
+                         f"{kept} Lower --tokens, or point --dataset at more text.")
+
+
+class NonFiniteLossError(DictionariesError, FloatingPointError):
+    """A training step produced a NaN or infinite loss."""
+
+    def __init__(self, name: str, step: int, metrics: dict, checkpoint: str | None):
+        self.name = name
+        self.step = step
+        self.metrics = dict(metrics)
+        self.checkpoint = checkpoint
+        kept = (f"the last good checkpoint ({checkpoint}) is kept; resume from it with a lower learning rate or "
+                "grad_clip" if checkpoint else "no checkpoint was written yet; lower the learning rate or set grad_clip")
+        super().__init__(f"dictionary {name!r}: loss is {metrics.get('loss')} at step {step}; stopped, {kept}.")
