@@ -40,3 +40,24 @@ def _isolated_hf(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing answers
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory):
+    """A started `olah` server on a free loopback port serving git repos under a temporary folder.
+
+    Commit to it with `local_hub.commit("org/name", {"path": b"..."}, "message") -> sha`.
+    """
+    from dictionaries.localhub import LocalHub
+
+    hub = LocalHub(tmp_path_factory.mktemp("local_hub")).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub_env(local_hub, monkeypatch):
+    """HF_ENDPOINT pointed at the local hub (the per-test HF cache of `_isolated_hf` stays)."""
+    monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return local_hub
