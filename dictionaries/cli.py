@@ -48,6 +48,8 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.SharedHarvestError, "recipes cannot share a pass", ""),
     (errors.OutOfDataError, "out of data", ""),
     (errors.NonFiniteLossError, "loss is not finite", ""),
+    (errors.EvalInputError, "cannot evaluate", ""),
+    (errors.ModelLoadError, "cannot load model", ""),
     (errors.DictionariesError, "error", ""),
 ]
 

@@ -284,3 +284,26 @@ class NonFiniteLossError(DictionariesError, FloatingPointError):
         kept = (f"the last good checkpoint ({checkpoint}) is kept; resume from it with a lower learning rate or "
                 "grad_clip" if checkpoint else "no checkpoint was written yet; lower the learning rate or set grad_clip")
         super().__init__(f"dictionary {name!r}: loss is {metrics.get('loss')} at step {step}; stopped, {kept}.")
+
+
+class EvalInputError(DictionariesError, ValueError):
+    """An evaluation asked for something it cannot measure (no data, no hook point, dictionaries of two models)."""
+
+    def __init__(self, what: str, problem: str, hint: str = ""):
+        self.what = what
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"cannot evaluate {what}: {problem}.{' ' + hint if hint else ''}")
+
+
+class ModelLoadError(DictionariesError, OSError):
+    """The model (or its tokenizer) to evaluate a dictionary on could not be loaded."""
+
+    def __init__(self, model: str, reason: str):
+        self.model = model
+        self.reason = reason
+        super().__init__(f"cannot load model {model!r}: {reason}. Pass --model with a local folder "
+                         "(save_pretrained of the model and its tokenizer) or a reachable Hugging Face id.")
+
+    def __str__(self) -> str:
+        return self.args[0]
