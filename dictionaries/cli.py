@@ -133,6 +133,78 @@ def schema() -> None:
     print(json.dumps(card_schema(), indent=2))
 
 
+# ---- publishing ------------------------------------------------------------------------------------
+@app.command("publish")
+def publish_(folder: str = typer.Argument(..., help="Native dictionary folder (card.json + weights.safetensors)."),
+             repo: str = typer.Option(..., "--repo", help="Hub repo ORG/NAME."),
+             subfolder: str = typer.Option("", help="Folder inside the repo ('' for the root)."),
+             branch: str = typer.Option("main", help="Branch to commit to."),
+             private: bool = typer.Option(False, "--private", help="Create the repo private."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Stage and say what would go up; upload nothing."),
+             register: bool = typer.Option(False, "--register", help="Write the entry into registry.yaml and cards/."),
+             force: bool = typer.Option(False, "--force", help="Replace a different dictionary at the target."),
+             local_hub: Optional[str] = typer.Option(None, "--local-hub", help="Root of a local hub (olah mirrors) "
+                                                     "to commit into instead of the Hub; default $DICTIONARIES_LOCAL_HUB."),
+             staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept).")) -> None:
+    """Validate a native folder, stage it with a model card, upload it in one commit, print its registry entry."""
+    from dictionaries.publish import publish
+
+    result = publish(folder, repo, subfolder=subfolder, branch=branch, private=private, dry_run=dry_run,
+                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir)
+    _print_publish(result)
+
+
+@app.command("mirror")
+def mirror_(name: str = typer.Argument(..., help="Registry name whose original files to mirror."),
+            repo: str = typer.Option(..., "--repo", help="Hub repo ORG/NAME."),
+            subfolder: Optional[str] = typer.Option(None, help="Folder inside the repo (default: the name)."),
+            branch: str = typer.Option("main", help="Branch to commit to."),
+            force: bool = typer.Option(False, "--force", help="Replace a different dictionary at the target."),
+            no_register: bool = typer.Option(False, "--no-register", help="Do not re-point the registry entry."),
+            no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate; stats stay as they are."),
+            local_hub: Optional[str] = typer.Option(None, "--local-hub", help="Root of a local hub to commit into "
+                                                    "instead of the Hub; default $DICTIONARIES_LOCAL_HUB.")) -> None:
+    """Fetch an entry's original files, convert to native, evaluate if a model loads, publish, pin the entry."""
+    from dictionaries.mirror import mirror
+
+    evaluate, why_not = _mirror_evaluator(no_eval)
+    result = mirror(name, repo, subfolder=subfolder, branch=branch, force=force, register=not no_register,
+                    evaluate=evaluate, why_not=why_not, local_hub=local_hub)
+    _print_publish(result)
+
+
+def _mirror_evaluator(no_eval: bool):
+    """training.evaluate's writer for mirror (imported here: dictionaries/ never imports training/)."""
+    if no_eval:
+        return None, "--no-eval was given"
+    try:
+        from training.evaluate import evaluate_and_write
+    except ImportError as e:
+        return None, f"the evaluation code is not available ({e})"
+    return evaluate_and_write, ""
+
+
+def _print_publish(result) -> None:
+    if result.dry_run:
+        console.print(f"[bold]dry run[/]: nothing uploaded. Staged in {result.staged}; would commit to "
+                      f"{result.target}:", highlight=False)
+        for rel in result.uploaded:
+            console.print(f"  {rel}", highlight=False)
+    else:
+        console.print(f"published [bold]{result.name}[/] to {result.target} at commit "
+                      f"{result.location.revision}", highlight=False)
+        console.print("registry entry (registry.yaml):", highlight=False)
+        console.print(result.entry_yaml(), highlight=False, markup=False, end="")
+    console.print("card files:", highlight=False)
+    for item in result.card.files.items:
+        console.print(f"  {item.path}  {item.size} bytes  sha256 {item.sha256}", highlight=False)
+    for note in result.notes or []:
+        console.print(f"note: {note}", highlight=False)
+    if result.registered:
+        console.print(f"registered in {result.registered} (card under {result.registered.parent / 'cards'})",
+                      highlight=False)
+
+
 def _fmt(v: object) -> str:
     if v is None:
         return "-"

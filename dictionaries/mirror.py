@@ -1,0 +1,108 @@
+"""Mirroring a registry entry onto the Hub in native format, evaluated where possible, and pinned there.
+
+`mirror(name, "org/name")` fetches the entry's original files (a plain URL with hash check, or the member of
+a Hub zip, through `hub.fetch`), converts them to a native folder (`formats`), runs the evaluation it is
+handed when a model can be loaded (the CLI hands it `training.evaluate`; `dictionaries/` never imports
+`training/`), publishes the folder (`publish.publish`) and re-points the registry entry at the new
+commit. The original files stay named in `card.provenance.original` and `card.files.source`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from dictionaries import __version__
+from dictionaries.card import Card, Files, read_card
+from dictionaries.localhub import LocalHub
+from dictionaries.publish import CARD_FILE, PublishResult, check_repo_id, publish
+from dictionaries.registry import Entry, HubLocation, HubZipLocation, UrlLocation, load_registry
+
+Evaluator = Callable[[Path], object]
+"""Measures a native folder's stats and writes them into its card.json (e.g. training.evaluate)."""
+
+
+def describe_location(location: HubLocation | HubZipLocation | UrlLocation) -> str:
+    """Where an entry's files live, as one string (a URL or an hf:// path with revision)."""
+    if isinstance(location, UrlLocation):
+        return location.url
+    if isinstance(location, HubZipLocation):
+        return f"hf://{location.repo}/{location.filename}@{location.revision}#{location.member}"
+    sub = f"/{location.subfolder}" if location.subfolder else ""
+    return f"hf://{location.repo}{sub}@{location.revision}"
+
+
+def mirrored_card(entry: Entry, original: str) -> Card:
+    """The entry's card for its native copy: same identity, stats and recipe; files to be written natively,
+    the original location kept in provenance."""
+    card = entry.card
+    when = datetime.date.today().isoformat()
+    note = (f"Mirrored on {when} by dictionaries {__version__}: converted from {card.files.format} files at "
+            f"{original} to the native format.")
+    provenance = card.provenance.model_copy(update={
+        "original": card.provenance.original or original,
+        "notes": [*card.provenance.notes, note]})
+    files = Files(format="native", items=[], source=original)
+    return card.model_copy(update={"files": files, "provenance": provenance})
+
+
+def convert_entry(entry: Entry, dest: Path, *, progress: bool = True) -> Card:
+    """Fetch the entry's original files and write them to `dest` as a native folder; the card written."""
+    from dictionaries.formats import read_folder, write_native
+    from dictionaries.hub import fetch
+
+    original = describe_location(entry.location)
+    source = fetch(entry.location, entry.card.files.items, progress=progress)
+    dictionary = read_folder(source, format=entry.card.files.format, card=entry.card)
+    return write_native(dictionary, dest, card=mirrored_card(entry, original))
+
+
+def run_evaluation(folder: Path, evaluate: Evaluator | None, why_not: str) -> str:
+    """Run `evaluate` on the folder; when there is none or no model can be loaded (OSError, which covers
+    unreachable hubs and missing model files), record in the card that the stats stay as they were.
+    Returns one line saying what happened."""
+    if evaluate is not None:
+        try:
+            evaluate(folder)
+            return "evaluated: the card's stats are now measured by this package"
+        except OSError as e:  # ConnectionError, HubUnreachableError, transformers' missing-model OSError
+            why_not = f"no model could be loaded for evaluation ({type(e).__name__}: {e})"
+    card = read_card(folder / CARD_FILE)
+    kept = card.stats.source if card.stats else "absent"
+    note = f"Not evaluated when mirrored: {why_not}; stats stay {kept}."
+    card = card.model_copy(update={"provenance": card.provenance.model_copy(
+        update={"notes": [*card.provenance.notes, note]})})
+    (folder / CARD_FILE).write_text(card.to_json())  # card.json itself is not among the hashed files
+    warnings.warn(note, stacklevel=2)
+    return note
+
+
+def mirror(name: str, repo: str, *, subfolder: str | None = None, branch: str = "main", force: bool = False,
+           register: bool = True, evaluate: Evaluator | None = None, why_not: str = "no evaluator was given",
+           endpoint: str | None = None, token: str | None = None, local_hub: LocalHub | str | Path | None = None,
+           registry_path: str | Path | None = None, progress: bool = True) -> PublishResult:
+    """Fetch, convert, evaluate (when possible), publish and pin the registry entry `name`.
+
+    `subfolder` defaults to the entry's name (`pythia70m/mlp3/8192`), so one repo can hold a whole set.
+    With `register` (the default) the entry in the registry at `registry_path` (default: the one in use)
+    is re-pointed at the new commit, after the commit succeeded.
+    """
+    check_repo_id(repo)
+    registry = load_registry(registry_path)
+    entry = registry.get(name)
+    work = Path(tempfile.mkdtemp(prefix="dictionaries-mirror-"))
+    try:
+        folder = work / "native"
+        convert_entry(entry, folder, progress=progress)
+        evaluated = run_evaluation(folder, evaluate, why_not)
+        result = publish(folder, repo, subfolder=entry.name if subfolder is None else subfolder, branch=branch,
+                         force=force, register=register, endpoint=endpoint, token=token, local_hub=local_hub,
+                         registry_path=registry.path if register else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return replace(result, notes=[*(result.notes or []), evaluated])

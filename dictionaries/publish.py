@@ -1,0 +1,386 @@
+"""Publishing a native dictionary folder: validate, stage, upload in one commit, give back its registry entry.
+
+`publish(folder, "org/name")` re-hashes every file the card lists and checks the weights' tensor names and
+shapes against the card before anything leaves the machine, refuses to replace a different dictionary at
+the target without `force`, stages the repo contents (the folder + a README.md model card with Hub YAML
+front matter) in a temporary folder, and uploads them in ONE commit: to the real Hub through
+`hub.upload_commit` (`HfApi.create_commit`), or to a local hub (DESIGN.md section 5) by committing into
+its git mirror. The registry entry pins the commit created; `register=True` writes it into registry.yaml
+and cards/ only after the commit exists, so an interrupted publish registers nothing.
+
+A local hub is chosen by passing a `LocalHub` (or its root folder) as `local_hub`, or by setting
+`DICTIONARIES_LOCAL_HUB` to its root; anything else goes to the Hub at `endpoint` (default `HF_ENDPOINT`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dictionaries import __version__
+from dictionaries.card import NAME_PATTERN, Card, read_card, sha256_of
+from dictionaries.errors import (CardError, CardFilesMismatchError, FormatError, LocalHubError,
+                                 MissingFileError, PublishError, RepoNameError, TargetOccupiedError)
+from dictionaries.localhub import LocalHub
+from dictionaries.registry import HubLocation, default_registry_path, load_registry
+
+ENV_LOCAL_HUB = "DICTIONARIES_LOCAL_HUB"
+CARD_FILE = "card.json"
+README_FILE = "README.md"
+WEIGHTS_FILE = "weights.safetensors"
+# Hub repo id parts: letters, digits, '-', '_', '.'; no '--' or '..'; not starting/ending in '-' or '.'.
+_REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?$")
+_BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./\-]{0,199}$")
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What a publish did (or, for a dry run, would do)."""
+
+    name: str
+    card: Card
+    target: str
+    staged: Path
+    uploaded: list[str]
+    location: HubLocation | None = None
+    dry_run: bool = False
+    registered: Path | None = None
+    notes: list[str] | None = None
+
+    def entry_yaml(self) -> str:
+        """The registry.yaml lines for this entry (empty for a dry run: no commit exists yet)."""
+        if self.location is None:
+            return ""
+        return _entry_block(self.name, f"{self.name}.yaml", self.location)
+
+
+# ---- checks that need nothing but the arguments ------------------------------------------------
+def check_repo_id(repo: str) -> str:
+    """`repo` if it is a valid Hub model repo id `org/name`, else RepoNameError saying why."""
+    parts = repo.split("/")
+    if len(parts) != 2:
+        raise RepoNameError(repo, "it needs exactly one '/' between the organisation (or user) and the name")
+    for part in parts:
+        if not _REPO_PART.match(part):
+            raise RepoNameError(repo, f"{part!r} has a character the Hub does not allow, is empty or too long")
+        if "--" in part or ".." in part or part.endswith(".git"):
+            raise RepoNameError(repo, f"{part!r} contains '--' or '..' or ends in '.git'")
+    return repo
+
+
+def check_subfolder(subfolder: str) -> str:
+    """A clean relative posix path ('' for the repo root), else RepoNameError."""
+    sub = subfolder.strip("/")
+    parts = sub.split("/") if sub else []
+    if any(p in ("", ".", "..") or p.startswith(".") for p in parts) or "\\" in sub:
+        raise RepoNameError(subfolder, "the subfolder must be a relative path without '.', '..' or hidden parts")
+    return sub
+
+
+# ---- the folder --------------------------------------------------------------------------------
+def validate_folder(folder: str | Path) -> Card:
+    """The folder's card, after re-hashing every file it lists and checking the weights against it."""
+    folder = Path(folder)
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        raise MissingFileError(str(card_path), "Publishing needs a native folder: convert it first "
+                                               "(`dictctl convert SRC DST`) or write it with formats.write_native.")
+    card = read_card(card_path)
+    if card.files.format != "native":
+        raise FormatError(str(folder), f"card.json says the files are {card.files.format!r}; only native folders "
+                                       "are published (`dictctl convert` writes one)")
+    for item in card.files.items:
+        path = folder / item.path
+        if not path.is_file():
+            raise MissingFileError(str(path), "card.json lists it but the folder does not have it.")
+        if item.size is not None and path.stat().st_size != item.size:
+            raise CardFilesMismatchError(str(path), "size", f"{item.size} bytes", f"{path.stat().st_size} bytes")
+        digest = sha256_of(path)
+        if digest != item.sha256:
+            raise CardFilesMismatchError(str(path), "sha256", item.sha256, digest)
+    if not any(item.path == WEIGHTS_FILE for item in card.files.items):
+        raise CardFilesMismatchError(str(folder / WEIGHTS_FILE), "listing", "the weights listed", "not listed")
+    check_weights(folder / WEIGHTS_FILE, card)
+    return card
+
+
+def check_weights(path: Path, card: Card) -> None:
+    """The safetensors header's tensor names, shapes and dtypes are exactly those of the card's module."""
+    from safetensors import safe_open
+
+    from dictionaries.architectures import build_dictionary
+
+    expected = {k: tuple(p.shape) for k, p in build_dictionary(card, device="meta").named_parameters()}
+    with safe_open(str(path), framework="pt") as fh:
+        found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
+    if set(found) != set(expected):
+        raise CardFilesMismatchError(str(path), "the tensor names", sorted(expected), sorted(found))
+    for key, shape in expected.items():
+        if found[key] != shape:
+            raise CardFilesMismatchError(str(path), f"the shape of {key!r}", shape, found[key])
+        if _SAFETENSORS_DTYPES.get(dtypes[key], dtypes[key]) != card.dtype:
+            raise CardFilesMismatchError(str(path), f"the dtype of {key!r}", card.dtype, dtypes[key])
+
+
+def upload_list(folder: Path, card: Card) -> list[Path]:
+    """The local files that go up: card.json, every file the card lists, and the folder's other top-level
+    files (density and sensitivity plots, density safetensors); never README.md (regenerated), hidden files
+    or subfolders (checkpoints)."""
+    listed = [folder / CARD_FILE, *(folder / item.path for item in card.files.items)]
+    extra = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.name != README_FILE and p not in listed)
+    return [*listed, *extra]
+
+
+# ---- staging -----------------------------------------------------------------------------------
+def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path) -> dict[str, Path]:
+    """Copy the upload into `dest/<subfolder>/` with a README.md model card; repo path -> staged file."""
+    from dictionaries.hub import model_card_metadata
+
+    out = dest / subfolder if subfolder else dest
+    out.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    for src in upload_list(folder, card):
+        rel = src.relative_to(folder).as_posix()
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / rel)
+        staged[_repo_path(subfolder, rel)] = out / rel
+    plots = [p for p in staged if p.endswith(".png")]
+    readme = model_card_text(card, repo, subfolder, [Path(p).name for p in plots])
+    meta = model_card_metadata(readme)  # parse it back the way the Hub does: a broken header fails here
+    if meta.get("library_name") != "dictionaries":
+        raise FormatError(README_FILE, "the staged model card lost its `library_name` front matter")
+    (out / README_FILE).write_text(readme)
+    staged[_repo_path(subfolder, README_FILE)] = out / README_FILE
+    return staged
+
+
+def _repo_path(subfolder: str, rel: str) -> str:
+    return f"{subfolder}/{rel}" if subfolder else rel
+
+
+def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str]) -> str:
+    """The repo README.md: Hub YAML front matter, what the dictionary is, its stats, plots and usage."""
+    meta: dict = {"library_name": "dictionaries", "license": (card.license or "other").lower()}
+    tags = ["sparse-autoencoder", "sae", "dictionary-learning", "interpretability", card.architecture]
+    if card.model is not None:
+        meta["base_model"] = card.model.id
+        tags.append(card.model.id.split("/")[-1].lower())
+    if card.hook is not None:
+        tags.append(card.hook.site)
+    meta["tags"] = tags
+    where = f"`{card.hook.module}` ({card.hook.io})" if card.hook else "an unrecorded hook point"
+    model = f"`{card.model.id}`" if card.model else "an unrecorded model"
+    path = f"hf://{repo}/{subfolder}" if subfolder else f"hf://{repo}"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+             f"# {card.name}", "",
+             f"A {card.architecture} sparse-autoencoder dictionary with {card.d_dict} features over the "
+             f"{card.d_in}-dimensional activations of {model} at {where}.", ""]
+    if card.authors:
+        lines += [f"Authors: {', '.join(card.authors)}.", ""]
+    if card.provenance.original:
+        lines += [f"Original files: {card.provenance.original}", ""]
+    lines += _stats_lines(card)
+    lines += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
+    lines += ["## Usage", "", "```python", "from dictionaries import load_dictionary, attach", "",
+              f'd = load_dictionary("{path}")   # or by registry name: load_dictionary("{card.name}")',
+              "with attach(model, d) as site:", '    with model.trace("The Eiffel Tower is in"):',
+              "        f = site.features.save()", "```", "",
+              f"Published with `dictionaries` {__version__}; `card.json` holds the full card (files with "
+              "sha256, stats, training recipe, provenance).", ""]
+    return "\n".join(lines)
+
+
+def _stats_lines(card: Card) -> list[str]:
+    s = card.stats
+    if s is None:
+        return ["No stats recorded yet (`dictctl eval` measures them).", ""]
+    if s.source == "measured":
+        how = f"Measured by `dictionaries` {s.package_version or ''} on {s.dataset or 'an unrecorded dataset'}"
+        how += f", {s.tokens} tokens" if s.tokens else ""
+    else:
+        how = f"Reported by the original authors ({s.reference}); not measured here"
+    rows = [(k, v) for k, v in s.model_dump(exclude_none=True).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("tokens", "context_length")]
+    return (["## Stats", "", how + ".", "", "| stat | value |", "|---|---|"]
+            + [f"| {k} | {v:.4g} |" for k, v in rows] + [""])
+
+
+# ---- where it goes -----------------------------------------------------------------------------
+def resolve_local_hub(local_hub: LocalHub | str | Path | None) -> LocalHub | None:
+    """The local hub to commit into: the one given, else `$DICTIONARIES_LOCAL_HUB`, else None (real Hub)."""
+    if isinstance(local_hub, LocalHub):
+        return local_hub
+    root = local_hub or os.environ.get(ENV_LOCAL_HUB)
+    return LocalHub(root) if root else None
+
+
+def existing_card(repo: str, subfolder: str, branch: str, local: LocalHub | None,
+                  endpoint: str | None, token: str | None) -> dict | None:
+    """The card.json already at the target (parsed JSON, or {} if unreadable), None if there is none."""
+    rel = _repo_path(subfolder, CARD_FILE)
+    if local is not None:
+        path = local.repo_path(repo) / rel
+        raw = path.read_bytes() if path.is_file() else None
+    else:
+        from dictionaries.hub import read_remote_file
+
+        raw = read_remote_file(repo, rel, revision=branch, endpoint=endpoint, token=token)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_target(card: Card, existing: dict | None, target: str, force: bool) -> None:
+    """Refuse (unless forced) when the target holds a dictionary whose weights hash differs from ours."""
+    if existing is None or force:
+        return
+    ours = _weights_hash(card.model_dump(mode="json"))
+    theirs = _weights_hash(existing)
+    if theirs != ours:
+        raise TargetOccupiedError(target, existing.get("name", "unreadable card.json"), theirs, ours)
+
+
+def _weights_hash(card: dict) -> str | None:
+    for item in (card.get("files") or {}).get("items") or []:
+        if isinstance(item, dict) and item.get("path") == WEIGHTS_FILE:
+            return item.get("sha256")
+    return None
+
+
+def upload(staged: dict[str, Path], repo: str, *, branch: str, private: bool, message: str,
+           local: LocalHub | None, endpoint: str | None, token: str | None) -> str:
+    """One commit holding every staged file; the 40-hex sha of the commit."""
+    if local is None:
+        from dictionaries.hub import upload_commit
+
+        return upload_commit(repo, staged, branch=branch, private=private, message=message,
+                             endpoint=endpoint, token=token)
+    target = f"local hub {local.root}: {repo}"
+    if branch != "main":
+        raise PublishError(target, f"a local hub serves branch main only, not {branch!r}")
+    try:
+        return local.commit(repo, staged, message)
+    except LocalHubError as e:
+        raise PublishError(target, str(e)) from e
+
+
+# ---- the whole thing ---------------------------------------------------------------------------
+def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str = "main", private: bool = False,
+            dry_run: bool = False, register: bool = False, force: bool = False, endpoint: str | None = None,
+            token: str | None = None, local_hub: LocalHub | str | Path | None = None,
+            staging_dir: str | Path | None = None, registry_path: str | Path | None = None) -> PublishResult:
+    """Validate `folder`, stage it with a model card, upload it in one commit and return its registry entry.
+
+    `dry_run` stages into `staging_dir` (default: a new temporary folder, kept) and uploads nothing.
+    `register` writes the entry into registry.yaml (`registry_path`, default the registry in use) and
+    its card into cards/ after the commit succeeded.
+    """
+    folder = Path(folder)
+    check_repo_id(repo)
+    subfolder = check_subfolder(subfolder)
+    if not _BRANCH.match(branch) or ".." in branch:
+        raise RepoNameError(f"{repo}@{branch}", f"branch {branch!r} is not a valid git branch name")
+    card = validate_folder(folder)
+    if register and not NAME_PATTERN.match(card.name):
+        raise CardError(str(folder / CARD_FILE), "name", f"{card.name!r} is not a registry name "
+                        "(<model>/<site><layer>/<size>[-<variant>]); fix it before --register")
+    local = resolve_local_hub(local_hub)
+    where = f"local hub {local.root}" if local else (endpoint or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    target = f"{where}: {repo}/{subfolder}@{branch}" if subfolder else f"{where}: {repo}@{branch}"
+    notes = []
+    if local is None and dry_run:
+        notes.append("the target was not checked (dry run against the Hub: no network or token needed)")
+    else:
+        if local is None:
+            from dictionaries.hub import require_token
+
+            token = require_token(token, repo, endpoint)  # before any request: no token, nothing sent
+        check_target(card, existing_card(repo, subfolder, branch, local, endpoint, token), target, force)
+    dest = Path(staging_dir) if staging_dir else Path(tempfile.mkdtemp(prefix="dictionaries-publish-"))
+    try:
+        staged = stage(folder, card, repo, subfolder, dest)
+        if dry_run:
+            return PublishResult(card.name, card, target, dest, sorted(staged), dry_run=True, notes=notes)
+        sha = upload(staged, repo, branch=branch, private=private, local=local, endpoint=endpoint, token=token,
+                     message=f"Publish {card.name} ({card.architecture}, {card.d_in}x{card.d_dict})")
+    finally:
+        if not dry_run and staging_dir is None:
+            shutil.rmtree(dest, ignore_errors=True)
+    location = HubLocation(repo=repo, revision=sha, subfolder=subfolder)
+    registered = register_entry(card, location, registry_path) if register else None
+    return PublishResult(card.name, card, target, dest, sorted(staged), location, registered=registered)
+
+
+# ---- the registry ------------------------------------------------------------------------------
+def register_entry(card: Card, location: HubLocation, registry_path: str | Path | None = None) -> Path:
+    """Write (or replace) the entry in registry.yaml and its card in cards/, atomically; the registry path.
+
+    Both files are written next to their targets and renamed into place; if the registry no longer
+    validates afterwards, both are put back as they were.
+    """
+    reg = Path(registry_path) if registry_path else default_registry_path()
+    text = reg.read_text()
+    index = yaml.safe_load(text) or {}
+    old = (index.get("entries") or {}).get(card.name)
+    card_rel = old["card"] if old else f"{card.name}.yaml"
+    card_path = reg.parent / "cards" / card_rel
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    old_card = card_path.read_bytes() if card_path.exists() else None
+    header = f"# Card of {card.name}: see DESIGN.md section 4 and `dictctl schema`.\n"
+    _write_atomic(card_path, header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True),
+                                                     sort_keys=False, width=110))
+    try:
+        _write_atomic(reg, _replace_entry(text, card.name, _entry_block(card.name, card_rel, location)))
+        load_registry(reg)
+    except BaseException:
+        _write_atomic(reg, text)
+        if old_card is None:
+            card_path.unlink(missing_ok=True)
+        else:
+            _write_atomic(card_path, old_card)
+        raise
+    return reg
+
+
+def _entry_block(name: str, card_rel: str, location: HubLocation) -> str:
+    body = {name: {"card": card_rel, "location": location.model_dump(mode="json")}}
+    return "\n".join("  " + line for line in yaml.safe_dump(body, sort_keys=False).splitlines()) + "\n"
+
+
+def _replace_entry(text: str, name: str, block: str) -> str:
+    """registry.yaml's text with `name`'s block replaced (or appended), comments elsewhere kept."""
+    lines = text.splitlines(keepends=True)
+    head = re.compile(rf"^  ['\"]?{re.escape(name)}['\"]?:\s*$")
+    start = next((i for i, line in enumerate(lines) if head.match(line)), None)
+    if start is None:
+        return text + ("" if text.endswith("\n") else "\n") + block
+    end = start + 1
+    while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+        end += 1
+    return "".join(lines[:start]) + block + "".join(lines[end:])
+
+
+def _write_atomic(path: Path, content: str | bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content.encode() if isinstance(content, str) else content)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the registry is read by everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
