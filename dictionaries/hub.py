@@ -1,0 +1,393 @@
+"""Downloading dictionaries: the only module that imports huggingface_hub (DESIGN.md section 5).
+
+`fetch(location, files)` gives a local folder holding an entry's files, each checked against the card's
+sha256. Hub files go through `hf_hub_download` into the standard HF cache at the pinned commit, so
+HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT and tokens all apply (read when called, not when
+imported, so a changed environment is honoured). Original releases on plain HTTPS and members of zip
+archives on the Hub are kept under `<HF_HOME>/dictionaries/` (`url/<hash of url>/`, `zip/<zip sha256>/`).
+
+Hashing a large file on every load would cost more than reading it, so a verified file is remembered in
+`<HF_HOME>/dictionaries/verified/<sha256>.json` with its path, size, inode and mtime; a file whose stat
+changed (e.g. overwritten in the cache) is hashed again. On a mismatch the cached copy (snapshot link and
+blob) is dropped and fetched once more; a second mismatch raises HashMismatchError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm.auto import tqdm
+
+from dictionaries.card import FileEntry, read_card, sha256_of
+from dictionaries.errors import (HashMismatchError, HubPathError, HubUnreachableError, MissingFileError,
+                                 UnverifiedFilesWarning)
+from dictionaries.registry import HubLocation, HubZipLocation, UrlLocation
+
+Location = HubLocation | HubZipLocation | UrlLocation
+_DEFAULT_ENDPOINT = "https://huggingface.co"
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._\-]*"
+_HUB_PATH = re.compile(rf"^hf://(?:(?P<type>datasets|models)/)?(?P<org>{_NAME})/(?P<repo>{_NAME})"
+                       rf"(?P<sub>(?:/[^/@]+)*)/?(?:@(?P<rev>[^@]+))?$")
+
+
+# ---- environment, read at call time ---------------------------------------------------------------
+@dataclass(frozen=True)
+class HubSettings:
+    """What the HF environment variables say right now."""
+
+    endpoint: str
+    cache_dir: Path
+    home: Path
+    offline: bool
+
+
+def hub_settings() -> HubSettings:
+    """HF_ENDPOINT, HF_HUB_CACHE (or HF_HOME/hub), HF_HOME and HF_HUB_OFFLINE as currently set."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    home = Path(os.environ.get("HF_HOME", xdg / "huggingface")).expanduser()
+    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    endpoint = os.environ.get("HF_ENDPOINT", _DEFAULT_ENDPOINT).rstrip("/")
+    return HubSettings(endpoint, cache, home, offline)
+
+
+def dictionaries_cache() -> Path:
+    """`<HF_HOME>/dictionaries`: extracted zip members, plain-URL downloads and verification records."""
+    return hub_settings().home / "dictionaries"
+
+
+# ---- hf:// paths ----------------------------------------------------------------------------------
+def parse_hub_path(path: str) -> HubLocation:
+    """`hf://org/repo/sub/folder@rev` (rev optional, default `main`; `hf://datasets/...` for datasets)."""
+    if not path.startswith("hf://"):
+        raise HubPathError(path, "it does not start with hf://")
+    m = _HUB_PATH.match(path)
+    if m is None:
+        raise HubPathError(path, "expected an org and a repo name after hf://, then an optional folder")
+    sub = m["sub"].strip("/")
+    if any(part in (".", "..") for part in sub.split("/")):
+        raise HubPathError(path, "the folder may not contain '.' or '..'")
+    repo_type = "dataset" if m["type"] == "datasets" else "model"
+    return HubLocation(repo=f"{m['org']}/{m['repo']}", revision=m["rev"] or "main", subfolder=sub,
+                       repo_type=repo_type)
+
+
+# ---- what would be fetched ------------------------------------------------------------------------
+def plan_fetch(location: Location, files: Sequence[FileEntry]) -> list[str]:
+    """The URLs `fetch` asks for (zip members as `<zip url>#<member path>`), without touching the network."""
+    from huggingface_hub import hf_hub_url
+
+    endpoint = hub_settings().endpoint
+    if isinstance(location, HubLocation):
+        return [hf_hub_url(location.repo, _in_subfolder(location.subfolder, f.path), repo_type=location.repo_type,
+                           revision=location.revision, endpoint=endpoint) for f in files]
+    if isinstance(location, UrlLocation):
+        return [_file_url(location.url, f.path) for f in files]
+    zip_url = hf_hub_url(location.repo, location.filename, revision=location.revision, endpoint=endpoint)
+    return [f"{zip_url}#{location.member}{f.path}" for f in files]
+
+
+def _in_subfolder(subfolder: str, path: str) -> str:
+    return f"{subfolder.strip('/')}/{path}" if subfolder.strip("/") else path
+
+
+def _file_url(base: str, path: str) -> str:
+    return base.rstrip("/") + "/" + path
+
+
+# ---- fetch ----------------------------------------------------------------------------------------
+def fetch(location: Location, files: Sequence[FileEntry], *, force: bool = False, progress: bool = True) -> Path:
+    """A local folder holding `files`, each verified against its sha256 (or warned about when it has none)."""
+    if isinstance(location, HubLocation):
+        return _fetch_hub(location, files, force, progress)
+    if isinstance(location, UrlLocation):
+        return _fetch_url(location, files, force, progress)
+    return _fetch_zip(location, files, force, progress)
+
+
+def _fetch_hub(location: HubLocation, files: Sequence[FileEntry], force: bool, progress: bool) -> Path:
+    unverified: dict[str, tuple[str, int]] = {}
+    folder: Path | None = None
+    for entry in files:
+        filename = _in_subfolder(location.subfolder, entry.path)
+        what = f"hf://{location.repo}/{filename}@{location.revision}"
+
+        def download(again: bool, filename: str = filename) -> Path:
+            return download_hub_file(location.repo, filename, location.revision, repo_type=location.repo_type,
+                                     force=force or again, progress=progress)
+
+        path = ensure_verified(what, entry, download, drop=drop_cached_hub_file, unverified=unverified)
+        folder = path.parents[len(Path(entry.path).parts) - 1]
+    warn_unverified(f"hf://{location.repo}/{location.subfolder}@{location.revision}", unverified)
+    if folder is None:  # no files listed: the snapshot folder, if cached
+        folder = hub_settings().cache_dir
+    return folder
+
+
+def ensure_verified(what: str, entry: FileEntry, download: Callable[[bool], Path], *,
+                    drop: Callable[[Path], None], unverified: dict[str, tuple[str, int]]) -> Path:
+    """Download (`download(again)`), check the sha256; on a mismatch drop the copy, fetch once more, check again."""
+    path = download(False)
+    if entry.sha256 is None:
+        unverified[entry.path] = (sha256_of(path), path.stat().st_size)
+        return path
+    if is_verified(path, entry.sha256):
+        return path
+    drop(path)
+    path = download(True)
+    if not is_verified(path, entry.sha256):
+        raise HashMismatchError(what, entry.sha256, sha256_of(path))
+    return path
+
+
+def warn_unverified(what: str, unverified: dict[str, tuple[str, int]]) -> None:
+    """One UnverifiedFilesWarning listing the sha256 and size of every file that had none recorded."""
+    if unverified:
+        warnings.warn(UnverifiedFilesWarning(what, unverified), stacklevel=4)
+
+
+# ---- verification records -------------------------------------------------------------------------
+def is_verified(path: Path, sha256: str) -> bool:
+    """Whether `path` has this sha256: from the record when the file's stat is unchanged, else hashed now."""
+    record_path = dictionaries_cache() / "verified" / f"{sha256}.json"
+    real = Path(path).resolve()
+    stat = real.stat()
+    fingerprint = {"path": str(real), "size": stat.st_size, "ino": stat.st_ino, "mtime_ns": stat.st_mtime_ns}
+    try:
+        if json.loads(record_path.read_text()) == fingerprint:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_of(real) != sha256:
+        return False
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(record_path, json.dumps(fingerprint).encode())
+    return True
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---- the Hub --------------------------------------------------------------------------------------
+def download_hub_file(repo: str, filename: str, revision: str, *, repo_type: str = "model", force: bool = False,
+                      progress: bool = True) -> Path:
+    """`hf_hub_download` into the standard cache, with huggingface_hub's errors turned into ours."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    s = hub_settings()
+    what = f"hf://{repo}/{filename}@{revision}"
+    cached = try_to_load_from_cache(repo, filename, cache_dir=s.cache_dir, revision=revision, repo_type=repo_type)
+    if not s.offline and (force or not isinstance(cached, str)):
+        check_reachable(s.endpoint, what)  # fail at once instead of after huggingface_hub's ~20 s of retries
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type, cache_dir=s.cache_dir,
+                                    endpoint=s.endpoint, force_download=force, local_files_only=s.offline,
+                                    tqdm_class=None if progress else _SilentTqdm))
+    except Exception as exc:  # noqa: BLE001 - every huggingface_hub failure is mapped below
+        raise _hub_error(exc, repo, filename, revision, repo_type) from exc
+
+
+def _hub_error(exc: Exception, repo: str, filename: str, revision: str, repo_type: str) -> Exception:
+    """Our error for a huggingface_hub exception (2.4.0's classes; olah answers 401 for a missing file)."""
+    from huggingface_hub import errors as hf
+
+    s = hub_settings()
+    what = f"hf://{repo}/{filename}@{revision}"
+    if isinstance(exc, hf.GatedRepoError):
+        return MissingFileError(what, f"The repo {repo} is gated: accept its terms on the Hub and set HF_TOKEN.")
+    if isinstance(exc, hf.RevisionNotFoundError):
+        return MissingFileError(what, f"Revision {revision!r} does not exist in {repo}.")
+    if isinstance(exc, (hf.RemoteEntryNotFoundError, hf.RepositoryNotFoundError)):
+        if _repo_exists(repo, revision, repo_type):
+            return MissingFileError(what, f"The repo {repo} has no such file at {revision}.")
+        return MissingFileError(what, f"No repo {repo} at {s.endpoint} (or it is private: set HF_TOKEN).")
+    if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled, ConnectionError)) or (
+            isinstance(exc, ValueError) and "Force download failed" in str(exc)):
+        return HubUnreachableError(what, s.endpoint, s.offline)
+    if isinstance(exc, hf.HfHubHTTPError):
+        return HubUnreachableError(f"{what} (HTTP {exc.response.status_code})", s.endpoint, s.offline)
+    return exc
+
+
+def _repo_exists(repo: str, revision: str, repo_type: str) -> bool:
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(endpoint=hub_settings().endpoint).repo_info(repo, revision=revision, repo_type=repo_type)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means we cannot say it exists
+        return False
+
+
+def check_reachable(endpoint: str, what: str, timeout: float = 5.0) -> None:
+    """Raise HubUnreachableError unless a TCP connection to the endpoint's host opens."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        raise HubUnreachableError(what, endpoint, offline=False) from None
+
+
+def drop_cached_hub_file(path: Path) -> None:
+    """Remove a snapshot entry and the blob it links to, so that the next download fetches it again."""
+    path = Path(path)
+    blob = path.resolve()
+    for p in {path, blob}:
+        p.unlink(missing_ok=True)
+
+
+def fetch_card_and_files(location: HubLocation, *, force: bool = False, progress: bool = True) -> Path:
+    """An unregistered Hub folder, downloaded whole; files its card.json lists are verified like an entry's."""
+    from huggingface_hub import snapshot_download
+
+    s = hub_settings()
+    what = f"hf://{location.repo}/{location.subfolder}@{location.revision}"
+    sub = location.subfolder.strip("/")
+    if not s.offline:
+        check_reachable(s.endpoint, what)
+    try:
+        snapshot = Path(snapshot_download(location.repo, revision=location.revision, repo_type=location.repo_type,
+                                          allow_patterns=[f"{sub}/*"] if sub else None, cache_dir=s.cache_dir,
+                                          endpoint=s.endpoint, force_download=force, local_files_only=s.offline,
+                                          tqdm_class=None if progress else _SilentTqdm))
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(exc, location.repo, sub or ".", location.revision, location.repo_type) from exc
+    folder = snapshot / sub if sub else snapshot
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise MissingFileError(what, f"The repo {location.repo} has no folder {sub!r} at {location.revision}.")
+    card_path = folder / "card.json"
+    if card_path.exists():
+        pinned = location.model_copy(update={"revision": snapshot.name})  # the commit it resolved to
+        return fetch(pinned, read_card(card_path).files.items, progress=progress)
+    return folder
+
+
+# ---- plain HTTPS ----------------------------------------------------------------------------------
+def _fetch_url(location: UrlLocation, files: Sequence[FileEntry], force: bool, progress: bool) -> Path:
+    folder = dictionaries_cache() / "url" / hashlib.sha256(location.url.encode()).hexdigest()[:32]
+    unverified: dict[str, tuple[str, int]] = {}
+    for entry in files:
+        url = _file_url(location.url, entry.path)
+        target = folder / entry.path
+
+        def download(again: bool, url: str = url, target: Path = target) -> Path:
+            if force or again or not target.exists():
+                download_url(url, target, progress=progress)
+            return target
+
+        ensure_verified(url, entry, download, drop=lambda p: Path(p).unlink(missing_ok=True), unverified=unverified)
+    warn_unverified(location.url, unverified)
+    return folder
+
+
+def download_url(url: str, target: Path, *, progress: bool = True) -> Path:
+    """Stream `url` into `target` atomically (temp file + rename) with a progress bar; honours HF_HUB_OFFLINE."""
+    import urllib.error
+    import urllib.request
+
+    s = hub_settings()
+    if s.offline:
+        raise HubUnreachableError(url, url, offline=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.incomplete")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
+                      disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+        os.replace(tmp, target)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise MissingFileError(url, f"The server answered {exc.code}.") from None
+        raise HubUnreachableError(f"{url} (HTTP {exc.code})", url, offline=False) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise HubUnreachableError(f"{url} ({exc})", url, offline=False) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# ---- zip archives on the Hub ----------------------------------------------------------------------
+def _fetch_zip(location: HubZipLocation, files: Sequence[FileEntry], force: bool, progress: bool) -> Path:
+    """Download the zip (its sha256 checked once, then remembered), extract only the member folder."""
+    what = f"hf://{location.repo}/{location.filename}@{location.revision}"
+
+    def download_zip(again: bool) -> Path:
+        return download_hub_file(location.repo, location.filename, location.revision, force=force or again,
+                                 progress=progress)
+
+    unverified: dict[str, tuple[str, int]] = {}
+    zip_entry = FileEntry(path=location.filename, size=location.size, sha256=location.sha256)
+    zip_path = ensure_verified(what, zip_entry, download_zip, drop=drop_cached_hub_file, unverified=unverified)
+    zip_sha = location.sha256 or unverified[location.filename][0]
+    root = dictionaries_cache() / "zip" / zip_sha
+    folder = root / location.member
+    done = root / f".complete-{hashlib.sha256(location.member.encode()).hexdigest()[:16]}"
+    if force or not done.exists():
+        extract_member(zip_path, location.member, root, progress=progress)
+        done.touch()
+    for entry in files:
+        def member_file(again: bool, entry: FileEntry = entry) -> Path:
+            if again:
+                extract_member(zip_path, location.member, root, progress=progress)
+            if not (folder / entry.path).is_file():
+                raise MissingFileError(f"{what}#{location.member}{entry.path}", "The archive has no such member.")
+            return folder / entry.path
+
+        ensure_verified(f"{what}#{location.member}{entry.path}", entry, member_file,
+                        drop=lambda p: Path(p).unlink(missing_ok=True), unverified=unverified)
+    warn_unverified(what, unverified)
+    return folder
+
+
+def extract_member(zip_path: Path, member: str, root: Path, *, progress: bool = True) -> Path:
+    """Extract the files under folder `member` of the zip into `root/member` (atomically, via a temp folder)."""
+    import shutil
+    import zipfile
+
+    member = member.rstrip("/") + "/"
+    with zipfile.ZipFile(zip_path) as archive:
+        infos = [i for i in archive.infolist() if i.filename.startswith(member) and not i.is_dir()]
+        if not infos:
+            raise MissingFileError(f"{zip_path}#{member}", "The archive has no such folder.")
+        for info in infos:
+            parts = Path(info.filename).parts
+            if Path(info.filename).is_absolute() or ".." in parts:
+                raise MissingFileError(f"{zip_path}#{info.filename}", "Refusing a member that leaves the folder.")
+        tmp = root / f".extract-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with tqdm(total=sum(i.file_size for i in infos), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"extract {member}", disable=not progress) as bar:
+            for info in infos:
+                archive.extract(info, tmp)
+                bar.update(info.file_size)
+    final = root / member
+    shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp / member, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class _SilentTqdm(tqdm):
+    """huggingface_hub's bars switched off (`progress=False`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
