@@ -1,0 +1,409 @@
+"""The card's stats (DESIGN.md section 7) for several dictionaries of one model in one pass over an eval set.
+
+One batch of B contexts is measured with ONE forward: the batch is repeated 1 + 2K times for K dictionaries
+(segment 0 clean; segment 1+2j with dictionary j's reconstruction spliced in at its hook; segment 2+2j
+with zeros there), so clean, spliced and zero-ablated logits share a forward (dictionary_learning's
+`evaluation.loss_recovered` runs five traces per batch for one dictionary). Each patch touches only its own
+segments, so every dictionary sees clean activations at its hook even when dictionaries sit at different
+depths. `max_rows` caps the rows per forward; dictionaries are then split into groups.
+
+Token positions: a position counts when it is a real token (attention mask 1) and, with `exclude_bos`,
+not the BOS id (with Pythia's tokenizer BOS = EOS, so the separators between packed documents too; see
+training/harvest.py). Only counted positions are spliced or zeroed (the others keep their activation) and
+enter MSE, L1, L0, density and FVU. CE and KL are averaged over counted positions whose next token is real.
+Reconstruction sums are streamed in float64; FVU uses Chan et al.'s pairwise merge of the running mean and
+centred sum of squares, so no second pass and no cancellation.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dictionaries.architectures import Dictionary
+from dictionaries.card import HookPoint, Stats
+from dictionaries.errors import EvalInputError
+from training.density import summarize_density
+from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
+
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate` measured for one dictionary."""
+
+    name: str
+    """The dictionary's card name."""
+    stats: Stats
+    """The card's stats (source "measured")."""
+    density: Tensor
+    """(F,) fraction of counted eval tokens on which each feature fired (f > 0)."""
+    sensitivity: SensitivityCurves | None
+    """KL-against-step curves of the sensitive-directions test, None when not run."""
+
+
+class Tally:
+    """Streaming float64 sums for one dictionary's stats."""
+
+    def __init__(self, d_in: int, d_dict: int):
+        self.tokens = 0
+        self.sse = self.l1 = self.l0 = 0.0
+        self.fired = torch.zeros(d_dict, dtype=torch.float64)
+        self.mean = torch.zeros(d_in, dtype=torch.float64)
+        self.m2 = 0.0  # sum over tokens of ||x - mean||^2
+        self.ce_spliced = self.ce_zero = self.kl = 0.0
+
+    def add_reconstruction(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
+        """Counted rows only: x, x_hat (n, d), f (n, F)."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        x, x_hat, active = x.double().cpu(), x_hat.double().cpu(), (f > 0).cpu()
+        self.sse += float(((x - x_hat) ** 2).sum())
+        self.l1 += float(f.double().abs().sum())
+        self.l0 += float(active.sum())
+        self.fired += active.sum(0).double()
+        batch_mean = x.mean(0)
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        delta = batch_mean - self.mean
+        total = self.tokens + n
+        self.m2 += batch_m2 + float((delta ** 2).sum()) * self.tokens * n / total
+        self.mean += delta * n / total
+        self.tokens = total
+
+    def stats(self, ce_clean_sum: float, predictions: int, d_in: int, **meta: Any) -> Stats:
+        """The Stats of this tally (CE/KL per prediction, reconstruction per token)."""
+        n = max(self.tokens, 1)
+        p = max(predictions, 1)
+        ce_clean, ce_spliced, ce_zero = ce_clean_sum / p, self.ce_spliced / p, self.ce_zero / p
+        fvu = self.sse / self.m2 if self.m2 > 0 else float("nan")
+        gap = ce_zero - ce_clean
+        density = self.fired / n
+        return Stats(source="measured", mse=self.sse / (n * d_in), l1=self.l1 / n, l0=self.l0 / n,
+                     frac_alive=float((self.fired > 0).double().mean()), fvu=fvu, variance_explained=1 - fvu,
+                     ce_clean=ce_clean, ce_spliced=ce_spliced, ce_zero=ce_zero,
+                     frac_loss_recovered=(ce_zero - ce_spliced) / gap if gap != 0 else float("nan"),
+                     kl=self.kl / p, density=summarize_density(density), tokens=self.tokens, **meta)
+
+
+def _check_dictionaries(dictionaries: Sequence[Dictionary]) -> list[HookPoint]:
+    if not dictionaries:
+        raise EvalInputError("dictionaries", "none were given", "Pass at least one dictionary.")
+    hooks = []
+    for d in dictionaries:
+        if d.card is None or d.card.hook is None:
+            name = d.card.name if d.card is not None else repr(d)
+            raise EvalInputError(name, "its card names no hook point, so it cannot be spliced into the model",
+                                 "Add `hook` (module, io, site, layer) to the card.")
+        hooks.append(d.card.hook)
+    return hooks
+
+
+def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint], b: int, keep: Tensor,
+                     captured: dict[int, tuple[Tensor, Tensor, Tensor]]) -> dict[HookPoint, Any]:
+    """One patch per hook: segment 1+2s gets dictionary s's x_hat, segment 2+2s zeros (counted positions)."""
+    by_hook: dict[HookPoint, list[tuple[int, int, Dictionary]]] = defaultdict(list)
+    for s, (j, d) in enumerate(group):
+        by_hook[hooks[j]].append((s, j, d))
+
+    def make(items: list[tuple[int, int, Dictionary]]):
+        def patch(x: Tensor) -> Tensor:                      # x (nseg * B, pos, d)
+            out = x.clone()
+            clean = x[:b]
+            mask = keep.to(x.device)[..., None]              # (B, pos, 1)
+            for s, j, d in items:
+                x_hat, f = d(clean.to(d.W_dec.dtype))
+                captured[j] = (clean, x_hat, f)
+                lo = (1 + 2 * s) * b
+                out[lo:lo + b] = torch.where(mask, x_hat.to(x.dtype), clean)
+                out[lo + b:lo + 2 * b] = torch.where(mask, torch.zeros_like(clean), clean)
+            return out
+        return patch
+
+    return {hook: make(items) for hook, items in by_hook.items()}
+
+
+def _log_probs(logits: Tensor, where: Tensor) -> Tensor:
+    """log_softmax over the vocabulary at the selected positions: logits (B, pos, V), where (B, pos) -> (n, V)."""
+    return torch.log_softmax(logits[where].float(), dim=-1)
+
+
+def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoint], tallies: list[Tally],
+                  input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor, max_rows: int | None) -> tuple[float, int]:
+    """Measure one batch for every dictionary; returns (sum of clean CE, predictions counted)."""
+    from dictionaries.attach import run_patched
+
+    b = input_ids.shape[0]
+    real = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
+    predicts = keep[:, :-1] & real[:, 1:]                    # (B, pos-1): position t predicts token t+1
+    targets = input_ids[:, 1:][predicts]                     # (n,)
+    per_forward = len(dictionaries) if max_rows is None else max(1, (max_rows // b - 1) // 2)
+    order = list(enumerate(dictionaries))
+    ce_clean = 0.0
+    for start in range(0, len(order), per_forward):
+        group = order[start:start + per_forward]
+        nseg = 1 + 2 * len(group)
+        captured: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        patches = _segment_patches(group, hooks, b, keep, captured)
+        ids = input_ids.repeat(nseg, 1)
+        mask = attention_mask.repeat(nseg, 1) if attention_mask is not None else None
+        logits = run_patched(model, ids, mask, patches)[:, :-1]   # (nseg * B, pos-1, V)
+        where = predicts.to(logits.device)
+        tgt = targets.to(logits.device)[:, None]
+        lp_clean = _log_probs(logits[:b], where)
+        p_clean = lp_clean.exp()
+        if start == 0:
+            ce_clean = -float(lp_clean.gather(1, tgt).double().sum())
+        for s, (j, _) in enumerate(group):
+            t = tallies[j]
+            lo = (1 + 2 * s) * b
+            lp_spliced = _log_probs(logits[lo:lo + b], where)
+            t.ce_spliced -= float(lp_spliced.gather(1, tgt).double().sum())
+            t.kl += float((p_clean * (lp_clean - lp_spliced)).double().sum())
+            t.ce_zero -= float(_log_probs(logits[lo + b:lo + 2 * b], where).gather(1, tgt).double().sum())
+            x, x_hat, f = captured[j]
+            k = keep.to(x.device)
+            t.add_reconstruction(x[k].to(x_hat.dtype), x_hat[k], f[k])
+        del logits
+    return ce_clean, int(predicts.sum())
+
+
+def pack_batches(data: Any, *, tokenizer=None, tokens: int, context_length: int, batch_size: int,
+                 seed: int = 0) -> list[tuple[Tensor, Tensor | None]]:
+    """The eval set as (input_ids (B, C), attention_mask or None) batches, ceil(tokens / C) contexts in all.
+
+    `data`: a dataset path or Hub id (read by training.data.TokenStream, seeded), a list of texts (EOS-joined
+    and packed), a LongTensor (N, C), or an iterable of tensors / (ids, mask) pairs (taken as they are).
+    """
+    want = -(-tokens // context_length)
+    if isinstance(data, str) or (isinstance(data, Sequence) and data and isinstance(data[0], str)):
+        contexts = _stream_contexts(data, tokenizer, context_length, seed, want)
+        return [(contexts[i:i + batch_size], None) for i in range(0, len(contexts), batch_size)]
+    if isinstance(data, Tensor):
+        data = [data[i:i + batch_size] for i in range(0, min(len(data), want), batch_size)]
+    batches, have = [], 0
+    for item in data:
+        ids, mask = item if isinstance(item, (tuple, list)) else (item, None)
+        batches.append((ids, mask))
+        have += ids.shape[0]
+        if have >= want:
+            break
+    if not batches:
+        raise EvalInputError("eval data", "it holds no token batches", "Pass texts, a dataset or token tensors.")
+    return batches
+
+
+def _stream_contexts(data: str | Sequence[str], tokenizer, context_length: int, seed: int, want: int) -> Tensor:
+    """Contexts (m, C): a dataset path/id via training.data.TokenStream (seeded), texts EOS-joined in order."""
+    if tokenizer is None:
+        raise EvalInputError("eval data", "texts need a tokenizer", "Pass `tokenizer=` (the model's).")
+    if isinstance(data, str):
+        from dictionaries.card import DatasetSpec
+        from training.data import TokenStream
+
+        contexts = TokenStream(DatasetSpec(path=data), tokenizer, context_length=context_length,
+                               seed=seed).next_contexts(want)
+    else:
+        flat: list[int] = []
+        for ids in tokenizer(list(data), add_special_tokens=False)["input_ids"]:
+            flat += [*ids, tokenizer.eos_token_id]
+        m = min(want, len(flat) // context_length)
+        contexts = torch.tensor(flat[:m * context_length], dtype=torch.long).view(m, context_length)
+    if len(contexts) == 0:
+        raise EvalInputError("eval data", f"it holds fewer than {context_length} tokens",
+                             "Use more text or a shorter --context-length.")
+    return contexts
+
+
+def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=None, tokens: int = 16384,
+             context_length: int = 128, batch_size: int = 8, exclude_bos: bool = True, device=None, seed: int = 0,
+             sensitivity: bool = True, sensitivity_samples: int = 32, dataset_name: str | None = None,
+             max_rows: int | None = None, progress: bool = True) -> list[EvalResult]:
+    """Measure every stat of DESIGN.md section 7 (and the sensitivity test) for dictionaries of one model.
+
+    The eval set is the first ceil(tokens / context_length) contexts of `data` (see `pack_batches`);
+    the same seed gives the same set and the same sensitivity samples.
+    """
+    from tqdm.auto import tqdm
+
+    from dictionaries import __version__
+    from training.harvest import token_mask
+
+    hooks = _check_dictionaries(dictionaries)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    dicts = [d.to(device) for d in dictionaries]
+    batches = pack_batches(data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
+                           batch_size=batch_size, seed=seed)
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    bos = bos if bos is not None else getattr(model.config, "bos_token_id", None)
+    tallies = [Tally(d.d_in, d.d_dict) for d in dicts]
+    pools: dict[HookPoint, list[Tensor]] = defaultdict(list)
+    ce_clean, predictions = 0.0, 0
+    bar = tqdm(total=sum(ids.numel() for ids, _ in batches), desc="eval", unit="tok", unit_scale=True,
+               disable=not progress)
+    with torch.no_grad():
+        for ids, mask in batches:
+            ids = ids.to(device)
+            mask = mask.to(device) if mask is not None else None
+            keep = token_mask(ids, mask, bos_id=bos, exclude_bos=exclude_bos)
+            ce, n = measure_batch(model, dicts, hooks, tallies, ids, mask, keep, max_rows)
+            ce_clean, predictions = ce_clean + ce, predictions + n
+            bar.update(ids.numel())
+    bar.close()
+    meta = dict(dataset=dataset_name or (data if isinstance(data, str) else None), context_length=context_length,
+                exclude_bos=exclude_bos, package_version=__version__,
+                date=datetime.date.today().isoformat())
+    curves = sensitivity_on_eval_set(model, dicts, hooks, batches, bos_id=bos, exclude_bos=exclude_bos,
+                                     samples=sensitivity_samples, seed=seed, progress=progress) if sensitivity else [None] * len(dicts)
+    results = []
+    for d, t, c in zip(dicts, tallies, curves):
+        stats = t.stats(ce_clean, predictions, d.d_in, **meta)
+        if c is not None:
+            stats = stats.model_copy(update={"sensitivity": c.to_card()})
+        results.append(EvalResult(d.card.name, stats, (t.fired / max(t.tokens, 1)).float(), c))
+    return results
+
+
+# ---- folders and the command line ---------------------------------------------------------------------
+def load_model(ref: str, *, revision: str | None = None, device=None):
+    """(model, tokenizer) from a local `save_pretrained` folder or a Hugging Face id, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(ref, revision=revision)
+    except (OSError, ValueError) as exc:
+        from dictionaries.errors import ModelLoadError
+
+        raise ModelLoadError(ref, str(exc).splitlines()[0]) from None
+    return model.to(device or "cpu").eval(), tokenizer
+
+
+def resolve_targets(target: str) -> list[str]:
+    """Registry names or folders meant by `target`: a folder, a glob of folders, a registry name or glob."""
+    import glob
+    from pathlib import Path
+
+    target = str(target)
+    if Path(target).expanduser().is_dir():
+        return [target]
+    if any(c in target for c in "*?["):
+        folders = sorted(p for p in glob.glob(str(Path(target).expanduser())) if Path(p).is_dir())
+        if folders:
+            return folders
+        from dictionaries.registry import load_registry
+
+        return [e.name for e in load_registry().match(target)]
+    return [target]
+
+
+def write_results(folder, dictionary: Dictionary, result: EvalResult, *, in_place: bool):
+    """Put the stats into the folder's card.json, and density.safetensors + the two PNGs beside the weights.
+
+    in_place: the folder is the dictionary's own native folder (only card.json is rewritten); otherwise a
+    native folder is written there first (`formats.write_native`). Returns the new card.
+    """
+    from pathlib import Path
+
+    from training.density import DENSITY_PNG, plot_density, save_density
+    from training.sensitivity import SENSITIVITY_PNG, plot_sensitivity
+
+    folder = Path(folder)
+    card = dictionary.card.model_copy(update={"stats": result.stats})
+    if in_place:
+        (folder / "card.json").write_text(card.to_json())
+    else:
+        from dictionaries.formats import write_native
+
+        folder.mkdir(parents=True, exist_ok=True)
+        card = write_native(dictionary, folder, card=card)
+    save_density(result.density, folder)
+    plot_density(result.density, folder / DENSITY_PNG, title=f"{card.name}: feature density")
+    if result.sensitivity is not None:
+        plot_sensitivity(result.sensitivity, folder / SENSITIVITY_PNG, title=f"{card.name}: sensitive directions")
+    return card
+
+
+def evaluate_and_write(target: str, *, model: str | None = None, dataset: str | None = None, tokens: int = 16384,
+                       context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
+                       sensitivity: bool = True, exclude_bos: bool = True, seed: int = 0,
+                       progress: bool = True) -> list[tuple[str, Any]]:
+    """Evaluate a registry name, a native folder or a glob of either in one pass; write stats, density, plots.
+
+    A native folder (with card.json) is updated in place unless `out` is given; a registry entry (or a
+    foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
+    Returns (folder written, new card) per dictionary.
+    """
+    from pathlib import Path
+
+    from dictionaries.loader import load_dictionary
+
+    targets = resolve_targets(target)
+    dicts = [load_dictionary(t, device=device) for t in targets]
+    models = {(d.card.model.id, d.card.model.revision) if d.card.model else None for d in dicts}
+    if model is None and (len(models) != 1 or None in models):
+        raise EvalInputError(target, f"its dictionaries name models {sorted(map(str, models))}",
+                             "Evaluate dictionaries of one model together, or pass --model.")
+    ref, revision = (model, None) if model is not None else next(iter(models))
+    recipe_data = dicts[0].card.recipe.dataset.path if dicts[0].card.recipe else None
+    data = dataset or recipe_data
+    if data is None:
+        raise EvalInputError(target, "no eval dataset given and the card has no recipe dataset",
+                             "Pass --dataset (a local text file or a dataset id).")
+    lm, tokenizer = load_model(ref, revision=revision, device=device)
+    results = evaluate(lm, dicts, data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
+                       batch_size=batch_size, exclude_bos=exclude_bos, device=device, seed=seed,
+                       sensitivity=sensitivity, progress=progress)
+    written = []
+    for t, d, r in zip(targets, dicts, results):
+        native = Path(t).expanduser().is_dir() and (Path(t).expanduser() / "card.json").exists()
+        folder = Path(t).expanduser() if native and out is None else Path(out or "evaluated") / d.card.name
+        written.append((str(folder), write_results(folder, d, r, in_place=native and out is None)))
+    return written
+
+
+def compare_stats(a: str, b: str) -> tuple[tuple[str, str], list[tuple[str, Any, Any]]]:
+    """Two cards' stats side by side: ((name A, name B), [(stat, value A, value B)]) for `dictctl compare`.
+
+    a, b: registry names or folders holding a card.json. Nested figures (density, sensitivity) are flattened
+    as `density.dead`, `sensitivity.random`, ...
+    """
+    cards = [_card_of(x) for x in (a, b)]
+    flat = [_flatten(c.stats.model_dump(exclude_none=True) if c.stats else {}) for c in cards]
+    keys = list(dict.fromkeys([*flat[0], *flat[1]]))
+    names = (cards[0].name, cards[1].name if cards[1].name != cards[0].name else f"{cards[1].name} (B)")
+    return names, [(k, flat[0].get(k), flat[1].get(k)) for k in keys]
+
+
+def _card_of(name_or_folder: str):
+    from pathlib import Path
+
+    from dictionaries.card import read_card
+
+    path = Path(name_or_folder).expanduser()
+    if path.is_dir():
+        if not (path / "card.json").exists():
+            from dictionaries.errors import MissingFileError
+
+            raise MissingFileError(str(path / "card.json"), "Only native folders (with card.json) can be compared.")
+        return read_card(path / "card.json")
+    from dictionaries.registry import load_registry
+
+    return load_registry().get(name_or_folder).card
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,249 @@
+"""The sensitive-directions test (Apollo 2024, DESIGN.md section 6) and its plot.
+
+Heimersheim, Mendel et al. (Apollo Research, 2024, "activation plateaus"): a real activation x sits on a
+plateau of the model's output; moving it toward (a) a random point drawn from a Gaussian with the
+activations' mean and covariance changes the output slowly, while moving it toward (b) another real
+activation, or (c) along a feature direction a dictionary found, changes it sooner. We perturb
+x -> x + t * u at one position and record KL(p_clean || p_perturbed) of the next-token distribution at
+that same position (the final logits there), for steps t on a grid.
+
+Normalisation (so that steps compare across kinds): every direction u is rescaled to the norm of its
+base activation, ||u|| = ||x||, so t = 1 means "moved by one activation norm" whatever the kind.
+Per base activation we interpolate linearly the first step where the KL reaches 0.5 (inf if it never
+does on the grid); the card stores the median over base activations for each kind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from dictionaries.architectures import Dictionary
+    from dictionaries.card import HookPoint, Sensitivity
+
+POOL_SIZE = 4096
+"""Real activations kept per hook for the random kind's mean/covariance and the real kind's targets."""
+SENSITIVITY_PREFIX = 64
+"""Sensitivity contexts are cut to this many tokens (the perturbed position lies inside)."""
+KL_THRESHOLD = 0.5
+"""The KL (nats) at which a perturbation counts as having changed the output."""
+SENSITIVITY_PNG = "sensitivity.png"
+
+
+@dataclass
+class SensitivityCurves:
+    """KL against step for each direction kind, for one dictionary."""
+
+    steps: Tensor
+    """(S,) steps t, in units of the base activation's norm."""
+    kl: dict[str, Tensor] = field(default_factory=dict)
+    """kind ("random", "real", "dictionary") -> (N, S) KL(clean || perturbed) in nats."""
+
+    def crossings(self) -> dict[str, Tensor]:
+        """kind -> (N,) step where each base's KL first reaches 0.5 (inf if never)."""
+        return {kind: crossing_steps(self.steps, kl) for kind, kl in self.kl.items()}
+
+    def medians(self) -> dict[str, float]:
+        """kind -> median over base activations of the step where KL reaches 0.5."""
+        return {kind: float(c.median().item()) if c.numel() % 2 else _even_median(c)
+                for kind, c in self.crossings().items()}
+
+    def to_card(self) -> Sensitivity:
+        """The card's Sensitivity figures."""
+        from dictionaries.card import Sensitivity
+
+        m = self.medians()
+        n = next(iter(self.kl.values())).shape[0] if self.kl else 0
+        return Sensitivity(random=m.get("random"), real=m.get("real"), dictionary=m.get("dictionary"), samples=n)
+
+
+def _even_median(c: Tensor) -> float:
+    """Median of an even-sized vector as the mean of the two middle values (inf stays inf)."""
+    s = c.double().sort().values
+    mid = s.numel() // 2
+    return float(((s[mid - 1] + s[mid]) / 2).item())
+
+
+def crossing_steps(steps: Tensor, kl: Tensor, threshold: float = KL_THRESHOLD) -> Tensor:
+    """(N,) first step at which each row of kl (N, S) reaches `threshold`, linearly interpolated; inf if never."""
+    kl = kl.double()
+    t = steps.double().to(kl.device)
+    reached = kl >= threshold                                          # (N, S)
+    first = torch.where(reached.any(1), reached.float().argmax(1), torch.full_like(reached[:, 0], -1, dtype=torch.long))
+    out = torch.full((kl.shape[0],), math.inf, dtype=torch.float64)
+    for i, s in enumerate(first.tolist()):
+        if s < 0:
+            continue
+        if s == 0:
+            out[i] = t[0]
+            continue
+        k0, k1 = kl[i, s - 1], kl[i, s]
+        out[i] = t[s - 1] + (threshold - k0) / (k1 - k0) * (t[s] - t[s - 1])
+    return out
+
+
+def sample_like(activations: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """n points (n, d) from the Gaussian with the mean and covariance of `activations` (M, d).
+
+    Uses the eigendecomposition of the (float64) covariance so a rank-deficient covariance still works.
+    """
+    a = activations.double()
+    mean = a.mean(0)                                                   # (d,)
+    cov = torch.cov(a.T)                                               # (d, d)
+    evals, evecs = torch.linalg.eigh(cov)
+    scale = evecs * evals.clamp_min(0).sqrt()                          # (d, d): cov = scale @ scale.T
+    z = torch.randn(n, a.shape[1], generator=generator, dtype=torch.float64)
+    return (mean + z @ scale.T).to(activations.dtype)
+
+
+def _unit_to_norm(direction: Tensor, base: Tensor) -> Tensor:
+    """Rescale each row of direction (N, d) to the norm of the matching base activation (N, d)."""
+    return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * base.norm(dim=-1, keepdim=True)
+
+
+def dictionary_directions(dictionary: Dictionary, base: Tensor) -> Tensor:
+    """(N, d) decoder direction of each base activation's most active feature (largest f_i * ||W_dec_i||)."""
+    with torch.no_grad():
+        x = base.to(dictionary.W_dec.dtype).to(dictionary.W_dec.device)
+        f = dictionary.encode(x)                                       # (N, F)
+        norms = dictionary.W_dec.norm(dim=-1)                          # (F,)
+        score = torch.where(f.any(-1, keepdim=True), f * norms, dictionary.pre_activation(x))
+        top = score.argmax(-1)                                         # (N,)
+        return dictionary.W_dec[top].to(base.dtype).to(base.device)
+
+
+def _final_logprobs(model, contexts: Tensor, mask: Tensor | None, positions: Tensor, hook: HookPoint,
+                    deltas: Tensor | None) -> Tensor:
+    """Log-probs (R, V) at each row's position, with deltas (R, d) added to the hook's activation there."""
+    from dictionaries.attach import run_patched
+
+    rows = torch.arange(contexts.shape[0])
+    patches = None
+    if deltas is not None:
+        def perturb(x: Tensor) -> Tensor:
+            out = x.clone()
+            out[rows, positions] = out[rows, positions] + deltas.to(x.dtype).to(x.device)
+            return out
+        patches = {hook: perturb}
+    logits = run_patched(model, contexts, mask, patches)               # (R, P, V)
+    return torch.log_softmax(logits[rows, positions.to(logits.device)].float(), -1).cpu()
+
+
+def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionary], contexts: Tensor,
+                        positions: Tensor, pool: Tensor, *, attention_mask: Tensor | None = None,
+                        steps: Tensor | None = None, seed: int = 0, rows_per_forward: int = 256,
+                        progress: bool = True) -> list[SensitivityCurves]:
+    """The test at one hook: curves for random and real directions (shared) and for each dictionary.
+
+    contexts (N, P) token ids, each perturbed at positions[i]; pool (M, d) real activations at the hook (the
+    mean/covariance of the random kind and the targets of the real kind).
+    """
+    from tqdm.auto import tqdm
+
+    from dictionaries.attach import collect_activations
+
+    steps = torch.linspace(0, 4, 25) if steps is None else steps.float()
+    gen = torch.Generator().manual_seed(seed)
+    n = contexts.shape[0]
+    with torch.no_grad():
+        acts = collect_activations(model, [hook], contexts, attention_mask)[0]
+        base = acts[torch.arange(n), positions.to(acts.device)].float().cpu()        # (N, d)
+        clean = _final_logprobs(model, contexts, attention_mask, positions, hook, None)   # (N, V)
+    others = torch.randint(0, pool.shape[0], (n,), generator=gen)
+    directions = {"random": _unit_to_norm(sample_like(pool.float(), n, gen) - base, base),
+                  "real": _unit_to_norm(pool[others].float() - base, base)}
+    for j, d in enumerate(dictionaries):
+        directions[f"dictionary{j}"] = _unit_to_norm(dictionary_directions(d, base).float(), base)
+    kls: dict[str, Tensor] = {}
+    bar = tqdm(total=len(directions) * n * len(steps), desc=f"sensitivity {hook.module}", unit="run",
+               disable=not progress, leave=False)
+    for kind, u in directions.items():
+        # rows ordered (base, step): delta = t * u
+        deltas = (steps[None, :, None] * u[:, None, :]).reshape(-1, u.shape[1])          # (N*S, d)
+        which = torch.arange(n).repeat_interleave(len(steps))
+        out = torch.empty(n * len(steps))
+        for lo in range(0, len(which), rows_per_forward):
+            idx = which[lo:lo + rows_per_forward]
+            mask = attention_mask[idx] if attention_mask is not None else None
+            with torch.no_grad():
+                lp = _final_logprobs(model, contexts[idx], mask, positions[idx], hook, deltas[lo:lo + len(idx)])
+            ref = clean[idx]
+            out[lo:lo + len(idx)] = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
+            bar.update(len(idx))
+        kls[kind] = out.view(n, len(steps))
+    bar.close()
+    shared = {"random": kls["random"], "real": kls["real"]}
+    return [SensitivityCurves(steps, {**shared, "dictionary": kls[f"dictionary{j}"]}) for j in range(len(dictionaries))]
+
+
+def sensitivity_on_eval_set(model, dicts: Sequence[Dictionary], hooks: Sequence[HookPoint], batches, *,
+                            bos_id: int | None, exclude_bos: bool, samples: int = 32, seed: int = 0,
+                            progress: bool = True) -> list[SensitivityCurves | None]:
+    """The test per hook on an eval set's (ids, mask) batches; random and real kinds shared at a hook.
+
+    Bases: `samples` contexts chosen with the seed, cut to SENSITIVITY_PREFIX tokens, each perturbed at its
+    last counted position; the pool (mean/covariance, real targets) is up to POOL_SIZE counted activations.
+    None for every dictionary when fewer than two contexts have a counted position.
+    """
+    from dictionaries.attach import collect_activations
+    from training.harvest import token_mask
+
+    ids = torch.cat([b[0] for b in batches])[:, :SENSITIVITY_PREFIX]
+    mask = torch.cat([b[1] if b[1] is not None else torch.ones_like(b[0]) for b in batches])[:, :SENSITIVITY_PREFIX]
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    keep = token_mask(ids, mask, bos_id=bos_id, exclude_bos=exclude_bos)
+    usable = keep.any(1).nonzero().flatten()
+    if len(usable) < 2:
+        return [None] * len(dicts)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = usable[torch.randperm(len(usable), generator=gen)[:samples].to(usable.device)].sort().values
+    # base position: the last counted position of each chosen context
+    positions = (keep[chosen].long() * torch.arange(keep.shape[1], device=device)).argmax(1)
+    unique_hooks = list(dict.fromkeys(hooks))
+    with torch.no_grad():
+        acts = collect_activations(model, unique_hooks, ids[:max(1, POOL_SIZE // ids.shape[1] + 1)],
+                                   mask[:max(1, POOL_SIZE // ids.shape[1] + 1)])
+    pool_keep = keep[:acts[0].shape[0]]
+    out: list[SensitivityCurves | None] = [None] * len(dicts)
+    for hook, a in zip(unique_hooks, acts):
+        members = [j for j, h in enumerate(hooks) if h == hook]
+        curves = measure_sensitivity(model, hook, [dicts[j] for j in members], ids[chosen], positions,
+                                     a[pool_keep].float().cpu()[:POOL_SIZE], attention_mask=mask[chosen],
+                                     seed=seed, progress=progress)
+        for j, c in zip(members, curves):
+            out[j] = c
+    return out
+
+
+def plot_sensitivity(curves: SensitivityCurves, path: str | Path, *, title: str = "") -> Path:
+    """KL against step per kind (median over base activations, shaded 25-75%), log KL axis, 0.5 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    medians = curves.medians()
+    colors = {"random": "tab:gray", "real": "tab:orange", "dictionary": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    t = curves.steps.numpy()
+    for kind, kl in curves.kl.items():
+        q = torch.quantile(kl.double().clamp_min(1e-8), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
+        ax.plot(t, q[1].numpy(), color=colors.get(kind), label=f"{kind} (step to KL 0.5: {medians[kind]:.3g})")
+        ax.fill_between(t, q[0].numpy(), q[2].numpy(), color=colors.get(kind), alpha=0.2)
+    ax.axhline(KL_THRESHOLD, color="black", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("step t (direction scaled to the base activation's norm)")
+    ax.set_ylabel("KL(clean || perturbed), final position")
+    ax.set_title(title or "sensitive directions", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
