@@ -391,3 +391,90 @@ class _SilentTqdm(tqdm):
     def __init__(self, *args, **kwargs):
         kwargs["disable"] = True
         super().__init__(*args, **kwargs)
+
+
+# ---- upload ---------------------------------------------------------------------------------------
+# Publishing (dictionaries/publish.py) reaches the Hub only through these functions. The token comes from
+# the argument, HF_TOKEN or the stored HF login; it is handed to huggingface_hub and never printed or logged.
+def require_token(token: str | None, repo: str, endpoint: str | None) -> str:
+    """The token to publish with (argument, else HF_TOKEN / the HF login); HubAuthError when there is none."""
+    import huggingface_hub
+
+    from dictionaries.errors import HubAuthError
+
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise HubAuthError(repo, _upload_endpoint(endpoint), "no Hub token found (HF_TOKEN is unset and no "
+                                                              "`hf auth login` token is stored)")
+    return token
+
+
+def _upload_endpoint(endpoint: str | None) -> str:
+    """The argument, else HF_ENDPOINT as it is now (huggingface_hub reads it only once, at import)."""
+    return (endpoint or hub_settings().endpoint).rstrip("/")
+
+
+def _auth_failure(exc: Exception, repo: str, endpoint: str | None) -> Exception:
+    """A 401/403 from the Hub as HubAuthError (the message never holds the token); other errors unchanged."""
+    from dictionaries.errors import HubAuthError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return HubAuthError(repo, _upload_endpoint(endpoint), f"the Hub refused the token (HTTP {status}: it is "
+                                                              "wrong, expired or has no write access to the repo)")
+    return exc
+
+
+def read_remote_file(repo: str, path: str, *, revision: str = "main", endpoint: str | None = None,
+                     token: str | None = None) -> bytes | None:
+    """The bytes of `path` in a Hub model repo at `revision`, None if the repo, revision or file is absent."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    endpoint = _upload_endpoint(endpoint)
+    check_reachable(endpoint, f"hf://{repo}/{path}@{revision}")  # at once, not after the client's retries
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+    try:
+        if not api.file_exists(repo, path, revision=revision):
+            return None
+        return Path(api.hf_hub_download(repo, path, revision=revision, cache_dir=hub_settings().cache_dir)).read_bytes()
+    except HfHubHTTPError as e:
+        raise _auth_failure(e, repo, endpoint) from None
+
+
+def upload_commit(repo: str, files: dict[str, Path], *, branch: str = "main", private: bool = False,
+                  message: str, endpoint: str | None = None, token: str | None = None) -> str:
+    """Create the repo (and branch) if needed and add every file in ONE commit; the commit's 40-hex sha.
+
+    `files` maps repo paths to local files. The Hub applies a commit whole or not at all, so a failure
+    here leaves the repo as it was.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from dictionaries.errors import PublishError
+
+    token = require_token(token, repo, endpoint)
+    endpoint = _upload_endpoint(endpoint)
+    check_reachable(endpoint, f"hf://{repo}@{branch} (upload)")
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+    operations = [huggingface_hub.CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local))
+                  for rel, local in sorted(files.items())]
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo, branch=branch, exist_ok=True)
+        info = api.create_commit(repo, operations, commit_message=message, revision=branch)
+    except HfHubHTTPError as e:
+        err = _auth_failure(e, repo, endpoint)
+        raise (err if err is not e else PublishError(f"{_upload_endpoint(endpoint)}: {repo}", str(e))) from None
+    except Exception as e:  # a dropped connection or a server error half-way: the commit was not made
+        raise PublishError(f"{_upload_endpoint(endpoint)}: {repo}", f"{type(e).__name__}: {e}") from None
+    return info.oid
+
+
+def model_card_metadata(text: str) -> dict:
+    """The YAML front matter of a repo README.md, parsed the way the Hub parses it (huggingface_hub.ModelCard)."""
+    import huggingface_hub
+
+    return huggingface_hub.ModelCard(text, ignore_metadata_errors=False).data.to_dict()

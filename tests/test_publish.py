@@ -1,0 +1,529 @@
+"""Publishing and mirroring: validate, stage, one commit to a local hub (real olah + real huggingface_hub
+client) or to the real Hub (tested at the `HfApi` boundary with `FakeHfApi`, since the Hub is unreachable
+here), the registry entry, and every bad input of issue 6."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dictionaries.architectures import KINDS, build_dictionary
+from dictionaries.card import Card, Files, HookPoint, ModelRef, Stats, read_card, sha256_of
+from dictionaries.errors import (CardFilesMismatchError, HubAuthError, MissingFileError, PublishError,
+                                 RepoNameError, TargetOccupiedError)
+from dictionaries.registry import HubLocation, load_registry
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+D_IN, D_DICT = 8, 16
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def make_card(arch: str = "relu", name: str = "toy/mlp0/16") -> Card:
+    return Card(name=name, architecture=arch, d_in=D_IN, d_dict=D_DICT, k=4 if arch in ("topk", "batchtopk") else None,
+                license="MIT", authors=["Test Author"], model=ModelRef(id="toy-org/tiny-neox"),
+                hook=HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0),
+                files=Files(items=[]),
+                stats=Stats(source="measured", dataset="python docs", tokens=1000, l0=3.5, mse=0.0123,
+                            frac_loss_recovered=0.9))
+
+
+def make_folder(folder: Path, arch: str = "relu", seed: int = 0, name: str = "toy/mlp0/16"):
+    """A native folder written by formats.write_native with seeded random weights; (card, module)."""
+    from dictionaries.formats import write_native
+
+    torch.manual_seed(seed)
+    d = build_dictionary(make_card(arch, name))
+    d.load_native_state({k: torch.randn_like(v) * 0.3 for k, v in d.native_state().items()})
+    card = write_native(d, folder, card=make_card(arch, name))
+    return card, d
+
+
+def commit_count(hub, repo: str) -> int:
+    path = hub.repo_path(repo)
+    if not (path / ".git").exists():
+        return 0
+    return int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=path, capture_output=True,
+                              text=True, check=True).stdout)
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch) -> Path:
+    """A writable copy of the packaged registry, made the one in use through DICTIONARIES_REGISTRY."""
+    dest = tmp_path / "registry"
+    dest.mkdir()
+    shutil.copyfile(REPO_ROOT / "registry.yaml", dest / "registry.yaml")
+    shutil.copytree(REPO_ROOT / "cards", dest / "cards")
+    monkeypatch.setenv("DICTIONARIES_REGISTRY", str(dest / "registry.yaml"))
+    return dest / "registry.yaml"
+
+
+def snapshot(registry: Path) -> dict[str, bytes]:
+    root = registry.parent
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+class FakeHfApi:
+    """FAKE at the boundary no machine here can reach (the real Hub): records what huggingface_hub's
+    HfApi is asked to do. A token other than GOOD_TOKEN is answered like the Hub answers a wrong one."""
+
+    GOOD_TOKEN = "hf_test_good_token"
+    calls: list = []
+    fail_commit: Exception | None = None
+
+    def __init__(self, endpoint=None, token=None, **kw):
+        self.endpoint, self.token = endpoint, token
+
+    def _check(self, what):
+        FakeHfApi.calls.append((what, self.endpoint))
+        if self.token != self.GOOD_TOKEN:
+            import httpx2
+
+            from huggingface_hub.errors import HfHubHTTPError
+
+            response = httpx2.Response(401, request=httpx2.Request("POST", f"{self.endpoint}/api/x"))
+            raise HfHubHTTPError("401 Client Error: Invalid credentials in Authorization header", response=response)
+
+    def file_exists(self, repo_id, filename, *, revision=None, **kw):
+        self._check("file_exists")
+        return False
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kw):
+        self._check(("create_repo", repo_id, private))
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False, **kw):
+        self._check(("create_branch", repo_id, branch))
+
+    def create_commit(self, repo_id, operations, *, commit_message, revision=None, **kw):
+        self._check("create_commit")
+        if FakeHfApi.fail_commit is not None:
+            raise FakeHfApi.fail_commit
+        ops = [(op.path_in_repo, sha256_of(op.path_or_fileobj)) for op in operations]
+        FakeHfApi.calls.append(("committed", repo_id, revision, commit_message, ops))
+        return type("CommitInfo", (), {"oid": "ab" * 20})()
+
+
+@pytest.fixture
+def fake_hf(monkeypatch):
+    """FakeHfApi in place of huggingface_hub.HfApi, HF_TOKEN set to its good token, and HF_ENDPOINT at a
+    loopback socket that accepts connections (the reachability check passes; FakeHfApi answers)."""
+    FakeHfApi.calls = []
+    FakeHfApi.fail_commit = None
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
+    monkeypatch.setenv("HF_TOKEN", FakeHfApi.GOOD_TOKEN)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        yield FakeHfApi
+
+
+# ---- publish -> load by name, through olah and the real huggingface_hub client -----------------
+@pytest.mark.parametrize("arch", sorted(KINDS))
+def test_publish_then_load_by_name_gives_identical_outputs(arch, tmp_path, hub_env, registry):
+    from dictionaries.loader import load_dictionary
+    from dictionaries.publish import publish
+
+    card, original = make_folder(tmp_path / "native", arch)
+    repo = f"org/toy-{arch}"
+    result = publish(tmp_path / "native", repo, subfolder="layer0", register=True, local_hub=hub_env)
+    assert result.location == HubLocation(repo=repo, revision=hub_env.head(repo), subfolder="layer0")
+    assert result.registered == registry
+    entry = load_registry().get(card.name)
+    assert entry.location == result.location and entry.card.files == card.files
+    loaded = load_dictionary(card.name)
+    x = torch.randn(3, 5, D_IN)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).reconstruction, original(x).reconstruction)
+        assert torch.equal(loaded(x).features, original(x).features)
+    for item in card.files.items:  # the printed entry names every file with its hash
+        assert item.sha256 in result.card.files.model_dump_json()
+    assert f"revision: {result.location.revision}" in result.entry_yaml()
+
+
+def test_staged_model_card_parses_as_hub_front_matter(tmp_path, local_hub):
+    from dictionaries.hub import model_card_metadata
+    from dictionaries.publish import publish
+
+    card, _ = make_folder(tmp_path / "native")
+    (tmp_path / "native" / "density.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300))
+    result = publish(tmp_path / "native", "org/card", subfolder="s", dry_run=True, local_hub=local_hub,
+                     staging_dir=tmp_path / "stage")
+    text = (tmp_path / "stage" / "s" / "README.md").read_text()
+    meta = model_card_metadata(text)
+    assert meta["library_name"] == "dictionaries"
+    assert meta["base_model"] == card.model.id and meta["license"] == "mit"
+    assert {"sparse-autoencoder", "sae", "tiny-neox", "mlp", "relu"} <= set(meta["tags"])
+    assert yaml.safe_load(text.split("---\n")[1]) == meta
+    assert "| l0 | 3.5 |" in text and "| mse | 0.0123 |" in text and "| frac_loss_recovered | 0.9 |" in text
+    assert "![density](density.png)" in text and 'load_dictionary("hf://org/card/s")' in text
+    assert sorted(result.uploaded) == ["s/README.md", "s/card.json", "s/density.png", "s/weights.safetensors"]
+
+
+def test_dry_run_uploads_nothing(tmp_path, local_hub, registry):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    local_hub.create_repo("org/dry")
+    before, reg_before = commit_count(local_hub, "org/dry"), snapshot(registry)
+    result = publish(tmp_path / "native", "org/dry", dry_run=True, register=True, local_hub=local_hub)
+    assert commit_count(local_hub, "org/dry") == before
+    assert snapshot(registry) == reg_before
+    assert result.dry_run and result.location is None and result.entry_yaml() == ""
+    staged = sorted(p.relative_to(result.staged).as_posix() for p in result.staged.rglob("*") if p.is_file())
+    assert staged == result.uploaded == ["README.md", "card.json", "weights.safetensors"]
+    shutil.rmtree(result.staged)
+
+
+def test_local_hub_chosen_by_environment_variable(tmp_path, local_hub, monkeypatch):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    monkeypatch.setenv("DICTIONARIES_LOCAL_HUB", str(local_hub.root))
+    result = publish(tmp_path / "native", "org/by-env")
+    assert result.location.revision == local_hub.head("org/by-env")
+
+
+# ---- the real Hub, at the HfApi boundary -------------------------------------------------------
+def test_real_hub_create_commit_gets_exactly_the_staged_files(tmp_path, fake_hf, registry):
+    from dictionaries.publish import publish
+
+    card, _ = make_folder(tmp_path / "native")
+    endpoint = os.environ["HF_ENDPOINT"]
+    result = publish(tmp_path / "native", "org/real", subfolder="a/b", branch="dev", private=True, register=True)
+    commits = [c for c in fake_hf.calls if c[0] == "committed"]
+    assert len(commits) == 1
+    _, repo, revision, message, ops = commits[0]
+    assert (repo, revision) == ("org/real", "dev") and card.name in message
+    weights = next(i for i in card.files.items if i.path == "weights.safetensors")
+    expected = {"a/b/card.json": sha256_of(tmp_path / "native" / "card.json"),
+                "a/b/weights.safetensors": weights.sha256}
+    got = dict(ops)
+    assert set(got) == {*expected, "a/b/README.md"}
+    assert all(got[k] == v for k, v in expected.items())
+    assert (("create_repo", "org/real", True), endpoint) in fake_hf.calls
+    assert (("create_branch", "org/real", "dev"), endpoint) in fake_hf.calls
+    assert result.location == HubLocation(repo="org/real", revision="ab" * 20, subfolder="a/b")
+    assert load_registry().get(card.name).location == result.location
+
+
+def test_no_token_is_refused_before_any_request(tmp_path, fake_hf, monkeypatch, registry):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    monkeypatch.delenv("HF_TOKEN")
+    before = snapshot(registry)
+    with pytest.raises(HubAuthError, match="no Hub token") as info:
+        publish(tmp_path / "native", "org/real", register=True)
+    assert fake_hf.calls == [] and snapshot(registry) == before
+    assert "Nothing was uploaded" in str(info.value)
+
+
+def test_wrong_token_is_refused_and_never_shown(tmp_path, fake_hf, monkeypatch, registry):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_123")
+    before = snapshot(registry)
+    with pytest.raises(HubAuthError, match="refused the token") as info:
+        publish(tmp_path / "native", "org/real", register=True)
+    assert "hf_wrong_secret_123" not in str(info.value)
+    assert not [c for c in fake_hf.calls if c[0] == "committed"] and snapshot(registry) == before
+
+
+class _Refuse401(http.server.BaseHTTPRequestHandler):
+    """Answers every request the way the Hub answers a wrong token (401, Invalid credentials)."""
+
+    seen: list = []
+
+    def _answer(self):
+        _Refuse401.seen.append((self.command, self.path, self.headers.get("authorization")))
+        body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Error-Message", "Invalid credentials in Authorization header")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def test_wrong_token_through_the_real_client(tmp_path, monkeypatch, registry):
+    """The real huggingface_hub client against a loopback server that refuses the token as the Hub does."""
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse401)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Refuse401.seen = []
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_456")
+    try:
+        with pytest.raises(HubAuthError, match="HTTP 401") as info:
+            publish(tmp_path / "native", "org/real", endpoint=f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "hf_wrong_secret_456" not in str(info.value)
+    assert _Refuse401.seen and not any("commit" in path or "preupload" in path for _, path, _ in _Refuse401.seen)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def _flip_byte(folder: Path):
+    p = folder / "weights.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _append_byte(folder: Path):
+    with open(folder / "weights.safetensors", "ab") as fh:
+        fh.write(b"\0")
+
+
+def _claim_other_shape(folder: Path):
+    data = json.loads((folder / "card.json").read_text())
+    data["d_dict"] = 2 * D_DICT
+    (folder / "card.json").write_text(json.dumps(data))
+
+
+def _claim_other_kind(folder: Path):
+    data = json.loads((folder / "card.json").read_text())
+    data["architecture"] = "jumprelu"
+    (folder / "card.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("spoil,words", [
+    (_flip_byte, "sha256 is"), (_append_byte, "size is"),
+    (_claim_other_shape, "the shape of 'W_enc'"), (_claim_other_kind, "the tensor names")])
+def test_card_that_does_not_match_its_files_is_refused_naming_the_file(spoil, words, tmp_path, local_hub):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    spoil(tmp_path / "native")
+    before = commit_count(local_hub, "org/spoilt")
+    with pytest.raises(CardFilesMismatchError, match=words) as info:
+        publish(tmp_path / "native", "org/spoilt", local_hub=local_hub)
+    assert info.value.path == str(tmp_path / "native" / "weights.safetensors")
+    assert commit_count(local_hub, "org/spoilt") == before
+
+
+def test_missing_file_or_card_is_refused(tmp_path, local_hub):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    (tmp_path / "native" / "weights.safetensors").unlink()
+    with pytest.raises(MissingFileError, match="weights.safetensors"):
+        publish(tmp_path / "native", "org/missing", local_hub=local_hub)
+    (tmp_path / "native" / "card.json").unlink()
+    with pytest.raises(MissingFileError, match="card.json"):
+        publish(tmp_path / "native", "org/missing", local_hub=local_hub)
+
+
+def test_different_dictionary_at_target_needs_force(tmp_path, hub_env):
+    from dictionaries.loader import load_dictionary
+    from dictionaries.publish import publish
+
+    _, first = make_folder(tmp_path / "a", seed=1)
+    _, second = make_folder(tmp_path / "b", seed=2)
+    publish(tmp_path / "a", "org/occupied", subfolder="x", local_hub=hub_env)
+    again = publish(tmp_path / "a", "org/occupied", subfolder="x", local_hub=hub_env)  # same dictionary: fine
+    count = commit_count(hub_env, "org/occupied")
+    with pytest.raises(TargetOccupiedError, match="--force") as info:
+        publish(tmp_path / "b", "org/occupied", subfolder="x", local_hub=hub_env)
+    assert info.value.existing == "toy/mlp0/16" and info.value.existing_sha256 != info.value.new_sha256
+    assert commit_count(hub_env, "org/occupied") == count
+    forced = publish(tmp_path / "b", "org/occupied", subfolder="x", force=True, local_hub=hub_env)
+    assert forced.location.revision != again.location.revision
+    x = torch.randn(4, D_IN)
+    with torch.no_grad():
+        got = load_dictionary(f"hf://org/occupied/x@{forced.location.revision}")(x).reconstruction
+        assert torch.equal(got, second(x).reconstruction) and not torch.equal(got, first(x).reconstruction)
+
+
+@pytest.mark.parametrize("repo", ["noslash", "a/b/c", "org/na me", "org/-bad", "org/a--b", "org/x.git", "/name",
+                                  "org/", "org/" + "n" * 97, "org/ünïcode"])
+def test_invalid_repo_name_is_refused(repo, tmp_path, local_hub):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    with pytest.raises(RepoNameError, match="not a valid Hub repo"):
+        publish(tmp_path / "native", repo, local_hub=local_hub)
+
+
+@pytest.mark.parametrize("subfolder,branch", [("../up", "main"), ("a/./b", "main"), ("", "bad..branch")])
+def test_invalid_subfolder_or_branch_is_refused(subfolder, branch, tmp_path, local_hub):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    with pytest.raises(RepoNameError):
+        publish(tmp_path / "native", "org/fine", subfolder=subfolder, branch=branch, local_hub=local_hub)
+
+
+def test_interrupted_local_commit_registers_nothing(tmp_path, local_hub, registry):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    path = local_hub.create_repo("org/interrupted")
+    head, before = local_hub.head("org/interrupted"), snapshot(registry)
+    (path / ".git" / "index.lock").write_text("")  # another git process holds the index: `git add` fails
+    try:
+        with pytest.raises(PublishError, match="nothing was registered|No commit was made"):
+            publish(tmp_path / "native", "org/interrupted", register=True, local_hub=local_hub)
+    finally:
+        (path / ".git" / "index.lock").unlink()
+    assert local_hub.head("org/interrupted") == head and snapshot(registry) == before
+
+
+def test_interrupted_hub_commit_registers_nothing(tmp_path, fake_hf, registry):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    fake_hf.fail_commit = ConnectionResetError("connection reset by peer while uploading")
+    before = snapshot(registry)
+    with pytest.raises(PublishError, match="connection reset"):
+        publish(tmp_path / "native", "org/real", register=True)
+    assert snapshot(registry) == before
+
+
+def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, registry):
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native", name="pythia70m/mlp3/8192-toy")
+    publish(tmp_path / "native", "org/twice", register=True, local_hub=local_hub)
+    second = publish(tmp_path / "native", "org/twice", subfolder="again", register=True, local_hub=local_hub)
+    text = registry.read_text()
+    assert text.startswith("# The registry index") and text.count("pythia70m/mlp3/8192-toy:") == 1
+    reg = load_registry(registry)
+    assert reg.get("pythia70m/mlp3/8192-toy").location == second.location
+    assert set(reg.entries) - {"pythia70m/mlp3/8192-toy"} == set(load_registry(REPO_ROOT / "registry.yaml").entries)
+    assert read_card(registry.parent / "cards" / "pythia70m/mlp3/8192-toy.yaml") == second.card
+
+
+# ---- mirror ----------------------------------------------------------------------------------
+def _dictionary_learning_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """ae.pt + config.json as dictionary_learning's trainSAE writes them for an AutoEncoder."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(3)
+    state = {"bias": torch.randn(D_IN) * 0.1, "encoder.weight": torch.randn(D_DICT, D_IN) * 0.3,
+             "encoder.bias": torch.randn(D_DICT) * 0.1, "decoder.weight": torch.randn(D_IN, D_DICT) * 0.3}
+    torch.save(state, folder / "ae.pt")
+    config = {"trainer": {"dict_class": "AutoEncoder", "trainer_class": "StandardTrainer",
+                          "activation_dim": D_IN, "dict_size": D_DICT, "lr": 1e-3, "l1_penalty": 1e-3,
+                          "warmup_steps": 1000, "resample_steps": None, "seed": 0, "device": "cpu", "layer": 0,
+                          "lm_name": "toy-org/tiny-neox", "wandb_name": "StandardTrainer",
+                          "submodule_name": "mlp_out_layer0"},
+              "buffer": {"d_submodule": D_IN, "io": "out", "n_ctxs": 30, "ctx_len": 128,
+                         "refresh_batch_size": 512, "out_batch_size": 8192, "device": "cpu"}}
+    (folder / "config.json").write_text(json.dumps(config, indent=4))
+    return state
+
+
+@pytest.fixture
+def url_entry(tmp_path, registry):
+    """A registry entry whose dictionary_learning files are served by a loopback http.server."""
+    served = tmp_path / "served"
+    state = _dictionary_learning_folder(served / "toy" / "mlp_out_layer0")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/toy/mlp_out_layer0/"
+    folder = served / "toy" / "mlp_out_layer0"
+    card = make_card().model_copy(update={
+        "name": "toy/mlp0/16", "files": Files(format="dictionary_learning", source=url, items=[
+            {"path": n, "size": (folder / n).stat().st_size, "sha256": sha256_of(folder / n)}
+            for n in ("ae.pt", "config.json")]),
+        "stats": Stats(source="reported", reference="https://example.org/readme", l0=4.0)})
+    (registry.parent / "cards" / "toy" / "mlp0").mkdir(parents=True)
+    (registry.parent / "cards" / "toy" / "mlp0" / "16.yaml").write_text(
+        yaml.safe_dump(card.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    with open(registry, "a") as fh:
+        fh.write(f"  toy/mlp0/16:\n    card: toy/mlp0/16.yaml\n    location:\n      kind: url\n      url: {url}\n")
+    yield "toy/mlp0/16", url, state
+    server.shutdown()
+    server.server_close()
+
+
+def _by_hand(state, x):
+    """dictionary_learning's AutoEncoder: f = ReLU(W_e (x - bias) + b_e), x_hat = W_d f + bias."""
+    f = torch.relu((x - state["bias"]) @ state["encoder.weight"].T + state["encoder.bias"])
+    return f @ state["decoder.weight"].T + state["bias"], f
+
+
+def test_mirror_of_url_entry_ends_pinned_and_loadable(url_entry, hub_env, registry):
+    from dictionaries.loader import load_dictionary
+    from dictionaries.mirror import mirror
+
+    name, url, state = url_entry
+    with pytest.warns(UserWarning, match="Not evaluated"):
+        result = mirror(name, "org/mirrored", local_hub=hub_env)
+    entry = load_registry().get(name)
+    assert entry.location == HubLocation(repo="org/mirrored", revision=hub_env.head("org/mirrored"), subfolder=name)
+    assert entry.card.files.format == "native" and entry.card.verified
+    assert entry.card.provenance.original == url and entry.card.files.source == url
+    assert entry.card.stats.source == "reported" and any("Not evaluated" in n for n in entry.card.provenance.notes)
+    x = torch.randn(6, D_IN)
+    with torch.no_grad():
+        out = load_dictionary(name)(x)
+    want_x, want_f = _by_hand(state, x)
+    torch.testing.assert_close(out.features, want_f, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.reconstruction, want_x, rtol=1e-5, atol=1e-6)
+    assert result.notes[-1].startswith("Not evaluated")
+
+
+def test_mirror_runs_the_evaluator_and_says_when_no_model_loads(url_entry, local_hub, registry):
+    from dictionaries.errors import ModelLoadError
+    from dictionaries.mirror import mirror
+
+    name, _, _ = url_entry
+    seen = []
+
+    def no_model(folder: Path):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        raise ModelLoadError("toy-org/tiny-neox", "the Hub cannot be reached")
+
+    with pytest.warns(UserWarning, match="no model could be loaded"):
+        result = mirror(name, "org/mirror-eval", local_hub=local_hub, evaluate=no_model, register=False)
+    assert seen == [["card.json", "weights.safetensors"]]
+    assert "cannot load model 'toy-org/tiny-neox'" in result.notes[-1]
+    assert load_registry().get(name).location.kind == "url"  # register=False leaves the entry alone
+
+
+# ---- the commands ----------------------------------------------------------------------------
+def dictctl(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dictionaries.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_cli_publish_dry_run_and_bad_repo(tmp_path, local_hub):
+    make_folder(tmp_path / "native")
+    res = dictctl("publish", str(tmp_path / "native"), "--repo", "org/cli", "--dry-run",
+                  "--local-hub", str(local_hub.root), "--staging-dir", str(tmp_path / "stage"))
+    assert res.returncode == 0, res.stderr
+    assert "nothing uploaded" in res.stdout and "weights.safetensors" in res.stdout
+    assert commit_count(local_hub, "org/cli") == 0
+    res = dictctl("publish", str(tmp_path / "native"), "--repo", "not a repo", "--local-hub", str(local_hub.root))
+    assert res.returncode == 1 and "invalid repo name" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_publish_prints_the_entry_and_registers(tmp_path, local_hub, registry):
+    card, _ = make_folder(tmp_path / "native")
+    res = dictctl("publish", str(tmp_path / "native"), "--repo", "org/cli-reg", "--register",
+                  DICTIONARIES_LOCAL_HUB=str(local_hub.root))
+    assert res.returncode == 0, res.stderr
+    head = local_hub.head("org/cli-reg")
+    assert f"revision: {head}" in res.stdout and card.files.items[0].sha256 in res.stdout
+    assert load_registry(registry).get(card.name).location.revision == head
