@@ -163,25 +163,29 @@ def mirror_(name: str = typer.Argument(..., help="Registry name whose original f
             no_register: bool = typer.Option(False, "--no-register", help="Do not re-point the registry entry."),
             no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate; stats stay as they are."),
             local_hub: Optional[str] = typer.Option(None, "--local-hub", help="Root of a local hub to commit into "
-                                                    "instead of the Hub; default $DICTIONARIES_LOCAL_HUB.")) -> None:
+                                                    "instead of the Hub; default $DICTIONARIES_LOCAL_HUB."),
+            model: Optional[str] = typer.Option(None, help="Model (HF id or folder) to evaluate on; default the card's."),
+            dataset: Optional[str] = typer.Option(None, help="Eval text (dataset id or local file); default the recipe's."),
+            tokens: int = typer.Option(16384, help="Eval tokens."),
+            device: Optional[str] = typer.Option(None, help="Eval device.")) -> None:
     """Fetch an entry's original files, convert to native, evaluate if a model loads, publish, pin the entry."""
     from dictionaries.mirror import mirror
 
-    evaluate, why_not = _mirror_evaluator(no_eval)
+    evaluate, why_not = _mirror_evaluator(no_eval, model=model, dataset=dataset, tokens=tokens, device=device)
     result = mirror(name, repo, subfolder=subfolder, branch=branch, force=force, register=not no_register,
                     evaluate=evaluate, why_not=why_not, local_hub=local_hub)
     _print_publish(result)
 
 
-def _mirror_evaluator(no_eval: bool):
-    """training.evaluate's writer for mirror (imported here: dictionaries/ never imports training/)."""
+def _mirror_evaluator(no_eval: bool, **options):
+    """training.evaluate's in-place writer for mirror (imported here: dictionaries/ never imports training/)."""
     if no_eval:
         return None, "--no-eval was given"
     try:
         from training.evaluate import evaluate_and_write
     except ImportError as e:
         return None, f"the evaluation code is not available ({e})"
-    return evaluate_and_write, ""
+    return (lambda folder: evaluate_and_write(str(folder), **options)), ""
 
 
 def _print_publish(result) -> None:
