@@ -1,0 +1,222 @@
+"""load_dictionary (dictionaries/loader.py): registry names through a real olah server, folders, hf:// paths.
+
+Registries here are real registry.yaml + cards/ folders written to tmp_path, pointing at repos committed
+to the local hub; weights are real safetensors files written by `formats.write_native`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dictionaries.architectures import KINDS, build_dictionary
+from dictionaries.card import Card, Files
+from dictionaries.errors import (HashMismatchError, HubUnreachableError, MissingFileError, UnknownNameError,
+                                 UnverifiedFilesWarning)
+from dictionaries.formats import write_native
+from dictionaries.loader import download, load_dictionary
+from dictionaries.registry import Registry, load_registry
+
+D_IN, D_DICT = 8, 16
+
+
+def make_dictionary(kind: str, name: str = "toy/mlp0/16", seed: int = 0):
+    """A dictionary of `kind` with seeded random parameters (thresholds positive)."""
+    card = Card(name=name, architecture=kind, d_in=D_IN, d_dict=D_DICT, k=4 if kind in ("topk", "batchtopk") else None,
+                files=Files(items=[]))
+    d = build_dictionary(card)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.1)
+    return d
+
+
+def native_files(d, tmp_path: Path) -> tuple[Card, dict[str, bytes]]:
+    folder = tmp_path / f"native-{d.card.name.replace('/', '_')}-{id(d)}"
+    card = write_native(d, folder)
+    return card, {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def make_registry(root: Path, entries: dict[str, tuple[Card, dict]]) -> Registry:
+    """registry.yaml + cards/ under `root` for (card, location) pairs."""
+    index = {"version": 1, "entries": {}}
+    for name, (card, location) in entries.items():
+        path = root / "cards" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(card.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        index["entries"][name] = {"card": f"{name}.yaml", "location": location}
+    (root / "registry.yaml").write_text(yaml.safe_dump(index, sort_keys=False))
+    return Registry(root / "registry.yaml")
+
+
+def publish(hub, repo: str, files: dict[str, bytes], sub: str = "d") -> str:
+    return hub.commit(repo, {f"{sub}/{k}": v for k, v in files.items()}, f"add {sub}")
+
+
+def assert_same(a, b):
+    assert type(a) is type(b) and a.card.name == b.card.name
+    for (ka, va), (kb, vb) in zip(a.native_state().items(), b.native_state().items()):
+        assert ka == kb and torch.equal(va, vb.to(va.dtype))
+
+
+@pytest.fixture
+def entry(hub_env, tmp_path, request):
+    """A relu entry `toy/mlp0/16` committed to the local hub and registered: (registry, dictionary, sha)."""
+    d = make_dictionary("relu")
+    card, files = native_files(d, tmp_path)
+    repo = "loadtest/" + request.node.name.replace("[", "-").replace("]", "")[:60]
+    sha = publish(hub_env, repo, files)
+    reg = make_registry(tmp_path / "reg", {card.name: (card.model_copy(update={"aliases": ["toy/alias"]}),
+                                                       {"kind": "hub", "repo": repo, "revision": sha, "subfolder": "d"})})
+    return reg, d, sha, repo
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_load_by_registry_name_for_every_architecture(kind, hub_env, tmp_path):
+    d = make_dictionary(kind, seed=1)
+    card, files = native_files(d, tmp_path)
+    sha = publish(hub_env, f"loadtest/kind-{kind}", files)
+    reg = make_registry(tmp_path / "reg", {card.name: (card, {"kind": "hub", "repo": f"loadtest/kind-{kind}",
+                                                              "revision": sha, "subfolder": "d"})})
+    loaded = load_dictionary(card.name, registry=reg)
+    assert_same(d, loaded)
+    assert loaded.card == reg.get(card.name).card
+    x = torch.rand(3, D_IN)
+    assert torch.allclose(loaded(x).reconstruction, d(x).reconstruction)
+
+
+def test_alias_and_registry_from_environment(entry, monkeypatch):
+    reg, d, _, _ = entry
+    monkeypatch.setenv("DICTIONARIES_REGISTRY", str(reg.path))
+    assert_same(d, load_dictionary("toy/alias"))
+    assert set(download(["toy/*"])) == {"toy/mlp0/16"}
+
+
+def test_unknown_name_suggests_close_names(entry):
+    reg = entry[0]
+    with pytest.raises(UnknownNameError, match="toy/mlp0/16"):
+        load_dictionary("toy/mlp0/61", registry=reg)
+
+
+def test_pinned_revision_ignores_later_commits(entry, hub_env, tmp_path):
+    reg, d, _, repo = entry
+    _, other = native_files(make_dictionary("relu", seed=9), tmp_path)
+    publish(hub_env, repo, other)  # main moves on; the entry stays pinned
+    assert_same(d, load_dictionary("toy/mlp0/16", registry=reg))
+
+
+def test_warm_cache_loads_offline(entry, monkeypatch):
+    reg, d, _, _ = entry
+    load_dictionary("toy/mlp0/16", registry=reg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert_same(d, load_dictionary("toy/mlp0/16", registry=reg))
+
+
+def test_corrupted_cache_is_fetched_again_and_loads(entry):
+    reg, d, _, _ = entry
+    folder = download(["toy/mlp0/16"], registry=reg, progress=False)["toy/mlp0/16"]
+    blob = (folder / "weights.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-8:] = b"\x7f" * 8  # flip the last weights' bytes
+    blob.write_bytes(bytes(data))
+    assert_same(d, load_dictionary("toy/mlp0/16", registry=reg))
+
+
+def test_corrupted_on_the_server_raises(entry, hub_env):
+    reg, d, _, repo = entry
+    card = reg.get("toy/mlp0/16").card
+    bad = hub_env.commit(repo, {"d/weights.safetensors": b"{}" * 200}, "broken upload")
+    reg2 = make_registry(reg.path.parent.parent / "reg2", {card.name: (card, {"kind": "hub", "repo": repo,
+                                                                              "revision": bad, "subfolder": "d"})})
+    with pytest.raises(HashMismatchError, match="fetched twice"):
+        load_dictionary("toy/mlp0/16", registry=reg2)
+
+
+def test_unreachable_hub_with_nothing_cached(entry, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(HubUnreachableError, match="HF_ENDPOINT"):
+        load_dictionary("toy/mlp0/16", registry=entry[0])
+
+
+def test_missing_file(entry, tmp_path):
+    reg, _, sha, repo = entry
+    card = reg.get("toy/mlp0/16").card
+    card = card.model_copy(update={"files": Files(items=[*card.files.items, {"path": "extra.bin"}])})
+    reg2 = make_registry(tmp_path / "reg2", {card.name: (card, {"kind": "hub", "repo": repo, "revision": sha,
+                                                                "subfolder": "d"})})
+    with pytest.raises(MissingFileError, match="extra.bin"):
+        load_dictionary("toy/mlp0/16", registry=reg2)
+
+
+def test_unverified_entry_warns_with_hashes(hub_env, tmp_path):
+    d = make_dictionary("relu", seed=3)
+    card, files = native_files(d, tmp_path)
+    sha = publish(hub_env, "loadtest/unverified", files)
+    bare = card.model_copy(update={"files": Files(items=[{"path": "weights.safetensors"}])})
+    reg = make_registry(tmp_path / "reg", {card.name: (bare, {"kind": "hub", "repo": "loadtest/unverified",
+                                                              "revision": sha, "subfolder": "d"})})
+    with pytest.warns(UnverifiedFilesWarning, match=hashlib.sha256(files["weights.safetensors"]).hexdigest()):
+        assert_same(d, load_dictionary(card.name, registry=reg))
+
+
+def test_hf_path(hub_env, tmp_path):
+    d = make_dictionary("jumprelu", seed=4)
+    _, files = native_files(d, tmp_path)
+    sha = publish(hub_env, "loadtest/free", files, sub="some/folder")
+    for path in (f"hf://loadtest/free/some/folder@{sha}", "hf://loadtest/free/some/folder"):
+        loaded = load_dictionary(path)
+        assert_same(d, loaded)
+
+
+def test_local_folder(tmp_path):
+    d = make_dictionary("gated", seed=5)
+    write_native(d, tmp_path / "mine")
+    assert_same(d, load_dictionary(tmp_path / "mine"))
+    assert_same(d, load_dictionary(str(tmp_path / "mine")))
+    with pytest.raises(MissingFileError, match="No such folder"):
+        load_dictionary(str(tmp_path / "absent"))
+
+
+def test_dtype_and_device_are_applied_at_load(entry):
+    loaded = load_dictionary("toy/mlp0/16", registry=entry[0], dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    assert loaded(torch.rand(2, D_IN, dtype=torch.float64)).features.dtype == torch.float64
+    half = load_dictionary("toy/mlp0/16", registry=entry[0], dtype="bfloat16")
+    assert half.W_enc.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_load_straight_onto_the_gpu(entry):
+    loaded = load_dictionary("toy/mlp0/16", registry=entry[0], device="cuda", dtype=torch.float16)
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    assert loaded(torch.rand(2, D_IN, device="cuda", dtype=torch.float16)).reconstruction.is_cuda
+
+
+def test_zip_entry_loads_its_member(hub_env, tmp_path):
+    d = make_dictionary("topk", seed=6)
+    card, files = native_files(d, tmp_path)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(f"all/topk/{name}", data)
+        archive.writestr("all/other/weights.safetensors", b"unrelated")
+    sha = hub_env.commit("loadtest/zip", {"all.zip": buffer.getvalue()}, "zip")
+    location = {"kind": "hub_zip", "repo": "loadtest/zip", "revision": sha, "filename": "all.zip",
+                "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "member": "all/topk/"}
+    reg = make_registry(tmp_path / "reg", {card.name: (card, location)})
+    assert_same(d, load_dictionary(card.name, registry=reg))
+
+
+def test_shipped_registry_names_resolve_to_their_cards():
+    reg = load_registry()
+    for name, e in reg.entries.items():
+        assert reg.get(name) is e and e.card.files.items
