@@ -35,6 +35,7 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.MissingFileError, "missing file", ""),
     (errors.ShapeMismatchError, "shape mismatch", ""),
     (errors.FormatError, "bad format", ""),
+    (errors.ArchitectureMismatchError, "card does not match the dictionary", ""),
     (errors.DtypeDeviceError, "dtype/device mismatch", ""),
     (errors.UnknownPresetError, "unknown preset", ""),
     (errors.RecipeError, "invalid recipe", "Fix the fields named above; `dictctl schema` shows every recipe field."),

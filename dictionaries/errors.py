@@ -307,3 +307,17 @@ class ModelLoadError(DictionariesError, OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class ArchitectureMismatchError(DictionariesError, ValueError):
+    """A card whose architecture, k or pre-encoder bias differs from what the dictionary's files hold."""
+
+    def __init__(self, path: str, name: str, field: str, card_value: object, found: object):
+        self.path = path
+        self.name = name
+        self.field = field
+        self.card_value = card_value
+        self.found = found
+        super().__init__(f"{path}: the card of {name!r} says {field}={card_value!r} but the files hold "
+                         f"{field}={found!r}. Use the card that belongs to these files, or read the folder "
+                         "without a card to get one built from its own config.")

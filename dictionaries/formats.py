@@ -1,0 +1,207 @@
+"""Reading and writing dictionary folders: the native format, and conversion from foreign formats.
+
+Native (DESIGN.md section 5): `card.json` (the card) + `weights.safetensors` with the native tensor names
+(`W_enc [d_in, d_dict]`, `b_enc [d_dict]`, `W_dec [d_dict, d_in]`, `b_dec [d_in]`, and the kind's extras).
+Foreign folders (dictionary_learning, SAELens, sparsify) are read by `foreign_formats.py` into native
+tensors; this module turns either into a ready `Dictionary` with its card, and writes native folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dictionaries.card import Card, Files, HookPoint, ModelRef, Provenance, file_entry, read_card
+from dictionaries.errors import ArchitectureMismatchError, FormatError, MissingFileError, ShapeMismatchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dictionaries.architectures import Dictionary
+    from dictionaries.foreign_formats import Foreign
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "weights.safetensors"
+FORMATS = ("native", "dictionary_learning", "saelens", "sparsify")
+
+# format -> the files that identify it (all must be present), in the order detection tries them.
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "native": (CARD_FILE, WEIGHTS_FILE),
+    "saelens": ("cfg.json", "sae_weights.safetensors"),
+    "sparsify": ("cfg.json", "sae.safetensors"),
+    "dictionary_learning": ("ae.pt",),
+}
+
+
+# ---- detection ------------------------------------------------------------------------------------
+def detect_format(folder: str | Path) -> str:
+    """"native" | "dictionary_learning" | "saelens" | "sparsify": the format whose files the folder holds."""
+    folder = _existing_folder(folder)
+    for name, files in SIGNATURES.items():
+        if all((folder / f).is_file() for f in files):
+            return name
+    looked = "; ".join(f"{name}: {' + '.join(files)}" for name, files in SIGNATURES.items())
+    present = sorted(p.name for p in folder.iterdir())[:20]
+    raise FormatError(str(folder), f"no supported dictionary format found. Looked for {looked}. "
+                                   f"The folder holds: {', '.join(present) or '(nothing)'}")
+
+
+def _existing_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(str(folder), "Expected a folder holding a dictionary (e.g. card.json + "
+                                            "weights.safetensors, or ae.pt + config.json).")
+    return folder
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def read_folder(folder: str | Path, *, format: str | None = None, card: Card | None = None,
+                device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> Dictionary:
+    """A ready module from a folder in any supported format, with `.card` set.
+
+    `format` defaults to the card's `files.format` when a card is given, else to `detect_format`. A given
+    `card` becomes the module's card and must agree with the files (architecture, sizes, k, pre-encoder
+    bias). Without one, a native folder's card.json is used, and a foreign folder gets a card built from
+    its config (model and hook point where the config names them), its files hashed.
+    """
+    folder = _existing_folder(folder)
+    fmt = format or (card.files.format if card is not None else None) or detect_format(folder)
+    if fmt not in FORMATS:
+        raise FormatError(str(folder), f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    if fmt == "native":
+        own_card, state, source = _read_native(folder, need_card=card is None)
+        card = card or own_card
+    else:
+        from dictionaries.foreign_formats import READERS
+
+        found = READERS[fmt](folder, architecture=card.architecture if card is not None else None)
+        card = card or _card_from_foreign(folder, fmt, found)
+        state, source = found.state, str(found.weights)
+    check_card_matches(card, state, source, found_architecture=None if fmt == "native" else found.architecture,
+                       found_k=None if fmt == "native" else found.k,
+                       found_pre_encoder_bias=None if fmt == "native" else found.pre_encoder_bias)
+    return assemble(card, state, source, device=device, dtype=dtype)
+
+
+def _read_native(folder: Path, need_card: bool = True) -> tuple[Card | None, dict, str]:
+    from safetensors.torch import load_file
+
+    # A registry entry's card comes from the registry, which lists only the weights: card.json is optional then.
+    for name in (CARD_FILE, WEIGHTS_FILE) if need_card else (WEIGHTS_FILE,):
+        if not (folder / name).is_file():
+            raise MissingFileError(str(folder / name), "A native folder holds card.json and weights.safetensors.")
+    weights = folder / WEIGHTS_FILE
+    return read_card(folder / CARD_FILE) if need_card else None, load_file(weights), str(weights)
+
+
+def check_card_matches(card: Card, state: dict, source: str, *, found_architecture: str | None = None,
+                       found_k: int | None = None, found_pre_encoder_bias: bool | None = None) -> None:
+    """Raise when a card disagrees with the tensors (and, for foreign files, with what their config says)."""
+    for field, found in (("architecture", found_architecture), ("k", found_k),
+                         ("pre_encoder_bias", found_pre_encoder_bias)):
+        if found is not None and getattr(card, field) != found:
+            raise ArchitectureMismatchError(source, card.name, field, getattr(card, field), found)
+    if "W_enc" in state and tuple(state["W_enc"].shape) != (card.d_in, card.d_dict):
+        raise ShapeMismatchError(f"{source}: tensor 'W_enc' (native layout [d_in, d_dict])",
+                                 (card.d_in, card.d_dict), tuple(state["W_enc"].shape),
+                                 hint=f"The card of {card.name!r} says d_in={card.d_in}, d_dict={card.d_dict}; "
+                                      "is it the card of another dictionary?")
+
+
+def assemble(card: Card, state: dict, source: str, *, device: torch.device | str | None = None,
+             dtype: torch.dtype | str | None = None) -> Dictionary:
+    """The card's module holding `state` (native names), moved to `device` / `dtype` (default: as stored).
+
+    The module is built on the meta device and the tensors are assigned, not copied, so loading costs
+    little more than reading the file.
+    """
+    import torch
+
+    from dictionaries.architectures import build_dictionary
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or (state["W_enc"].dtype if "W_enc" in state else getattr(torch, card.dtype))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    module = build_dictionary(card, dtype=dtype, device="meta")
+    module.load_native_state(state, source)  # checks names and shapes (copies nothing on meta)
+    module.load_state_dict(state, assign=True)
+    return module.eval()
+
+
+def _card_from_foreign(folder: Path, fmt: str, found: Foreign) -> Card:
+    """A card for an unregistered foreign folder: what its files and config say, nothing more."""
+    w_enc = found.state["W_enc"]
+    original = str(folder.resolve())
+    return Card(
+        name=folder.resolve().name, architecture=found.architecture, d_in=w_enc.shape[0], d_dict=w_enc.shape[1],
+        k=found.k, pre_encoder_bias=found.pre_encoder_bias, dtype=str(w_enc.dtype).removeprefix("torch."),
+        model=ModelRef(id=found.model) if found.model else None,
+        hook=HookPoint(**found.hook) if found.hook else None,
+        files=Files(format=fmt, items=[file_entry(p, folder) for p in found.files], source=original),
+        provenance=Provenance(original=original, notes=list(found.notes)))
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def write_native(dictionary: Dictionary, folder: str | Path, *, card: Card | None = None) -> Card:
+    """Write `weights.safetensors` (native names) and `card.json` into `folder`; return the written card.
+
+    The card is `card`, else `dictionary.card`, else a bare card describing the module; its `files` become
+    the one weights file with size and sha256 (format native), the original location kept in
+    `files.source`, and `dtype` the stored dtype.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    card = card or dictionary.card or _bare_card(dictionary, folder)
+    state = {k: v.to("cpu") for k, v in dictionary.native_state().items()}
+    check_card_matches(card, state, f"{type(dictionary).__name__} being written to {folder}",
+                       found_architecture=dictionary.kind, found_k=getattr(dictionary, "k", None),
+                       found_pre_encoder_bias=dictionary.pre_encoder_bias)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    partial = folder / (WEIGHTS_FILE + ".partial")  # a crash never leaves a half-written weights file
+    save_file(state, str(partial), metadata={"format": "pt"})
+    partial.replace(weights)
+    source = card.files.source or (card.provenance.original if card.files.format != "native" else None)
+    written = card.model_copy(update={
+        "files": Files(format="native", items=[file_entry(weights, folder)], source=source),
+        "dtype": str(state["W_enc"].dtype).removeprefix("torch.")})
+    (folder / CARD_FILE).write_text(written.to_json())
+    return written
+
+
+def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
+    return Card(name=folder.resolve().name or "dictionary", architecture=dictionary.kind, d_in=dictionary.d_in,
+                d_dict=dictionary.d_dict, k=getattr(dictionary, "k", None),
+                pre_encoder_bias=dictionary.pre_encoder_bias, files=Files(items=[]))
+
+
+def convert(src: str | Path, dst: str | Path, *, format: str | None = None) -> Card:
+    """Read a folder in any supported format and write it to `dst` as a native folder; the written card."""
+    return write_native(read_folder(src, format=format), dst)
+
+
+def summarize(card: Card) -> str:
+    """A few lines saying what a card describes (what `dictctl convert` prints)."""
+    hook = f"{card.hook.module} ({card.hook.io})" if card.hook else "unknown (set it in card.json)"
+    lines = [f"{card.name}: {card.architecture} dictionary, d_in={card.d_in}, d_dict={card.d_dict}"
+             + (f", k={card.k}" if card.k is not None else "") + f", {card.dtype}",
+             f"model: {card.model.id if card.model else 'unknown (set it in card.json)'}; hook: {hook}",
+             "files: " + ", ".join(f"{f.path} ({f.size} bytes, sha256 {f.sha256})" for f in card.files.items)]
+    if card.files.source:
+        lines.append(f"converted from: {card.files.source}")
+    lines += [f"note: {n}" for n in card.provenance.notes]
+    return "\n".join(lines)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a FormatError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(str(path), f"not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(str(path), f"expected a JSON object, found {type(data).__name__}")
+    return data
