@@ -51,6 +51,8 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.NonFiniteLossError, "loss is not finite", ""),
     (errors.EvalInputError, "cannot evaluate", ""),
     (errors.ModelLoadError, "cannot load model", ""),
+    (errors.HubPathError, "bad hub path", ""),
+    (errors.LocalHubError, "local hub", ""),
     (errors.DictionariesError, "error", ""),
 ]
 
@@ -208,6 +210,25 @@ def _print_publish(result) -> None:
     if result.registered:
         console.print(f"registered in {result.registered} (card under {result.registered.parent / 'cards'})",
                       highlight=False)
+
+
+@app.command("download")
+def download_cmd(names: list[str] = typer.Argument(..., help="Registry names, aliases or globs (pythia70m/mlp*/8192)."),
+                 force: bool = typer.Option(False, "--force", help="Fetch again even when cached."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+    """Fetch entries into the HF cache (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply) and verify every sha256."""
+    import warnings
+
+    from dictionaries.loader import download
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", errors.UnverifiedFilesWarning)
+        folders = download(names, force=force, progress=not quiet)
+    for w in caught:
+        label = "unverified" if isinstance(w.message, errors.UnverifiedFilesWarning) else "warning"
+        err_console.print(f"[yellow]{label}:[/] {w.message}", highlight=False, soft_wrap=True)
+    for name, folder in folders.items():
+        console.print(f"[green]ok[/] {name}  {folder}", highlight=False, soft_wrap=True)
 
 
 def _fmt(v: object) -> str:
