@@ -220,3 +220,39 @@ def test_shipped_registry_names_resolve_to_their_cards():
     reg = load_registry()
     for name, e in reg.entries.items():
         assert reg.get(name) is e and e.card.files.items
+
+
+# ---- dictctl download ---------------------------------------------------------------------------
+def run_dictctl(*args: str, env: dict[str, str]) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+
+    return subprocess.run(["dictctl", *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+
+
+def test_dictctl_download_fetches_and_verifies(hub_env, tmp_path):
+    d = make_dictionary("relu", seed=7)
+    card, files = native_files(d, tmp_path)
+    sha = publish(hub_env, "loadtest/cli", files)
+    bare = card.model_copy(update={"name": "toy/mlp1/16",
+                                   "files": Files(items=[{"path": "weights.safetensors"}])})
+    loc = {"kind": "hub", "repo": "loadtest/cli", "revision": sha, "subfolder": "d"}
+    reg = make_registry(tmp_path / "reg", {card.name: (card, loc), bare.name: (bare, loc)})
+    env = {"DICTIONARIES_REGISTRY": str(reg.path)}
+    done = run_dictctl("download", "toy/*", "--quiet", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "ok toy/mlp0/16" in done.stdout and "ok toy/mlp1/16" in done.stdout
+    assert "unverified" in done.stderr and hashlib.sha256(files["weights.safetensors"]).hexdigest() in done.stderr
+    cached = Path(done.stdout.split("ok toy/mlp0/16")[1].split()[0])
+    assert (cached / "weights.safetensors").read_bytes() == files["weights.safetensors"]
+
+    offline = run_dictctl("download", "toy/mlp0/16", env={**env, "HF_HUB_OFFLINE": "1"})  # warm: works offline
+    assert offline.returncode == 0, offline.stderr
+
+
+def test_dictctl_download_errors_are_one_line(entry, tmp_path):
+    env = {"DICTIONARIES_REGISTRY": str(entry[0].path), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    down = run_dictctl("download", "toy/mlp0/16", env=env)
+    assert down.returncode == 1 and down.stderr.startswith("hub unreachable:") and "Traceback" not in down.stderr
+    unknown = run_dictctl("download", "toy/mlp9/16", env=env)
+    assert unknown.returncode == 1 and "unknown name" in unknown.stderr and "toy/mlp0/16" in unknown.stderr
