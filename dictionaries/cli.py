@@ -231,6 +231,21 @@ def download_cmd(names: list[str] = typer.Argument(..., help="Registry names, al
         console.print(f"[green]ok[/] {name}  {folder}", highlight=False, soft_wrap=True)
 
 
+@app.command("convert")
+def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported format (native, dictionary_learning, "
+                                                    "saelens, sparsify)."),
+                dst: str = typer.Argument(..., help="Folder to write the native copy to (card.json + "
+                                                    "weights.safetensors)."),
+                format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected).")
+                ) -> None:
+    """Convert a dictionary folder to the native format, with a card built from its config."""
+    from dictionaries.formats import convert, summarize
+
+    card = convert(src, dst, format=format)
+    console.print(f"[green]wrote[/] {dst}", highlight=False, soft_wrap=True)
+    console.print(summarize(card), highlight=False, markup=False, soft_wrap=True)
+
+
 def _fmt(v: object) -> str:
     if v is None:
         return "-"
