@@ -321,3 +321,53 @@ class ArchitectureMismatchError(DictionariesError, ValueError):
         super().__init__(f"{path}: the card of {name!r} says {field}={card_value!r} but the files hold "
                          f"{field}={found!r}. Use the card that belongs to these files, or read the folder "
                          "without a card to get one built from its own config.")
+
+
+class HookPointError(DictionariesError, LookupError):
+    """A hook point that names no module of the model, or a dictionary with no hook point to attach at."""
+
+    def __init__(self, path: str, suggestions: Sequence[str] = (), problem: str = ""):
+        self.path = path
+        self.suggestions = list(suggestions)
+        hint = f" Close module names: {', '.join(self.suggestions)}." if self.suggestions else ""
+        what = problem or f"the model has no module {path!r}."
+        super().__init__(f"hook point {path!r}: {what}{hint} Pass `at=\"module.path\"` (or "
+                         "`module.path:input`) to choose another site.")
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return self.args[0]
+
+
+class ModelMismatchError(ShapeMismatchError):
+    """A dictionary made for another model, whose width does not match the hook point's."""
+
+    def __init__(self, card_model: str, model: str, hook: str, expected: int, found: int):
+        self.card_model = card_model
+        self.model = model
+        self.hook = hook
+        self.what = f"dictionary of {card_model!r} attached to {model!r} at {hook}"
+        self.expected = expected
+        self.found = found
+        ValueError.__init__(self, f"{self.what}: the dictionary reads width {expected} but the module gives "
+                                  f"{found}. Use a dictionary made for {model!r} (`dictctl list --model ...`).")
+
+
+class NotWrappedError(DictionariesError, TypeError):
+    """A model passed where an nnsight-wrapped model is needed."""
+
+    def __init__(self, found: str):
+        self.found = found
+        super().__init__(f"attach() needs an nnsight-wrapped model, got {found}; "
+                         "wrap it first with `dictionaries.attach.wrap_model(model, tokenizer)`.")
+
+
+class FeatureIndexError(DictionariesError, IndexError):
+    """A feature index outside 0..d_dict-1."""
+
+    def __init__(self, index: object, d_dict: int):
+        self.index = index
+        self.d_dict = d_dict
+        super().__init__(f"feature index {index} is out of range: this dictionary has features 0..{d_dict - 1}.")
+
+    def __str__(self) -> str:
+        return self.args[0]

@@ -1,0 +1,150 @@
+"""`Site`: one dictionary attached at one hook point, used inside an nnsight trace or generation.
+
+Made by `attach.attach` (the module that imports nnsight); a Site only reads and writes the envoy it is
+given. Each property or edit reads the hook's current activation x (batch, pos, d) from the envoy, so it
+must be used in the order the model computes its modules (nnsight 0.8 raises OutOfOrderError otherwise).
+Within one forward every call shares one state (x, its features, the edited features); a new forward
+(the next trace, the next generation step) starts a new one.
+
+Edits keep the error term by default: the written activation is x + (f_edited - f) W_dec, so an unedited
+splice writes x back exactly and an edit changes x by exactly the decoder contribution it adds or removes
+(Marks et al. 2024, *Sparse Feature Circuits*, keep the error term the same way). With `error=False` the
+activation becomes the reconstruction decode(f_edited). Pad positions (attention mask 0) are never changed
+and their features read as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from dictionaries.errors import FeatureIndexError
+
+if TYPE_CHECKING:
+    from dictionaries.architectures import Dictionary
+
+
+def first_tensor(value: Any) -> Tensor:
+    """The activation in a module's output: the value itself or the first element of a tuple."""
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def replace_first(value: Any, new: Tensor) -> Any:
+    """`value` with its activation replaced by `new` (tuple outputs keep their other elements)."""
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    return new
+
+
+@dataclass
+class _State:
+    """One activation seen at a site: x (batch, pos, d), features f and edited features (batch, pos, F)."""
+
+    x: Tensor
+    real: Tensor | None
+    f: Tensor
+    edited: Tensor
+    written: Tensor | None = None
+
+
+class Site:
+    """A dictionary at a hook point of a traced model: read features, splice, ablate, steer, set."""
+
+    def __init__(self, model: Any, dictionary: Dictionary, hook: Any, masks: Any):
+        self.model = model
+        self.dictionary = dictionary
+        self.hook = hook              # attach.ResolvedHook: path, io, module, width
+        self._masks = masks           # attach._MaskRecorder: the latest forward's attention mask
+        self._envoy = model.get(hook.path) if hook.path else model
+        self._state: _State | None = None
+
+    def __repr__(self) -> str:
+        card = getattr(self.dictionary, "card", None)
+        name = card.name if card is not None else type(self.dictionary).__name__
+        return f"Site({name!r} at {self.hook.path}:{self.hook.io})"
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def _read(self) -> Any:
+        return self._envoy.output if self.hook.io == "output" else self._envoy.input
+
+    def _current(self) -> _State:
+        """The state of the activation now at the hook, computing features when it is a new one."""
+        x = first_tensor(self._read())
+        st = self._state
+        if st is not None and (x is st.x or x is st.written):
+            return st
+        real = self._masks.real(x)
+        f = self.dictionary.encode(x)                              # (batch, pos, F)
+        if real is not None:
+            f = f * real.unsqueeze(-1).to(f.dtype)
+        self._state = _State(x=x, real=real, f=f, edited=f)
+        return self._state
+
+    @property
+    def features(self) -> Tensor:
+        """Features f (batch, pos, d_dict) of the activation at the hook (0 at pad positions)."""
+        return self._current().f
+
+    @property
+    def reconstruction(self) -> Tensor:
+        """decode(f) (batch, pos, d_in); pad positions hold the activation itself."""
+        st = self._current()
+        x_hat = self.dictionary.decode(st.f)
+        return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, st.x)
+
+    @property
+    def error(self) -> Tensor:
+        """x - reconstruction (batch, pos, d_in): what the dictionary misses (0 at pad positions)."""
+        st = self._current()
+        return st.x - self.reconstruction
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def _write(self, st: _State, error: bool) -> None:
+        if error:
+            new = st.x + (st.edited - st.f) @ self.dictionary.W_dec   # exact x when nothing was edited
+        else:
+            new = self.dictionary.decode(st.edited)
+        if st.real is not None:
+            new = torch.where(st.real.unsqueeze(-1), new, st.x)
+        new = new.to(st.x.dtype)
+        if self.hook.io == "output":
+            self._envoy.output = replace_first(self._read(), new)
+        else:
+            self._envoy.input = new
+        st.written = new
+
+    def _edit(self, features: int | Sequence[int] | Tensor, value: float | None, add: float | None,
+              error: bool) -> None:
+        st = self._current()
+        index = torch.as_tensor(features, dtype=torch.long, device=st.f.device).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.dictionary.d_dict):
+            raise FeatureIndexError(index.tolist(), self.dictionary.d_dict)
+        edited = st.edited.clone()
+        if value is not None:
+            edited[..., index] = value
+        if add is not None:
+            edited[..., index] += add
+        st.edited = edited
+        self._write(st, error)
+
+    def splice(self, error: bool = True) -> None:
+        """Replace the activation by the reconstruction (plus the error term unless error=False)."""
+        self._write(self._current(), error)
+
+    def ablate(self, features: int | Sequence[int] | Tensor, value: float = 0.0, error: bool = True) -> None:
+        """Set the given features to `value` (default 0) at every real position and write the result."""
+        self._edit(features, value, None, error)
+
+    def steer(self, feature: int | Sequence[int] | Tensor, amount: float, error: bool = True) -> None:
+        """Add `amount` to a feature's activation (moves x by amount * W_dec[feature]) at every real position."""
+        self._edit(feature, None, amount, error)
+
+    def set(self, feature: int | Sequence[int] | Tensor, value: float, error: bool = True) -> None:
+        """Set a feature's activation to `value` at every real position."""
+        self._edit(feature, value, None, error)
