@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from dictionaries import __version__
-from dictionaries.card import NAME_PATTERN, Card, read_card, sha256_of
+from dictionaries.card import NAME_PATTERN, Card, FileEntry, read_card, sha256_of
 from dictionaries.errors import (CardError, CardFilesMismatchError, FormatError, LocalHubError,
                                  MissingFileError, PublishError, RepoNameError, TargetOccupiedError)
 from dictionaries.localhub import LocalHub
@@ -99,6 +99,8 @@ def validate_folder(folder: str | Path) -> Card:
                                        "are published (`dictctl convert` writes one)")
     for item in card.files.items:
         path = folder / item.path
+        if item.path == CARD_FILE:  # a registry card copied into a folder: card.json cannot hash itself
+            continue
         if not path.is_file():
             raise MissingFileError(str(path), "card.json lists it but the folder does not have it.")
         if item.size is not None and path.stat().st_size != item.size:
@@ -135,7 +137,7 @@ def upload_list(folder: Path, card: Card) -> list[Path]:
     """The local files that go up: card.json, every file the card lists, and the folder's other top-level
     files (density and sensitivity plots, density safetensors); never README.md (regenerated), hidden files
     or subfolders (checkpoints)."""
-    listed = [folder / CARD_FILE, *(folder / item.path for item in card.files.items)]
+    listed = [folder / CARD_FILE, *(folder / item.path for item in card.files.items if item.path != CARD_FILE)]
     extra = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.name != README_FILE and p not in listed)
     return [*listed, *extra]
@@ -313,6 +315,7 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
     dest = Path(staging_dir) if staging_dir else Path(tempfile.mkdtemp(prefix="dictionaries-publish-"))
     try:
         staged = stage(folder, card, repo, subfolder, dest)
+        card = entry_card(card, staged[_repo_path(subfolder, CARD_FILE)])
         if dry_run:
             return PublishResult(card.name, card, target, dest, sorted(staged), dry_run=True, notes=notes)
         sha = upload(staged, repo, branch=branch, private=private, local=local, endpoint=endpoint, token=token,
@@ -326,6 +329,14 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
 
 
 # ---- the registry ------------------------------------------------------------------------------
+def entry_card(card: Card, card_json: Path) -> Card:
+    """The registry's card: the folder's card with card.json itself added to the files (with its hash), since
+    the loader reads it from the fetched folder; card.json cannot list its own hash, the registry can."""
+    own = FileEntry(path=CARD_FILE, size=card_json.stat().st_size, sha256=sha256_of(card_json))
+    items = [own, *(i for i in card.files.items if i.path != CARD_FILE)]
+    return card.model_copy(update={"files": card.files.model_copy(update={"items": items})})
+
+
 def register_entry(card: Card, location: HubLocation, registry_path: str | Path | None = None) -> Path:
     """Write (or replace) the entry in registry.yaml and its card in cards/, atomically; the registry path.
 

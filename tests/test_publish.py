@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from dictionaries.architectures import KINDS, build_dictionary
-from dictionaries.card import Card, Files, HookPoint, ModelRef, Stats, read_card, sha256_of
+from dictionaries.card import Card, FileEntry, Files, HookPoint, ModelRef, Stats, read_card, sha256_of
 from dictionaries.errors import (CardFilesMismatchError, HubAuthError, MissingFileError, PublishError,
                                  RepoNameError, TargetOccupiedError)
 from dictionaries.registry import HubLocation, load_registry
@@ -138,7 +138,10 @@ def test_publish_then_load_by_name_gives_identical_outputs(arch, tmp_path, hub_e
     assert result.location == HubLocation(repo=repo, revision=hub_env.head(repo), subfolder="layer0")
     assert result.registered == registry
     entry = load_registry().get(card.name)
-    assert entry.location == result.location and entry.card.files == card.files
+    assert entry.location == result.location
+    native = tmp_path / "native" / "card.json"  # the registry pins card.json too: the loader reads it
+    assert entry.card.files.items == [FileEntry(path="card.json", size=native.stat().st_size,
+                                                sha256=sha256_of(native)), *card.files.items]
     loaded = load_dictionary(card.name)
     x = torch.randn(3, 5, D_IN)
     with torch.no_grad():
@@ -414,11 +417,13 @@ def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, regi
 
 # ---- mirror ----------------------------------------------------------------------------------
 def _dictionary_learning_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """ae.pt + config.json as dictionary_learning's trainSAE writes them for an AutoEncoder."""
+    """ae.pt + config.json as dictionary_learning's trainSAE writes them for an AutoEncoder (its training
+    keeps decoder columns at unit norm, so the features too are the original's, not only reconstructions)."""
     folder.mkdir(parents=True)
     torch.manual_seed(3)
+    decoder = torch.randn(D_IN, D_DICT)
     state = {"bias": torch.randn(D_IN) * 0.1, "encoder.weight": torch.randn(D_DICT, D_IN) * 0.3,
-             "encoder.bias": torch.randn(D_DICT) * 0.1, "decoder.weight": torch.randn(D_IN, D_DICT) * 0.3}
+             "encoder.bias": torch.randn(D_DICT) * 0.1, "decoder.weight": decoder / decoder.norm(dim=0)}
     torch.save(state, folder / "ae.pt")
     config = {"trainer": {"dict_class": "AutoEncoder", "trainer_class": "StandardTrainer",
                           "activation_dim": D_IN, "dict_size": D_DICT, "lr": 1e-3, "l1_penalty": 1e-3,
@@ -526,4 +531,5 @@ def test_cli_publish_prints_the_entry_and_registers(tmp_path, local_hub, registr
     assert res.returncode == 0, res.stderr
     head = local_hub.head("org/cli-reg")
     assert f"revision: {head}" in res.stdout and card.files.items[0].sha256 in res.stdout
+    assert sha256_of(tmp_path / "native" / "card.json") in res.stdout
     assert load_registry(registry).get(card.name).location.revision == head
