@@ -65,6 +65,7 @@ class Dictionary(nn.Module):
         """Reconstruction x_hat (..., d) of features f (..., F)."""
         if f.shape[-1] != self.d_dict:
             raise ShapeMismatchError("features", f"(..., {self.d_dict})", tuple(f.shape))
+        self._check_dtype_device(f)
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> DictionaryOutput:
@@ -97,9 +98,12 @@ class Dictionary(nn.Module):
         if x.shape[-1] != self.d_in:
             raise ShapeMismatchError("activations", f"(..., {self.d_in})", tuple(x.shape),
                                      hint="Is the dictionary attached to the right hook point?")
+        self._check_dtype_device(x)
+
+    def _check_dtype_device(self, t: Tensor) -> None:
         w = self.W_enc
-        if x.dtype != w.dtype or x.device != w.device:
-            raise DtypeDeviceError(f"{w.dtype} on {w.device}", f"{x.dtype} on {x.device}")
+        if t.dtype != w.dtype or t.device != w.device:
+            raise DtypeDeviceError(f"{w.dtype} on {w.device}", f"{t.dtype} on {t.device}")
 
     def extra_repr(self) -> str:
         name = f", name={self.card.name!r}" if self.card is not None else ""
