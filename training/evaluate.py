@@ -333,8 +333,8 @@ def write_results(folder, dictionary: Dictionary, result: EvalResult, *, in_plac
 
 def evaluate_and_write(target: str, *, model: str | None = None, dataset: str | None = None, tokens: int = 16384,
                        context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
-                       sensitivity: bool = True, exclude_bos: bool = True, seed: int = 0,
-                       progress: bool = True) -> list[tuple[str, Any]]:
+                       sensitivity: bool = True, sensitivity_samples: int = 32, exclude_bos: bool = True,
+                       seed: int = 0, progress: bool = True) -> list[tuple[str, Any]]:
     """Evaluate a registry name, a native folder or a glob of either in one pass; write stats, density, plots.
 
     A native folder (with card.json) is updated in place unless `out` is given; a registry entry (or a
@@ -360,7 +360,7 @@ def evaluate_and_write(target: str, *, model: str | None = None, dataset: str | 
     lm, tokenizer = load_model(ref, revision=revision, device=device)
     results = evaluate(lm, dicts, data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
                        batch_size=batch_size, exclude_bos=exclude_bos, device=device, seed=seed,
-                       sensitivity=sensitivity, progress=progress)
+                       sensitivity=sensitivity, sensitivity_samples=sensitivity_samples, progress=progress)
     written = []
     for t, d, r in zip(targets, dicts, results):
         native = Path(t).expanduser().is_dir() and (Path(t).expanduser() / "card.json").exists()

@@ -148,7 +148,7 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
 
     from dictionaries.attach import collect_activations
 
-    steps = torch.linspace(0, 4, 25) if steps is None else steps.float()
+    steps = torch.linspace(0, 4, 21) if steps is None else steps.float()
     gen = torch.Generator().manual_seed(seed)
     n = contexts.shape[0]
     with torch.no_grad():
