@@ -130,6 +130,11 @@ def show(name: str = typer.Argument(..., help="Registry name or alias."),
     import yaml
 
     console.print(yaml.safe_dump(data, sort_keys=False, width=110), highlight=False, markup=False)
+    if entry.card.stats is not None and entry.card.stats.density:
+        d = entry.card.stats.density
+        console.print(f"feature density: {int(d.get('dead', 0))} dead of {int(d.get('features', 0))}, "
+                      f"{int(d.get('above_1e-1', 0))} above 1e-1, median log10 {_fmt(d.get('median_log10'))}",
+                      highlight=False)
 
 
 @app.command()
@@ -248,6 +253,48 @@ def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported for
     card = convert(src, dst, format=format)
     console.print(f"[green]wrote[/] {dst}", highlight=False, soft_wrap=True)
     console.print(summarize(card), highlight=False, markup=False, soft_wrap=True)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_(target: str = typer.Argument(..., help="Registry name, native folder, or a glob of either (one model)."),
+          dataset: Optional[str] = typer.Option(None, help="Local text file/folder or dataset id "
+                                                "(default: the card's recipe dataset)."),
+          tokens: int = typer.Option(16384, help="Eval tokens."),
+          batch_size: int = typer.Option(8, help="Contexts per forward."),
+          context_length: int = typer.Option(128, help="Tokens per context."),
+          device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default cpu)."),
+          model: Optional[str] = typer.Option(None, help="Model folder (save_pretrained + tokenizer) or HF id "
+                                              "(default: the card's model)."),
+          out: Optional[str] = typer.Option(None, help="Write evaluated native folders under DIR/<name> "
+                                            "(registry entries default to ./evaluated)."),
+          no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="Skip the sensitive-directions test.")) -> None:
+    """Measure every stat, write it into the card, save density.safetensors, density.png and sensitivity.png."""
+    from training.evaluate import evaluate_and_write
+
+    for folder, card in evaluate_and_write(target, model=model, dataset=dataset, tokens=tokens,
+                                           context_length=context_length, batch_size=batch_size, device=device,
+                                           out=out, sensitivity=not no_sensitivity):
+        s = card.stats
+        console.print(f"[bold]{card.name}[/] -> {folder}: loss recovered {_fmt(s.frac_loss_recovered)}, "
+                      f"FVU {_fmt(s.fvu)}, L0 {_fmt(s.l0)}, alive {_fmt(s.frac_alive)} ({s.tokens} tokens)",
+                      highlight=False)
+
+
+@app.command()
+def compare(a: str = typer.Argument(..., help="Registry name or folder (card.json)."),
+            b: str = typer.Argument(..., help="Registry name or folder (card.json).")) -> None:
+    """Two cards' stats side by side."""
+    from training.evaluate import compare_stats
+
+    (name_a, name_b), rows = compare_stats(a, b)
+    table = Table(title="stats")
+    for col, justify in (("stat", "left"), (name_a, "right"), (name_b, "right"), ("B - A", "right")):
+        table.add_column(col, justify=justify)
+    for stat, va, vb in rows:
+        diff = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
+        table.add_row(stat, _fmt(va), _fmt(vb), _fmt(diff))
+    console.print(table)
 
 
 def _fmt(v: object) -> str:
