@@ -1,0 +1,84 @@
+"""training/sensitivity.py: the Apollo 2024 sensitive-directions test on the tiny GPT-NeoX."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dictionaries.architectures import build_dictionary
+from dictionaries.card import Card, Files, HookPoint, ModelRef
+from training.sensitivity import (crossing_steps, dictionary_directions, measure_sensitivity, plot_sensitivity,
+                                  sample_like)
+
+HOOK = HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0)
+
+
+def test_random_baseline_is_mean_and_covariance_matched():
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=gen)
+    acts = torch.randn(4000, 6, generator=gen) @ mix + torch.arange(6.0) * 3   # correlated, shifted
+    samples = sample_like(acts, 40000, torch.Generator().manual_seed(1))
+    mean, cov = acts.double().mean(0), torch.cov(acts.double().T)
+    se = (cov.diagonal() / samples.shape[0]).sqrt()
+    assert ((samples.double().mean(0) - mean).abs() < 5 * se).all()              # 5 standard errors
+    rel = torch.linalg.matrix_norm(torch.cov(samples.double().T) - cov) / torch.linalg.matrix_norm(cov)
+    assert rel < 0.05
+    # not a copy of the data: fresh points
+    assert torch.cdist(samples[:100].float(), acts.float()).min() > 1e-3
+    # rank-deficient activations still sample (eigh, clamped eigenvalues)
+    flat = torch.cat([acts[:, :3], acts[:, :3]], 1)
+    assert torch.isfinite(sample_like(flat, 10)).all()
+
+
+def test_crossing_step_interpolates_and_is_inf_when_never_reached():
+    steps = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    kl = torch.tensor([[0.0, 0.25, 0.75, 1.0],    # crosses 0.5 halfway between 1 and 2
+                       [0.0, 0.1, 0.2, 0.3],      # never
+                       [0.6, 0.7, 0.8, 0.9]])     # at the first step
+    out = crossing_steps(steps, kl)
+    assert out[0].item() == pytest.approx(1.5) and math.isinf(out[1].item()) and out[2].item() == 0
+
+
+def test_dictionary_direction_is_the_most_active_feature(tiny_neox):
+    card = Card(name="toy/mlp0/8", architecture="relu", d_in=64, d_dict=8, files=Files(items=[]), hook=HOOK)
+    d = build_dictionary(card)
+    with torch.no_grad():
+        d.W_enc[:, :] = 0
+        d.W_enc[0, 3], d.W_enc[1, 5] = 1.0, 1.0
+        d.W_dec.copy_(torch.randn(8, 64))
+    base = torch.zeros(2, 64)
+    base[0, 0], base[1, 1] = 2.0, 3.0
+    dirs = dictionary_directions(d, base)
+    assert torch.equal(dirs[0], d.W_dec[3]) and torch.equal(dirs[1], d.W_dec[5])
+
+
+def test_curves_are_finite_and_ordered(tiny_neox, tokenizer, tmp_path):
+    from dictionaries.attach import collect_activations
+    from training.toymodel import corpus_documents
+
+    ids = torch.tensor(tokenizer(" ".join(corpus_documents()[:40])[:4000])["input_ids"][:16 * 20]).view(16, 20)
+    pool = collect_activations(tiny_neox, [HOOK], ids)[0].reshape(-1, 64)
+    card = Card(name="toy/mlp0/128", architecture="relu", d_in=64, d_dict=128, files=Files(items=[]),
+                model=ModelRef(id="toy"), hook=HOOK)
+    d = build_dictionary(card)
+    with torch.no_grad():
+        d.W_enc.copy_(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)))
+        d.W_dec.copy_(d.W_enc.T)
+    steps = torch.linspace(0, 3, 7)
+    [curves] = measure_sensitivity(tiny_neox, HOOK, [d], ids[:6], torch.full((6,), 19), pool, steps=steps,
+                                   progress=False)
+    assert set(curves.kl) == {"random", "real", "dictionary"}
+    for kind, kl in curves.kl.items():
+        assert kl.shape == (6, 7) and torch.isfinite(kl).all(), kind
+        assert kl[:, 0].abs().max() < 1e-5, kind                       # t = 0 is the clean run
+        mean = kl.mean(0)
+        assert (mean[1:] >= mean[:-1] - 1e-6).all(), kind               # KL grows with the step on average
+        assert mean[-1] > 3 * mean[1] > 0, kind                           # (saturates on a random model)
+    card_fig = curves.to_card()
+    assert card_fig.samples == 6
+    for kind, median in curves.medians().items():                      # medians are steps on the grid, or inf
+        assert math.isinf(median) or 0 <= median <= 3
+    png = plot_sensitivity(curves, tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
