@@ -1,0 +1,189 @@
+"""training/run.py: kill and resume bit-identical, several dictionaries from one pass, bad input, outputs.
+
+Real components throughout: the tiny GPT-NeoX, the real Trainer, text from Python's docs in a file. A "kill"
+is an exception raised from inside a training step (after the last checkpoint, before the next one).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dictionaries.card import Recipe
+from dictionaries.errors import (HookPointError, NonFiniteLossError, OutOfDataError, RecipeMismatchError,
+                                 SharedHarvestError)
+from training import run as run_module
+from training.recipe import preset
+from training.toymodel import corpus_documents
+from training.trainer import Trainer
+
+MLP0 = {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}
+RESID1 = {"module": "gpt_neox.layers.1", "site": "resid", "layer": 1}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(corpus_documents()))
+    return path
+
+
+def make_recipe(corpus, hook=MLP0, **fields) -> Recipe:
+    base = dict(model={"id": "toy-neox"}, hook=hook, dataset={"path": str(corpus)}, context_length=32,
+                tokens=128 * 24, batch_size=128, buffer_contexts=16, harvest_batch_size=8, d_dict=96,
+                optimizer={"lr": 1e-3, "warmup_steps": 4},
+                resampling={"kind": "anthropic", "every": 6, "dead_window": 3, "inputs": 256})
+    base.update(fields)
+    return Recipe.model_validate(preset("bricken2023", **base))
+
+
+def train(recipes, out, tiny_neox, tokenizer, **kw):
+    kw = {"checkpoint_every": 5, "progress": False, **kw}
+    return run_module.train(recipes, out=out, model=tiny_neox, tokenizer=tokenizer, **kw)
+
+
+def weights(folder):
+    return load_file(str(folder / "weights.safetensors"))
+
+
+class Killed(BaseException):
+    """Stands for the process being killed between two checkpoints."""
+
+
+def kill_at(monkeypatch, step: int) -> None:
+    """Make the `step`-th call of Trainer.step (counting from 1, over all trainers) raise Killed."""
+    calls = {"n": 0}
+    real = Trainer.step
+
+    def step_or_die(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", step_or_die)
+
+
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, corpus, tiny_neox, tokenizer, monkeypatch):
+    recipes = [make_recipe(corpus), make_recipe(corpus, hook=RESID1, d_dict=64)]
+    expected = train(recipes, tmp_path / "whole", tiny_neox, tokenizer)
+
+    kill_at(monkeypatch, 2 * 13 + 1)  # during step 13 of 24: checkpoint at step 10, steps 11-13 are lost
+    with pytest.raises(Killed):
+        train(recipes, tmp_path / "cut", tiny_neox, tokenizer, log_file=tmp_path / "curve.jsonl")
+    assert (tmp_path / "cut" / "checkpoint" / "latest").read_text() == "step-10"
+    monkeypatch.undo()
+    resumed = train(recipes, tmp_path / "cut", tiny_neox, tokenizer, resume=True, log_file=tmp_path / "curve.jsonl")
+
+    assert [p.relative_to(tmp_path / "cut") for p in resumed] == [p.relative_to(tmp_path / "whole") for p in expected]
+    for a, b in zip(expected, resumed):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), key
+    lines = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert max(line["step"] for line in lines) == 24 and {line["dictionary"] for line in lines} == {
+        "toy-neox/mlp0/96", "toy-neox/resid1/64"}
+    assert not (tmp_path / "cut" / "checkpoint").exists()  # a finished run drops its checkpoint
+
+
+def test_several_from_one_pass_equal_each_alone(tmp_path, corpus, tiny_neox, tokenizer):
+    recipes = [make_recipe(corpus), make_recipe(corpus, d_dict=64, penalty={"coefficient": 3e-3}),
+               make_recipe(corpus, hook=RESID1)]
+    names = ["a/mlp0/96", "a/mlp0/64", "a/resid1/96"]
+    together = train(recipes, tmp_path / "together", tiny_neox, tokenizer, names=names)
+    for i, (recipe, name) in enumerate(zip(recipes, names)):
+        alone = train([recipe], tmp_path / f"alone{i}", tiny_neox, tokenizer, names=[name])
+        wa, wb = weights(together[i]), weights(alone[0])
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), (name, key)
+
+
+def test_output_card_holds_the_exact_recipe(tmp_path, corpus, tiny_neox, tokenizer):
+    from dictionaries.formats import read_folder
+
+    recipe = make_recipe(corpus, tokens=128 * 6)
+    (folder,) = train(recipe, tmp_path, tiny_neox, tokenizer)
+    card = json.loads((folder / "card.json").read_text())
+    assert Recipe.model_validate(card["recipe"]) == recipe
+    assert card["provenance"]["code"].startswith("dictionaries ")
+    assert any("768 tokens" in note for note in card["provenance"]["notes"])
+    dictionary = read_folder(folder)
+    assert dictionary.d_in == 64 and dictionary.d_dict == 96 and dictionary.card.hook.module == MLP0["module"]
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, corpus, tiny_neox, tokenizer, monkeypatch):
+    kill_at(monkeypatch, 7)
+    with pytest.raises(Killed):
+        train(make_recipe(corpus), tmp_path, tiny_neox, tokenizer)
+    monkeypatch.undo()
+    other = make_recipe(corpus, penalty={"coefficient": 5e-3}, optimizer={"lr": 2e-3, "warmup_steps": 4})
+    with pytest.raises(RecipeMismatchError) as info:
+        train(other, tmp_path, tiny_neox, tokenizer, resume=True)
+    fields = [f for f, _, _ in info.value.differences]
+    assert fields == ["optimizer.lr", "penalty.coefficient"]
+    assert "penalty.coefficient: checkpoint 0.001, now 0.005" in str(info.value)
+    assert (tmp_path / "checkpoint" / "latest").read_text() == "step-5"  # the checkpoint is untouched
+
+
+def test_out_of_data_keeps_the_checkpoint(tmp_path, tiny_neox, tokenizer):
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(corpus_documents()[:60]))
+    recipe = make_recipe(small, tokens=128 * 1000)
+    with pytest.raises(OutOfDataError) as info:
+        train(recipe, tmp_path / "out", tiny_neox, tokenizer)
+    err = info.value
+    assert 0 < err.tokens_done < err.tokens_wanted == 128 * 1000 and err.tokens_done % 128 == 0
+    assert "ran out after" in str(err) and "is kept" in str(err)
+    saved = torch.load(f"{err.checkpoint}/trainers.pt", weights_only=True)
+    assert saved["step"] * 128 == err.tokens_done
+
+
+def _first_seen_between(recipe, tokenizer, low, high):
+    """A token id whose first appearance in the run's stream is in context `low`..`high` (None if none)."""
+    from training.data import TokenStream
+
+    stream = TokenStream(recipe.dataset, tokenizer, context_length=recipe.context_length, seed=recipe.seed)
+    contexts = stream.next_contexts(high)
+    seen = set(contexts[:low].flatten().tolist())
+    late = [t for t in contexts[low:].flatten().tolist() if t not in seen]
+    return late[0] if late else None
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, tokenizer):
+    """A broken model (one token's embedding is NaN) gives NaN activations once that token is read."""
+    from training.toymodel import build_model
+
+    recipe = make_recipe(corpus, resampling={"kind": "none"})
+    token = _first_seen_between(recipe, tokenizer, 40, 80)
+    broken = build_model()
+    with torch.no_grad():
+        broken.gpt_neox.embed_in.weight[token] = float("nan")
+    with pytest.raises(NonFiniteLossError) as info:
+        train(recipe, tmp_path, broken, tokenizer, checkpoint_every=2)
+    err = info.value
+    assert err.step >= 2 and err.checkpoint is not None and err.name == "toy-neox/mlp0/96"
+    saved = torch.load(f"{err.checkpoint}/trainers.pt", weights_only=True)
+    assert saved["step"] <= err.step
+    assert all(torch.isfinite(v).all() for v in saved["trainers"][0]["module"].values())
+    assert "is kept" in str(err)
+
+
+def test_missing_hook_point_fails_before_training(tmp_path, corpus, tiny_neox, tokenizer):
+    bad = make_recipe(corpus, hook={"module": "gpt_neox.layers.9.mlp", "site": "mlp", "layer": 9})
+    with pytest.raises(HookPointError):
+        train([make_recipe(corpus), bad], tmp_path, tiny_neox, tokenizer)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_recipes_that_cannot_share_a_pass(tmp_path, corpus, tiny_neox, tokenizer):
+    with pytest.raises(SharedHarvestError) as info:
+        train([make_recipe(corpus), make_recipe(corpus, context_length=64)], tmp_path, tiny_neox, tokenizer,
+              names=["a/mlp0/96", "b/mlp0/96"])
+    assert info.value.field == "context_length" and info.value.values == [32, 64]
+    with pytest.raises(SharedHarvestError) as info:  # two outputs cannot share one folder
+        train([make_recipe(corpus), make_recipe(corpus)], tmp_path, tiny_neox, tokenizer)
+    assert info.value.field == "names"
