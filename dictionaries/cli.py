@@ -297,6 +297,29 @@ def compare(a: str = typer.Argument(..., help="Registry name or folder (card.jso
     console.print(table)
 
 
+# ---- training -------------------------------------------------------------------------------------------
+@app.command("train")
+def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glob (several dictionaries from one "
+                                                "pass); omit with --recipe holding a whole recipe."),
+           tokens: Optional[int] = typer.Option(None, help="Training tokens (overrides the recipe)."),
+           model: Optional[str] = typer.Option(None, help="Model HF id or local folder (save_pretrained + tokenizer)."),
+           dataset: Optional[str] = typer.Option(None, help="Dataset HF id, or a local .txt file / folder / .jsonl."),
+           device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
+           out: str = typer.Option("trained", help="Folder for the native outputs (DIR/<name>/) and checkpoints."),
+           resume: bool = typer.Option(False, "--resume", help="Continue from DIR/checkpoint."),
+           recipe: Optional[str] = typer.Option(None, help="YAML of recipe fields: overrides, or a whole recipe."),
+           checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints."),
+           log: Optional[str] = typer.Option(None, help="Append training curves to this JSONL file.")) -> None:
+    """Regenerate entries from their card recipes (or train a recipe file); writes native folders."""
+    from training.run import train_entries
+
+    overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset)) if v is not None}
+    if name is None and recipe is None:
+        raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
+    for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
+                                checkpoint_every=checkpoint_every, log_file=log):
+        console.print(f"wrote {folder}", highlight=False)
+
 def _fmt(v: object) -> str:
     if v is None:
         return "-"

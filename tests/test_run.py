@@ -187,3 +187,85 @@ def test_recipes_that_cannot_share_a_pass(tmp_path, corpus, tiny_neox, tokenizer
     with pytest.raises(SharedHarvestError) as info:  # two outputs cannot share one folder
         train([make_recipe(corpus), make_recipe(corpus)], tmp_path, tiny_neox, tokenizer)
     assert info.value.field == "names"
+
+
+# ---- dictctl train ---------------------------------------------------------------------------------------
+def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `dictctl` in-process; (exit code, stdout, stderr)."""
+    import sys
+
+    from dictionaries import cli
+
+    monkeypatch.setattr(sys, "argv", ["dictctl", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory, tiny_neox, tokenizer):
+    """The tiny GPT-NeoX and its tokenizer saved as a from_pretrained folder (what --model takes)."""
+    folder = tmp_path_factory.mktemp("toy-neox")
+    tiny_neox.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+SMALL = "batch_size: 128\nbuffer_contexts: 16\nharvest_batch_size: 8\ncontext_length: 32\nd_dict: 64\n" \
+        "optimizer: {warmup_steps: 2}\n"
+
+
+def test_cli_trains_a_glob_of_entries_from_one_pass(tmp_path, corpus, toy_folder, monkeypatch, capsys):
+    (tmp_path / "small.yaml").write_text(SMALL)
+    code, out, err = dictctl(monkeypatch, capsys, "train", "pythia70m/mlp[01]/8192", "--model", str(toy_folder),
+                             "--dataset", str(corpus), "--tokens", "1536", "--recipe", str(tmp_path / "small.yaml"),
+                             "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert code == 0, err
+    for layer in (0, 1):
+        folder = tmp_path / "out" / "pythia70m" / f"mlp{layer}" / "8192"
+        assert f"wrote {folder}" in out
+        card = json.loads((folder / "card.json").read_text())
+        r = card["recipe"]
+        assert (r["tokens"], r["model"]["id"], r["dataset"]["path"], r["d_dict"]) == (1536, str(toy_folder),
+                                                                                      str(corpus), 64)
+        assert r["preset"] == "marks2023" and r["hook"]["module"] == f"gpt_neox.layers.{layer}.mlp"
+        assert card["name"] == f"pythia70m/mlp{layer}/8192" and card["d_in"] == 64
+
+
+def test_cli_trains_a_whole_recipe_file(tmp_path, corpus, toy_folder, monkeypatch, capsys):
+    whole = SMALL + (f"preset: topk\nk: 8\ntokens: 1024\nmodel: {{id: {toy_folder}}}\ndataset: {{path: {corpus}}}\n"
+                     "hook: {module: gpt_neox.layers.1, site: resid, layer: 1}\n")
+    (tmp_path / "whole.yaml").write_text(whole)
+    code, out, err = dictctl(monkeypatch, capsys, "train", "--recipe", str(tmp_path / "whole.yaml"),
+                             "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    card = json.loads((tmp_path / "out" / toy_folder.name / "resid1" / "64" / "card.json").read_text())
+    assert card["architecture"] == "topk" and card["k"] == 8
+
+
+@pytest.mark.parametrize("yaml_text, field", [("learning_rate: 0.1\n", "learning_rate"),
+                                              ("optimizer: {lrate: 0.1}\n", "optimizer.lrate"),
+                                              ("prune_below: 0.99\n", "prune_below"),
+                                              ("architecture: topk\n", "k")])
+def test_cli_rejects_unknown_or_contradictory_fields(tmp_path, yaml_text, field, monkeypatch, capsys):
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    code, _, err = dictctl(monkeypatch, capsys, "train", "pythia70m/mlp0/8192", "--recipe", str(tmp_path / "bad.yaml"),
+                           "--out", str(tmp_path / "out"))
+    assert code == 1
+    assert "invalid recipe" in err and repr(field) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_a_missing_dataset_column(tmp_path, toy_folder, monkeypatch, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"body": d}) + "\n" for d in corpus_documents()[:50]))
+    (tmp_path / "small.yaml").write_text(SMALL)
+    code, _, err = dictctl(monkeypatch, capsys, "train", "pythia70m/mlp0/8192", "--model", str(toy_folder),
+                           "--dataset", str(data), "--tokens", "1024", "--recipe", str(tmp_path / "small.yaml"),
+                           "--out", str(tmp_path / "out"))
+    assert code == 1
+    assert "unknown dataset column" in err and "'body'" in err

@@ -126,10 +126,15 @@ class TokenStream:
                 break
         return docs
 
-    def _read_documents(self, n: int) -> list[str]:
-        """Up to n documents for this rank, advancing the position."""
+    def open(self) -> TokenStream:
+        """Open the source now (a missing dataset or column fails here, before any training)."""
         if self._docs is None:
             self._docs = self._source()
+        return self
+
+    def _read_documents(self, n: int) -> list[str]:
+        """Up to n documents for this rank, advancing the position."""
+        self.open()
         mine = []
         while len(mine) < n:
             doc = next(self._docs, None)

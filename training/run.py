@@ -135,7 +135,7 @@ def build_session(recipes: list[Recipe], names: list[str], model: Any, tokenizer
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     harvester = Harvester(model, hooks, bos_id=bos, exclude_bos=r0.exclude_bos, device=device)
     stream = TokenStream(r0.dataset, tokenizer, context_length=r0.context_length, prepend_bos=r0.prepend_bos,
-                         seed=r0.seed, rank=rank, world_size=world)
+                         seed=r0.seed, rank=rank, world_size=world).open()
     buffer = ActivationBuffer(harvest_chunks(harvester, stream.next_contexts, r0.harvest_batch_size),
                               harvester.dims, r0.buffer_contexts * r0.context_length,
                               seed=r0.seed + 1_000_003 * rank, device=device)
