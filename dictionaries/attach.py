@@ -16,6 +16,8 @@ and written through its first element. `features_of` and `inspect_feature` live 
 from __future__ import annotations
 
 import difflib
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -335,6 +337,21 @@ def attach(model: Any, *dictionaries: Dictionary, at: HookPoint | str | Sequence
         yield made[0] if len(made) == 1 else made
     finally:
         recorder.handle.remove()
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `attach(...)`.
+
+    `from dictionaries import attach` must give the function (DESIGN.md section 1), but once
+    `dictionaries.attach` is imported Python binds the package attribute `attach` to this module, whatever
+    `dictionaries/__init__.py` does; calling the module therefore calls the function.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return attach(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def __getattr__(name: str) -> Any:

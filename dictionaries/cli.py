@@ -320,6 +320,33 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
                                 checkpoint_every=checkpoint_every, log_file=log):
         console.print(f"wrote {folder}", highlight=False)
 
+
+@app.command("inspect")
+def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or dictionary folder."),
+                feature: int = typer.Option(..., "--feature", help="Feature index."),
+                texts: str = typer.Option(..., "--texts", help="Text file, one text per line."),
+                top: int = typer.Option(10, "--top", help="Number of contexts and of logit-lens tokens."),
+                model: Optional[str] = typer.Option(None, "--model", help="HF id or folder (default: the card's model)."),
+                context: int = typer.Option(8, "--context", help="Tokens shown before the activating one.")) -> None:
+    """A feature's top-activating contexts (activating token highlighted) and the tokens it promotes."""
+    from rich.markup import escape
+
+    from dictionaries.features import inspect_named
+
+    r = inspect_named(name, feature, texts, model=model, top=top, context=context)
+    console.print(f"[bold]{escape(r.dictionary)}[/] feature {r.feature}: fires on {r.frequency:.2%} of "
+                  f"{r.tokens} tokens", highlight=False)
+    for ex in r.examples:
+        window = "".join(f"[reverse bold]{escape(t)}[/]" if i == ex.marked else escape(t)
+                         for i, t in enumerate(ex.tokens))
+        console.print(f"{ex.activation:8.3f}  text {ex.text} pos {ex.position}: {window}".replace("\n", "\\n"),
+                      highlight=False)
+    for label, scores in (("promotes", r.promoted), ("suppresses", r.suppressed)):
+        if scores:
+            console.print(f"{label}: " + ", ".join(f"{escape(repr(s.token))} {s.score:+.2f}" for s in scores),
+                          highlight=False)
+
+
 def _fmt(v: object) -> str:
     if v is None:
         return "-"

@@ -355,9 +355,10 @@ class ModelMismatchError(ShapeMismatchError):
 class NotWrappedError(DictionariesError, TypeError):
     """A model passed where an nnsight-wrapped model is needed."""
 
-    def __init__(self, found: str):
+    def __init__(self, found: str, needed: str = "an nnsight-wrapped model"):
         self.found = found
-        super().__init__(f"attach() needs an nnsight-wrapped model, got {found}; "
+        self.needed = needed
+        super().__init__(f"this needs {needed}, got {found}; "
                          "wrap it first with `dictionaries.attach.wrap_model(model, tokenizer)`.")
 
 

@@ -43,7 +43,7 @@ FAMILIES = {"neox": ("gpt_neox.layers", 64), "gpt2": ("transformer.h", 32), "lla
 ATTN = {"neox": "attention", "gpt2": "attn", "llama": "self_attn"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models(tiny_neox, tokenizer):
     """Each family's raw transformers model and its nnsight wrapping."""
     raw = {"neox": tiny_neox, "gpt2": _gpt2(), "llama": _llama()}
