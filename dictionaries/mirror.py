@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -64,8 +63,8 @@ def convert_entry(entry: Entry, dest: Path, *, progress: bool = True) -> Card:
 
 def run_evaluation(folder: Path, evaluate: Evaluator | None, why_not: str) -> str:
     """Run `evaluate` on the folder; when there is none or no model can be loaded (OSError, which covers
-    unreachable hubs and missing model files), record in the card that the stats stay as they were.
-    Returns one line saying what happened."""
+    unreachable hubs and missing model files), say so in the card's provenance notes: the stats stay as
+    they were. Returns one line saying what happened (the last of the result's notes)."""
     if evaluate is not None:
         try:
             evaluate(folder)
@@ -78,7 +77,6 @@ def run_evaluation(folder: Path, evaluate: Evaluator | None, why_not: str) -> st
     card = card.model_copy(update={"provenance": card.provenance.model_copy(
         update={"notes": [*card.provenance.notes, note]})})
     (folder / CARD_FILE).write_text(card.to_json())  # card.json itself is not among the hashed files
-    warnings.warn(note, stacklevel=2)
     return note
 
 

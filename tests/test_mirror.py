@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -113,8 +116,7 @@ def test_mirror_of_url_entry_ends_pinned_and_loadable(url_entry, hub_env, regist
     from dictionaries.mirror import mirror
 
     name, url, state = url_entry
-    with pytest.warns(UserWarning, match="Not evaluated"):
-        result = mirror(name, "org/mirrored", local_hub=hub_env)
+    result = mirror(name, "org/mirrored", local_hub=hub_env)
     entry = load_registry().get(name)
     assert entry.location == HubLocation(repo="org/mirrored", revision=hub_env.head("org/mirrored"), subfolder=name)
     assert entry.card.files.format == "native" and entry.card.verified
@@ -140,9 +142,9 @@ def test_mirror_runs_the_evaluator_and_says_when_no_model_loads(url_entry, local
         seen.append(sorted(p.name for p in folder.iterdir()))
         raise ModelLoadError("toy-org/tiny-neox", "the Hub cannot be reached")
 
-    with pytest.warns(UserWarning, match="no model could be loaded"):
-        result = mirror(name, "org/mirror-eval", local_hub=local_hub, evaluate=no_model, register=False)
+    result = mirror(name, "org/mirror-eval", local_hub=local_hub, evaluate=no_model, register=False)
     assert seen == [["card.json", "weights.safetensors"]]
+    assert result.notes[-1].startswith("Not evaluated when mirrored: no model could be loaded")
     assert "cannot load model 'toy-org/tiny-neox'" in result.notes[-1]
     assert load_registry().get(name).location.kind == "url"  # register=False leaves the entry alone
 
@@ -168,8 +170,7 @@ def test_mirror_of_a_member_of_a_hub_zip(tmp_path, hub_env, registry):
                 "size": archive.stat().st_size, "sha256": sha256_of(archive), "member": member}
     original = f"hf://toy-org/toy-saes/{archive.name}@{sha}#{member}"
     name = add_entry(registry, make_card(original_files(folder, original), name="toy/mlp0/16-sfc"), location)
-    with pytest.warns(UserWarning, match="Not evaluated"):
-        mirror(name, "org/zip-mirror", local_hub=hub_env)
+    mirror(name, "org/zip-mirror", local_hub=hub_env)
     entry = load_registry().get(name)
     assert entry.location.kind == "hub" and entry.location.revision == hub_env.head("org/zip-mirror")
     assert entry.card.provenance.original == original
@@ -210,3 +211,15 @@ def test_mirror_with_a_reachable_model_publishes_measured_stats_and_plots(served
     assert {"card.json", "weights.safetensors", "README.md", "density.png"} <= {p.name for p in published.iterdir()}
     assert "![density](density.png)" in (published / "README.md").read_text()
     assert "| l0 |" in (published / "README.md").read_text()
+
+
+def test_cli_mirror_pins_the_entry(url_entry, local_hub, registry):
+    name, url, _ = url_entry
+    res = subprocess.run([sys.executable, "-m", "dictionaries.cli", "mirror", name, "--repo", "org/cli-mirror",
+                          "--no-eval", "--local-hub", str(local_hub.root)], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=120)
+    assert res.returncode == 0, res.stderr
+    head = local_hub.head("org/cli-mirror")
+    assert f"revision: {head}" in res.stdout and "Not evaluated when mirrored: --no-eval was given" in res.stdout
+    entry = load_registry(registry).get(name)
+    assert entry.location.revision == head and entry.card.provenance.original == url
