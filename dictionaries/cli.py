@@ -201,24 +201,24 @@ def _mirror_evaluator(no_eval: bool, **options):
 
 
 def _print_publish(result) -> None:
+    def out(line: str) -> None:  # paths and hashes are long: never wrap them
+        console.print(line, highlight=False, soft_wrap=True)
+
     if result.dry_run:
-        console.print(f"[bold]dry run[/]: nothing uploaded. Staged in {result.staged}; would commit to "
-                      f"{result.target}:", highlight=False)
+        out(f"[bold]dry run[/]: nothing uploaded. Staged in {result.staged}; would commit to {result.target}:")
         for rel in result.uploaded:
-            console.print(f"  {rel}", highlight=False)
+            out(f"  {rel}")
     else:
-        console.print(f"published [bold]{result.name}[/] to {result.target} at commit "
-                      f"{result.location.revision}", highlight=False)
-        console.print("registry entry (registry.yaml):", highlight=False)
-        console.print(result.entry_yaml(), highlight=False, markup=False, end="")
-    console.print("card files:", highlight=False)
+        out(f"published [bold]{result.name}[/] to {result.target} at commit {result.location.revision}")
+        out("registry entry (registry.yaml):")
+        console.print(result.entry_yaml(), highlight=False, markup=False, end="", soft_wrap=True)
+    out("card files:")
     for item in result.card.files.items:
-        console.print(f"  {item.path}  {item.size} bytes  sha256 {item.sha256}", highlight=False)
+        out(f"  {item.path}  {item.size} bytes  sha256 {item.sha256}")
     for note in result.notes or []:
-        console.print(f"note: {note}", highlight=False)
+        out(f"note: {note}")
     if result.registered:
-        console.print(f"registered in {result.registered} (card under {result.registered.parent / 'cards'})",
-                      highlight=False)
+        out(f"registered in {result.registered} (card under {result.registered.parent / 'cards'})")
 
 
 @app.command("download")
