@@ -86,7 +86,10 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 
 def _load_pickle(path: Path) -> dict[str, Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: the tensors are read as they are used (zip-format files, torch >= 1.6)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zip) file cannot be mapped: read it whole
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError: all mean "not a plain state dict"
         raise FormatError(str(path), f"not a plain tensor state dict that loads with weights_only=True ({e}); "
                                      "arbitrary pickles are never loaded") from None
@@ -188,9 +191,10 @@ def read_dictionary_learning(folder: Path, *, architecture: str | None = None) -
 
 
 def _dl_linear(state: dict[str, Tensor], bias_key: str, dec_bias_key: str) -> dict[str, Tensor]:
-    # nn.Linear stores [out, in]: encoder.weight [F, d] and decoder.weight [d, F] transpose into native
-    return {"W_enc": state["encoder.weight"].T.contiguous(), "b_enc": state[bias_key],
-            "W_dec": state["decoder.weight"].T.contiguous(), "b_dec": state[dec_bias_key]}
+    # nn.Linear stores [out, in]: encoder.weight [F, d] and decoder.weight [d, F] transpose into native. The
+    # transposed views are kept (matmuls take them as they are; native_state makes them contiguous to save).
+    return {"W_enc": state["encoder.weight"].T, "b_enc": state[bias_key],
+            "W_dec": state["decoder.weight"].T, "b_dec": state[dec_bias_key]}
 
 
 def _dl_autoencoder(state: dict[str, Tensor], found: Foreign, k: Any) -> None:
@@ -412,7 +416,7 @@ def read_sparsify(folder: Path, *, architecture: str | None = None) -> Foreign:
     state = _load_safetensors(weights)
     check_layout(state, SPARSIFY_LAYOUT, weights, sizes, sizes_from=f"{cfg_path.name} (d_in, num_latents)")
     # encode: TopK of ReLU(W (x - b_dec) + b); decode: sum of the top activations times W_dec rows + b_dec
-    native = {"W_enc": state["encoder.weight"].T.contiguous(), "b_enc": state["encoder.bias"],
+    native = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
               "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
     found = Foreign("topk", native, int(cfg["k"]), True, weights, [cfg_path, weights])
     if cfg.get("multi_topk"):

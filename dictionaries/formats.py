@@ -71,6 +71,7 @@ def read_folder(folder: str | Path, *, format: str | None = None, card: Card | N
         raise FormatError(str(folder), f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
     if fmt == "native":
         own_card, state, source = _read_native(folder, need_card=card is None)
+        check_card_matches(card or own_card, state, source, **_described_by(own_card))
         card = card or own_card
     else:
         from dictionaries.foreign_formats import READERS
@@ -78,9 +79,7 @@ def read_folder(folder: str | Path, *, format: str | None = None, card: Card | N
         found = READERS[fmt](folder, architecture=card.architecture if card is not None else None)
         card = card or _card_from_foreign(folder, fmt, found)
         state, source = found.state, str(found.weights)
-    check_card_matches(card, state, source, found_architecture=None if fmt == "native" else found.architecture,
-                       found_k=None if fmt == "native" else found.k,
-                       found_pre_encoder_bias=None if fmt == "native" else found.pre_encoder_bias)
+        check_card_matches(card, state, source, **_described_by(found))
     return assemble(card, state, source, device=device, dtype=dtype)
 
 
@@ -92,7 +91,16 @@ def _read_native(folder: Path, need_card: bool = True) -> tuple[Card | None, dic
         if not (folder / name).is_file():
             raise MissingFileError(str(folder / name), "A native folder holds card.json and weights.safetensors.")
     weights = folder / WEIGHTS_FILE
-    return read_card(folder / CARD_FILE) if need_card else None, load_file(weights), str(weights)
+    own_card = read_card(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None
+    return own_card, load_file(weights), str(weights)
+
+
+def _described_by(what: Card | Foreign | None) -> dict:
+    """What a folder's own card (native) or config (foreign) says the files are, for check_card_matches."""
+    if what is None:
+        return {}
+    return {"found_architecture": what.architecture, "found_k": what.k,
+            "found_pre_encoder_bias": what.pre_encoder_bias}
 
 
 def check_card_matches(card: Card, state: dict, source: str, *, found_architecture: str | None = None,
