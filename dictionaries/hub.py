@@ -34,6 +34,7 @@ from dictionaries.registry import HubLocation, HubZipLocation, UrlLocation
 
 Location = HubLocation | HubZipLocation | UrlLocation
 _DEFAULT_ENDPOINT = "https://huggingface.co"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._\-]*"
 _HUB_PATH = re.compile(rf"^hf://(?:(?P<type>datasets|models)/)?(?P<org>{_NAME})/(?P<repo>{_NAME})"
                        rf"(?P<sub>(?:/[^/@]+)*)/?(?:@(?P<rev>[^@]+))?$")
@@ -189,6 +190,8 @@ def download_hub_file(repo: str, filename: str, revision: str, *, repo_type: str
     s = hub_settings()
     what = f"hf://{repo}/{filename}@{revision}"
     cached = try_to_load_from_cache(repo, filename, cache_dir=s.cache_dir, revision=revision, repo_type=repo_type)
+    if isinstance(cached, str) and not force and _COMMIT.fullmatch(revision):
+        return Path(cached)  # what hf_hub_download returns for a cached pinned commit, without its overhead
     if not s.offline and (force or not isinstance(cached, str)):
         check_reachable(s.endpoint, what)  # fail at once instead of after huggingface_hub's ~20 s of retries
     try:
