@@ -269,3 +269,68 @@ def test_cli_reports_a_missing_dataset_column(tmp_path, toy_folder, monkeypatch,
                            "--out", str(tmp_path / "out"))
     assert code == 1
     assert "unknown dataset column" in err and "'body'" in err
+
+
+# ---- torch.distributed -----------------------------------------------------------------------------------
+TORCHRUN_SCRIPT = '''
+import hashlib, sys
+from pathlib import Path
+import torch
+from dictionaries.card import Recipe
+from training import run
+from training.toymodel import build_model, build_tokenizer
+from training.trainer import Trainer
+
+recipe = Recipe.model_validate_json(Path(sys.argv[1]).read_text())
+out = Path(sys.argv[2])
+finish = Trainer.finish
+
+def finish_and_record(self):  # every rank records what it ends with, so the test can compare ranks
+    module = finish(self)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in module.native_state().values())).hexdigest()
+    (out / f"rank{torch.distributed.get_rank()}.sha256").write_text(digest)
+    return module
+
+Trainer.finish = finish_and_record
+out.mkdir(parents=True, exist_ok=True)
+run.train(recipe, out=out, model=build_model(), tokenizer=build_tokenizer(), progress=False, checkpoint_every=5)
+'''
+
+
+def _mse(folder, rows):
+    from dictionaries.formats import read_folder
+
+    d = read_folder(folder)
+    with torch.no_grad():
+        return float((d(rows).reconstruction - rows).pow(2).mean())
+
+
+def test_two_processes_under_torchrun_match_one(tmp_path, corpus, tiny_neox, tokenizer):
+    import os
+    import subprocess
+
+    from training.data import TokenStream
+    from training.harvest import Harvester
+
+    recipe = make_recipe(corpus, tokens=128 * 30, resampling={"kind": "none"}, penalty={"coefficient": 1e-4},
+                         optimizer={"lr": 3e-3, "warmup_steps": 2})
+    (tmp_path / "recipe.json").write_text(recipe.model_dump_json())
+    (tmp_path / "script.py").write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(tmp_path / "script.py"),
+                           str(tmp_path / "recipe.json"), str(tmp_path / "two")], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "two" / "rank0.sha256").read_text() == (tmp_path / "two" / "rank1.sha256").read_text()
+    (two,) = [p.parent for p in (tmp_path / "two").rglob("card.json")]
+    (one,) = train(recipe, tmp_path / "one", tiny_neox, tokenizer)
+
+    # held-out activations: other contexts of the same text (another seed), at the recipe's hook
+    contexts = TokenStream(recipe.dataset, tokenizer, context_length=32, seed=99).next_contexts(32)
+    rows = Harvester(tiny_neox, [recipe.hook], bos_id=0, exclude_bos=True)(contexts)[0]
+    initial = Trainer(recipe, 64, total_steps=1).module
+    with torch.no_grad():
+        mse_initial = float((initial(rows).reconstruction - rows).pow(2).mean())
+    mse_one, mse_two = _mse(one, rows), _mse(two, rows)
+    assert mse_one < 0.5 * mse_initial  # training did something the comparison can see
+    assert abs(mse_two - mse_one) < 0.05 * mse_one, (mse_initial, mse_one, mse_two)
