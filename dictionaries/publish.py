@@ -207,7 +207,8 @@ def _stats_lines(card: Card) -> list[str]:
     if s is None:
         return ["No stats recorded yet (`dictctl eval` measures them).", ""]
     if s.source == "measured":
-        how = f"Measured by `dictionaries` {s.package_version or ''} on {s.dataset or 'an unrecorded dataset'}"
+        version = f" {s.package_version}" if s.package_version else ""
+        how = f"Measured by `dictionaries`{version} on {s.dataset or 'an unrecorded dataset'}"
         how += f", {s.tokens} tokens" if s.tokens else ""
     else:
         how = f"Reported by the original authors ({s.reference}); not measured here"
@@ -301,9 +302,10 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
         raise CardError(str(folder / CARD_FILE), "name", f"{card.name!r} is not a registry name "
                         "(<model>/<site><layer>/<size>[-<variant>]); fix it before --register")
     local = resolve_local_hub(local_hub)
-    where = f"local hub {local.root}" if local else (endpoint or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    hub_url = endpoint or os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    where = f"local hub {local.root}" if local else hub_url
     target = f"{where}: {repo}/{subfolder}@{branch}" if subfolder else f"{where}: {repo}@{branch}"
-    notes = []
+    notes = ["--private has no meaning on a local hub (it serves every repo)"] if local and private else []
     if local is None and dry_run:
         notes.append("the target was not checked (dry run against the Hub: no network or token needed)")
     else:
@@ -325,7 +327,7 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
             shutil.rmtree(dest, ignore_errors=True)
     location = HubLocation(repo=repo, revision=sha, subfolder=subfolder)
     registered = register_entry(card, location, registry_path) if register else None
-    return PublishResult(card.name, card, target, dest, sorted(staged), location, registered=registered)
+    return PublishResult(card.name, card, target, dest, sorted(staged), location, registered=registered, notes=notes)
 
 
 # ---- the registry ------------------------------------------------------------------------------

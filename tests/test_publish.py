@@ -191,8 +191,9 @@ def test_local_hub_chosen_by_environment_variable(tmp_path, local_hub, monkeypat
 
     make_folder(tmp_path / "native")
     monkeypatch.setenv("DICTIONARIES_LOCAL_HUB", str(local_hub.root))
-    result = publish(tmp_path / "native", "org/by-env")
+    result = publish(tmp_path / "native", "org/by-env", private=True)
     assert result.location.revision == local_hub.head("org/by-env")
+    assert result.notes == ["--private has no meaning on a local hub (it serves every repo)"]
 
 
 # ---- the real Hub, at the HfApi boundary -------------------------------------------------------
