@@ -1,0 +1,122 @@
+"""Tests of training/losses.py: each penalty's definition and the gradients the estimators promise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training import losses
+
+B, D, F = 64, 16, 48
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def test_reconstruction_modes(gen):
+    x, x_hat = torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen)
+    mean = losses.reconstruction_loss(x, x_hat, "mean")
+    assert torch.allclose(mean, ((x - x_hat) ** 2).mean())
+    assert torch.allclose(losses.reconstruction_loss(x, x_hat, "sum_dims"), mean * D)
+
+
+def test_l1_and_tanh_penalties(gen):
+    f = torch.relu(torch.randn(B, F, generator=gen))
+    norms = torch.rand(F, generator=gen)
+    assert torch.allclose(losses.l1_penalty(f), f.sum(-1).mean())
+    assert torch.allclose(losses.l1_penalty(f, norms), (f * norms).sum(-1).mean())
+    # (A/B) tanh(B f): close to A f for small B f, saturating at A/B per feature for large f
+    small = losses.tanh_penalty(f, a=2.0, b=1e-4)
+    assert torch.allclose(small, 2.0 * f.sum(-1).mean(), rtol=1e-3)
+    big = losses.tanh_penalty(f * 1e6 + 100.0, a=2.0, b=1.0)
+    assert torch.allclose(big, torch.tensor(2.0 * F))
+
+
+def test_feature_density_counts_firing_and_floor_term(gen):
+    f = torch.relu(torch.randn(B, F, generator=gen))
+    s = losses.feature_density(f, eps=1e-6)
+    assert torch.allclose(s, (f > 0).float().mean(0), atol=1e-3)
+    assert torch.allclose(s.sum(), (f > 0).float().sum(-1).mean(), atol=0.05)  # approx L0
+    floor = 0.3
+    pen = losses.min_density_penalty(s, floor)
+    assert torch.allclose(pen, (torch.relu(floor - s) / floor).sum())
+    assert losses.min_density_penalty(torch.ones(F), floor) == 0
+
+
+def test_jumprelu_straight_through_gradients():
+    eps = 0.1
+    theta = torch.full((3,), 0.5, requires_grad=True)
+    # pre-activations: inside the kernel window (|z - theta| < eps/2) for feature 0 twice, feature 1 once
+    z = torch.tensor([[0.52, 0.48, 0.9], [0.47, 0.2, 0.1]], requires_grad=True)
+    f = losses.jumprelu(z, theta, eps)
+    assert torch.equal(f.detach(), z.detach() * (z.detach() > 0.5))
+    f.sum().backward()
+    assert torch.allclose(theta.grad, torch.tensor([-2 * 0.5 / eps, -0.5 / eps, 0.0]))
+    assert torch.equal(z.grad, (z.detach() > 0.5).float())
+    theta.grad = None
+    z.grad = None
+    l0 = losses.l0_penalty(z, theta, eps)
+    assert l0.item() == pytest.approx(((z > 0.5).sum(-1).float().mean()).item())
+    l0.backward()
+    assert torch.allclose(theta.grad, torch.tensor([-2 / eps, -1 / eps, 0.0]) / 2)  # mean over 2 tokens
+    assert torch.count_nonzero(z.grad) == 0
+
+
+def test_topk_and_batchtopk_keep_k(gen):
+    pre = torch.randn(B, F, generator=gen) + 1.0
+    f = losses.topk_features(pre, 5)
+    assert ((f > 0).sum(-1) <= 5).all() and ((f > 0).sum(-1) == 5).float().mean() > 0.9
+    assert torch.equal(f.max(-1).values, torch.relu(pre).max(-1).values)
+    fb, smallest = losses.batchtopk_features(pre, 5)
+    assert int((fb > 0).sum()) == 5 * B
+    kept = fb[fb > 0]
+    assert smallest == kept.min() and (torch.relu(pre)[fb == 0] <= smallest).all()
+
+
+def test_auxk_reaches_only_dead_features(gen):
+    W_dec = torch.randn(F, D, generator=gen, requires_grad=True)
+    pre = torch.randn(B, F, generator=gen, requires_grad=True)
+    residual = torch.randn(B, D, generator=gen)
+    none_dead = torch.zeros(F, dtype=torch.bool)
+    assert losses.auxk_loss(pre, residual, none_dead, 8, W_dec) == 0
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[:10] = True
+    loss = losses.auxk_loss(pre, residual, dead, 4, W_dec)
+    loss.backward()
+    assert loss > 0
+    assert torch.count_nonzero(pre.grad[:, 10:]) == 0 and torch.count_nonzero(pre.grad[:, :10]) > 0
+    assert torch.count_nonzero(W_dec.grad[10:]) == 0
+
+
+def test_ghost_grads_reach_only_dead_features_and_match_mse_scale(gen):
+    W_dec = torch.randn(F, D, generator=gen, requires_grad=True)
+    pre = torch.randn(B, F, generator=gen, requires_grad=True)
+    residual = torch.randn(B, D, generator=gen)
+    mse = torch.tensor(0.37)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[5:9] = True
+    loss = losses.ghost_grads_loss(pre, residual, dead, W_dec, mse)
+    assert loss.item() == pytest.approx(0.37, rel=1e-5)
+    loss.backward()
+    assert torch.count_nonzero(pre.grad[:, ~dead]) == 0 and torch.count_nonzero(pre.grad[:, dead]) > 0
+
+
+def test_gated_aux_term_leaves_decoder_frozen(gen):
+    from dictionaries.architectures import GatedDictionary
+    from training.recipe import preset, validate_recipe
+
+    recipe = validate_recipe(preset("gated", model="m", hook={"module": "a", "site": "mlp", "layer": 0},
+                                    dataset="d", tokens=100, d_dict=F, batch_size=8, buffer_contexts=1,
+                                    context_length=8))
+    m = GatedDictionary(D, F)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x = torch.randn(B, D, generator=gen)
+    out = losses.compute_loss(m, x, recipe, losses.LossContext(torch.zeros(F, dtype=torch.bool)))
+    assert torch.allclose(out.x_hat, m(x).reconstruction, atol=1e-6)  # the training forward is the module's
+    out.terms["gated_aux"].backward()
+    assert m.W_dec.grad is None or torch.count_nonzero(m.W_dec.grad) == 0
+    assert torch.count_nonzero(m.W_enc.grad) > 0  # the gate learns from the auxiliary reconstruction

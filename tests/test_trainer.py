@@ -1,0 +1,244 @@
+"""Tests of training/trainer.py on synthetic activations made from a known sparse dictionary.
+
+x = codes @ directions + offset + noise, with ~3 of 64 unit directions active per token (no model needed).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from dictionaries.errors import RecipeError, ShapeMismatchError
+from training.recipe import PRESETS, preset, validate_recipe
+from training.trainer import Trainer, lr_at
+
+D_IN, D_DICT, N_TRUE, BATCH = 24, 96, 64, 256
+COMMON = {"model": "m", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}, "dataset": "d",
+          "tokens": 10**6, "d_dict": D_DICT, "batch_size": BATCH, "buffer_contexts": 16, "context_length": 16,
+          "optimizer.lr": 3e-3, "optimizer.warmup_steps": 20}
+# per preset: what makes it sensible at this tiny size (coefficients for inputs of norm ~1-5, short windows)
+TINY = {"bricken2023": {"penalty.coefficient": 3e-3}, "marks2023": {}, "anthropic2024": {"penalty.coefficient": 0.05},
+        "farrell2024": {}, "topk": {"k": 4, "penalty.aux_k": 16, "penalty.aux_dead_tokens": 2560},
+        "batchtopk": {"k": 4, "threshold_decay": 0.9}, "jumprelu": {"penalty.coefficient": 1e-2}, "gated": {}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-offs that dominate on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class SparseSource:
+    """Activations from a known sparse dictionary: 64 random unit directions, ~3 active per token."""
+
+    def __init__(self, seed: int = 0, scale: float = 1.0):
+        g = torch.Generator().manual_seed(1000 + seed)
+        self.directions = torch.randn(N_TRUE, D_IN, generator=g)
+        self.directions /= self.directions.norm(dim=-1, keepdim=True)
+        self.offset = 0.3 * torch.randn(D_IN, generator=g)
+        self.scale = scale
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, n: int = BATCH) -> torch.Tensor:
+        active = torch.rand(n, N_TRUE, generator=self.gen) < 3 / N_TRUE
+        codes = active * (0.5 + torch.rand(n, N_TRUE, generator=self.gen))
+        noise = 0.01 * torch.randn(n, D_IN, generator=self.gen)
+        return self.scale * (codes @ self.directions + self.offset + noise)
+
+
+def make_recipe(name: str, **fields):
+    return validate_recipe(preset(name, **{**COMMON, **TINY[name], **fields}))
+
+
+def train(recipe, steps: int, source: SparseSource, trainer: Trainer | None = None, total: int | None = None):
+    t = trainer or Trainer(recipe, D_IN, total_steps=total or steps)
+    if trainer is None and recipe.input_normalization != "none":
+        t.estimate_input_scale(source(1024))
+    metrics = [t.step(source(), sample_inputs=source) for _ in range(steps)]
+    return t, metrics
+
+
+@torch.no_grad()
+def fvu(module, x):
+    out = module(x)
+    return float((x - out.reconstruction).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_recipe_trains_and_its_loss_falls(name):
+    source = SparseSource()
+    t, metrics = train(make_recipe(name), 250, source)
+    first = sum(m["loss"] for m in metrics[:10]) / 10
+    last = sum(m["loss"] for m in metrics[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert all(k in metrics[-1] for k in ("loss", "mse", "l0", "dead_frac", "lr"))
+    if name == "anthropic2024":  # a 250-step run leaves decoder norms below 0.99: test the unpruned module
+        t.recipe = t.recipe.model_copy(update={"prune_below": None})
+    x = source(2048)
+    untrained = fvu(Trainer(t.recipe, D_IN, total_steps=1).finish(), x)
+    assert fvu(t.finish(), x) < 0.4 < untrained  # the saved module takes raw activations and reconstructs them
+
+
+@pytest.mark.parametrize("name, kind, coefficients", [("bricken2023", "l1", (1e-3, 3e-2)),
+                                                      ("farrell2024", "approx_l0", (1e-3, 3e-2))])
+def test_penalty_lowers_l0_as_coefficient_rises(name, kind, coefficients):
+    l0 = []
+    for c in coefficients:
+        t, _ = train(make_recipe(name, **{"penalty.coefficient": c}), 200, SparseSource())
+        x = SparseSource(seed=7)(2048)
+        l0.append(float((t.finish()(x).features > 0).sum(-1).float().mean()))
+    assert t.recipe.penalty.kind == kind
+    assert l0[1] < 0.7 * l0[0], l0
+
+
+@pytest.mark.parametrize("use_sampler", [True, False])
+def test_anthropic_resampling_revives_killed_features(use_sampler):
+    recipe = make_recipe("bricken2023", **{"resampling.every": 60, "resampling.dead_window": 30,
+                                           "resampling.inputs": 2048})
+    source = SparseSource()
+    t, _ = train(recipe, 20, source, total=100)
+    killed = torch.arange(10)
+    with torch.no_grad():  # these features can never fire again on their own
+        t.module.W_enc[:, killed] = 0.0
+        t.module.b_enc[killed] = -1.0
+    sampler = source if use_sampler else None
+    counts = [t.step(source(), sample_inputs=sampler)["resampled"] for _ in range(40)]
+    assert counts[-1] >= len(killed) and sum(counts[:-1]) == 0  # resampled exactly at step 60
+    assert (t.module.b_enc[killed] == 0).all()
+    assert torch.allclose(t.module.W_dec[killed].norm(dim=-1), torch.ones(len(killed)))
+    state = t.optimizer.state[t.module.W_dec]
+    assert (state["exp_avg"][killed] == 0).all() and (state["exp_avg_sq"][killed] == 0).all()
+    f = t.module(source(2048) * t.input_scale).features
+    assert ((f[:, killed] > 0).any(0)).all()
+
+
+@pytest.mark.parametrize("name, norm", [("bricken2023", "unit"), ("anthropic2024", "at_most_one")])
+def test_decoder_norms_obey_their_constraint(name, norm):
+    t, _ = train(make_recipe(name), 100, SparseSource())
+    norms = t.module.W_dec.norm(dim=-1)
+    assert t.recipe.decoder_norm == norm
+    if norm == "unit":
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    else:
+        assert (norms <= 1 + 1e-6).all() and norms.min() < 0.999  # below 1 is allowed, above is not
+
+
+def test_pruning_drops_features_with_decoder_norm_below_099():
+    t, _ = train(make_recipe("anthropic2024"), 50, SparseSource())
+    with torch.no_grad():
+        t.module.W_dec /= t.module.W_dec.norm(dim=-1, keepdim=True)
+        t.module.W_dec[::3] *= torch.linspace(0.5, 0.989, len(range(0, D_DICT, 3)))[:, None]
+    keep = t.module.W_dec.norm(dim=-1) >= 0.99
+    module = t.finish()
+    assert module.d_dict == int(keep.sum()) == D_DICT - len(range(0, D_DICT, 3))
+    x = SparseSource(seed=3)(64)
+    assert torch.allclose(module(x).features, t.module(x * t.input_scale).features[:, keep], atol=1e-5)
+    with torch.no_grad():
+        t.module.W_dec *= 0.5
+    with pytest.raises(RecipeError) as info:  # pruning everything is an error, not an empty dictionary
+        t.finish()
+    assert info.value.fields == ["prune_below"]
+
+
+@pytest.mark.parametrize("name", ["anthropic2024", "jumprelu"])
+def test_input_normalisation_is_folded_back(name):
+    source = SparseSource(scale=40.0)  # raw activations far from norm sqrt(d_in)
+    t, _ = train(make_recipe(name, prune_below=None) if name == "anthropic2024" else make_recipe(name), 50, source)
+    assert t.input_scale != pytest.approx(1.0)
+    x = source(512)
+    mean_norm = (x * t.input_scale).norm(dim=-1).mean()
+    assert mean_norm == pytest.approx(D_IN ** 0.5, rel=0.05)
+    folded, inner = t.finish()(x), t.module(x * t.input_scale)
+    assert torch.allclose(folded.features, inner.features, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(folded.reconstruction, inner.reconstruction / t.input_scale, atol=1e-3, rtol=1e-4)
+
+
+def _roundtrip(state: dict) -> dict:
+    """Through bytes, as a checkpoint would go (weights_only loading)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_resume_is_bit_identical(name):
+    extra = {"resampling.every": 40, "resampling.dead_window": 5} if name in ("bricken2023", "marks2023") else {}
+    if name == "farrell2024":
+        extra = {"penalty.density_window": 7, "penalty.density_floor": 0.05}
+    recipe = make_recipe(name, **extra)
+    straight, _ = train(recipe, 60, SparseSource(), total=60)
+    half, _ = train(recipe, 30, SparseSource(), total=60)
+    resumed = Trainer(recipe, D_IN, total_steps=60)
+    resumed.load_state_dict(_roundtrip(half.state_dict()))
+    source = SparseSource()
+    source.gen.set_state(half_source_state(recipe))
+    train(recipe, 30, source, trainer=resumed)
+    for (k, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(straight.steps_since_fired, resumed.steps_since_fired)
+
+
+def half_source_state(recipe) -> torch.Tensor:
+    """The data generator's state after the first 30 steps (what the run's data position restores)."""
+    source = SparseSource()
+    if recipe.input_normalization != "none":
+        source(1024)
+    for _ in range(30):
+        source()
+    return source.gen.get_state()
+
+
+def test_resume_refuses_another_recipe():
+    t = Trainer(make_recipe("bricken2023"), D_IN, total_steps=10)
+    other = Trainer(make_recipe("bricken2023", **{"penalty.coefficient": 0.5}), D_IN, total_steps=10)
+    with pytest.raises(RecipeError) as info:
+        other.load_state_dict(t.state_dict())
+    assert info.value.fields == ["penalty"]
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_topk_and_batchtopk_keep_k(name):
+    source = SparseSource()
+    t, metrics = train(make_recipe(name), 150, source)
+    k = t.recipe.k
+    if name == "topk":
+        assert all(m["l0"] <= k for m in metrics) and metrics[-1]["l0"] > k - 0.5
+    else:  # k per token on average over the batch in training
+        assert all(m["l0"] == pytest.approx(k) for m in metrics)
+    module = t.finish()
+    l0 = float((module(source(2048)).features > 0).sum(-1).float().mean())
+    if name == "batchtopk":  # the inference threshold was set from training and keeps about k per token
+        assert float(module.threshold.detach()) > 0 and 0.5 * k < l0 < 2 * k
+    else:
+        assert l0 <= k
+
+
+def test_jumprelu_threshold_learns():
+    recipe = make_recipe("jumprelu", **{"penalty.coefficient": 3e-2})
+    t, metrics = train(recipe, 200, SparseSource())
+    theta = t.finish().threshold
+    start = recipe.penalty.initial_threshold
+    assert (theta - start).abs().max() > 10 * start and theta.std() > 0
+    assert metrics[-1]["l0"] < metrics[0]["l0"]
+
+
+def test_schedule_warms_up_and_decays():
+    r = make_recipe("anthropic2024", **{"optimizer.warmup_steps": 10, "optimizer.lr": 1.0})
+    lrs = [lr_at(r, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[79] == 1.0
+    assert lrs[80] == pytest.approx(1.0) and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
+
+
+def test_bad_batch_shape_and_length():
+    t = Trainer(make_recipe("bricken2023"), D_IN, total_steps=10)
+    with pytest.raises(ShapeMismatchError) as info:
+        t.step(torch.zeros(8, D_IN + 1))
+    assert str(D_IN) in str(info.value) and str(D_IN + 1) in str(info.value)
+    with pytest.raises(RecipeError):
+        Trainer(make_recipe("bricken2023"), D_IN, total_steps=0)

@@ -1,0 +1,256 @@
+"""Training losses: reconstruction, sparsity penalties and each architecture's training-time forward.
+
+Shapes: x (B, d) activations, pre (B, F) encoder pre-activations, f (B, F) features, W_dec (F, d).
+`compute_loss` is the one entry point the trainer calls; it dispatches on the recipe's architecture and
+returns the total loss with its named parts. Papers: Bricken et al. 2023 (L1), Anthropic Feb 2024 (tanh,
+decoder-norm weighting, ghost grads from the Jan 2024 update), Farrell 2024 (approximate L0 + minimum
+density), Gao et al. 2024 (TopK, AuxK), Bussmann et al. 2024 (BatchTopK), Rajamanoharan et al. 2024a
+(Gated) and 2024b (JumpReLU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dictionaries.architectures import Dictionary
+from dictionaries.card import Recipe
+
+
+# ---- reconstruction and penalties -------------------------------------------------------------------
+def reconstruction_loss(x: Tensor, x_hat: Tensor, mode: str) -> Tensor:
+    """MSE averaged over all elements (`mean`, Bricken 2023) or summed over d, averaged over tokens (`sum_dims`)."""
+    err = (x - x_hat).pow(2)
+    return err.mean() if mode == "mean" else err.sum(-1).mean()
+
+
+def l1_penalty(f: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
+    """Mean over tokens of sum_i |f_i| (times ||W_dec,i|| when given, Anthropic 2024)."""
+    a = f.abs() if decoder_norms is None else f.abs() * decoder_norms
+    return a.sum(-1).mean()
+
+
+def tanh_penalty(f: Tensor, a: float, b: float, decoder_norms: Tensor | None = None) -> Tensor:
+    """Mean over tokens of sum_i (A/B) tanh(B f_i ||W_dec,i||) (Anthropic, Feb 2024)."""
+    scaled = f if decoder_norms is None else f * decoder_norms
+    return ((a / b) * torch.tanh(b * scaled)).sum(-1).mean()
+
+
+def feature_density(f: Tensor, eps: float) -> Tensor:
+    """Farrell 2024's differentiable density per feature, s_i = mean_b f_bi / (f_bi + eps): (F,)."""
+    return (f / (f + eps)).mean(0)
+
+
+def min_density_penalty(density: Tensor, floor: float) -> Tensor:
+    """sum_i max(0, floor - density_i) / floor: each feature below the floor costs up to 1 (Farrell 2024)."""
+    return (torch.relu(floor - density) / floor).sum()
+
+
+# ---- JumpReLU straight-through estimators (Rajamanoharan et al. 2024b, section 4) --------------------
+def _rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel K(u) = 1 for |u| < 1/2, else 0."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - theta); d/dz = H(z - theta), d/dtheta = -(theta / eps) K((z - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(theta / eps) * _rectangle((z - theta) / eps) * grad
+        return (z > theta) * grad, grad_theta.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta); d/dz = 0, d/dtheta = -(1 / eps) K((z - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * _rectangle((z - theta) / eps) * grad
+        return torch.zeros_like(z), grad_theta.sum(0), None
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """JumpReLU features (B, F) with straight-through gradients for the threshold (F,)."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def l0_penalty(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Mean over tokens of the number of features above threshold, differentiable in the threshold."""
+    return _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
+
+
+# ---- TopK, BatchTopK and AuxK ------------------------------------------------------------------------
+def topk_features(pre: Tensor, k: int) -> Tensor:
+    """Keep each token's k largest pre-activations, ReLU'd (Gao et al. 2024): (B, F)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+
+
+def batchtopk_features(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keep the k * B largest ReLU'd pre-activations over the whole batch (Bussmann et al. 2024).
+
+    Returns the features (B, F) and the smallest positive kept activation (a scalar, inf if none), whose
+    running average becomes the inference threshold.
+    """
+    act = torch.relu(pre)
+    flat = act.flatten()
+    values, indices = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+    f = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+    positive = values.detach()[values.detach() > 0]
+    smallest = positive.min() if positive.numel() else torch.tensor(float("inf"), device=pre.device)
+    return f, smallest
+
+
+def auxk_loss(pre: Tensor, residual: Tensor, dead: Tensor, aux_k: int, W_dec: Tensor) -> Tensor:
+    """Gao et al. 2024 AuxK: reconstruct the error e = x - x_hat from the top aux_k dead features.
+
+    Normalised by the error's variance, sum ||e - e_hat||^2 / sum ||e - mean(e)||^2, so its scale does not
+    depend on the activations'. Zero when nothing is dead.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    masked = pre.masked_fill(~dead, float("-inf"))
+    values, indices = masked.topk(min(aux_k, n_dead), dim=-1, sorted=False)
+    e_hat = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values)) @ W_dec
+    e = residual.detach()
+    return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def ghost_grads_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor, mse: Tensor) -> Tensor:
+    """Anthropic's ghost grads (Circuits Updates, Jan 2024): dead features, with exp() activations, fit the error.
+
+    Their reconstruction is rescaled to half the error's norm, and the loss to the size of the MSE, so only
+    its gradient (which reaches dead features alone) matters.
+    """
+    if not bool(dead.any()):
+        return pre.new_zeros(())
+    e = residual.detach()
+    ghost = torch.exp(pre[:, dead]) @ W_dec[dead]                        # (B, d)
+    scale = e.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    ghost_mse = (ghost * scale.detach() - e).pow(2).mean()
+    return ghost_mse * (mse.detach() / ghost_mse.detach().clamp_min(1e-12))
+
+
+# ---- the training forward of each architecture --------------------------------------------------------
+@dataclass
+class LossContext:
+    """What the losses need from the trainer's running state."""
+
+    dead: Tensor
+    """(F,) bool: features counted dead by the recipe's rule (for AuxK and ghost grads)."""
+    density_sum: Tensor | None = None
+    """(F,) sum of the detached densities of the previous steps in the window (Farrell 2024), or None."""
+    density_count: int = 0
+    """How many previous steps `density_sum` holds."""
+
+
+@dataclass
+class LossOutput:
+    """The total loss and what the trainer logs or keeps from it."""
+
+    loss: Tensor
+    """Scalar to minimise."""
+    x_hat: Tensor
+    """(B, d) reconstruction."""
+    features: Tensor
+    """(B, F) features."""
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    """Named parts of the loss (for metrics)."""
+    density: Tensor | None = None
+    """(F,) this batch's differentiable density, detached (approx_l0), for the density window."""
+    smallest_kept: Tensor | None = None
+    """batchtopk: smallest positive activation kept in this batch."""
+
+
+def _centered(module: Dictionary, x: Tensor) -> Tensor:
+    return x - module.b_dec if module.pre_encoder_bias else x
+
+
+def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, out: dict) -> Tensor:
+    """The relu architecture's penalty term (L1, tanh or approximate L0 with its density term)."""
+    p = recipe.penalty
+    norms = module.W_dec.norm(dim=-1) if p.scale_by_decoder_norm else None
+    if p.kind == "l1":
+        return p.coefficient * l1_penalty(f, norms)
+    if p.kind == "tanh":
+        return p.coefficient * tanh_penalty(f, p.tanh_a, p.tanh_b, norms)
+    s = feature_density(f, p.l0_eps)                                      # approx_l0, (F,)
+    out["density"] = s.detach()
+    total = p.coefficient * s.sum()
+    if p.density_coefficient > 0:
+        past = ctx.density_sum if ctx.density_sum is not None else torch.zeros_like(s)
+        windowed = (past + s) / (ctx.density_count + 1)                  # gradient through this batch only
+        out["terms"]["density_penalty"] = min_density_penalty(windowed, p.density_floor)
+        total = total + p.density_coefficient * out["terms"]["density_penalty"]
+    return total
+
+
+def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext) -> LossOutput:
+    """One training forward of `module` on x (B, d) under `recipe`: loss, reconstruction, features, parts."""
+    if recipe.architecture == "gated":
+        return _gated_loss(module, x, recipe)
+    pre = _centered(module, x) @ module.W_enc + module.b_enc                # (B, F)
+    extra: dict = {"terms": {}}
+    arch, p = recipe.architecture, recipe.penalty
+    if arch == "relu":
+        f = torch.relu(pre)
+    elif arch == "topk":
+        f = topk_features(pre, recipe.k)
+    elif arch == "batchtopk":
+        f, extra["smallest_kept"] = batchtopk_features(pre, recipe.k)
+    else:  # jumprelu
+        f = jumprelu(pre, module.threshold, p.bandwidth)
+    x_hat = f @ module.W_dec + module.b_dec
+    mse = reconstruction_loss(x, x_hat, recipe.mse)
+    terms = extra["terms"]
+    if arch == "relu":
+        sparsity = _sparsity(recipe, module, f, ctx, extra)
+    elif arch == "jumprelu":
+        sparsity = p.coefficient * l0_penalty(pre, module.threshold, p.bandwidth)
+    else:
+        sparsity = pre.new_zeros(())
+    loss = mse + sparsity
+    if p.aux_k is not None:
+        terms["auxk"] = auxk_loss(pre, x - x_hat, ctx.dead, p.aux_k, module.W_dec)
+        loss = loss + p.aux_coefficient * terms["auxk"]
+    if recipe.resampling.kind == "ghost_grads":
+        terms["ghost"] = ghost_grads_loss(pre, x - x_hat, ctx.dead, module.W_dec, mse)
+        loss = loss + terms["ghost"]
+    terms.update(mse=mse, sparsity=sparsity)
+    return LossOutput(loss, x_hat, f, terms, extra.get("density"), extra.get("smallest_kept"))
+
+
+def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe) -> LossOutput:
+    """Rajamanoharan et al. 2024a, eq. 8: MSE + lambda ||ReLU(pi_gate)||_1 + MSE of ReLU(pi_gate) decoded frozen."""
+    projected = _centered(module, x) @ module.W_enc                     # (B, F), shared by gate and magnitude
+    pi_gate = projected + module.b_enc
+    magnitude = torch.relu(projected * torch.exp(module.r_mag) + module.b_mag)
+    f = (pi_gate > 0) * magnitude
+    x_hat = f @ module.W_dec + module.b_dec
+    mse = reconstruction_loss(x, x_hat, recipe.mse)
+    gate = torch.relu(pi_gate)
+    norms = module.W_dec.norm(dim=-1) if recipe.penalty.scale_by_decoder_norm else None
+    sparsity = recipe.penalty.coefficient * l1_penalty(gate, norms)
+    aux = reconstruction_loss(x, gate @ module.W_dec.detach() + module.b_dec.detach(), recipe.mse)
+    terms = {"mse": mse, "sparsity": sparsity, "gated_aux": aux}
+    return LossOutput(mse + sparsity + aux, x_hat, f, terms)

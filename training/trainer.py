@@ -1,0 +1,335 @@
+"""Optimisation of one dictionary under a recipe: init, Adam and its schedule, decoder-norm rules,
+dead-feature bookkeeping, resampling, input normalisation and the final native module.
+
+`Trainer.step` takes raw activations (B, d_in); everything inside runs on inputs scaled by `input_scale`
+(Anthropic 2024's sqrt(d_in) normalisation) and `finish` folds that scale back into the weights. Under
+`torch.distributed` each rank steps on its own batch and the trainer all-reduces gradients and batch
+statistics itself, so the ranks' modules stay identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dictionaries.architectures import KINDS, Dictionary
+from dictionaries.card import Recipe
+from dictionaries.errors import RecipeError, ShapeMismatchError
+from training.losses import LossContext, compute_loss
+
+# recipe fields that change the optimisation; a resumed state must agree on all of them
+_OPTIMISATION_FIELDS = ("architecture", "d_dict", "k", "pre_encoder_bias", "penalty", "optimizer", "decoder_norm",
+                        "prune_below", "resampling", "input_normalization", "mse", "seed", "dtype",
+                        "threshold_decay")
+
+
+def _world() -> int:
+    """Number of ranks when torch.distributed is initialised, else 0."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _all_reduce(t: Tensor, op: str = "sum") -> Tensor:
+    """In-place all-reduce when distributed (sum, max or mean); a no-op on one process."""
+    world = _world()
+    if world:
+        dist = torch.distributed
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= world
+    return t
+
+
+def lr_at(recipe: Recipe, step: int, total_steps: int) -> float:
+    """Peak lr times a linear warm-up over warmup_steps and a linear decay to 0 over the last decay_fraction."""
+    opt = recipe.optimizer
+    factor = min(1.0, (step + 1) / opt.warmup_steps) if opt.warmup_steps else 1.0
+    decay_steps = round(opt.decay_fraction * total_steps)
+    if decay_steps and step >= total_steps - decay_steps:
+        factor *= max(0.0, (total_steps - step) / decay_steps)
+    return opt.lr * factor
+
+
+def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: str | torch.device) -> Dictionary:
+    """A module of the recipe's kind with random unit decoder rows and the encoder tied to them.
+
+    Tied init W_enc = W_dec^T follows Gao et al. 2024 and Anthropic (2024); biases start at 0, JumpReLU
+    thresholds at `penalty.initial_threshold`, gated r_mag/b_mag at 0 (Rajamanoharan et al. 2024a).
+    """
+    kw = {"pre_encoder_bias": recipe.pre_encoder_bias, "dtype": dtype, "device": device}
+    if recipe.k is not None:
+        kw["k"] = recipe.k
+    module = KINDS[recipe.architecture](d_in, recipe.d_dict, **kw)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    W_dec = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        module.W_dec.copy_(W_dec)
+        module.W_enc.copy_(W_dec.T)
+        if recipe.architecture == "jumprelu":
+            module.threshold.fill_(recipe.penalty.initial_threshold)
+    return module
+
+
+class Trainer:
+    """Trains one dictionary under `recipe` on activations of width d_in, for `total_steps` steps."""
+
+    def __init__(self, recipe: Recipe, d_in: int, *, total_steps: int, device: str | torch.device = "cpu"):
+        if total_steps <= 0:
+            raise RecipeError(["tokens", "batch_size"], f"training needs at least one step, got {total_steps}")
+        self.recipe, self.d_in, self.total_steps, self.device = recipe, d_in, total_steps, torch.device(device)
+        self.dtype = getattr(torch, recipe.dtype)
+        self.module = init_dictionary(recipe, d_in, dtype=self.dtype, device=self.device)
+        frozen = {"threshold"} if recipe.architecture == "batchtopk" else set()  # set from statistics, not trained
+        for name in frozen:
+            getattr(self.module, name).requires_grad_(False)
+        opt = recipe.optimizer
+        self.optimizer = torch.optim.Adam([p for n, p in self.module.named_parameters() if n not in frozen],
+                                          lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        F = recipe.d_dict
+        self.step_count = 0
+        self.input_scale = 1.0
+        self.steps_since_fired = torch.zeros(F, dtype=torch.long, device=self.device)
+        self.tokens_since_fired = torch.zeros(F, dtype=torch.long, device=self.device)
+        self.threshold_average: Tensor | None = None                  # batchtopk running threshold
+        self.rng = torch.Generator().manual_seed(recipe.seed + 1)        # resampling draws
+        window = recipe.penalty.density_window - 1 if recipe.penalty.density_coefficient > 0 else 0
+        self.density_ring = torch.zeros(max(window, 0), F, device=self.device)  # previous steps' densities
+        self.density_sum = torch.zeros(F, device=self.device)
+        self.density_count = 0
+        self._constrain_weights()
+
+    # ---- the public step ---------------------------------------------------------------------------
+    def estimate_input_scale(self, x: Tensor) -> None:
+        """Set the input scale so that scaled inputs have mean L2 norm sqrt(d_in) (Anthropic, Feb 2024)."""
+        if self.recipe.input_normalization == "none":
+            return
+        x = self._check(x)
+        mean_norm = _all_reduce(x.norm(dim=-1).mean().double().reshape(1), "mean")
+        self.input_scale = float(math.sqrt(self.d_in) / mean_norm.clamp_min(1e-12).item())
+
+    def step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None = None) -> dict[str, float]:
+        """One optimisation step on raw activations x (B, d_in); returns the step's metrics."""
+        x = self._check(x) * self.input_scale
+        if self.step_count == 0:
+            self._initialise_decoder_bias(x)
+        lr = lr_at(self.recipe, self.step_count, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = compute_loss(self.module, x, self.recipe, self._context())
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self._all_reduce_grads()
+        self._constrain_gradients()
+        if self.recipe.optimizer.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.optimizer.grad_clip)
+        self.optimizer.step()
+        self._constrain_weights()
+        with torch.no_grad():
+            fired = _all_reduce((out.features > 0).any(0).to(torch.uint8), "max").bool()
+            self._count_firing(fired, x.shape[0] * max(_world(), 1))
+            self._update_density(out.density)
+            self._update_threshold(out.smallest_kept)
+        self.step_count += 1
+        resampled = self._maybe_resample(x, sample_inputs)
+        return self._metrics(x, out, lr, resampled)
+
+    @torch.no_grad()
+    def _initialise_decoder_bias(self, x: Tensor, iterations: int = 20) -> None:
+        """b_dec starts at the geometric median of the first batch (Bricken et al. 2023; Gao et al. 2024).
+
+        Weiszfeld's iteration: the median is the fixed point of a mean weighted by 1 / distance.
+        """
+        median = x.mean(0)
+        for _ in range(iterations):
+            weights = 1.0 / (x - median).norm(dim=-1).clamp_min(1e-8)              # (B,)
+            median = (weights[:, None] * x).sum(0) / weights.sum()
+        self.module.b_dec.copy_(_all_reduce(median, "mean"))
+
+    def _check(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[-1] != self.d_in:
+            raise ShapeMismatchError("training batch", f"(batch, {self.d_in})", tuple(x.shape))
+        return x.to(self.device, self.dtype)
+
+    def _metrics(self, x: Tensor, out, lr: float, resampled: int) -> dict[str, float]:
+        with torch.no_grad():
+            raw_mse = (x - out.x_hat).pow(2).mean() / self.input_scale ** 2   # element-wise, raw units
+            metrics = {"loss": out.loss.item(), "mse": raw_mse.item(),
+                       "l0": (out.features > 0).sum(-1).float().mean().item(),
+                       "dead_frac": self.dead_mask().float().mean().item(), "lr": lr, "resampled": float(resampled)}
+            metrics.update({f"loss_{k}": float(v) for k, v in out.terms.items()})
+        return metrics
+
+    # ---- constraints on the decoder ----------------------------------------------------------------
+    def _constrain_gradients(self) -> None:
+        """Unit-norm decoder: remove the gradient's component along each decoder row (Bricken et al. 2023)."""
+        W, g = self.module.W_dec, self.module.W_dec.grad
+        if self.recipe.decoder_norm == "unit" and g is not None:
+            g -= (g * W).sum(-1, keepdim=True) * W
+
+    @torch.no_grad()
+    def _constrain_weights(self) -> None:
+        """Decoder rows back to norm 1 (unit) or down to at most 1 (Anthropic 2024); thresholds >= 0."""
+        W = self.module.W_dec
+        norms = W.norm(dim=-1, keepdim=True)
+        if self.recipe.decoder_norm == "unit":
+            W /= norms.clamp_min(1e-12)
+        elif self.recipe.decoder_norm == "at_most_one":
+            W /= norms.clamp_min(1.0)
+        if self.recipe.architecture == "jumprelu":
+            self.module.threshold.clamp_(min=0.0)
+
+    def _all_reduce_grads(self) -> None:
+        """Average gradients over ranks (data parallel), flattened into one buffer for one collective."""
+        if not _world():
+            return
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        flat = _all_reduce(torch.cat([g.flatten() for g in grads]), "mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # ---- dead features, densities, thresholds -------------------------------------------------------
+    def dead_mask(self) -> Tensor:
+        """(F,) bool: dead by the recipe's rule (AuxK: tokens without firing; else steps without firing)."""
+        if self.recipe.penalty.aux_k is not None:
+            return self.tokens_since_fired >= self.recipe.penalty.aux_dead_tokens
+        return self.steps_since_fired >= self.recipe.resampling.dead_window
+
+    def _context(self) -> LossContext:
+        return LossContext(self.dead_mask(), self.density_sum if self.density_ring.shape[0] else None,
+                           min(self.density_count, self.density_ring.shape[0]))
+
+    def _count_firing(self, fired: Tensor, tokens: int) -> None:
+        self.steps_since_fired = torch.where(fired, 0, self.steps_since_fired + 1)
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + tokens)
+
+    def _update_density(self, density: Tensor | None) -> None:
+        """Keep the last density_window - 1 batch densities (all-reduced) and their sum (Farrell 2024)."""
+        window = self.density_ring.shape[0]
+        if density is None or window == 0:
+            return
+        density = _all_reduce(density.clone(), "mean")
+        slot = self.density_count % window
+        if self.density_count >= window:
+            self.density_sum -= self.density_ring[slot]
+        self.density_ring[slot] = density
+        self.density_sum += density
+        self.density_count += 1
+
+    def _update_threshold(self, smallest: Tensor | None) -> None:
+        """batchtopk: running average of the smallest kept activation (Bussmann et al. 2024)."""
+        if smallest is None or not torch.isfinite(smallest):
+            return
+        smallest = _all_reduce(smallest.detach().double().reshape(1), "mean")[0]
+        if self.threshold_average is None:
+            self.threshold_average = smallest
+        else:
+            decay = self.recipe.threshold_decay
+            self.threshold_average = decay * self.threshold_average + (1 - decay) * smallest
+
+    # ---- Anthropic resampling (Bricken et al. 2023) -------------------------------------------------
+    def _maybe_resample(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None) -> int:
+        rs = self.recipe.resampling
+        if rs.kind != "anthropic" or self.step_count % rs.every or (rs.until is not None and self.step_count > rs.until):
+            return 0
+        dead = self.steps_since_fired >= rs.dead_window
+        n_dead = int(dead.sum())
+        if n_dead:
+            inputs = x if sample_inputs is None else self._check(sample_inputs(rs.inputs)) * self.input_scale
+            self.resample(dead, inputs)
+        return n_dead
+
+    @torch.no_grad()
+    def resample(self, dead: Tensor, inputs: Tensor) -> None:
+        """Re-initialise the `dead` (F,) features from `inputs` (n, d), already scaled (Bricken et al. 2023).
+
+        Inputs are drawn with probability proportional to their squared reconstruction loss; the decoder
+        row becomes the normalised input, the encoder column that times encoder_scale times the mean alive
+        encoder norm, the encoder bias 0, and Adam's moments for those entries are reset.
+        """
+        m, n_dead = self.module, int(dead.sum())
+        losses = torch.cat([(chunk - m(chunk).reconstruction).pow(2).sum(-1) for chunk in inputs.split(8192)])
+        weights = losses.double().cpu() + 1e-12
+        chosen = torch.multinomial(weights, n_dead, replacement=n_dead > len(weights), generator=self.rng)
+        directions = inputs[chosen.to(inputs.device)]
+        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if _world():  # every rank must write the same directions
+            torch.distributed.broadcast(directions, src=0)
+        alive_norm = m.W_enc[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
+        m.W_dec[dead] = directions
+        m.W_enc[:, dead] = directions.T * (self.recipe.resampling.encoder_scale * alive_norm)
+        m.b_enc[dead] = 0.0
+        for param, index in ((m.W_dec, (dead,)), (m.W_enc, (slice(None), dead)), (m.b_enc, (dead,))):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in self.optimizer.state.get(param, {}):
+                    self.optimizer.state[param][moment][index] = 0.0
+        self.steps_since_fired[dead] = 0
+        self.tokens_since_fired[dead] = 0
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed for a bit-identical resume (tensors copied, so later steps do not change it)."""
+        return copy.deepcopy({
+            "recipe": self.recipe.model_dump(mode="json", include=set(_OPTIMISATION_FIELDS)),
+            "d_in": self.d_in, "total_steps": self.total_steps, "step": self.step_count,
+            "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "input_scale": self.input_scale, "steps_since_fired": self.steps_since_fired,
+            "tokens_since_fired": self.tokens_since_fired, "threshold_average": self.threshold_average,
+            "rng": self.rng.get_state(), "density_ring": self.density_ring, "density_sum": self.density_sum,
+            "density_count": self.density_count,
+        })
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict`; refuses one from another recipe, width or length, naming the difference."""
+        mine = self.recipe.model_dump(mode="json", include=set(_OPTIMISATION_FIELDS))
+        differ = [k for k in _OPTIMISATION_FIELDS if mine.get(k) != state["recipe"].get(k)]
+        differ += [k for k in ("d_in", "total_steps") if getattr(self, k) != state[k]]
+        if differ:
+            raise RecipeError(differ, "the saved trainer state comes from a different recipe; "
+                                      "resume with the recipe that wrote it or start afresh")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count, self.input_scale = state["step"], state["input_scale"]
+        self.steps_since_fired = state["steps_since_fired"].to(self.device)
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        self.threshold_average = state["threshold_average"]
+        self.rng.set_state(state["rng"])
+        self.density_ring = state["density_ring"].to(self.device)
+        self.density_sum = state["density_sum"].to(self.device)
+        self.density_count = state["density_count"]
+
+    # ---- the result ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def finish(self) -> Dictionary:
+        """The trained module in native layout, taking raw activations.
+
+        The input scale s is folded back (W_enc * s, W_dec / s, b_dec / s: features are unchanged and the
+        reconstruction comes out in raw units), features with decoder norm below `prune_below` are dropped
+        (Anthropic 2024), and batchtopk's inference threshold is set to the running average.
+        """
+        r, s = self.recipe, self.input_scale
+        state = {k: v.clone() for k, v in self.module.native_state().items()}
+        keep = torch.ones(r.d_dict, dtype=torch.bool, device=self.device)
+        if r.prune_below is not None:
+            keep = state["W_dec"].norm(dim=-1) >= r.prune_below
+        state["W_enc"], state["W_dec"], state["b_dec"] = state["W_enc"] * s, state["W_dec"] / s, state["b_dec"] / s
+        if r.architecture == "batchtopk" and self.threshold_average is not None:
+            state["threshold"] = torch.tensor(float(self.threshold_average), dtype=self.dtype, device=self.device)
+        state["W_enc"] = state["W_enc"][:, keep]
+        for name in ("b_enc", "W_dec", "r_mag", "b_mag") + (("threshold",) if r.architecture == "jumprelu" else ()):
+            if name in state:
+                state[name] = state[name][keep]
+        d_dict = int(keep.sum())
+        if d_dict == 0:
+            raise RecipeError(["prune_below"], f"every feature has decoder norm below {r.prune_below}, so pruning "
+                                               "would leave none: train longer or lower prune_below")
+        kw = {"pre_encoder_bias": r.pre_encoder_bias, "dtype": self.dtype, "device": self.device}
+        if r.k is not None:
+            kw["k"] = min(r.k, d_dict)
+        return KINDS[r.architecture](self.d_in, d_dict, **kw).load_native_state(state, "trainer").eval()
