@@ -1,0 +1,184 @@
+"""`dictctl demo`: the whole product end to end, offline, in a few minutes on two CPU cores.
+
+It starts a local Hub (olah on loopback), pretrains a toy GPT-NeoX on text that ships with Python (cached
+after the first run), trains a TopK dictionary on its layer-1 MLP output with a real recipe, evaluates it,
+publishes it to the local Hub, loads it back by name through a registry, attaches it through nnsight and
+prints the top features of a sentence with what they respond to. Every step says what it does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SENTENCE = "The for statement is used to iterate over the elements of a sequence."
+REPO = "demo/toy-neox-saes"
+
+PYTHIA_COMMANDS = """\
+The same with Pythia-70m, on a machine with network (and a GPU for training):
+  dictctl list --model pythia70m
+  dictctl download pythia70m/mlp3/8192
+  dictctl train pythia70m/mlp3/8192 --out runs            # the card's marks2023 recipe, ~800M tokens
+  dictctl train 'pythia70m/mlp*/8192' --out runs          # all six layers from one pass over the model
+  dictctl eval runs/pythia-70m-deduped/mlp3/8192
+  dictctl publish runs/pythia-70m-deduped/mlp3/8192 --repo ORG/pythia70m-saes --subfolder mlp3/8192 --register
+  python -c "from dictionaries import load_dictionary; print(load_dictionary('pythia70m/mlp3/8192'))\""""
+
+
+@dataclass
+class DemoResult:
+    """What the demo made and measured."""
+
+    name: str = ""
+    folder: Path | None = None
+    stats: dict = field(default_factory=dict)
+    top_features: list[tuple[int, float, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def demo_registry(root: Path) -> Path:
+    """A registry for the demo: a copy of the packaged one (the new entry is added beside the real ones)."""
+    from dictionaries.registry import default_registry_path
+
+    src = default_registry_path()
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, root / "registry.yaml")
+    shutil.copytree(src.parent / "cards", root / "cards", dirs_exist_ok=True)
+    return root / "registry.yaml"
+
+
+def demo_recipe(model_folder: Path, dataset: Path, d_model: int, tokens: int):
+    """TopK (Gao et al. 2024) with AuxK, scaled down: 8x expansion, k = 16, short warm-up, dead after 200k tokens."""
+    from training.recipe import preset, validate_recipe
+
+    fields = preset("topk", model={"id": str(model_folder)},
+                    hook={"module": "gpt_neox.layers.1.mlp", "io": "output", "site": "mlp", "layer": 1},
+                    dataset={"path": str(dataset)}, context_length=64, tokens=tokens, batch_size=1024,
+                    buffer_contexts=256, harvest_batch_size=32, d_dict=8 * d_model, k=16,
+                    **{"optimizer.lr": 2e-3, "optimizer.warmup_steps": 20, "penalty.aux_k": 64,
+                       "penalty.aux_dead_tokens": 200_000}, seed=0)
+    return validate_recipe(fields)
+
+
+def run_demo(workdir: str | Path | None = None, *, tokens: int = 600_000, say: Callable[[str], None] = print,
+             progress: bool = True) -> DemoResult:
+    """Run every step; `workdir` holds the cached toy model and this run's hub, registry and outputs."""
+    start = time.perf_counter()
+    workdir = Path(workdir or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "dictionaries" / "demo")
+    run_dir = workdir / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = DemoResult()
+
+    say("[1/7] Starting a local Hub (olah on 127.0.0.1) and pointing huggingface_hub at it")
+    hub = _start_hub(run_dir, say)
+    try:
+        say("[2/7] Toy language model: a GPT-NeoX (Pythia's module names) pretrained on Python's own docs")
+        from training.toymodel import corpus_documents, toy_model_folder, tiny_config
+
+        model_folder = toy_model_folder(workdir / "models", d_model=128, n_layers=2, steps=400, progress=progress)
+        d_model = tiny_config(d_model=128).hidden_size
+        dataset = run_dir / "corpus.txt"
+        dataset.write_text("\n\n".join(corpus_documents()))
+        say(f"      model: {model_folder}\n      text:  {dataset} ({dataset.stat().st_size:,} bytes)")
+
+        say(f"[3/7] Training a TopK dictionary (8x, k=16) on gpt_neox.layers.1.mlp for {tokens:,} tokens")
+        from training.run import train
+
+        recipe = demo_recipe(model_folder, dataset, d_model, tokens)
+        result.name = "toyneox/mlp1/1024"
+        (folder,) = train(recipe, out=run_dir / "trained", names=[result.name], progress=progress,
+                          checkpoint_every=10_000)
+        result.folder = folder
+
+        say("[4/7] Evaluating: MSE, L0, FVU, loss recovered, KL, density histogram, sensitive directions")
+        from training.evaluate import evaluate_and_write
+
+        ((_, card),) = evaluate_and_write(str(folder), model=str(model_folder), dataset=str(dataset),
+                                          tokens=16_384, context_length=64, batch_size=16, progress=progress,
+                                          sensitivity_samples=16)
+        result.stats = card.stats.model_dump(exclude_none=True) if card.stats else {}
+        _print_stats(result.stats, folder, say)
+
+        say(f"[5/7] Publishing to the local Hub as {REPO} (one commit) and registering the entry")
+        from dictionaries.publish import publish
+
+        registry = demo_registry(run_dir / "registry")
+        os.environ["DICTIONARIES_REGISTRY"] = str(registry)
+        published = publish(folder, REPO, subfolder="mlp1/1024", register=True, local_hub=hub,
+                            registry_path=registry)
+        say(f"      commit {published.location.revision} -> {published.registered}")
+
+        say(f"[6/7] Loading {result.name!r} back by name: registry -> Hub (pinned commit, sha256 checked)")
+        from dictionaries.loader import load_dictionary
+
+        dictionary = load_dictionary(result.name)
+        say(f"      {dictionary}")
+
+        say("[7/7] Attaching it through nnsight: top features of a sentence and what they respond to")
+        result.top_features = _show_features(model_folder, dictionary, say, progress)
+    finally:
+        hub.stop()
+    result.seconds = time.perf_counter() - start
+    say(f"\nDone in {result.seconds:.0f} s. Everything is under {run_dir}.\n")
+    say(PYTHIA_COMMANDS)
+    return result
+
+
+def _start_hub(run_dir: Path, say: Callable[[str], None]):
+    from dictionaries.localhub import LocalHub, free_port
+
+    # huggingface_hub reads HF_ENDPOINT when it is imported, so the port is chosen and the variable set
+    # before anything imports it (transformers does).
+    hub = LocalHub(run_dir / "hub", port=free_port())
+    os.environ["HF_ENDPOINT"] = hub.endpoint
+    os.environ.pop("HF_HUB_OFFLINE", None)
+    hub.start()
+    say(f"      HF_ENDPOINT={hub.endpoint}")
+    return hub
+
+
+def _print_stats(stats: dict, folder: Path, say: Callable[[str], None]) -> None:
+    keys = ("mse", "l0", "frac_alive", "variance_explained", "frac_loss_recovered", "kl", "ce_clean", "ce_spliced",
+            "ce_zero")
+    say("      " + ", ".join(f"{k} {stats[k]:.4g}" for k in keys if k in stats))
+    if "density" in stats:
+        say("      density: " + ", ".join(f"{k} {v:.4g}" for k, v in stats["density"].items()))
+    if "sensitivity" in stats:
+        say("      sensitivity (median step to KL 0.5): " +
+            ", ".join(f"{k} {v:.3g}" for k, v in stats["sensitivity"].items() if k != "samples"))
+    say(f"      plots: {folder / 'density.png'}, {folder / 'sensitivity.png'}")
+
+
+def _show_features(model_folder: Path, dictionary, say: Callable[[str], None], progress: bool,
+                   n_features: int = 3) -> list[tuple[int, float, str]]:
+    """Top features (by activation at any position) of SENTENCE, each with its top contexts in the corpus."""
+    from dictionaries.attach import attach, wrap_model
+    from dictionaries.features import inspect_feature
+    from training.toymodel import corpus_documents
+
+    model = wrap_model(str(model_folder))
+    with attach(model, dictionary) as site:
+        with model.trace(SENTENCE):
+            features = site.features.save()
+    f = features.value if hasattr(features, "value") else features            # (1, pos, d_dict)
+    f = f[0]
+    tokens = model.tokenizer.convert_ids_to_tokens(model.tokenizer(SENTENCE)["input_ids"])
+    peak, where = f.max(dim=0)                                                   # (d_dict,) each
+    top = peak.topk(n_features).indices.tolist()
+    texts = corpus_documents()[:400]
+    shown = []
+    say(f"      sentence: {SENTENCE!r}")
+    for i in top:
+        token = tokens[int(where[i])].replace("Ġ", " ")
+        report = inspect_feature(model, dictionary, texts, i, top=3, context=6, progress=False)
+        say(f"      feature {i}: {float(peak[i]):.2f} on {token!r}; fires on {report.frequency:.2%} of corpus tokens")
+        for ex in report.examples:
+            say(f"         {ex.activation:6.2f}  " + ex.render("[", "]").replace("Ġ", " ").replace("\n", " "))
+        if report.promoted:
+            say("         promotes: " + ", ".join(repr(t.token) for t in report.promoted[:5]))
+        shown.append((i, float(peak[i]), token))
+    return shown
