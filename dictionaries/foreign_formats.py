@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dictionaries.errors import FormatError, MissingFileError, ShapeMismatchError
-from dictionaries.formats import read_json
+from dictionaries.errors import FormatError
+from dictionaries.formats import Layout, check_layout, load_pickle, load_safetensors, read_json, require
 from dictionaries.model_paths import (dictionary_learning_hook, dictionary_learning_model, model_id, saelens_hook,
                                       sparsify_hook)
 
@@ -35,67 +35,6 @@ class Foreign:
     model: str | None = None
     hook: dict[str, Any] | None = None  # HookPoint fields
     notes: list[str] = field(default_factory=list)
-
-
-# A layout: tensor name -> (shape in named dimensions, required). d = d_in, F = d_dict; () is a scalar.
-Layout = dict[str, tuple[tuple[str, ...], bool]]
-
-
-def check_layout(state: dict[str, Tensor], layout: Layout, path: Path, dims: dict[str, int] | None = None,
-                 sizes_from: str = "") -> dict[str, int]:
-    """Check names and shapes of `state` against `layout`; the sizes of the named dimensions.
-
-    `dims` may hold sizes the config states (`sizes_from` names it); otherwise the first tensor of the
-    layout fixes them. Errors name the file, the tensor and both shapes.
-    """
-    dims = dict(dims or {})
-    missing = [k for k, (_, required) in layout.items() if required and k not in state]
-    unexpected = sorted(k for k in state if k not in layout)
-    if missing or unexpected:
-        raise FormatError(str(path), f"expected tensors {sorted(layout)}; missing {missing}, unexpected "
-                                     f"{unexpected} (the file holds {sorted(state)})")
-    for key, (spec, _) in layout.items():
-        if key not in state:
-            continue
-        shape = tuple(state[key].shape)
-        if len(shape) == len(spec):
-            for name, n in zip(spec, shape):
-                dims.setdefault(name, n)
-        expected = tuple(dims.get(name, name) for name in spec)
-        if shape != expected:
-            hint = f"Sizes taken from {sizes_from}." if sizes_from else ""
-            raise ShapeMismatchError(f"{path}: tensor {key!r}", expected, shape, hint=hint)
-    return dims
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise MissingFileError(str(path), f"A {what} folder needs it.")
-    return path
-
-
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FormatError(str(path), f"not a readable safetensors file ({e})") from None
-
-
-def _load_pickle(path: Path) -> dict[str, Tensor]:
-    try:
-        try:  # memory-mapped: the tensors are read as they are used (zip-format files, torch >= 1.6)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (pre-zip) file cannot be mapped: read it whole
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError: all mean "not a plain state dict"
-        raise FormatError(str(path), f"not a plain tensor state dict that loads with weights_only=True ({e}); "
-                                     "arbitrary pickles are never loaded") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise FormatError(str(path), "expected a state dict of tensors (what dictionary_learning saves)")
-    return dict(state)
 
 
 # ---- dictionary_learning --------------------------------------------------------------------------
@@ -158,10 +97,10 @@ def infer_dictionary_learning_class(state: dict[str, Tensor], path: Path, archit
 
 def read_dictionary_learning(folder: Path, *, architecture: str | None = None) -> Foreign:
     """`ae.pt` (+ `config.json`, absent or in a legacy layout for the early pythia sets)."""
-    ae = _require(folder / "ae.pt", "dictionary_learning")
+    ae = require(folder / "ae.pt", "dictionary_learning")
     config_path = folder / "config.json"
     config = read_json(config_path) if config_path.is_file() else {}
-    state = _load_pickle(ae)
+    state = load_pickle(ae)
     cls = _lookup(config, "dict_class") or infer_dictionary_learning_class(state, ae, architecture)
     if cls in DL_UNREPRESENTABLE:
         raise FormatError(str(config_path), f"dict_class {cls!r} cannot be read: {DL_UNREPRESENTABLE[cls]}")
@@ -305,8 +244,8 @@ def _saelens_config(cfg: dict) -> dict:
 
 def read_saelens(folder: Path, *, architecture: str | None = None) -> Foreign:
     """`cfg.json` + `sae_weights.safetensors` (SAELens 6.x, and the flat pre-6.0 configs)."""
-    cfg_path = _require(folder / "cfg.json", "SAELens")
-    weights = _require(folder / "sae_weights.safetensors", "SAELens")
+    cfg_path = require(folder / "cfg.json", "SAELens")
+    weights = require(folder / "sae_weights.safetensors", "SAELens")
     try:
         cfg = _saelens_config(read_json(cfg_path))
     except FormatError as e:
@@ -321,7 +260,7 @@ def read_saelens(folder: Path, *, architecture: str | None = None) -> Foreign:
     if cfg["normalize_activations"] in ("constant_norm_rescale", "layer_norm", "covariance_whitening"):
         raise FormatError(str(cfg_path), f"normalize_activations={cfg['normalize_activations']!r} rescales every "
                                          "token at run time, which no affine dictionary can represent")
-    state = _load_safetensors(weights)
+    state = load_safetensors(weights)
     sizes = {k: int(cfg[n]) for k, n in (("d", "d_in"), ("F", "d_sae")) if cfg.get(n) is not None}
     check_layout(state, SAELENS_LAYOUTS[arch], weights, sizes, sizes_from=f"{cfg_path.name} (d_in, d_sae)")
     dtype = getattr(torch, str(cfg.get("dtype") or "float32").removeprefix("torch."), None)
@@ -399,8 +338,8 @@ SPARSIFY_LAYOUT: Layout = {"encoder.weight": (("F", "d"), True), "encoder.bias":
 
 def read_sparsify(folder: Path, *, architecture: str | None = None) -> Foreign:
     """EleutherAI sparsify: `cfg.json` + `sae.safetensors`, one folder per hookpoint (named after it)."""
-    cfg_path = _require(folder / "cfg.json", "sparsify")
-    weights = _require(folder / "sae.safetensors", "sparsify")
+    cfg_path = require(folder / "cfg.json", "sparsify")
+    weights = require(folder / "sae.safetensors", "sparsify")
     cfg = read_json(cfg_path)
     why = ("transcoder: it predicts a module's output from its input" if cfg.get("transcode") else
            "skip connection (W_skip) is not part of any native kind" if cfg.get("skip_connection") else
@@ -413,7 +352,7 @@ def read_sparsify(folder: Path, *, architecture: str | None = None) -> Foreign:
         raise FormatError(str(cfg_path), "sparsify's cfg.json must hold d_in and k")
     d_in = int(cfg["d_in"])
     sizes = {"d": d_in, "F": int(cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32)))}
-    state = _load_safetensors(weights)
+    state = load_safetensors(weights)
     check_layout(state, SPARSIFY_LAYOUT, weights, sizes, sizes_from=f"{cfg_path.name} (d_in, num_latents)")
     # encode: TopK of ReLU(W (x - b_dec) + b); decode: sum of the top activations times W_dec rows + b_dec
     native = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],

@@ -17,6 +17,7 @@ from dictionaries.errors import ArchitectureMismatchError, FormatError, MissingF
 
 if TYPE_CHECKING:
     import torch
+    from torch import Tensor
 
     from dictionaries.architectures import Dictionary
     from dictionaries.foreign_formats import Foreign
@@ -213,3 +214,70 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise FormatError(str(path), f"expected a JSON object, found {type(data).__name__}")
     return data
+
+
+# ---- helpers of the foreign readers (foreign_formats.py) ---------------------------------------------
+# A layout: tensor name -> (shape in named dimensions, required). d = d_in, F = d_dict; () is a scalar.
+Layout = dict[str, tuple[tuple[str, ...], bool]]
+
+
+def check_layout(state: dict[str, Tensor], layout: Layout, path: Path, dims: dict[str, int] | None = None,
+                 sizes_from: str = "") -> dict[str, int]:
+    """Check names and shapes of `state` against `layout`; the sizes of the named dimensions.
+
+    `dims` may hold sizes the config states (`sizes_from` names it); otherwise the first tensor of the
+    layout fixes them. Errors name the file, the tensor and both shapes.
+    """
+    dims = dict(dims or {})
+    missing = [k for k, (_, required) in layout.items() if required and k not in state]
+    unexpected = sorted(k for k in state if k not in layout)
+    if missing or unexpected:
+        raise FormatError(str(path), f"expected tensors {sorted(layout)}; missing {missing}, unexpected "
+                                     f"{unexpected} (the file holds {sorted(state)})")
+    for key, (spec, _) in layout.items():
+        if key not in state:
+            continue
+        shape = tuple(state[key].shape)
+        if len(shape) == len(spec):
+            for name, n in zip(spec, shape):
+                dims.setdefault(name, n)
+        expected = tuple(dims.get(name, name) for name in spec)
+        if shape != expected:
+            hint = f"Sizes taken from {sizes_from}." if sizes_from else ""
+            raise ShapeMismatchError(f"{path}: tensor {key!r}", expected, shape, hint=hint)
+    return dims
+
+
+def require(path: Path, what: str) -> Path:
+    """`path`, or a MissingFileError saying a `what` folder needs it."""
+    if not path.is_file():
+        raise MissingFileError(str(path), f"A {what} folder needs it.")
+    return path
+
+
+def load_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, or a FormatError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(str(path), f"not a readable safetensors file ({e})") from None
+
+
+def load_pickle(path: Path) -> dict[str, Tensor]:
+    """A torch.save'd state dict of tensors, loaded with weights_only=True (never arbitrary pickles)."""
+    import torch
+
+    try:
+        try:  # memory-mapped: the tensors are read as they are used (zip-format files, torch >= 1.6)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zip) file cannot be mapped: read it whole
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError: all mean "not a plain state dict"
+        raise FormatError(str(path), f"not a plain tensor state dict that loads with weights_only=True ({e}); "
+                                     "arbitrary pickles are never loaded") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FormatError(str(path), "expected a state dict of tensors (what dictionary_learning saves)")
+    return dict(state)

@@ -4,7 +4,6 @@ every registry entry read from a folder faked in its declared format, and `dictc
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
