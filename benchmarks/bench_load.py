@@ -113,68 +113,68 @@ def dictctl_list_seconds(repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def run() -> list[dict]:
+def measure(tmp: Path) -> dict[str, float]:
+    """Every timing (seconds) of the table, keyed by candidate, plus the weights' size in MiB."""
     from safetensors.torch import load_file
 
     from dictionaries.loader import load_dictionary
     from dictionaries.localhub import LocalHub
     from dictionaries.registry import Registry
 
-    rows: list[dict] = []
-    size = f"{D_DICT}x{D_IN} relu"
+    d, _ = make_entry(tmp)
+    hf = tmp / "hf"
+    with LocalHub(tmp / "hub") as hub, environment(HF_HOME=str(hf), HF_HUB_CACHE=str(hf / "hub"),
+                                                      HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE=None):
+        sha = hub.commit("bench/load", {"d/card.json": tmp / "native" / "card.json",
+                                        "d/weights.safetensors": tmp / "native" / "weights.safetensors"}, "bench")
+        registry = Registry(register(tmp, "bench/load", sha))
+        start = time.perf_counter()
+        load_dictionary(NAME, registry=registry)
+        t = {"cold": time.perf_counter() - start}
+        t |= median_times({"online": lambda: load_dictionary(NAME, registry=registry)})
+    weights = _cached_folder(hf, sha) / "weights.safetensors"
+    sae_dir = saelens_folder(d, tmp)
+    with environment(HF_HOME=str(hf), HF_HUB_CACHE=str(hf / "hub"), HF_HUB_OFFLINE="1",
+                     HF_ENDPOINT="http://127.0.0.1:9"):
+        candidates = {
+            "safetensors": lambda: load_file(weights),
+            "offline": lambda: load_dictionary(NAME, registry=registry),
+            "folder": lambda: load_dictionary(tmp / "native"),
+            "safetensors+read": lambda: touch(load_file(weights).values()),
+            "offline+read": lambda: touch(load_dictionary(NAME, registry=registry).parameters()),
+        }
+        if sae_dir is not None:
+            from sae_lens import SAE
+
+            candidates["saelens"] = lambda: SAE.load_from_disk(sae_dir)
+            candidates["saelens+read"] = lambda: touch(SAE.load_from_disk(sae_dir).parameters())
+        t |= median_times(candidates)
+    t["MiB"] = weights.stat().st_size / 2**20
+    return t
+
+
+def run() -> list[dict]:
     with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
-        d, card = make_entry(tmp)
-        hf = tmp / "hf"
-        with LocalHub(tmp / "hub") as hub, environment(HF_HOME=str(hf), HF_HUB_CACHE=str(hf / "hub"),
-                                                          HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE=None):
-            sha = hub.commit("bench/load", {"d/card.json": tmp / "native" / "card.json",
-                                            "d/weights.safetensors": tmp / "native" / "weights.safetensors"}, "bench")
-            registry = Registry(register(tmp, "bench/load", sha))
-            start = time.perf_counter()
-            load_dictionary(NAME, registry=registry)
-            cold = time.perf_counter() - start
-            weights = _cached_folder(hf, sha) / "weights.safetensors"
-            sae_dir = saelens_folder(d, tmp)
-            online = median_times({"online": lambda: load_dictionary(NAME, registry=registry)})["online"]
-        with environment(HF_HOME=str(hf), HF_HUB_CACHE=str(hf / "hub"), HF_HUB_OFFLINE="1",
-                         HF_ENDPOINT="http://127.0.0.1:9"):
-            candidates = {
-                "safetensors": lambda: load_file(weights),
-                "offline": lambda: load_dictionary(NAME, registry=registry),
-                "folder": lambda: load_dictionary(tmp / "native"),
-                "safetensors+read": lambda: touch(load_file(weights).values()),
-                "offline+read": lambda: touch(load_dictionary(NAME, registry=registry).parameters()),
-            }
-            if sae_dir is not None:
-                from sae_lens import SAE
+        t = measure(Path(name))
+    base, read_base = t["safetensors"], t["safetensors+read"]
 
-                candidates["saelens"] = lambda: SAE.load_from_disk(sae_dir)
-                candidates["saelens+read"] = lambda: touch(SAE.load_from_disk(sae_dir).parameters())
-            t = median_times(candidates)
-            mb = weights.stat().st_size / 2**20
-    base = t["safetensors"]
+    def row(what: str, seconds: float | None, note: str = "", reference: float = base) -> dict:
+        return {"benchmark": "load", "what": what, "dictionary": f"{D_DICT}x{D_IN} relu", "MiB": round(t["MiB"], 1),
+                "seconds": seconds, "x safetensors": None if seconds is None else seconds / reference, "note": note}
 
-    def row(what: str, seconds: float | None, note: str = "") -> dict:
-        return {"benchmark": "load", "what": what, "dictionary": size, "MiB": round(mb, 1),
-                "seconds": seconds, "x safetensors": None if seconds is None else seconds / base, "note": note}
-
-    rows.append(row("safetensors.torch.load_file (reference)", base, "the cached weights file alone"))
-    rows.append(row("load_dictionary, warm cache, online (pinned)", online, "target <= 1.5x"))
-    rows.append(row("load_dictionary, warm cache, HF_HUB_OFFLINE=1", t["offline"], "target <= 1.5x"))
-    rows.append(row("load_dictionary(native folder)", t["folder"], "reads card.json too"))
-    read_base = t["safetensors+read"]
-    rows.append(row("load_file + read every weight (reference)", read_base, "mmap'd pages actually touched")
-                | {"x safetensors": 1.0})
-    rows.append(row("load_dictionary offline + read every weight", t["offline+read"], "target <= 1.5x")
-                | {"x safetensors": t["offline+read"] / read_base})
-    rows.append(row("load_dictionary, cold (download + sha256)", cold, "local olah hub, once"))
+    rows = [row("safetensors.torch.load_file (reference)", base, "the cached weights file alone (lazy mmap)"),
+            row("load_dictionary, warm cache, online (pinned)", t["online"], "target <= 1.5x"),
+            row("load_dictionary, warm cache, HF_HUB_OFFLINE=1", t["offline"], "target <= 1.5x"),
+            row("load_dictionary(native folder)", t["folder"], "reads card.json too"),
+            row("load_file + read every weight (reference)", read_base, "mapped pages really read", read_base),
+            row("load_dictionary offline + read every weight", t["offline+read"], "target <= 1.5x", read_base),
+            row("load_dictionary, cold (download + sha256)", t["cold"], "local olah hub, once")]
     if "saelens" in t:
         import sae_lens
 
         rows.append(row(f"SAELens {sae_lens.__version__} SAE.load_from_disk", t["saelens"], "same weights"))
         rows.append(row(f"SAELens {sae_lens.__version__} load_from_disk + read every weight", t["saelens+read"],
-                        "vs the read reference") | {"x safetensors": t["saelens+read"] / read_base})
+                        "vs the read reference", read_base))
     else:
         rows.append(row("SAELens SAE.load_from_disk", None, "sae_lens not importable here (pip install sae-lens)"))
     rows.append(row("dictionary_learning AutoEncoder.from_pretrained", None, _dictionary_learning_note()))

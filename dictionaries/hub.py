@@ -129,8 +129,9 @@ def _fetch_hub(location: HubLocation, files: Sequence[FileEntry], force: bool, p
         path = ensure_verified(what, entry, download, drop=drop_cached_hub_file, unverified=unverified)
         folder = path.parents[len(Path(entry.path).parts) - 1]
     warn_unverified(f"hf://{location.repo}/{location.subfolder}@{location.revision}", unverified)
-    if folder is None:  # no files listed: the snapshot folder, if cached
-        folder = hub_settings().cache_dir
+    if folder is None:
+        raise MissingFileError(f"hf://{location.repo}/{location.subfolder}@{location.revision}",
+                               "The card lists no files to fetch.")
     return folder
 
 
