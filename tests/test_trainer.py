@@ -69,10 +69,15 @@ def fvu(module, x):
     return float((x - out.reconstruction).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_each_recipe_trains_and_its_loss_falls(name):
+OPTIONS = {"tanh": ("anthropic2024", {"penalty.kind": "tanh", "penalty.tanh_b": 4.0}),
+           "ghost_grads": ("bricken2023", {"resampling.kind": "ghost_grads", "resampling.dead_window": 20})}
+
+
+@pytest.mark.parametrize("name, options", [(n, {}) for n in sorted(PRESETS)] + list(OPTIONS.values()),
+                         ids=sorted(PRESETS) + list(OPTIONS))
+def test_each_recipe_trains_and_its_loss_falls(name, options):
     source = SparseSource()
-    t, metrics = train(make_recipe(name), 250, source)
+    t, metrics = train(make_recipe(name, **options), 250, source)
     first = sum(m["loss"] for m in metrics[:10]) / 10
     last = sum(m["loss"] for m in metrics[-10:]) / 10
     assert last < 0.5 * first, (first, last)
@@ -242,3 +247,36 @@ def test_bad_batch_shape_and_length():
     assert str(D_IN) in str(info.value) and str(D_IN + 1) in str(info.value)
     with pytest.raises(RecipeError):
         Trainer(make_recipe("bricken2023"), D_IN, total_steps=0)
+
+
+def test_ghost_grads_move_only_dead_features_encoders():
+    recipe = make_recipe("bricken2023", **{"resampling.kind": "ghost_grads", "resampling.dead_window": 5})
+    moved = {}
+    for kind in ("ghost_grads", "none"):
+        t = Trainer(recipe.model_copy(update={"resampling": recipe.resampling.model_copy(update={"kind": kind})}),
+                    D_IN, total_steps=40)
+        source = SparseSource()
+        with torch.no_grad():  # features 0..7 can never fire: only ghost grads can reach them
+            t.module.W_enc[:, :8] = 0.0
+            t.module.b_enc[:8] = -0.5
+        before = t.module.W_enc[:, :8].clone()
+        metrics = [t.step(source()) for _ in range(30)]
+        moved[kind] = float((t.module.W_enc[:, :8] - before).abs().max().detach())
+    assert metrics[-1]["dead_frac"] >= 8 / D_DICT
+    assert moved["none"] == 0.0 and moved["ghost_grads"] > 0.0
+
+
+def test_single_process_group_matches_plain_run(tmp_path):
+    """The all-reduce paths (gradients, firing, densities, threshold, input scale) under a gloo group of one."""
+    import torch.distributed as dist
+
+    recipe = make_recipe("farrell2024", **{"penalty.density_window": 5, "input_normalization": "sqrt_d"})
+    plain, _ = train(recipe, 20, SparseSource())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        grouped, _ = train(recipe, 20, SparseSource())
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(plain.module.parameters(), grouped.module.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert plain.input_scale == pytest.approx(grouped.input_scale)
