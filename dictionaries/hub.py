@@ -303,8 +303,9 @@ def download_url(url: str, target: Path, *, progress: bool = True) -> Path:
     import urllib.request
 
     s = hub_settings()
+    origin = "{0.scheme}://{0.netloc}".format(urlparse(url))
     if s.offline:
-        raise HubUnreachableError(url, url, offline=True)
+        raise HubUnreachableError(url, origin, offline=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.incomplete")
     try:
@@ -319,9 +320,9 @@ def download_url(url: str, target: Path, *, progress: bool = True) -> Path:
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 410):
             raise MissingFileError(url, f"The server answered {exc.code}.") from None
-        raise HubUnreachableError(f"{url} (HTTP {exc.code})", url, offline=False) from None
+        raise HubUnreachableError(f"{url} (HTTP {exc.code})", origin, offline=False) from None
     except (urllib.error.URLError, OSError) as exc:
-        raise HubUnreachableError(f"{url} ({exc})", url, offline=False) from None
+        raise HubUnreachableError(f"{url} ({exc})", origin, offline=False) from None
     finally:
         tmp.unlink(missing_ok=True)
     return target

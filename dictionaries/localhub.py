@@ -9,7 +9,8 @@ cache only holds what it proxies from an upstream, and it runs with `offline = t
 olah reads a committed file whole into memory and serves it with the git blob id as etag. A blob of 121
 to 149 bytes is checked for a git-lfs pointer by decoding it as UTF-8, which fails for binary files of
 that size: `commit` refuses them (pad the file or change it). Nothing here imports huggingface_hub
-(only `hub.py` does); committing is plain `git` through subprocess, with the identity given per call.
+(only `hub.py` does); committing is plain `git` through subprocess, with the identity given per call
+(`-c user.name=... -c user.email=...`, so no global git config is needed; olah itself only reads).
 """
 
 from __future__ import annotations
