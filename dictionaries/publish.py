@@ -6,7 +6,7 @@ the target without `force`, stages the repo contents (the folder + a README.md m
 front matter) in a temporary folder, and uploads them in ONE commit: to the real Hub through
 `hub.upload_commit` (`HfApi.create_commit`), or to a local hub (DESIGN.md section 5) by committing into
 its git mirror. The registry entry pins the commit created; `register=True` writes it into registry.yaml
-and cards/ only after the commit exists, so an interrupted publish registers nothing.
+and cards/ (`register.py`) only after the commit exists, so an interrupted publish registers nothing.
 
 A local hub is chosen by passing a `LocalHub` (or its root folder) as `local_hub`, or by setting
 `DICTIONARIES_LOCAL_HUB` to its root; anything else goes to the Hub at `endpoint` (default `HF_ENDPOINT`).
@@ -29,7 +29,8 @@ from dictionaries.card import NAME_PATTERN, Card, FileEntry, read_card, sha256_o
 from dictionaries.errors import (CardError, CardFilesMismatchError, FormatError, LocalHubError,
                                  MissingFileError, PublishError, RepoNameError, TargetOccupiedError)
 from dictionaries.localhub import LocalHub
-from dictionaries.registry import HubLocation, default_registry_path, load_registry
+from dictionaries.register import entry_block, register_entry
+from dictionaries.registry import HubLocation
 
 ENV_LOCAL_HUB = "DICTIONARIES_LOCAL_HUB"
 CARD_FILE = "card.json"
@@ -59,7 +60,7 @@ class PublishResult:
         """The registry.yaml lines for this entry (empty for a dry run: no commit exists yet)."""
         if self.location is None:
             return ""
-        return _entry_block(self.name, f"{self.name}.yaml", self.location)
+        return entry_block(self.name, f"{self.name}.yaml", self.location)
 
 
 # ---- checks that need nothing but the arguments ------------------------------------------------
@@ -327,7 +328,8 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
             shutil.rmtree(dest, ignore_errors=True)
     location = HubLocation(repo=repo, revision=sha, subfolder=subfolder)
     registered = register_entry(card, location, registry_path) if register else None
-    return PublishResult(card.name, card, target, dest, sorted(staged), location, registered=registered, notes=notes)
+    return PublishResult(card.name, card, target, dest, sorted(staged), location, registered=registered,
+                         notes=notes)
 
 
 # ---- the registry ------------------------------------------------------------------------------
@@ -337,63 +339,3 @@ def entry_card(card: Card, card_json: Path) -> Card:
     own = FileEntry(path=CARD_FILE, size=card_json.stat().st_size, sha256=sha256_of(card_json))
     items = [own, *(i for i in card.files.items if i.path != CARD_FILE)]
     return card.model_copy(update={"files": card.files.model_copy(update={"items": items})})
-
-
-def register_entry(card: Card, location: HubLocation, registry_path: str | Path | None = None) -> Path:
-    """Write (or replace) the entry in registry.yaml and its card in cards/, atomically; the registry path.
-
-    Both files are written next to their targets and renamed into place; if the registry no longer
-    validates afterwards, both are put back as they were.
-    """
-    reg = Path(registry_path) if registry_path else default_registry_path()
-    text = reg.read_text()
-    index = yaml.safe_load(text) or {}
-    old = (index.get("entries") or {}).get(card.name)
-    card_rel = old["card"] if old else f"{card.name}.yaml"
-    card_path = reg.parent / "cards" / card_rel
-    card_path.parent.mkdir(parents=True, exist_ok=True)
-    old_card = card_path.read_bytes() if card_path.exists() else None
-    header = f"# Card of {card.name}: see DESIGN.md section 4 and `dictctl schema`.\n"
-    _write_atomic(card_path, header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True),
-                                                     sort_keys=False, width=110))
-    try:
-        _write_atomic(reg, _replace_entry(text, card.name, _entry_block(card.name, card_rel, location)))
-        load_registry(reg)
-    except BaseException:
-        _write_atomic(reg, text)
-        if old_card is None:
-            card_path.unlink(missing_ok=True)
-        else:
-            _write_atomic(card_path, old_card)
-        raise
-    return reg
-
-
-def _entry_block(name: str, card_rel: str, location: HubLocation) -> str:
-    body = {name: {"card": card_rel, "location": location.model_dump(mode="json")}}
-    return "\n".join("  " + line for line in yaml.safe_dump(body, sort_keys=False).splitlines()) + "\n"
-
-
-def _replace_entry(text: str, name: str, block: str) -> str:
-    """registry.yaml's text with `name`'s block replaced (or appended), comments elsewhere kept."""
-    lines = text.splitlines(keepends=True)
-    head = re.compile(rf"^  ['\"]?{re.escape(name)}['\"]?:\s*$")
-    start = next((i for i, line in enumerate(lines) if head.match(line)), None)
-    if start is None:
-        return text + ("" if text.endswith("\n") else "\n") + block
-    end = start + 1
-    while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
-        end += 1
-    return "".join(lines[:start]) + block + "".join(lines[end:])
-
-
-def _write_atomic(path: Path, content: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content.encode() if isinstance(content, str) else content)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the registry is read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
