@@ -391,15 +391,19 @@ def test_interrupted_local_commit_registers_nothing(tmp_path, local_hub, registr
     assert local_hub.head("org/interrupted") == head and snapshot(registry) == before
 
 
-def test_interrupted_hub_commit_registers_nothing(tmp_path, fake_hf, registry):
+@pytest.mark.parametrize("interruption,raised", [
+    (ConnectionResetError("connection reset by peer while uploading"), PublishError),
+    (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_interrupted_hub_commit_registers_nothing(interruption, raised, tmp_path, fake_hf, registry):
     from dictionaries.publish import publish
 
     make_folder(tmp_path / "native")
-    fake_hf.fail_commit = ConnectionResetError("connection reset by peer while uploading")
+    fake_hf.fail_commit = interruption
     before = snapshot(registry)
-    with pytest.raises(PublishError, match="connection reset"):
+    with pytest.raises(raised):
         publish(tmp_path / "native", "org/real", register=True)
     assert snapshot(registry) == before
+    assert not [c for c in fake_hf.calls if c[0] == "committed"]
 
 
 def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, registry):
