@@ -109,6 +109,9 @@ def read_dictionary_learning(folder: Path, *, architecture: str | None = None) -
         raise FormatError(str(config_path), f"unknown dictionary_learning class {cls!r}"
                                             + (f" (did you mean {', '.join(close)}?)" if close else "")
                                             + f"; known: {', '.join(DL_LAYOUTS)}")
+    if _lookup(config, "io") == "in_to_out":
+        raise FormatError(str(config_path), "buffer io 'in_to_out': the dictionary maps a module's input to its "
+                                            "output; native dictionaries reconstruct what they read")
     sizes = {"d": _lookup(config, "activation_dim"), "F": _lookup(config, "dict_size")}
     check_layout(state, DL_LAYOUTS[cls], ae, {k: int(v) for k, v in sizes.items() if v is not None},
                  sizes_from=f"{config_path.name} (activation_dim, dict_size)")

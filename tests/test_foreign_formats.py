@@ -108,7 +108,7 @@ def test_dictionary_learning_topk_and_batchtopk_need_the_config_or_card(tmp_path
 
 
 @pytest.mark.parametrize("problem", ["unknown class", "crosscoder", "wrong shape", "missing key", "config sizes",
-                                     "k disagrees", "pickle", "no ae.pt"])
+                                     "k disagrees", "pickle", "no ae.pt", "in_to_out"])
 def test_dictionary_learning_bad_input(tmp_path, problem):
     state, trainer = dl_state("AutoEncoder"), {"dict_class": "AutoEncoder", "activation_dim": D, "dict_size": F}
     if problem == "unknown class":
@@ -124,6 +124,9 @@ def test_dictionary_learning_bad_input(tmp_path, problem):
     elif problem == "k disagrees":
         state, trainer = dl_state("AutoEncoderTopK"), {"dict_class": "AutoEncoderTopK", "k": K + 1}
     folder = write_dl(tmp_path / "ae", state, trainer)
+    if problem == "in_to_out":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "buffer": {**config["buffer"], "io": "in_to_out"}}))
     if problem == "pickle":
         (folder / "ae.pt").write_bytes(pickle.dumps({"weights": object()}))
     if problem == "no ae.pt":
@@ -137,7 +140,8 @@ def test_dictionary_learning_bad_input(tmp_path, problem):
                                                      ".*config.json"),
                 "k disagrees": (FormatError, f"k={K + 1}.*k={K}"),
                 "pickle": (FormatError, "weights_only=True"),
-                "no ae.pt": (FormatError, "no supported dictionary format.*ae.pt")}[problem]
+                "no ae.pt": (FormatError, "no supported dictionary format.*ae.pt"),
+                "in_to_out": (FormatError, "in_to_out")}[problem]
     with pytest.raises(expected[0], match=expected[1]):
         read_folder(folder)
     if problem == "no ae.pt":

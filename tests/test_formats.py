@@ -188,3 +188,18 @@ def test_convert_then_cli(tmp_path, capsys):
     assert result.exit_code == 0, result.output
     assert "relu dictionary, d_in=10, d_dict=24" in result.output and "gpt_neox.layers.1.attention" in result.output
     assert read_card(tmp_path / "cli" / "card.json").files.items[0].sha256 in result.output.replace("\n", "")
+
+
+def test_cli_convert_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from dictionaries.cli import main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("nothing here")
+    monkeypatch.setattr("sys.argv", ["dictctl", "convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    monkeypatch.delenv("DICTIONARIES_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bad format:") and "ae.pt" in err and "notes.txt" in err and "Traceback" not in err
+    assert not (tmp_path / "dst").exists()
