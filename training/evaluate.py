@@ -49,14 +49,12 @@ class EvalResult:
 
 
 class Tally:
-    """Streaming float64 sums for one dictionary's stats."""
+    """Streaming float64 sums for one dictionary's stats, kept on the activations' device (no per-batch sync)."""
 
     def __init__(self, d_in: int, d_dict: int):
         self.tokens = 0
-        self.sse = self.l1 = self.l0 = 0.0
-        self.fired = torch.zeros(d_dict, dtype=torch.float64)
-        self.mean = torch.zeros(d_in, dtype=torch.float64)
-        self.m2 = 0.0  # sum over tokens of ||x - mean||^2
+        self.d_in, self.d_dict = d_in, d_dict
+        self.sums: dict[str, Tensor] | None = None   # sse, l1, l0, m2 (scalars), fired (F,), mean (d,)
         self.ce_spliced = self.ce_zero = self.kl = 0.0
 
     def add_reconstruction(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
@@ -64,32 +62,47 @@ class Tally:
         n = x.shape[0]
         if n == 0:
             return
-        x, x_hat, active = x.double().cpu(), x_hat.double().cpu(), (f > 0).cpu()
-        self.sse += float(((x - x_hat) ** 2).sum())
-        self.l1 += float(f.double().abs().sum())
-        self.l0 += float(active.sum())
-        self.fired += active.sum(0).double()
+        if self.sums is None:
+            z = torch.zeros((), dtype=torch.float64, device=x.device)
+            self.sums = {"sse": z, "l1": z, "l0": z, "m2": z, "mean": z.new_zeros(self.d_in),
+                         "fired": z.new_zeros(self.d_dict)}
+        acc = self.sums
+        x, x_hat = x.double(), x_hat.double()
+        active = f > 0
+        acc["sse"] = acc["sse"] + ((x - x_hat) ** 2).sum()
+        acc["l1"] = acc["l1"] + f.abs().sum(dtype=torch.float64)
+        acc["l0"] = acc["l0"] + active.sum()
+        acc["fired"] = acc["fired"] + active.sum(0)
+        # Chan et al. (1979) pairwise update of the running mean and centred sum of squares
         batch_mean = x.mean(0)
-        batch_m2 = float(((x - batch_mean) ** 2).sum())
-        delta = batch_mean - self.mean
+        delta = batch_mean - acc["mean"]
         total = self.tokens + n
-        self.m2 += batch_m2 + float((delta ** 2).sum()) * self.tokens * n / total
-        self.mean += delta * n / total
+        acc["m2"] = acc["m2"] + ((x - batch_mean) ** 2).sum() + (delta ** 2).sum() * (self.tokens * n / total)
+        acc["mean"] = acc["mean"] + delta * (n / total)
         self.tokens = total
+
+    @property
+    def fired(self) -> Tensor:
+        """(F,) float64 count of counted tokens on which each feature fired, on the CPU."""
+        return self.sums["fired"].cpu() if self.sums is not None else torch.zeros(self.d_dict, dtype=torch.float64)
+
+    def _scalar(self, key: str) -> float:
+        return float(self.sums[key]) if self.sums is not None else 0.0
 
     def stats(self, ce_clean_sum: float, predictions: int, d_in: int, **meta: Any) -> Stats:
         """The Stats of this tally (CE/KL per prediction, reconstruction per token)."""
         n = max(self.tokens, 1)
         p = max(predictions, 1)
         ce_clean, ce_spliced, ce_zero = ce_clean_sum / p, self.ce_spliced / p, self.ce_zero / p
-        fvu = self.sse / self.m2 if self.m2 > 0 else float("nan")
+        sse, m2 = self._scalar("sse"), self._scalar("m2")
+        fvu = sse / m2 if m2 > 0 else float("nan")
         gap = ce_zero - ce_clean
-        density = self.fired / n
-        return Stats(source="measured", mse=self.sse / (n * d_in), l1=self.l1 / n, l0=self.l0 / n,
-                     frac_alive=float((self.fired > 0).double().mean()), fvu=fvu, variance_explained=1 - fvu,
+        fired = self.fired
+        return Stats(source="measured", mse=sse / (n * d_in), l1=self._scalar("l1") / n, l0=self._scalar("l0") / n,
+                     frac_alive=float((fired > 0).double().mean()), fvu=fvu, variance_explained=1 - fvu,
                      ce_clean=ce_clean, ce_spliced=ce_spliced, ce_zero=ce_zero,
                      frac_loss_recovered=(ce_zero - ce_spliced) / gap if gap != 0 else float("nan"),
-                     kl=self.kl / p, density=summarize_density(density), tokens=self.tokens, **meta)
+                     kl=self.kl / p, density=summarize_density(fired / n), tokens=self.tokens, **meta)
 
 
 def _check_dictionaries(dictionaries: Sequence[Dictionary]) -> list[HookPoint]:
@@ -129,20 +142,25 @@ def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint]
     return {hook: make(items) for hook, items in by_hook.items()}
 
 
-def _log_probs(logits: Tensor, where: Tensor) -> Tensor:
-    """log_softmax over the vocabulary at the selected positions: logits (B, pos, V), where (B, pos) -> (n, V)."""
-    return torch.log_softmax(logits[where].float(), dim=-1)
+def _token_log_probs(lp: Tensor, targets: Tensor) -> Tensor:
+    """lp (B, pos, V) log-probs, targets (B, pos) ids -> (B, pos) log-prob of each target."""
+    return lp.gather(-1, targets[..., None]).squeeze(-1)
 
 
 def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoint], tallies: list[Tally],
                   input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor, max_rows: int | None) -> tuple[float, int]:
-    """Measure one batch for every dictionary; returns (sum of clean CE, predictions counted)."""
+    """Measure one batch for every dictionary; returns (sum of clean CE, predictions counted).
+
+    log_softmax runs over every position of a segment (no gather-copy of the selected ones: the excluded
+    positions are few) and the masks select what is summed; KL(clean || spliced) per position is
+    sum_v p_clean (log p_clean - log p_spliced), the direction in which the clean model is the reference.
+    """
     from dictionaries.attach import run_patched
 
     b = input_ids.shape[0]
     real = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
-    predicts = keep[:, :-1] & real[:, 1:]                    # (B, pos-1): position t predicts token t+1
-    targets = input_ids[:, 1:][predicts]                     # (n,)
+    predicts = (keep[:, :-1] & real[:, 1:]).double()          # (B, pos-1): position t predicts token t+1
+    targets = input_ids[:, 1:]                                # (B, pos-1)
     per_forward = len(dictionaries) if max_rows is None else max(1, (max_rows // b - 1) // 2)
     order = list(enumerate(dictionaries))
     ce_clean = 0.0
@@ -153,25 +171,28 @@ def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoi
         patches = _segment_patches(group, hooks, b, keep, captured)
         ids = input_ids.repeat(nseg, 1)
         mask = attention_mask.repeat(nseg, 1) if attention_mask is not None else None
-        logits = run_patched(model, ids, mask, patches)[:, :-1]   # (nseg * B, pos-1, V)
-        where = predicts.to(logits.device)
-        tgt = targets.to(logits.device)[:, None]
-        lp_clean = _log_probs(logits[:b], where)
-        p_clean = lp_clean.exp()
+        logits = run_patched(model, ids, mask, patches)       # (nseg * B, pos, V)
+        weight = predicts.to(logits.device)
+        tgt = targets.to(logits.device)
+        lp_clean = torch.log_softmax(logits[:b].float(), -1)[:, :-1]                # (B, pos-1, V)
         if start == 0:
-            ce_clean = -float(lp_clean.gather(1, tgt).double().sum())
+            ce_clean = -float((_token_log_probs(lp_clean, tgt).double() * weight).sum())
         for s, (j, _) in enumerate(group):
             t = tallies[j]
             lo = (1 + 2 * s) * b
-            lp_spliced = _log_probs(logits[lo:lo + b], where)
-            t.ce_spliced -= float(lp_spliced.gather(1, tgt).double().sum())
-            t.kl += float((p_clean * (lp_clean - lp_spliced)).double().sum())
-            t.ce_zero -= float(_log_probs(logits[lo + b:lo + 2 * b], where).gather(1, tgt).double().sum())
+            lp_spliced = torch.log_softmax(logits[lo:lo + b].float(), -1)[:, :-1]
+            t.ce_spliced -= float((_token_log_probs(lp_spliced, tgt).double() * weight).sum())
+            kl = torch.nn.functional.kl_div(lp_spliced, lp_clean, reduction="none", log_target=True).sum(-1)
+            t.kl += float((kl.double() * weight).sum())
+            del lp_spliced, kl
+            lp_zero = torch.log_softmax(logits[lo + b:lo + 2 * b].float(), -1)[:, :-1]
+            t.ce_zero -= float((_token_log_probs(lp_zero, tgt).double() * weight).sum())
+            del lp_zero
             x, x_hat, f = captured[j]
             k = keep.to(x.device)
             t.add_reconstruction(x[k].to(x_hat.dtype), x_hat[k], f[k])
-        del logits
-    return ce_clean, int(predicts.sum())
+        del logits, lp_clean
+    return ce_clean, int(predicts.sum().item())
 
 
 def pack_batches(data: Any, *, tokenizer=None, tokens: int, context_length: int, batch_size: int,
