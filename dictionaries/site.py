@@ -44,12 +44,17 @@ def replace_first(value: Any, new: Tensor) -> Any:
 
 @dataclass
 class _State:
-    """One activation seen at a site: x (batch, pos, d), features f and edited features (batch, pos, F)."""
+    """One activation seen at a site: x (batch, pos, d) and its features f (batch, pos, F).
+
+    Edits are kept sparse: `idx` (k,) the sorted indices of edited features, `vals` (batch, pos, k) their
+    new values, so an edit costs O(k d) per token instead of a dense (F, d) decode.
+    """
 
     x: Tensor
     real: Tensor | None
     f: Tensor
-    edited: Tensor
+    idx: Tensor | None = None
+    vals: Tensor | None = None
     written: Tensor | None = None
 
 
@@ -83,7 +88,7 @@ class Site:
         f = self.dictionary.encode(x)                              # (batch, pos, F)
         if real is not None:
             f = f * real.unsqueeze(-1).to(f.dtype)
-        self._state = _State(x=x, real=real, f=f, edited=f)
+        self._state = _State(x=x, real=real, f=f)
         return self._state
 
     @property
@@ -106,11 +111,14 @@ class Site:
 
     # ---- writing ---------------------------------------------------------------------------------
     def _write(self, st: _State, error: bool) -> None:
+        W_dec = self.dictionary.W_dec
+        delta = None if st.idx is None else (st.vals - st.f[..., st.idx]) @ W_dec[st.idx]   # (batch, pos, d)
         if error:
-            new = st.x + (st.edited - st.f) @ self.dictionary.W_dec   # exact x when nothing was edited
+            new = st.x if delta is None else st.x + delta          # exactly x when nothing was edited
         else:
-            new = self.dictionary.decode(st.edited)
-        if st.real is not None:
+            new = self.dictionary.decode(st.f)
+            new = new if delta is None else new + delta
+        if st.real is not None and new is not st.x:
             new = torch.where(st.real.unsqueeze(-1), new, st.x)
         new = new.to(st.x.dtype)
         if self.hook.io == "output":
@@ -122,15 +130,19 @@ class Site:
     def _edit(self, features: int | Sequence[int] | Tensor, value: float | None, add: float | None,
               error: bool) -> None:
         st = self._current()
-        index = torch.as_tensor(features, dtype=torch.long, device=st.f.device).reshape(-1)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.dictionary.d_dict):
+        index = torch.as_tensor(features, dtype=torch.long, device=st.f.device).reshape(-1).unique()
+        if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= self.dictionary.d_dict):
             raise FeatureIndexError(index.tolist(), self.dictionary.d_dict)
-        edited = st.edited.clone()
+        idx = index if st.idx is None else torch.cat([st.idx, index]).unique()      # sorted
+        vals = st.f[..., idx].clone()                                              # (batch, pos, k)
+        if st.idx is not None:  # earlier edits of this forward carry over
+            vals[..., torch.searchsorted(idx, st.idx)] = st.vals
+        at = torch.searchsorted(idx, index)
         if value is not None:
-            edited[..., index] = value
+            vals[..., at] = value
         if add is not None:
-            edited[..., index] += add
-        st.edited = edited
+            vals[..., at] += add
+        st.idx, st.vals = idx, vals
         self._write(st, error)
 
     def splice(self, error: bool = True) -> None:

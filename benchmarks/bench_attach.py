@@ -1,0 +1,139 @@
+"""Cost of attaching dictionaries: a forward with spliced dictionaries against the bare forward.
+
+On a model with Pythia-70m's exact config (random weights; same cost as the real model), batch 8 x 128
+tokens, no grad: bare transformers forward, bare nnsight trace, a trace with one spliced 32768-feature
+dictionary (at mlp3; with the error term kept, and replaced by the reconstruction), and with six (one per
+layer). The median of `repeats` timed runs after one warm-up. A dense 32768 x 512 encoder is
+2 * 1024 * 512 * 32768 = 34 GFLOP per batch against about 92 GFLOP for the model's matmuls, so where
+compute bounds the time (CPU), one spliced dictionary costs at least ~1.37x (encode only, error kept) or
+~1.74x (encode + decode); the table reports the FLOP floor next to each measurement.
+
+`python -m benchmarks.bench_attach [--repeats N] [--device cpu|cuda]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+D_DICT = 32768
+
+
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of fn() over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _dictionaries(n: int, d_in: int, device: torch.device):
+    from dictionaries.architectures import build_dictionary
+    from dictionaries.card import Card, Files, HookPoint
+
+    out = []
+    for layer in range(n):
+        card = Card(name=f"bench/mlp{layer}/{D_DICT}", architecture="relu", d_in=d_in, d_dict=D_DICT,
+                    files=Files(items=[]), hook=HookPoint(module=f"gpt_neox.layers.{layer}.mlp", site="mlp",
+                                                          layer=layer))
+        d = build_dictionary(card, device=device)
+        with torch.no_grad():
+            d.W_enc.normal_(0, d_in ** -0.5)
+            d.W_dec.copy_(d.W_enc.T)
+            d.b_enc.fill_(-0.5)  # sparse-ish features, as a trained dictionary's would be
+        out.append(d)
+    return out
+
+
+def _model_flops(hf, tokens: int) -> float:
+    """2 * tokens * (parameters of every linear layer): the forward's matmul FLOPs (attention scores aside)."""
+    params = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Linear))
+    return 2.0 * tokens * params
+
+
+def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 128) -> list[dict]:
+    """Table rows: one per configuration, with median ms and ratios to bare transformers and bare nnsight."""
+    from dictionaries.attach import attach, wrap_model
+    from training.toymodel import build_model, build_tokenizer, pythia70m_config
+
+    dev = torch.device(device)
+    hf = build_model(pythia70m_config()).to(dev)
+    model = wrap_model(hf, build_tokenizer())
+    ids = torch.randint(2, 50000, (batch, context), generator=torch.Generator().manual_seed(0)).to(dev)
+    dicts = _dictionaries(6, hf.config.hidden_size, dev)
+    tokens = batch * context
+    model_gflop = _model_flops(hf, tokens) / 1e9
+    enc_gflop = 2.0 * tokens * hf.config.hidden_size * D_DICT / 1e9
+
+    def bare():
+        hf(ids, use_cache=False)
+
+    def trace():
+        with model.trace(ids):
+            model.output.logits.save()
+
+    def spliced(ds, error):
+        def go():
+            with attach(model, *ds) as sites, model.trace(ids):
+                for site in (sites if isinstance(sites, tuple) else (sites,)):
+                    site.splice(error=error)
+                model.output.logits.save()
+        return go
+
+    configs = [("bare transformers forward", bare, 0.0),
+               ("bare nnsight trace", trace, 0.0),
+               ("trace + 1 dictionary, splice(error=True)", spliced(dicts[3:4], True), enc_gflop),
+               ("trace + 1 dictionary, splice(error=False)", spliced(dicts[3:4], False), 2 * enc_gflop),
+               ("trace + 6 dictionaries, splice(error=False)", spliced(dicts, False), 12 * enc_gflop)]
+    rows = []
+    with torch.no_grad():
+        for name, fn, extra in configs:
+            rows.append({"benchmark": name, "device": dev.type, "tokens": tokens,
+                         "ms": 1000 * _timed(fn, repeats, dev), "flop_floor_ratio": (model_gflop + extra) / model_gflop})
+        base, nns = rows[0]["ms"], rows[1]["ms"]
+        for r in rows:
+            r["x_transformers"] = r["ms"] / base
+            r["x_nnsight"] = r["ms"] / nns
+        rows += _fixed_overhead(hf, model, dev, repeats)
+    return rows
+
+
+def _fixed_overhead(hf, model, dev: torch.device, repeats: int) -> list[dict]:
+    """nnsight's per-trace overhead, visible where the forward itself is short: 1 x 16 tokens."""
+    ids = torch.randint(2, 50000, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
+
+    def trace():
+        with model.trace(ids):
+            model.output.logits.save()
+
+    bare = 1000 * _timed(lambda: hf(ids, use_cache=False), 5 * repeats, dev)
+    traced = 1000 * _timed(trace, 5 * repeats, dev)
+    return [{"benchmark": "bare transformers forward (1 x 16)", "device": dev.type, "tokens": 16, "ms": bare,
+             "flop_floor_ratio": 1.0, "x_transformers": 1.0, "x_nnsight": bare / traced},
+            {"benchmark": "bare nnsight trace (1 x 16)", "device": dev.type, "tokens": 16, "ms": traced,
+             "flop_floor_ratio": 1.0, "x_transformers": traced / bare, "x_nnsight": 1.0}]
+
+
+def _print(rows: list[dict]) -> None:
+    cols = ["benchmark", "device", "tokens", "ms", "x_transformers", "x_nnsight", "flop_floor_ratio"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    _print(run(repeats=args.repeats, device=args.device))
