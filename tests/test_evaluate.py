@@ -258,6 +258,15 @@ def test_eval_of_a_native_folder_writes_stats_density_and_plots(workspace):
     assert load_dictionary(str(workspace / "a")).card.stats.fvu == pytest.approx(card.stats.fvu)  # still loads
 
 
+def test_eval_of_trained_folders_with_an_in_process_model(workspace, tiny_neox, tokenizer):
+    """What a training run does: its fresh folders, its model object, one pass."""
+    written = evaluate_and_write([workspace / "a", workspace / "b"], model=tiny_neox, tokenizer=tokenizer,
+                                 dataset=str(workspace / "eval.txt"), tokens=256, context_length=32,
+                                 sensitivity=False, progress=False)
+    assert [w[0] for w in written] == [str(workspace / "a"), str(workspace / "b")]
+    assert all(card.stats.source == "measured" and card.stats.tokens > 200 for _, card in written)
+
+
 def test_cli_eval_glob_and_compare(workspace):
     from typer.testing import CliRunner
 

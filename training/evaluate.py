@@ -33,7 +33,6 @@ from training.density import summarize_density
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
 
 
-
 @dataclass
 class EvalResult:
     """What `evaluate` measured for one dictionary."""
@@ -307,11 +306,14 @@ def load_model(ref: str, *, revision: str | None = None, device=None):
     return model.to(device or "cpu").eval(), tokenizer
 
 
-def resolve_targets(target: str) -> list[str]:
-    """Registry names or folders meant by `target`: a folder, a glob of folders, a registry name or glob."""
+def resolve_targets(target) -> list[str]:
+    """Registry names or folders meant by `target`: a folder, a glob of folders, a registry name or glob,
+    or a list of any of these (e.g. the folders a training run just wrote)."""
     import glob
     from pathlib import Path
 
+    if isinstance(target, (list, tuple)):
+        return [t for item in target for t in resolve_targets(item)]
     target = str(target)
     if Path(target).expanduser().is_dir():
         return [target]
@@ -352,12 +354,14 @@ def write_results(folder, dictionary: Dictionary, result: EvalResult, *, in_plac
     return card
 
 
-def evaluate_and_write(target: str, *, model: str | None = None, dataset: str | None = None, tokens: int = 16384,
+def evaluate_and_write(target, *, model: Any = None, tokenizer=None, dataset: Any = None, tokens: int = 16384,
                        context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
                        sensitivity: bool = True, sensitivity_samples: int = 32, exclude_bos: bool = True,
                        seed: int = 0, progress: bool = True) -> list[tuple[str, Any]]:
     """Evaluate a registry name, a native folder or a glob of either in one pass; write stats, density, plots.
 
+    `target`: a name, folder or glob, or a list of them. `model`: a folder or HF id (default: the cards'
+    model), or a loaded model object given with its `tokenizer` (a training run's in-process model).
     A native folder (with card.json) is updated in place unless `out` is given; a registry entry (or a
     foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
     Returns (folder written, new card) per dictionary.
@@ -373,12 +377,16 @@ def evaluate_and_write(target: str, *, model: str | None = None, dataset: str | 
         raise EvalInputError(target, f"its dictionaries name models {sorted(map(str, models))}",
                              "Evaluate dictionaries of one model together, or pass --model.")
     ref, revision = (model, None) if model is not None else next(iter(models))
+    target = str(target)
     recipe_data = dicts[0].card.recipe.dataset.path if dicts[0].card.recipe else None
     data = dataset or recipe_data
     if data is None:
         raise EvalInputError(target, "no eval dataset given and the card has no recipe dataset",
                              "Pass --dataset (a local text file or a dataset id).")
-    lm, tokenizer = load_model(ref, revision=revision, device=device)
+    if isinstance(ref, (str, Path)):
+        lm, tokenizer = load_model(str(ref), revision=revision, device=device)
+    else:
+        lm = ref
     results = evaluate(lm, dicts, data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
                        batch_size=batch_size, exclude_bos=exclude_bos, device=device, seed=seed,
                        sensitivity=sensitivity, sensitivity_samples=sensitivity_samples, progress=progress)
