@@ -41,6 +41,7 @@ def _llama():
 # (family, block path prefix, d_model)
 FAMILIES = {"neox": ("gpt_neox.layers", 64), "gpt2": ("transformer.h", 32), "llama": ("model.layers", 32)}
 ATTN = {"neox": "attention", "gpt2": "attn", "llama": "self_attn"}
+EMBED = {"neox": "gpt_neox.embed_in", "gpt2": "transformer.wte", "llama": "model.embed_tokens"}
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +64,7 @@ def _batch(tokenizer, texts=TEXTS):
 def _hooks(family: str, layer: int = 1) -> list[str]:
     prefix, _ = FAMILIES[family]
     return [f"{prefix}.{layer}", f"{prefix}.{layer}.mlp", f"{prefix}.{layer}.{ATTN[family]}",
-            f"{prefix}.{layer}.mlp:input"]
+            f"{prefix}.{layer}.mlp:input", EMBED[family]]
 
 
 def _torch_capture(model, path: str, io: str, ids, mask):
@@ -218,3 +219,30 @@ def test_run_patched_bad_patch_shape(neox, tokenizer):
     with pytest.raises(ShapeMismatchError) as e:
         A.run_patched(neox, ids, mask, {"gpt_neox.layers.0.mlp": lambda x: x[..., :3]})
     assert str(tuple(ids.shape) + (64,)) in str(e.value) and "3)" in str(e.value)
+
+
+def _registry_names() -> list[str]:
+    from dictionaries.registry import load_registry
+
+    return [e.name for e in load_registry().filter()]
+
+
+@pytest.fixture(scope="module")
+def pythia70m_skeleton():
+    """Pythia-70m's exact module tree on the meta device (no weights allocated)."""
+    from transformers import GPTNeoXForCausalLM
+
+    from training.toymodel import pythia70m_config
+
+    with torch.device("meta"):
+        return GPTNeoXForCausalLM(pythia70m_config())
+
+
+@pytest.mark.parametrize("name", _registry_names())
+def test_every_registry_hook_point_resolves_on_pythia70m(pythia70m_skeleton, name):
+    from dictionaries.registry import load_registry
+
+    card = load_registry().get(name).card
+    module = A.resolve_hook(pythia70m_skeleton, card.hook, d_in=card.d_in)
+    assert module is pythia70m_skeleton.get_submodule(card.hook.module)
+    assert A.find_hook(pythia70m_skeleton, card.hook).width == card.d_in

@@ -16,7 +16,7 @@ from dictionaries.architectures import KINDS, build_dictionary
 from dictionaries.card import Card, Files, HookPoint, ModelRef
 from dictionaries.errors import (FeatureIndexError, HookPointError, ModelMismatchError, NotWrappedError,
                                  ShapeMismatchError)
-from test_attach import ATTN, FAMILIES, TEXTS, _batch, models  # noqa: F401  (models is a fixture)
+from test_attach import ATTN, EMBED, FAMILIES, TEXTS, _batch, models  # noqa: F401  (models is a fixture)
 
 
 def make_dictionary(d_in: int, d_dict: int, hook: str | None, kind: str = "relu", seed: int = 0,
@@ -101,7 +101,7 @@ def test_identity_dictionary_spliced_without_error_changes_nothing(models, token
     prefix, d_model = FAMILIES[family]
     ids, mask = _batch(tokenizer)
     clean = A.run_patched(model, ids, mask)
-    for path in (f"{prefix}.1", f"{prefix}.0.{ATTN[family]}", f"{prefix}.1.mlp:input"):
+    for path in (f"{prefix}.1", f"{prefix}.0.{ATTN[family]}", f"{prefix}.1.mlp:input", EMBED[family]):
         with A.attach(model, identity_dictionary(d_model, path)) as site:
             got = traced_logits(model, ids, mask, lambda: site.splice(error=False))
         torch.testing.assert_close(got, clean, rtol=0, atol=1e-5)
