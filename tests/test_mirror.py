@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -213,13 +211,15 @@ def test_mirror_with_a_reachable_model_publishes_measured_stats_and_plots(served
     assert "| l0 |" in (published / "README.md").read_text()
 
 
-def test_cli_mirror_pins_the_entry(url_entry, local_hub, registry):
+def test_cli_mirror_pins_the_entry(url_entry, local_hub, registry, monkeypatch, capsys):
+    from dictionaries import cli
+
     name, url, _ = url_entry
-    res = subprocess.run([sys.executable, "-m", "dictionaries.cli", "mirror", name, "--repo", "org/cli-mirror",
-                          "--no-eval", "--local-hub", str(local_hub.root)], capture_output=True, text=True,
-                         env=dict(os.environ), timeout=120)
-    assert res.returncode == 0, res.stderr
+    monkeypatch.setattr(sys, "argv", ["dictctl", "mirror", name, "--repo", "org/cli-mirror", "--no-eval",
+                                      "--local-hub", str(local_hub.root)])
+    cli.main()  # returns normally on success (errors exit with code 1)
+    out = capsys.readouterr().out
     head = local_hub.head("org/cli-mirror")
-    assert f"revision: {head}" in res.stdout and "Not evaluated when mirrored: --no-eval was given" in res.stdout
+    assert f"revision: {head}" in out and "Not evaluated when mirrored: --no-eval was given" in out
     entry = load_registry(registry).get(name)
     assert entry.location.revision == head and entry.card.provenance.original == url

@@ -421,28 +421,39 @@ def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, regi
 
 
 # ---- the commands ----------------------------------------------------------------------------
-def dictctl(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dictionaries.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `dictctl ARGS` in this process through cli.main (exit code, stdout, stderr)."""
+    from dictionaries import cli
+
+    monkeypatch.setattr(sys, "argv", ["dictctl", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_cli_publish_dry_run_and_bad_repo(tmp_path, local_hub):
+def test_cli_publish_dry_run_and_bad_repo(tmp_path, local_hub, monkeypatch, capsys):
     make_folder(tmp_path / "native")
-    res = dictctl("publish", str(tmp_path / "native"), "--repo", "org/cli", "--dry-run",
-                  "--local-hub", str(local_hub.root), "--staging-dir", str(tmp_path / "stage"))
-    assert res.returncode == 0, res.stderr
-    assert "nothing uploaded" in res.stdout and "weights.safetensors" in res.stdout
+    code, out, err = dictctl(monkeypatch, capsys, "publish", str(tmp_path / "native"), "--repo", "org/cli",
+                             "--dry-run", "--local-hub", str(local_hub.root), "--staging-dir", str(tmp_path / "stage"))
+    assert code == 0, err
+    assert "nothing uploaded" in out and "weights.safetensors" in out
     assert commit_count(local_hub, "org/cli") == 0
-    res = dictctl("publish", str(tmp_path / "native"), "--repo", "not a repo", "--local-hub", str(local_hub.root))
-    assert res.returncode == 1 and "invalid repo name" in res.stderr and "Traceback" not in res.stderr
+    code, out, err = dictctl(monkeypatch, capsys, "publish", str(tmp_path / "native"), "--repo", "not a repo",
+                             "--local-hub", str(local_hub.root))
+    assert code == 1 and err.startswith("invalid repo name:") and len(err.strip().splitlines()) == 1
 
 
-def test_cli_publish_prints_the_entry_and_registers(tmp_path, local_hub, registry):
+def test_cli_publish_prints_the_entry_and_registers(tmp_path, local_hub, registry, monkeypatch, capsys):
     card, _ = make_folder(tmp_path / "native")
-    res = dictctl("publish", str(tmp_path / "native"), "--repo", "org/cli-reg", "--register",
-                  DICTIONARIES_LOCAL_HUB=str(local_hub.root))
-    assert res.returncode == 0, res.stderr
+    monkeypatch.setenv("DICTIONARIES_LOCAL_HUB", str(local_hub.root))
+    code, out, err = dictctl(monkeypatch, capsys, "publish", str(tmp_path / "native"), "--repo", "org/cli-reg",
+                             "--register")
+    assert code == 0, err
     head = local_hub.head("org/cli-reg")
-    assert f"revision: {head}" in res.stdout and card.files.items[0].sha256 in res.stdout
-    assert sha256_of(tmp_path / "native" / "card.json") in res.stdout
+    assert f"revision: {head}" in out and card.files.items[0].sha256 in out
+    assert sha256_of(tmp_path / "native" / "card.json") in out
     assert load_registry(registry).get(card.name).location.revision == head
