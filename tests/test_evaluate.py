@@ -300,3 +300,28 @@ def test_eval_errors_for_models_names_and_mixtures(workspace):
     write_native(identity_like(), workspace / "c", card=make_card(name="other/mlp0/128", model_id="other"))
     with pytest.raises(EvalInputError, match="one model"):
         evaluate_and_write(str(workspace / "[ac]"), dataset=str(workspace / "eval.txt"), tokens=64, progress=False)
+
+
+def test_show_prints_the_density_summary_of_an_evaluated_entry(workspace, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from dictionaries.cli import app
+
+    [(_, card)] = evaluate_and_write(str(workspace / "a"), model=str(workspace / "model"),
+                                     dataset=str(workspace / "eval.txt"), tokens=128, context_length=32,
+                                     sensitivity=False, progress=False)
+    root = workspace / "reg"
+    (root / "cards" / "toy" / "mlp0").mkdir(parents=True)
+    (root / "cards" / "toy" / "mlp0" / "128.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json",
+                                                                                               exclude_none=True)))
+    (root / "registry.yaml").write_text(yaml.safe_dump({"version": 1, "entries": {"toy/mlp0/128": {
+        "card": "toy/mlp0/128.yaml", "location": {"kind": "url", "url": "https://example.invalid/toy/"}}}}))
+    monkeypatch.setenv("DICTIONARIES_REGISTRY", str(root / "registry.yaml"))
+    result = CliRunner().invoke(app, ["show", "toy/mlp0/128"])
+    d = card.stats.density
+    assert result.exit_code == 0, result.output
+    assert (f"feature density: {int(d['dead'])} dead of {2 * D}, {int(d['above_1e-1'])} above 1e-1"
+            in result.output)
+    names, rows = compare_stats("toy/mlp0/128", str(workspace / "a"))   # a registry name against a folder
+    assert all(va == vb for k, va, vb in rows if k != "date")

@@ -10,7 +10,8 @@ depths. `max_rows` caps the rows per forward; dictionaries are then split into g
 Token positions: a position counts when it is a real token (attention mask 1) and, with `exclude_bos`,
 not the BOS id (with Pythia's tokenizer BOS = EOS, so the separators between packed documents too; see
 training/harvest.py). Only counted positions are spliced or zeroed (the others keep their activation) and
-enter MSE, L1, L0, density and FVU. CE and KL are averaged over counted positions whose next token is real.
+enter MSE, L1, L0, density and FVU. CE and KL are averaged over counted positions whose next token is real;
+KL is KL(clean || spliced) = sum_v p_clean (log p_clean - log p_spliced), the clean model as reference.
 Reconstruction sums are streamed in float64; FVU uses Chan et al.'s pairwise merge of the running mean and
 centred sum of squares, so no second pass and no cancellation.
 """
