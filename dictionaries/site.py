@@ -85,7 +85,7 @@ class Site:
         if st is not None and (x is st.x or x is st.written):
             return st
         real = self._masks.real(x)
-        f = self.dictionary.encode(x)                              # (batch, pos, F)
+        f = self.dictionary.encode(x.to(self.dictionary.W_enc.dtype))   # (batch, pos, F), the dictionary's dtype
         if real is not None:
             f = f * real.unsqueeze(-1).to(f.dtype)
         self._state = _State(x=x, real=real, f=f)
@@ -100,7 +100,7 @@ class Site:
     def reconstruction(self) -> Tensor:
         """decode(f) (batch, pos, d_in); pad positions hold the activation itself."""
         st = self._current()
-        x_hat = self.dictionary.decode(st.f)
+        x_hat = self.dictionary.decode(st.f).to(st.x.dtype)
         return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, st.x)
 
     @property
@@ -114,13 +114,12 @@ class Site:
         W_dec = self.dictionary.W_dec
         delta = None if st.idx is None else (st.vals - st.f[..., st.idx]) @ W_dec[st.idx]   # (batch, pos, d)
         if error:
-            new = st.x if delta is None else st.x + delta          # exactly x when nothing was edited
+            new = st.x if delta is None else st.x + delta.to(st.x.dtype)   # exactly x when nothing was edited
         else:
             new = self.dictionary.decode(st.f)
-            new = new if delta is None else new + delta
+            new = (new if delta is None else new + delta).to(st.x.dtype)
         if st.real is not None and new is not st.x:
             new = torch.where(st.real.unsqueeze(-1), new, st.x)
-        new = new.to(st.x.dtype)
         if self.hook.io == "output":
             self._envoy.output = replace_first(self._read(), new)
         else:

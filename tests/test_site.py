@@ -124,6 +124,21 @@ def test_features_reconstruction_error_are_consistent(models, tokenizer):
     torch.testing.assert_close(x_hat[real], d(x).reconstruction[real])
 
 
+def test_dictionary_in_another_dtype(models, tokenizer):
+    raw, model = models["neox"]
+    d = make_dictionary(64, 96, "gpt_neox.layers.0.mlp")
+    ids, mask = _batch(tokenizer)
+    with A.attach(model, d) as site:
+        want = traced_logits(model, ids, mask, lambda: site.splice(error=False))
+    with A.attach(model, d.double()) as site:
+        with torch.no_grad(), model.trace(ids, attention_mask=mask):
+            f = site.features.save()
+            site.splice(error=False)
+            got = model.output.logits.save()
+    assert f.dtype == torch.float64 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 # ---- edits -------------------------------------------------------------------------------------------
 def test_ablate_steer_set_equal_hand_edits(models, tokenizer):
     raw, model = models["neox"]
