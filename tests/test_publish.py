@@ -1,17 +1,12 @@
-"""Publishing: validate, stage, one commit to a local hub (real olah + real huggingface_hub
-client) or to the real Hub (tested at the `HfApi` boundary with `FakeHfApi`, since the Hub is unreachable
-here), the registry entry, and every bad input of issue 6."""
+"""Publishing: validate, stage, one commit to a local hub (real olah + real huggingface_hub client), the
+registry entry, and the bad inputs of issue 6 (the real-Hub boundary is in test_publish_hub.py)."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,8 +15,8 @@ import yaml
 
 from dictionaries.architectures import KINDS, build_dictionary
 from dictionaries.card import Card, FileEntry, Files, HookPoint, ModelRef, Stats, read_card, sha256_of
-from dictionaries.errors import (CardFilesMismatchError, HubAuthError, MissingFileError, PublishError,
-                                 RepoNameError, TargetOccupiedError)
+from dictionaries.errors import (CardFilesMismatchError, MissingFileError, PublishError, RepoNameError,
+                                 TargetOccupiedError)
 from dictionaries.registry import HubLocation, load_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,59 +66,6 @@ def registry(tmp_path, monkeypatch) -> Path:
 def snapshot(registry: Path) -> dict[str, bytes]:
     root = registry.parent
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-class FakeHfApi:
-    """FAKE at the boundary no machine here can reach (the real Hub): records what huggingface_hub's
-    HfApi is asked to do. A token other than GOOD_TOKEN is answered like the Hub answers a wrong one."""
-
-    GOOD_TOKEN = "hf_test_good_token"
-    calls: list = []
-    fail_commit: Exception | None = None
-
-    def __init__(self, endpoint=None, token=None, **kw):
-        self.endpoint, self.token = endpoint, token
-
-    def _check(self, what):
-        FakeHfApi.calls.append((what, self.endpoint))
-        if self.token != self.GOOD_TOKEN:
-            import httpx2
-
-            from huggingface_hub.errors import HfHubHTTPError
-
-            response = httpx2.Response(401, request=httpx2.Request("POST", f"{self.endpoint}/api/x"))
-            raise HfHubHTTPError("401 Client Error: Invalid credentials in Authorization header", response=response)
-
-    def file_exists(self, repo_id, filename, *, revision=None, **kw):
-        self._check("file_exists")
-        return False
-
-    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kw):
-        self._check(("create_repo", repo_id, private))
-
-    def create_branch(self, repo_id, *, branch, exist_ok=False, **kw):
-        self._check(("create_branch", repo_id, branch))
-
-    def create_commit(self, repo_id, operations, *, commit_message, revision=None, **kw):
-        self._check("create_commit")
-        if FakeHfApi.fail_commit is not None:
-            raise FakeHfApi.fail_commit
-        ops = [(op.path_in_repo, sha256_of(op.path_or_fileobj)) for op in operations]
-        FakeHfApi.calls.append(("committed", repo_id, revision, commit_message, ops))
-        return type("CommitInfo", (), {"oid": "ab" * 20})()
-
-
-@pytest.fixture
-def fake_hf(monkeypatch):
-    """FakeHfApi in place of huggingface_hub.HfApi, HF_TOKEN set to its good token, and HF_ENDPOINT at a
-    loopback socket that accepts connections (the reachability check passes; FakeHfApi answers)."""
-    FakeHfApi.calls = []
-    FakeHfApi.fail_commit = None
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
-    monkeypatch.setenv("HF_TOKEN", FakeHfApi.GOOD_TOKEN)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
-        yield FakeHfApi
 
 
 # ---- publish -> load by name, through olah and the real huggingface_hub client -----------------
@@ -194,94 +136,6 @@ def test_local_hub_chosen_by_environment_variable(tmp_path, local_hub, monkeypat
     result = publish(tmp_path / "native", "org/by-env", private=True)
     assert result.location.revision == local_hub.head("org/by-env")
     assert result.notes == ["--private has no meaning on a local hub (it serves every repo)"]
-
-
-# ---- the real Hub, at the HfApi boundary -------------------------------------------------------
-def test_real_hub_create_commit_gets_exactly_the_staged_files(tmp_path, fake_hf, registry):
-    from dictionaries.publish import publish
-
-    card, _ = make_folder(tmp_path / "native")
-    endpoint = os.environ["HF_ENDPOINT"]
-    result = publish(tmp_path / "native", "org/real", subfolder="a/b", branch="dev", private=True, register=True)
-    commits = [c for c in fake_hf.calls if c[0] == "committed"]
-    assert len(commits) == 1
-    _, repo, revision, message, ops = commits[0]
-    assert (repo, revision) == ("org/real", "dev") and card.name in message
-    weights = next(i for i in card.files.items if i.path == "weights.safetensors")
-    expected = {"a/b/card.json": sha256_of(tmp_path / "native" / "card.json"),
-                "a/b/weights.safetensors": weights.sha256}
-    got = dict(ops)
-    assert set(got) == {*expected, "a/b/README.md"}
-    assert all(got[k] == v for k, v in expected.items())
-    assert (("create_repo", "org/real", True), endpoint) in fake_hf.calls
-    assert (("create_branch", "org/real", "dev"), endpoint) in fake_hf.calls
-    assert result.location == HubLocation(repo="org/real", revision="ab" * 20, subfolder="a/b")
-    assert load_registry().get(card.name).location == result.location
-
-
-def test_no_token_is_refused_before_any_request(tmp_path, fake_hf, monkeypatch, registry):
-    from dictionaries.publish import publish
-
-    make_folder(tmp_path / "native")
-    monkeypatch.delenv("HF_TOKEN")
-    before = snapshot(registry)
-    with pytest.raises(HubAuthError, match="no Hub token") as info:
-        publish(tmp_path / "native", "org/real", register=True)
-    assert fake_hf.calls == [] and snapshot(registry) == before
-    assert "Nothing was uploaded" in str(info.value)
-
-
-def test_wrong_token_is_refused_and_never_shown(tmp_path, fake_hf, monkeypatch, registry):
-    from dictionaries.publish import publish
-
-    make_folder(tmp_path / "native")
-    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_123")
-    before = snapshot(registry)
-    with pytest.raises(HubAuthError, match="refused the token") as info:
-        publish(tmp_path / "native", "org/real", register=True)
-    assert "hf_wrong_secret_123" not in str(info.value)
-    assert not [c for c in fake_hf.calls if c[0] == "committed"] and snapshot(registry) == before
-
-
-class _Refuse401(http.server.BaseHTTPRequestHandler):
-    """Answers every request the way the Hub answers a wrong token (401, Invalid credentials)."""
-
-    seen: list = []
-
-    def _answer(self):
-        _Refuse401.seen.append((self.command, self.path, self.headers.get("authorization")))
-        body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
-        self.send_response(401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("X-Error-Message", "Invalid credentials in Authorization header")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_HEAD = do_POST = _answer
-
-    def log_message(self, *args):
-        pass
-
-
-def test_wrong_token_through_the_real_client(tmp_path, monkeypatch, registry):
-    """The real huggingface_hub client against a loopback server that refuses the token as the Hub does."""
-    from dictionaries.publish import publish
-
-    make_folder(tmp_path / "native")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse401)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Refuse401.seen = []
-    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_456")
-    try:
-        with pytest.raises(HubAuthError, match="HTTP 401") as info:
-            publish(tmp_path / "native", "org/real", endpoint=f"http://127.0.0.1:{server.server_port}")
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert "hf_wrong_secret_456" not in str(info.value)
-    assert _Refuse401.seen and not any("commit" in path or "preupload" in path for _, path, _ in _Refuse401.seen)
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -389,21 +243,6 @@ def test_interrupted_local_commit_registers_nothing(tmp_path, local_hub, registr
     finally:
         (path / ".git" / "index.lock").unlink()
     assert local_hub.head("org/interrupted") == head and snapshot(registry) == before
-
-
-@pytest.mark.parametrize("interruption,raised", [
-    (ConnectionResetError("connection reset by peer while uploading"), PublishError),
-    (KeyboardInterrupt(), KeyboardInterrupt)])
-def test_interrupted_hub_commit_registers_nothing(interruption, raised, tmp_path, fake_hf, registry):
-    from dictionaries.publish import publish
-
-    make_folder(tmp_path / "native")
-    fake_hf.fail_commit = interruption
-    before = snapshot(registry)
-    with pytest.raises(raised):
-        publish(tmp_path / "native", "org/real", register=True)
-    assert snapshot(registry) == before
-    assert not [c for c in fake_hf.calls if c[0] == "committed"]
 
 
 def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, registry):
