@@ -88,8 +88,11 @@ class Trainer:
         for name in frozen:
             getattr(self.module, name).requires_grad_(False)
         opt = recipe.optimizer
-        self.optimizer = torch.optim.Adam([p for n, p in self.module.named_parameters() if n not in frozen],
-                                          lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        params = [p for n, p in self.module.named_parameters() if n not in frozen]
+        try:  # one fused kernel per step where torch has it for this device; the same arithmetic as Adam's loop
+            self.optimizer = torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True)
+        except (RuntimeError, TypeError):
+            self.optimizer = torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, eps=opt.eps)
         F = recipe.d_dict
         self.step_count = 0
         self.input_scale = 1.0
@@ -130,13 +133,15 @@ class Trainer:
         self.optimizer.step()
         self._constrain_weights()
         with torch.no_grad():
-            fired = _all_reduce((out.features > 0).any(0).to(torch.uint8), "max").bool()
+            active = out.features > 0                                       # (B, F), one pass for both uses
+            l0 = active.sum() / x.shape[0]
+            fired = _all_reduce(active.any(0).to(torch.uint8), "max").bool()
             self._count_firing(fired, x.shape[0] * max(_world(), 1))
             self._update_density(out.density)
             self._update_threshold(out.smallest_kept)
         self.step_count += 1
         resampled = self._maybe_resample(x, sample_inputs)
-        return self._metrics(x, out, lr, resampled)
+        return self._metrics(x, out, lr, resampled, l0)
 
     @torch.no_grad()
     def _initialise_decoder_bias(self, x: Tensor, iterations: int = 20) -> None:
@@ -155,11 +160,11 @@ class Trainer:
             raise ShapeMismatchError("training batch", f"(batch, {self.d_in})", tuple(x.shape))
         return x.to(self.device, self.dtype)
 
-    def _metrics(self, x: Tensor, out, lr: float, resampled: int) -> dict[str, float]:
+    def _metrics(self, x: Tensor, out, lr: float, resampled: int, l0: Tensor) -> dict[str, float]:
         with torch.no_grad():
             raw_mse = (x - out.x_hat).pow(2).mean() / self.input_scale ** 2   # element-wise, raw units
             metrics = {"loss": out.loss.item(), "mse": raw_mse.item(),
-                       "l0": (out.features > 0).sum(-1).float().mean().item(),
+                       "l0": l0.item(),
                        "dead_frac": self.dead_mask().float().mean().item(), "lr": lr, "resampled": float(resampled)}
             metrics.update({f"loss_{k}": float(v) for k, v in out.terms.items()})
         return metrics

@@ -1,0 +1,84 @@
+"""The optimisation step alone (training/trainer.py) against this machine's matmul roofline.
+
+A Pythia-70m-MLP-shaped dictionary (d_in 512, 8192 features) steps on random activations for each named
+recipe family, in fp32 and under bf16 autocast. The roofline is the rate of the step's own matmul shape,
+(B, d_in) @ (d_in, F), measured in the same run at the same precision; a step costs five such products
+(two forward; dW_dec, df and dW_enc backward: the input needs no gradient), 10 * B * d_in * F FLOPs. Reported: tokens/s, ms per step, and the
+fraction of the roofline the whole step reaches (the rest is the nonlinearity, Adam, the decoder-norm rule
+and bookkeeping). Timings are medians over repeats, so a noisy shared machine hurts all alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+D_IN, D_DICT, BATCH, REPEATS = 512, 8192, 1024, 3
+RECIPES = {"marks2023": {}, "topk": {"k": 32}, "batchtopk": {"k": 32}, "jumprelu": {}}
+
+
+def _recipe(name: str, extra: dict):
+    from training.recipe import preset, validate_recipe
+
+    return validate_recipe(preset(name, model="bench/model", hook={"module": "gpt_neox.layers.3.mlp", "site": "mlp",
+                                                                   "layer": 3},
+                                  dataset="bench.txt", tokens=10**9, d_dict=D_DICT, batch_size=BATCH, **extra))
+
+
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def matmul_rate(precision: str, device: str = "cpu") -> float:
+    """FLOP/s of (BATCH, D_IN) @ (D_IN, D_DICT) at the given precision (median of REPEATS)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(BATCH, D_IN, dtype=dtype), torch.randn(D_IN, D_DICT, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * BATCH * D_IN * D_DICT / statistics.median(times)
+
+
+def step_time(name: str, extra: dict, precision: str) -> float:
+    """Median seconds of one Trainer.step at BATCH (after two warm-up steps)."""
+    from training.trainer import Trainer
+
+    recipe = _recipe(name, extra)
+    trainer = Trainer(recipe, D_IN, total_steps=1000)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(0))
+    if recipe.input_normalization != "none":
+        trainer.estimate_input_scale(x)
+    times = []
+    with _autocast(precision):
+        for i in range(REPEATS + 2):
+            start = time.perf_counter()
+            trainer.step(x)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run() -> list[dict]:
+    """One row per recipe and precision."""
+    rows = []
+    for precision in ("fp32", "bf16"):
+        rate = matmul_rate(precision)
+        for name, extra in RECIPES.items():
+            seconds = step_time(name, extra, precision)
+            flops = 10 * BATCH * D_IN * D_DICT
+            rows.append({"benchmark": "trainer.step", "recipe": name, "precision": precision,
+                         "shape": f"{BATCH}x{D_IN}->{D_DICT}", "ms/step": round(seconds * 1e3, 1),
+                         "tokens/s": round(BATCH / seconds), "matmul GFLOP/s": round(rate / 1e9, 1),
+                         "roofline": round(flops / seconds / rate, 2)})
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
