@@ -39,8 +39,8 @@ def identity_like(kind="relu", scale=1.0, layer=0, name="toy/mlp0/128"):
 def contexts(tokenizer):
     from training.toymodel import corpus_documents
 
-    return pack_batches(corpus_documents()[:300], tokenizer=tokenizer, tokens=16 * 24, context_length=24,
-                        batch_size=8)
+    return pack_batches(corpus_documents()[:300], tokenizer=tokenizer, tokens=8 * 24, context_length=24,
+                        batch_size=4)                             # two batches: the sums stream across them
 
 
 def reference(model, hook_layer, ids, mask, keep, replace):
@@ -184,7 +184,7 @@ def test_one_pass_equals_separate_passes_and_groups(tiny_neox, contexts):
     together = evaluate(tiny_neox, [a, b], contexts, tokens=10**6, context_length=24, sensitivity=False,
                         progress=False)
     grouped = evaluate(tiny_neox, [a, b], contexts, tokens=10**6, context_length=24, sensitivity=False,
-                       progress=False, max_rows=24)          # 8 contexts * 3 segments: one dictionary per forward
+                       progress=False, max_rows=12)          # 4 contexts * 3 segments: one dictionary per forward
     for i, d in enumerate((a, b)):
         [alone] = evaluate(tiny_neox, [d], contexts, tokens=10**6, context_length=24, sensitivity=False,
                            progress=False)
