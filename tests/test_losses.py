@@ -61,7 +61,7 @@ def test_jumprelu_straight_through_gradients():
     assert l0.item() == pytest.approx(((z > 0.5).sum(-1).float().mean()).item())
     l0.backward()
     assert torch.allclose(theta.grad, torch.tensor([-2 / eps, -1 / eps, 0.0]) / 2)  # mean over 2 tokens
-    assert torch.count_nonzero(z.grad) == 0
+    assert z.grad is None or torch.count_nonzero(z.grad) == 0  # the L0 term trains only the threshold
 
 
 def test_topk_and_batchtopk_keep_k(gen):

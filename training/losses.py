@@ -53,9 +53,9 @@ def min_density_penalty(density: Tensor, floor: float) -> Tensor:
 
 
 # ---- JumpReLU straight-through estimators (Rajamanoharan et al. 2024b, section 4) --------------------
-def _rectangle(u: Tensor) -> Tensor:
-    """The rectangle kernel K(u) = 1 for |u| < 1/2, else 0."""
-    return (u.abs() < 0.5).to(u.dtype)
+def _rectangle(z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """The rectangle kernel K((z - theta) / eps) = 1 where |z - theta| < eps / 2, else 0."""
+    return ((z - theta).abs() < eps / 2).to(z.dtype)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -71,8 +71,8 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = -(theta / eps) * _rectangle((z - theta) / eps) * grad
-        return (z > theta) * grad, grad_theta.sum(0), None
+        grad_theta = (_rectangle(z, theta, eps) * grad).sum(0) * (-theta / eps)
+        return (z > theta) * grad, grad_theta, None
 
 
 class _Step(torch.autograd.Function):
@@ -88,8 +88,8 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = -(1.0 / eps) * _rectangle((z - theta) / eps) * grad
-        return torch.zeros_like(z), grad_theta.sum(0), None
+        grad_theta = (_rectangle(z, theta, eps) * grad).sum(0) * (-1.0 / eps)
+        return None, grad_theta, None  # no gradient to z: the L0 term only trains the threshold
 
 
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
