@@ -125,6 +125,8 @@ class Sensitivity(Strict):
     """Median step along the dictionary's most active decoder directions."""
     samples: int | None = None
     """How many base activations were perturbed."""
+    max_step: float | None = None
+    """Largest step tried, in units of the base activation's norm (a median of inf: KL 0.5 never reached)."""
 
 
 class Stats(Strict):

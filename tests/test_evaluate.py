@@ -247,7 +247,7 @@ def test_eval_of_a_native_folder_writes_stats_density_and_plots(workspace):
     on_disk = json.loads((workspace / "a" / "card.json").read_text())
     assert on_disk["stats"]["source"] == "measured" and on_disk["stats"]["tokens"] > 0
     assert on_disk["stats"]["fvu"] == pytest.approx(card.stats.fvu) and 0 < card.stats.fvu < 1
-    assert set(on_disk["stats"]["sensitivity"]) == {"random", "real", "dictionary", "samples"}
+    assert set(on_disk["stats"]["sensitivity"]) == {"random", "real", "dictionary", "samples", "max_step"}
     freq = read_density(workspace / "a")
     assert freq.shape == (2 * D,) and float((freq == 0).sum()) == card.stats.density["dead"]
     for png in ("density.png", "sensitivity.png"):

@@ -60,7 +60,8 @@ class SensitivityCurves:
 
         m = self.medians()
         n = next(iter(self.kl.values())).shape[0] if self.kl else 0
-        return Sensitivity(random=m.get("random"), real=m.get("real"), dictionary=m.get("dictionary"), samples=n)
+        return Sensitivity(random=m.get("random"), real=m.get("real"), dictionary=m.get("dictionary"), samples=n,
+                           max_step=float(self.steps.max()))
 
 
 def _even_median(c: Tensor) -> float:
