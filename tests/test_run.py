@@ -94,7 +94,8 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, corpus, tiny_neox, to
         for key in wa:
             assert torch.equal(wa[key], wb[key]), key
     lines = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
-    assert max(line["step"] for line in lines) == 24 and {line["dictionary"] for line in lines} == {
+    assert [line["step"] for line in lines] == [step for step in range(1, 25) for _ in range(2)]  # no repeats
+    assert {line["dictionary"] for line in lines} == {
         "toy-neox/mlp0/96", "toy-neox/resid1/64"}
     assert not (tmp_path / "cut" / "checkpoint").exists()  # a finished run drops its checkpoint
 

@@ -238,10 +238,11 @@ def _step_all(s: Session, rows: list[torch.Tensor], checkpoint: Path | None) -> 
 
         if s.step == 0:  # the trainer's input scale comes from a sample before the first step
             job.trainer.estimate_input_scale(sample(min(s.buffer.unread, 8 * s.local_batch)))
-        metrics = job.trainer.step(rows[job.hook], sample)
-        if not math.isfinite(metrics["loss"]):
-            raise NonFiniteLossError(job.name, s.step, metrics, str(checkpoint) if checkpoint else None)
-        results.append(metrics)
+        results.append(job.trainer.step(rows[job.hook], sample))
+    bad = [i for i, m in enumerate(results) if not math.isfinite(m["loss"])]
+    if _any_rank(bool(bad), s.world):  # every rank stops together (a NaN reaches all through the gradients)
+        i = bad[0] if bad else 0
+        raise NonFiniteLossError(s.jobs[i].name, s.step, results[i], str(checkpoint) if checkpoint else None)
     return results
 
 
@@ -253,6 +254,8 @@ def run_loop(s: Session, *, checkpoint_every: int, log_file: Path | None, progre
     bar = tqdm(total=s.total_steps * batch, initial=s.step * batch, unit="tok", unit_scale=True, smoothing=0.1,
                disable=not progress or s.rank != 0, desc=f"training {len(s.jobs)} dictionar"
                                                          f"{'y' if len(s.jobs) == 1 else 'ies'}")
+    if log_file is not None and s.rank == 0 and log_file.exists():
+        _trim_log(log_file, s.step)
     log = open(log_file, "a") if log_file is not None and s.rank == 0 else None
     checkpoint = latest_checkpoint(s.out)
     try:
@@ -276,6 +279,12 @@ def run_loop(s: Session, *, checkpoint_every: int, log_file: Path | None, progre
         bar.close()
         if log is not None:
             log.close()
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop curve lines past `step` (written by a killed run after its last checkpoint) before resuming."""
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    _atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _log(log: Any, s: Session, metrics: list[dict[str, float]], batch: int) -> None:
