@@ -13,8 +13,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dictionaries.card import Card, Optimizer, Penalty, Recipe, Resampling  # noqa: F401  (re-exported)
+from dictionaries.card import Card, Optimizer, Penalty, Recipe, Resampling
 from dictionaries.errors import RecipeError, UnknownPresetError
+
+__all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "validate_recipe"]
 
 # Bricken et al. 2023, "Towards Monosemanticity": L1 (sum over features) + MSE (mean over elements),
 # pre-encoder bias, unit-norm decoder columns, resampling at 25k/50k/75k/100k of features dead for 12.5k steps.
