@@ -5,7 +5,8 @@ One batch of B contexts is measured with ONE forward: the batch is repeated 1 + 
 with zeros there), so clean, spliced and zero-ablated logits share a forward (dictionary_learning's
 `evaluation.loss_recovered` runs five traces per batch for one dictionary). Each patch touches only its own
 segments, so every dictionary sees clean activations at its hook even when dictionaries sit at different
-depths. `max_rows` caps the rows per forward; dictionaries are then split into groups.
+depths. `max_rows` caps the rows per forward (default: logits of at most LOGITS_BUDGET bytes); dictionaries
+are then split into groups, each group re-running the clean segment.
 
 Token positions: a position counts when it is a real token (attention mask 1) and, with `exclude_bos`,
 not the BOS id (with Pythia's tokenizer BOS = EOS, so the separators between packed documents too; see
@@ -32,6 +33,9 @@ from dictionaries.card import HookPoint, Stats
 from dictionaries.errors import EvalInputError
 from training.density import summarize_density
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
+
+LOGITS_BUDGET = 4 << 30
+"""Bytes of float32 logits one forward may produce by default (Pythia-70m, context 128: 166 rows)."""
 
 
 @dataclass
@@ -274,7 +278,8 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
             ids = ids.to(device)
             mask = mask.to(device) if mask is not None else None
             keep = token_mask(ids, mask, bos_id=bos, exclude_bos=exclude_bos)
-            ce, n = measure_batch(model, dicts, hooks, tallies, ids, mask, keep, max_rows)
+            rows = max_rows or LOGITS_BUDGET // (4 * ids.shape[1] * model.config.vocab_size)
+            ce, n = measure_batch(model, dicts, hooks, tallies, ids, mask, keep, rows)
             ce_clean, predictions = ce_clean + ce, predictions + n
             bar.update(ids.numel())
     bar.close()
