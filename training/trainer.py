@@ -161,13 +161,13 @@ class Trainer:
         return x.to(self.device, self.dtype)
 
     def _metrics(self, x: Tensor, out, lr: float, resampled: int, l0: Tensor) -> dict[str, float]:
+        """The step's figures, fetched from the device in one transfer (one sync per step on a GPU)."""
         with torch.no_grad():
             raw_mse = (x - out.x_hat).pow(2).mean() / self.input_scale ** 2   # element-wise, raw units
-            metrics = {"loss": out.loss.item(), "mse": raw_mse.item(),
-                       "l0": l0.item(),
-                       "dead_frac": self.dead_mask().float().mean().item(), "lr": lr, "resampled": float(resampled)}
-            metrics.update({f"loss_{k}": float(v) for k, v in out.terms.items()})
-        return metrics
+            named = {"loss": out.loss, "mse": raw_mse, "l0": l0, "dead_frac": self.dead_mask().float().mean(),
+                     **{f"loss_{k}": v for k, v in out.terms.items()}}
+            values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
+        return {**dict(zip(named, values)), "lr": lr, "resampled": float(resampled)}
 
     # ---- constraints on the decoder ----------------------------------------------------------------
     def _constrain_gradients(self) -> None:
