@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from dictionaries.card import HookPoint
-from dictionaries.errors import HookPointError, ModelMismatchError, NotWrappedError, ShapeMismatchError
+from dictionaries.errors import (HookPointError, ModelLoadError, ModelMismatchError, NotWrappedError,
+                                 ShapeMismatchError)
 from dictionaries.site import Site, first_tensor, replace_first
 
 if TYPE_CHECKING:
@@ -45,18 +46,27 @@ def wrap_model(model: Any, tokenizer: Any = None) -> Any:
     """An nnsight-wrapped model from a wrapped model (returned as is), a transformers model or a HF id/folder.
 
     `TransformersModel` (nnsight 0.8's successor of `LanguageModel`) needs a tokenizer for text inputs and
-    `generate`; a model object without one is wrapped with plain `NNsight` (token-id traces only).
+    `generate`; a model object without one is wrapped with plain `NNsight` (token-id traces only). nnsight
+    sets the tokenizer's padding side to left (and pad = eos where it has no pad token).
     """
     if isinstance(model, nnsight.Envoy):
         return model
     if isinstance(model, str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-        model = AutoModelForCausalLM.from_pretrained(model).eval()
+        model, tokenizer = _load(model, tokenizer)
     if tokenizer is None:
         return nnsight.NNsight(model)
     return nnsight.TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+
+
+def _load(name: str, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer from a HF id or a local folder; ModelLoadError when that fails."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
+        return AutoModelForCausalLM.from_pretrained(name).eval(), tokenizer
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
 def torch_model(model: Any) -> nn.Module:
@@ -65,7 +75,7 @@ def torch_model(model: Any) -> nn.Module:
         return model._module
     if isinstance(model, nn.Module):
         return model
-    raise NotWrappedError(type(model).__name__)
+    raise NotWrappedError(type(model).__name__, "a transformers model or an nnsight-wrapped one")
 
 
 def model_name(model: Any) -> str:

@@ -110,6 +110,15 @@ def test_resolve_hook_every_family(models, family):
     assert A.find_hook(wrapped, hp).width == d
 
 
+def test_wrap_model_errors(tmp_path):
+    from dictionaries.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        A.wrap_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(NotWrappedError):
+        A.collect_activations("gpt2", ["transformer.h.0"], torch.zeros(1, 2, dtype=torch.long))
+
+
 def test_resolve_hook_missing_module_suggests(neox):
     with pytest.raises(HookPointError) as e:
         A.resolve_hook(neox, "gpt_neox.layer.1.mlp")
