@@ -193,6 +193,15 @@ def test_one_pass_equals_separate_passes_and_groups(tiny_neox, contexts):
                 assert getattr(other.stats, key) == pytest.approx(getattr(alone.stats, key), rel=1e-5, abs=1e-9), key
 
 
+def test_an_nnsight_wrapped_model_gives_the_same_stats(tiny_neox, tokenizer, contexts):
+    from dictionaries.attach import wrap_model
+
+    d = identity_like(scale=0.5)
+    plain, wrapped = (evaluate(m, [d], contexts, tokens=10**6, context_length=24, sensitivity=False,
+                               progress=False)[0].stats for m in (tiny_neox, wrap_model(tiny_neox, tokenizer)))
+    assert plain.model_dump() == wrapped.model_dump()
+
+
 def test_deterministic_for_a_seed(tiny_neox, contexts):
     d = identity_like(scale=0.7)
     runs = [evaluate(tiny_neox, [d], contexts, tokens=10**6, context_length=24, seed=3, sensitivity_samples=4,

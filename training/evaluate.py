@@ -152,7 +152,8 @@ def _token_log_probs(lp: Tensor, targets: Tensor) -> Tensor:
 
 
 def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoint], tallies: list[Tally],
-                  input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor, max_rows: int | None) -> tuple[float, int]:
+                  input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor,
+                  max_rows: int | None) -> tuple[float, int]:
     """Measure one batch for every dictionary; returns (sum of clean CE, predictions counted).
 
     log_softmax runs over every position of a segment (no gather-copy of the selected ones: the excluded
@@ -260,16 +261,18 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     from dictionaries import __version__
     from training.harvest import token_mask
 
+    from dictionaries.attach import torch_model
+
     hooks = _check_dictionaries(dictionaries)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
+    hf = torch_model(model)                                   # a transformers model, wrapped by nnsight or not
+    device = torch.device(device) if device is not None else next(hf.parameters()).device
+    hf.to(device)
     dicts = [d.to(device) for d in dictionaries]
     batches = pack_batches(data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
                            batch_size=batch_size, seed=seed)
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    bos = bos if bos is not None else getattr(model.config, "bos_token_id", None)
+    bos = bos if bos is not None else getattr(hf.config, "bos_token_id", None)
     tallies = [Tally(d.d_in, d.d_dict) for d in dicts]
-    pools: dict[HookPoint, list[Tensor]] = defaultdict(list)
     ce_clean, predictions = 0.0, 0
     bar = tqdm(total=sum(ids.numel() for ids, _ in batches), desc="eval", unit="tok", unit_scale=True,
                disable=not progress)
@@ -278,7 +281,7 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
             ids = ids.to(device)
             mask = mask.to(device) if mask is not None else None
             keep = token_mask(ids, mask, bos_id=bos, exclude_bos=exclude_bos)
-            rows = max_rows or LOGITS_BUDGET // (4 * ids.shape[1] * model.config.vocab_size)
+            rows = max_rows or LOGITS_BUDGET // (4 * ids.shape[1] * hf.config.vocab_size)
             ce, n = measure_batch(model, dicts, hooks, tallies, ids, mask, keep, rows)
             ce_clean, predictions = ce_clean + ce, predictions + n
             bar.update(ids.numel())
@@ -286,8 +289,10 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     meta = dict(dataset=dataset_name or (data if isinstance(data, str) else None), context_length=context_length,
                 exclude_bos=exclude_bos, package_version=__version__,
                 date=datetime.date.today().isoformat())
-    curves = sensitivity_on_eval_set(model, dicts, hooks, batches, bos_id=bos, exclude_bos=exclude_bos,
-                                     samples=sensitivity_samples, seed=seed, progress=progress) if sensitivity else [None] * len(dicts)
+    curves: list[SensitivityCurves | None] = [None] * len(dicts)
+    if sensitivity:
+        curves = sensitivity_on_eval_set(hf, dicts, hooks, batches, bos_id=bos, exclude_bos=exclude_bos,
+                                         samples=sensitivity_samples, seed=seed, progress=progress)
     results = []
     for d, t, c in zip(dicts, tallies, curves):
         stats = t.stats(ce_clean, predictions, d.d_in, **meta)
