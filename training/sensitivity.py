@@ -31,6 +31,8 @@ POOL_SIZE = 4096
 """Real activations kept per hook for the random kind's mean/covariance and the real kind's targets."""
 SENSITIVITY_PREFIX = 64
 """Sensitivity contexts are cut to this many tokens (the perturbed position lies inside)."""
+LOGITS_BUDGET = 1 << 30
+"""Bytes of float32 logits one perturbed forward may produce (Pythia-70m, 64 tokens: 83 rows)."""
 KL_THRESHOLD = 0.5
 """The KL (nats) at which a perturbation counts as having changed the output."""
 SENSITIVITY_PNG = "sensitivity.png"
@@ -138,18 +140,21 @@ def _final_logprobs(model, contexts: Tensor, mask: Tensor | None, positions: Ten
 
 def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionary], contexts: Tensor,
                         positions: Tensor, pool: Tensor, *, attention_mask: Tensor | None = None,
-                        steps: Tensor | None = None, seed: int = 0, rows_per_forward: int = 256,
+                        steps: Tensor | None = None, seed: int = 0, rows_per_forward: int | None = None,
                         progress: bool = True) -> list[SensitivityCurves]:
     """The test at one hook: curves for random and real directions (shared) and for each dictionary.
 
     contexts (N, P) token ids, each perturbed at positions[i]; pool (M, d) real activations at the hook (the
-    mean/covariance of the random kind and the targets of the real kind).
+    mean/covariance of the random kind and the targets of the real kind). rows_per_forward defaults to what
+    keeps one forward's logits under LOGITS_BUDGET bytes.
     """
     from tqdm.auto import tqdm
 
     from dictionaries.attach import collect_activations
 
     steps = torch.linspace(0, 4, 21) if steps is None else steps.float()
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50304
+    rows_per_forward = rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab * contexts.shape[1]))
     gen = torch.Generator().manual_seed(seed)
     n = contexts.shape[0]
     with torch.no_grad():
@@ -180,7 +185,8 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
         kls[kind] = out.view(n, len(steps))
     bar.close()
     shared = {"random": kls["random"], "real": kls["real"]}
-    return [SensitivityCurves(steps, {**shared, "dictionary": kls[f"dictionary{j}"]}) for j in range(len(dictionaries))]
+    return [SensitivityCurves(steps, {**shared, "dictionary": kls[f"dictionary{j}"]})
+            for j in range(len(dictionaries))]
 
 
 def sensitivity_on_eval_set(model, dicts: Sequence[Dictionary], hooks: Sequence[HookPoint], batches, *,
@@ -196,7 +202,8 @@ def sensitivity_on_eval_set(model, dicts: Sequence[Dictionary], hooks: Sequence[
     from training.harvest import token_mask
 
     ids = torch.cat([b[0] for b in batches])[:, :SENSITIVITY_PREFIX]
-    mask = torch.cat([b[1] if b[1] is not None else torch.ones_like(b[0]) for b in batches])[:, :SENSITIVITY_PREFIX]
+    mask = torch.cat([b[1] if b[1] is not None else torch.ones_like(b[0]) for b in batches])
+    mask = mask[:, :SENSITIVITY_PREFIX]
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     keep = token_mask(ids, mask, bos_id=bos_id, exclude_bos=exclude_bos)
