@@ -285,9 +285,11 @@ class _MaskRecorder:
         """(batch, pos) bool of real tokens for activation x, None when all are real or it cannot tell.
 
         The mask covers the whole sequence (cache included in generation), so x's positions are its last
-        columns. With several invokes batched together x holds only one invoke's rows: no masking then.
+        columns. With several invokes batched together x holds one invoke's rows: those of its batch group.
         """
         mask = self.mask
+        if mask is not None and x.dim() == 3 and mask.shape[0] != x.shape[0]:
+            mask = _invoke_rows(mask, x.shape[0])
         if mask is None or x.dim() != 3 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
             return None
         real = mask[:, mask.shape[1] - x.shape[1]:].to(device=x.device, dtype=torch.bool)
@@ -316,6 +318,17 @@ def _check_site(model: Any, dictionary: Dictionary, found: ResolvedHook) -> None
         warnings.warn(f"the card of {card.name!r} names model {card_model!r}, attached to {name!r} "
                       f"(width {found.width} matches); features may mean nothing here.",
                       ModelMismatchWarning, stacklevel=4)
+
+
+def _invoke_rows(mask: Tensor, rows: int) -> Tensor | None:
+    """The mask rows of the invoke running now (nnsight's batch group [start, size]); None if unknown."""
+    try:
+        from nnsight.intervention.interleaver import Mediator
+
+        start, size = Mediator.current("attention mask").batch_group
+    except Exception:  # outside a worker, a whole-batch worker, or another nnsight layout
+        return None
+    return mask[start:start + size] if size == rows else None
 
 
 @contextmanager

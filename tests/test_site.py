@@ -316,3 +316,19 @@ def test_feature_index_out_of_range(models, tokenizer):
         with pytest.raises(FeatureIndexError, match="0..95"):
             with torch.no_grad(), model.trace(ids, attention_mask=mask):
                 site.ablate(96)
+
+
+def test_several_invokes_mask_each_invokes_pads(models):
+    raw, model = models["neox"]
+    d = make_dictionary(64, 96, "gpt_neox.layers.1.mlp")
+    with A.attach(model, d) as site:
+        with torch.no_grad(), model.trace() as tr:
+            with tr.invoke(TEXTS[0]):
+                long = site.features.save()
+            with tr.invoke(TEXTS[2]):                   # one token, left-padded to the other's length
+                short = site.features.save()
+        with torch.no_grad(), model.trace(TEXTS[2]):
+            alone = site.features.save()
+    assert long.shape[:2] == short.shape[:2] and short.shape[1] > 1
+    assert (short[0, :-1] == 0).all()
+    torch.testing.assert_close(short[:, -1:], alone, atol=1e-5, rtol=1e-4)
