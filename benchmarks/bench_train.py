@@ -179,9 +179,34 @@ def dictionary_learning_child(tokens: int, batch: int, device: str, folder: Path
 
 
 def saelens_child(tokens: int, batch: int, device: str, folder: Path) -> dict:
-    """SAELens' trainer; not wired here yet (see the row's note)."""
-    raise NotImplementedError("SAELens installs (6.54.12, torch kept) but needs a transformer_lens model; "
-                              "its runner on an in-process random Pythia-70m is not wired yet")
+    """SAELens' LanguageModelSAETrainingRunner (standard L1 SAE) on a random transformer_lens Pythia-70m."""
+    from datasets import Dataset
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig
+    from sae_lens.config import LoggingConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from training.toymodel import build_tokenizer, corpus_documents
+
+    cfg = HookedTransformerConfig(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=8, d_head=64, d_mlp=4 * D_MODEL,
+                                  d_vocab=50304, n_ctx=2048, act_fn="gelu", normalization_type="LN",
+                                  positional_embedding_type="rotary", rotary_dim=16, parallel_attn_mlp=True,
+                                  original_architecture="GPTNeoXForCausalLM", device=device, seed=0)
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(folder / "tokenizer")  # transformer_lens reloads it by name_or_path
+    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"))
+    runner_cfg = LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=D_DICT, l1_coefficient=1e-3),
+        model_name="pythia70m-random", hook_name="blocks.3.hook_mlp_out", dataset_path="", streaming=False,
+        is_dataset_tokenized=False, context_size=CONTEXT, training_tokens=tokens, train_batch_size_tokens=batch,
+        n_batches_in_buffer=2 * batch // CONTEXT, store_batch_size_prompts=32, device=device, lr=1e-3,
+        lr_warm_up_steps=min(10, tokens // batch // 2), logger=LoggingConfig(log_to_wandb=False),
+        checkpoint_path=str(folder / "ckpt"), n_checkpoints=0, output_path=str(folder / "out"))
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    LanguageModelSAETrainingRunner(runner_cfg, override_dataset=Dataset.from_dict({"text": corpus_documents()}),
+                                   override_model=model).run()
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    return {"tokens": tokens, "seconds": seconds, "cpu_s": cpu, "peak_mb": _peak_mb(device)}
 
 
 # ---- rows ---------------------------------------------------------------------------------------------
