@@ -334,3 +334,14 @@ def test_show_prints_the_density_summary_of_an_evaluated_entry(workspace, monkey
             in result.output)
     names, rows = compare_stats("toy/mlp0/128", str(workspace / "a"))   # a registry name against a folder
     assert all(va == vb for k, va, vb in rows if k != "date")
+
+
+def test_cli_reports_eval_errors_in_one_line(workspace, monkeypatch, capsys):
+    from dictionaries import cli
+
+    monkeypatch.setattr("sys.argv", ["dictctl", "eval", str(workspace / "a"), "--model", str(workspace / "nowhere"),
+                                     "--dataset", str(workspace / "eval.txt")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "cannot load model" in err and "--model" in err
