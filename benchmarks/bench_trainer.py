@@ -10,7 +10,6 @@ and bookkeeping). Timings are medians over repeats, so a noisy shared machine hu
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
@@ -26,10 +25,6 @@ def _recipe(name: str, extra: dict):
     return validate_recipe(preset(name, model="bench/model", hook={"module": "gpt_neox.layers.3.mlp", "site": "mlp",
                                                                    "layer": 3},
                                   dataset="bench.txt", tokens=10**9, d_dict=D_DICT, batch_size=BATCH, **extra))
-
-
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def matmul_rate(precision: str, device: str = "cpu") -> float:
@@ -50,17 +45,16 @@ def step_time(name: str, extra: dict, precision: str) -> float:
     from training.trainer import Trainer
 
     recipe = _recipe(name, extra)
-    trainer = Trainer(recipe, D_IN, total_steps=1000)
+    trainer = Trainer(recipe, D_IN, total_steps=1000, autocast=torch.bfloat16 if precision == "bf16" else None)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(0))
     if recipe.input_normalization != "none":
         trainer.estimate_input_scale(x)
     times = []
-    with _autocast(precision):
-        for i in range(REPEATS + 2):
-            start = time.perf_counter()
-            trainer.step(x)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
+    for i in range(REPEATS + 2):
+        start = time.perf_counter()
+        trainer.step(x)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 

@@ -280,3 +280,20 @@ def test_single_process_group_matches_plain_run(tmp_path):
     for a, b in zip(plain.module.parameters(), grouped.module.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert plain.input_scale == pytest.approx(grouped.input_scale)
+
+
+def test_autocast_forward_trains_and_a_callers_autocast_region_sees_fresh_weights():
+    """Stepping inside one long autocast region must equal the trainer's own autocast (no stale weight casts)."""
+    recipe = make_recipe("marks2023")
+    own = Trainer(recipe, D_IN, total_steps=60, autocast=torch.bfloat16)
+    outer = Trainer(recipe, D_IN, total_steps=60)
+    a, b = SparseSource(), SparseSource()
+    losses = [own.step(a())["loss"] for _ in range(60)]
+    batches = [b() for _ in range(60)]  # made outside: autocast would round the data's own matmul
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in batches:
+            outer.step(x)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    for p, q in zip(own.module.parameters(), outer.module.parameters()):
+        assert torch.equal(p, q)
+    assert own.module.W_enc.dtype == torch.float32

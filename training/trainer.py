@@ -78,11 +78,15 @@ def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: st
 class Trainer:
     """Trains one dictionary under `recipe` on activations of width d_in, for `total_steps` steps."""
 
-    def __init__(self, recipe: Recipe, d_in: int, *, total_steps: int, device: str | torch.device = "cpu"):
+    def __init__(self, recipe: Recipe, d_in: int, *, total_steps: int, device: str | torch.device = "cpu",
+                 autocast: torch.dtype | None = None):
+        """`autocast` (e.g. torch.bfloat16) runs the forward's matmuls at that precision; weights, Adam and the
+        backward's accumulation stay in the recipe's dtype. Not part of the recipe: it is a hardware choice."""
         if total_steps <= 0:
             raise RecipeError(["tokens", "batch_size"], f"training needs at least one step, got {total_steps}")
         self.recipe, self.d_in, self.total_steps, self.device = recipe, d_in, total_steps, torch.device(device)
         self.dtype = getattr(torch, recipe.dtype)
+        self.autocast = autocast
         self.module = init_dictionary(recipe, d_in, dtype=self.dtype, device=self.device)
         frozen = {"threshold"} if recipe.architecture == "batchtopk" else set()  # set from statistics, not trained
         for name in frozen:
@@ -116,14 +120,29 @@ class Trainer:
         self.input_scale = float(math.sqrt(self.d_in) / mean_norm.clamp_min(1e-12).item())
 
     def step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None = None) -> dict[str, float]:
-        """One optimisation step on raw activations x (B, d_in); returns the step's metrics."""
+        """One optimisation step on raw activations x (B, d_in); returns the step's metrics.
+
+        Only the forward runs under autocast: at `self.autocast`, else at the dtype of a caller's autocast
+        region; the backward, the update and the bookkeeping always run at full precision.
+        """
+        kind = self.device.type
+        precision = self.autocast or (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
+        with torch.autocast(kind, enabled=False):
+            return self._step(x, sample_inputs, precision)
+
+    def _step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None,
+              precision: torch.dtype | None) -> dict[str, float]:
         x = self._check(x) * self.input_scale
         if self.step_count == 0:
             self._initialise_decoder_bias(x)
         lr = lr_at(self.recipe, self.step_count, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = compute_loss(self.module, x, self.recipe, self._context())
+        # A caller's autocast region caches low-precision copies of the weights, which go stale when the
+        # optimiser updates them in place: drop the cache before this forward and after the update.
+        torch.clear_autocast_cache()
+        with torch.autocast(self.device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+            out = compute_loss(self.module, x, self.recipe, self._context())
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self._all_reduce_grads()
@@ -139,6 +158,7 @@ class Trainer:
             self._count_firing(fired, x.shape[0] * max(_world(), 1))
             self._update_density(out.density)
             self._update_threshold(out.smallest_kept)
+        torch.clear_autocast_cache()
         self.step_count += 1
         resampled = self._maybe_resample(x, sample_inputs)
         return self._metrics(x, out, lr, resampled, l0)
