@@ -226,6 +226,7 @@ def _row(name: str, n_dicts: int, result: dict, rate: float) -> dict:
         return {"benchmark": "train", "run": name, "dictionaries": n_dicts, "note": result["error"]}
     row = {"benchmark": "train", "run": name, "dictionaries": n_dicts, "tokens": result["tokens"],
            "tokens_per_s": result["tokens"] / result["seconds"], "seconds": result["seconds"],
+           "tokens_per_cpu_s": result["tokens"] / result["cpu_s"] if result.get("cpu_s") else None,
            "peak_mb": result.get("peak_mb"), "cpu_s": result.get("cpu_s")}
     if "flops" in result:
         row["roofline_frac"] = result["flops"] / result["seconds"] / rate
