@@ -367,10 +367,12 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     if len(set(names)) != len(names):
         raise SharedHarvestError("names", names)
     check_shared(recipes)
+    joined = torch.distributed.is_available() and not torch.distributed.is_initialized()
     rank, world, dev = setup_distributed(device)
     if model is None or tokenizer is None:
-        loaded_model, loaded_tokenizer = load_model(recipes[0], dev)
-        model, tokenizer = model or loaded_model, tokenizer or loaded_tokenizer
+        loaded = load_model(recipes[0], dev)
+        model = loaded[0] if model is None else model
+        tokenizer = loaded[1] if tokenizer is None else tokenizer
     out = Path(out)
     session = build_session(recipes, names, model, tokenizer, out=out, rank=rank, world=world, device=dev)
     folder = latest_checkpoint(out) if resume else None
@@ -383,6 +385,8 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     _barrier(world)
     if rank == 0:  # the run is complete: its checkpoint is no longer needed
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    if world > 1 and joined:  # leave the process group as we found it
+        torch.distributed.destroy_process_group()
     return paths
 
 
