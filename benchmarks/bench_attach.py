@@ -3,10 +3,12 @@
 On a model with Pythia-70m's exact config (random weights; same cost as the real model), batch 8 x 128
 tokens, no grad: bare transformers forward, bare nnsight trace, a trace with one spliced 32768-feature
 dictionary (at mlp3; with the error term kept, and replaced by the reconstruction), and with six (one per
-layer). The median of `repeats` timed runs after one warm-up. A dense 32768 x 512 encoder is
+layer). The median of `repeats` rounds, each timing every configuration once. A dense 32768 x 512 encoder is
 2 * 1024 * 512 * 32768 = 34 GFLOP per batch against about 92 GFLOP for the model's matmuls, so where
-compute bounds the time (CPU), one spliced dictionary costs at least ~1.37x (encode only, error kept) or
-~1.74x (encode + decode); the table reports the FLOP floor next to each measurement.
+compute bounds the time (CPU), one spliced dictionary adds about 37% (encode only: with the error kept and
+nothing edited the written activation is x itself, no decode) or 74% (encode + decode) of the model's
+matmul FLOPs; `flop_ratio` gives that figure next to each measurement (one large GEMM runs faster per
+FLOP than the model's many small ops, so measured ratios can be lower).
 
 `python -m benchmarks.bench_attach [--repeats N] [--device cpu|cuda]`
 """
@@ -14,6 +16,7 @@ compute bounds the time (CPU), one spliced dictionary costs at least ~1.37x (enc
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -22,9 +25,10 @@ import torch
 D_DICT = 32768
 
 
-def _timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of fn() over `repeats` runs after one warm-up."""
-    fn()
+def _timed(fn, repeats: int, device: torch.device, warm: bool = True) -> float:
+    """Median seconds of fn() over `repeats` runs (after one warm-up unless `warm` is False)."""
+    if warm:
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -35,6 +39,21 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _round_robin(fns: list, repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each fn, timed in turns (one run of each per round, in a shuffled order) so that
+    load from other processes on a shared machine weighs on every configuration alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)  # no configuration always runs first in its round
+        for i in order:
+            times[i].append(_timed(fns[i], 1, device, warm=False))
+    return [statistics.median(acc) for acc in times]
 
 
 def _dictionaries(n: int, d_in: int, device: torch.device):
@@ -97,9 +116,9 @@ def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 12
                ("trace + 6 dictionaries, splice(error=False)", spliced(dicts, False), 12 * enc_gflop)]
     rows = []
     with torch.no_grad():
-        for name, fn, extra in configs:
-            rows.append({"benchmark": name, "device": dev.type, "tokens": tokens,
-                         "ms": 1000 * _timed(fn, repeats, dev), "flop_floor_ratio": (model_gflop + extra) / model_gflop})
+        for (name, _, extra), sec in zip(configs, _round_robin([fn for _, fn, _ in configs], repeats, dev)):
+            rows.append({"benchmark": name, "device": dev.type, "tokens": tokens, "ms": 1000 * sec,
+                         "flop_ratio": (model_gflop + extra) / model_gflop})
         base, nns = rows[0]["ms"], rows[1]["ms"]
         for r in rows:
             r["x_transformers"] = r["ms"] / base
@@ -119,13 +138,13 @@ def _fixed_overhead(hf, model, dev: torch.device, repeats: int) -> list[dict]:
     bare = 1000 * _timed(lambda: hf(ids, use_cache=False), 5 * repeats, dev)
     traced = 1000 * _timed(trace, 5 * repeats, dev)
     return [{"benchmark": "bare transformers forward (1 x 16)", "device": dev.type, "tokens": 16, "ms": bare,
-             "flop_floor_ratio": 1.0, "x_transformers": 1.0, "x_nnsight": bare / traced},
+             "flop_ratio": 1.0, "x_transformers": 1.0, "x_nnsight": bare / traced},
             {"benchmark": "bare nnsight trace (1 x 16)", "device": dev.type, "tokens": 16, "ms": traced,
-             "flop_floor_ratio": 1.0, "x_transformers": traced / bare, "x_nnsight": 1.0}]
+             "flop_ratio": 1.0, "x_transformers": traced / bare, "x_nnsight": 1.0}]
 
 
 def _print(rows: list[dict]) -> None:
-    cols = ["benchmark", "device", "tokens", "ms", "x_transformers", "x_nnsight", "flop_floor_ratio"]
+    cols = ["benchmark", "device", "tokens", "ms", "x_transformers", "x_nnsight", "flop_ratio"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
