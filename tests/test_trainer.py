@@ -297,3 +297,38 @@ def test_autocast_forward_trains_and_a_callers_autocast_region_sees_fresh_weight
     for p, q in zip(own.module.parameters(), outer.module.parameters()):
         assert torch.equal(p, q)
     assert own.module.W_enc.dtype == torch.float32
+
+
+def _rank_run(rank: int, world: int, store: str, name: str, steps: int, out: str) -> None:
+    """One rank of a two-process gloo run: each rank steps on its half of every batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        t = Trainer(make_recipe(name, input_normalization="sqrt_d"), D_IN, total_steps=steps)
+        source = SparseSource()
+        if t.recipe.input_normalization != "none":
+            t.estimate_input_scale(source(1024).chunk(world)[rank])
+        for _ in range(steps):
+            t.step(source().chunk(world)[rank])
+        if rank == 0:
+            torch.save({k: v.detach() for k, v in t.module.state_dict().items()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    """Data parallel over two processes: b_dec init, input scale, gradients and firing all-reduced.
+
+    Equal up to float summation order (Adam magnifies that slowly, hence few steps and a tight tolerance).
+    """
+    import torch.multiprocessing as mp
+
+    steps = 10
+    mp.start_processes(_rank_run, args=(2, str(tmp_path / "store"), "marks2023", steps, str(tmp_path / "w.pt")),
+                       nprocs=2, start_method="fork")  # fork: no re-import of torch in the children
+    parallel = torch.load(tmp_path / "w.pt", weights_only=True)
+    single, _ = train(make_recipe("marks2023", input_normalization="sqrt_d"), steps, SparseSource())
+    for key, value in single.module.state_dict().items():
+        assert torch.allclose(value, parallel[key], atol=1e-6), key

@@ -169,11 +169,15 @@ class Trainer:
 
         Weiszfeld's iteration: the median is the fixed point of a mean weighted by 1 / distance.
         """
+        if _world():  # the median of the global batch, so that N ranks start where one process would
+            parts = [torch.empty_like(x) for _ in range(_world())]
+            torch.distributed.all_gather(parts, x.contiguous())
+            x = torch.cat(parts)
         median = x.mean(0)
         for _ in range(iterations):
             weights = 1.0 / (x - median).norm(dim=-1).clamp_min(1e-8)              # (B,)
             median = (weights[:, None] * x).sum(0) / weights.sum()
-        self.module.b_dec.copy_(_all_reduce(median, "mean"))
+        self.module.b_dec.copy_(median)
 
     def _check(self, x: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[-1] != self.d_in:
