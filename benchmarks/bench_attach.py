@@ -3,12 +3,14 @@
 On a model with Pythia-70m's exact config (random weights; same cost as the real model), batch 8 x 128
 tokens, no grad: bare transformers forward, bare nnsight trace, a trace with one spliced 32768-feature
 dictionary (at mlp3; with the error term kept, and replaced by the reconstruction), and with six (one per
-layer). The median of `repeats` rounds, each timing every configuration once. A dense 32768 x 512 encoder is
-2 * 1024 * 512 * 32768 = 34 GFLOP per batch against about 92 GFLOP for the model's matmuls, so where
-compute bounds the time (CPU), one spliced dictionary adds about 37% (encode only: with the error kept and
-nothing edited the written activation is x itself, no decode) or 74% (encode + decode) of the model's
-matmul FLOPs; `flop_ratio` gives that figure next to each measurement (one large GEMM runs faster per
-FLOP than the model's many small ops, so measured ratios can be lower).
+layer). Dictionaries have random weights with thresholds set for about `l0` (64) active features a token,
+as trained ones have. The median of `repeats` rounds, each timing every configuration once.
+
+A dense 32768 x 512 encoder is 2 * 1024 * 512 * 32768 = 34 GFLOP per batch against about 92 GFLOP for
+the model's matmuls; the decode of sparse features is cheap (`site.decode`: L0 rows a token), and with the
+error kept and nothing edited no decode is needed (the written activation is x itself). `flop_ratio` gives
+(model + dictionary) / model matmul FLOPs next to each measurement; one large GEMM runs faster per FLOP
+than the model's many small ops, so measured ratios can be lower.
 
 `python -m benchmarks.bench_attach [--repeats N] [--device cpu|cuda]`
 """
@@ -56,20 +58,26 @@ def _round_robin(fns: list, repeats: int, device: torch.device) -> list[float]:
     return [statistics.median(acc) for acc in times]
 
 
-def _dictionaries(n: int, d_in: int, device: torch.device):
+def _dictionaries(model, ids, n: int, d_in: int, device: torch.device, l0: float):
+    """n random relu dictionaries at mlp0..mlp(n-1), each threshold set so that about `l0` features fire
+    per token on `ids` (Marks & Mueller's 32768-feature MLP dictionaries have L0 3..44; 8192: 10..235)."""
     from dictionaries.architectures import build_dictionary
+    from dictionaries.attach import collect_activations
     from dictionaries.card import Card, Files, HookPoint
 
+    hooks = [HookPoint(module=f"gpt_neox.layers.{layer}.mlp", site="mlp", layer=layer) for layer in range(n)]
+    acts = collect_activations(model, hooks, ids)
     out = []
-    for layer in range(n):
-        card = Card(name=f"bench/mlp{layer}/{D_DICT}", architecture="relu", d_in=d_in, d_dict=D_DICT,
-                    files=Files(items=[]), hook=HookPoint(module=f"gpt_neox.layers.{layer}.mlp", site="mlp",
-                                                          layer=layer))
+    for hook, x in zip(hooks, acts):
+        card = Card(name=f"bench/mlp{hook.layer}/{D_DICT}", architecture="relu", d_in=d_in, d_dict=D_DICT,
+                    files=Files(items=[]), hook=hook)
         d = build_dictionary(card, device=device)
         with torch.no_grad():
             d.W_enc.normal_(0, d_in ** -0.5)
             d.W_dec.copy_(d.W_enc.T)
-            d.b_enc.fill_(-0.5)  # sparse-ish features, as a trained dictionary's would be
+            pre = d.pre_activation(x[:1].reshape(-1, d_in)).flatten()           # one context's worth
+            sample = pre[torch.randperm(pre.numel(), device=pre.device)[:1_000_000]]
+            d.b_enc.fill_(-float(sample.quantile(1 - l0 / D_DICT)))
         out.append(d)
     return out
 
@@ -80,7 +88,7 @@ def _model_flops(hf, tokens: int) -> float:
     return 2.0 * tokens * params
 
 
-def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 128) -> list[dict]:
+def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 128, l0: float = 64.0) -> list[dict]:
     """Table rows: one per configuration, with median ms and ratios to bare transformers and bare nnsight."""
     from dictionaries.attach import attach, wrap_model
     from training.toymodel import build_model, build_tokenizer, pythia70m_config
@@ -89,10 +97,11 @@ def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 12
     hf = build_model(pythia70m_config()).to(dev)
     model = wrap_model(hf, build_tokenizer())
     ids = torch.randint(2, 50000, (batch, context), generator=torch.Generator().manual_seed(0)).to(dev)
-    dicts = _dictionaries(6, hf.config.hidden_size, dev)
+    dicts = _dictionaries(hf, ids, 6, hf.config.hidden_size, dev, l0)
     tokens = batch * context
     model_gflop = _model_flops(hf, tokens) / 1e9
     enc_gflop = 2.0 * tokens * hf.config.hidden_size * D_DICT / 1e9
+    dec_gflop = 2.0 * tokens * hf.config.hidden_size * l0 / 1e9          # the sparse decode: L0 rows a token
 
     def bare():
         hf(ids, use_cache=False)
@@ -112,8 +121,8 @@ def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 12
     configs = [("bare transformers forward", bare, 0.0),
                ("bare nnsight trace", trace, 0.0),
                ("trace + 1 dictionary, splice(error=True)", spliced(dicts[3:4], True), enc_gflop),
-               ("trace + 1 dictionary, splice(error=False)", spliced(dicts[3:4], False), 2 * enc_gflop),
-               ("trace + 6 dictionaries, splice(error=False)", spliced(dicts, False), 12 * enc_gflop)]
+               ("trace + 1 dictionary, splice(error=False)", spliced(dicts[3:4], False), enc_gflop + dec_gflop),
+               ("trace + 6 dictionaries, splice(error=False)", spliced(dicts, False), 6 * (enc_gflop + dec_gflop))]
     rows = []
     with torch.no_grad():
         for (name, _, extra), sec in zip(configs, _round_robin([fn for _, fn, _ in configs], repeats, dev)):
@@ -154,5 +163,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--l0", type=float, default=64.0, help="active features a token in the dictionaries")
     args = parser.parse_args()
-    _print(run(repeats=args.repeats, device=args.device))
+    _print(run(repeats=args.repeats, device=args.device, l0=args.l0))

@@ -42,6 +42,28 @@ def replace_first(value: Any, new: Tensor) -> Any:
     return new
 
 
+SPARSE_DECODE_DENSITY = 0.02
+"""Below this fraction of non-zero features, decode gathers decoder rows instead of a dense matmul."""
+
+
+def decode(dictionary: Dictionary, f: Tensor) -> Tensor:
+    """dictionary.decode(f) for f (..., F); for sparse f, as a weighted sum of the active decoder rows.
+
+    A trained dictionary has L0 in the tens to hundreds of 32768 features (under 1%), so summing only the
+    active rows of W_dec (`embedding_bag`, O(L0 d) per token) is several times cheaper on CPU than the dense
+    (F, d) matmul; above SPARSE_DECODE_DENSITY the dense matmul wins.
+    """
+    flat = f.reshape(-1, f.shape[-1])                                          # (tokens, F)
+    if flat.numel() == 0 or int(torch.count_nonzero(flat)) > SPARSE_DECODE_DENSITY * flat.numel():
+        return dictionary.decode(f)
+    nz = flat.nonzero()                                                        # (nnz, 2), row-major
+    counts = torch.bincount(nz[:, 0], minlength=flat.shape[0])
+    offsets = counts.cumsum(0) - counts
+    rows = torch.nn.functional.embedding_bag(nz[:, 1], dictionary.W_dec, offsets, mode="sum",
+                                             per_sample_weights=flat[nz[:, 0], nz[:, 1]])  # (tokens, d)
+    return (rows + dictionary.b_dec).reshape(*f.shape[:-1], -1)
+
+
 @dataclass
 class _State:
     """One activation seen at a site: x (batch, pos, d) and its features f (batch, pos, F).
@@ -100,7 +122,7 @@ class Site:
     def reconstruction(self) -> Tensor:
         """decode(f) (batch, pos, d_in); pad positions hold the activation itself."""
         st = self._current()
-        x_hat = self.dictionary.decode(st.f).to(st.x.dtype)
+        x_hat = decode(self.dictionary, st.f).to(st.x.dtype)
         return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, st.x)
 
     @property
@@ -116,7 +138,7 @@ class Site:
         if error:
             new = st.x if delta is None else st.x + delta.to(st.x.dtype)   # exactly x when nothing was edited
         else:
-            new = self.dictionary.decode(st.f)
+            new = decode(self.dictionary, st.f)
             new = (new if delta is None else new + delta).to(st.x.dtype)
         if st.real is not None and new is not st.x:
             new = torch.where(st.real.unsqueeze(-1), new, st.x)

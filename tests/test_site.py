@@ -95,6 +95,27 @@ def test_splice_with_error_is_exact_and_without_matches_hand(models, tokenizer, 
     assert not torch.allclose(spliced, clean)
 
 
+def test_sparse_features_decode_like_dense(models, tokenizer):
+    from dictionaries import site as S
+
+    raw, model = models["neox"]
+    path = "gpt_neox.layers.0.mlp"
+    d = make_dictionary(64, 2048, path)
+    ids, mask = _batch(tokenizer)
+    [x] = A.collect_activations(model, [path], ids, mask)
+    with torch.no_grad():   # one threshold leaving about 0.5% of the features active, as trained ones are
+        d.b_enc.sub_(d.pre_activation(x[mask.bool()]).flatten().quantile(0.995))
+        f = d.encode(x)
+    density = float((f[mask.bool()] > 0).float().mean())
+    assert 0 < density < S.SPARSE_DECODE_DENSITY
+    torch.testing.assert_close(S.decode(d, f), d.decode(f))
+    with A.attach(model, d) as site:
+        got = traced_logits(model, ids, mask, lambda: site.splice(error=False))
+    with torch.no_grad():
+        ref = reference_logits(raw, ids, mask, {path: keep_pads(mask, lambda x: d(x).reconstruction)})
+    torch.testing.assert_close(got, ref)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_identity_dictionary_spliced_without_error_changes_nothing(models, tokenizer, family):
     raw, model = models[family]
