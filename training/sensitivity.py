@@ -247,6 +247,7 @@ def plot_sensitivity(curves: SensitivityCurves, path: str | Path, *, title: str 
         ax.fill_between(t, q[0].numpy(), q[2].numpy(), color=colors.get(kind), alpha=0.2)
     ax.axhline(KL_THRESHOLD, color="black", lw=0.8, ls=":")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-5)  # t = 0 has KL 0 (drawn at 1e-8): keep the axis on the measured range
     ax.set_xlabel("step t (direction scaled to the base activation's norm)")
     ax.set_ylabel("KL(clean || perturbed), final position")
     ax.set_title(title or "sensitive directions", fontsize=10)
