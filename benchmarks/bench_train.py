@@ -257,9 +257,11 @@ def run(device: str | None = None, tokens: int = 16384, batch: int = 4096) -> li
         result = _child(python, ["-m", "benchmarks.bench_train", "--peer", peer, *common])
         rows.append(_row(peer, 1, result, rate))
     base = next((r for r in rows if r["run"] == "dictionaries (ours) one" and r.get("tokens_per_s")), None)
-    for r in rows:
-        if base and r.get("tokens_per_s") and r["run"] not in ("dictionaries (ours) twelve",):
+    for r in rows:  # ratios of our one-dictionary run to each peer, by wall time and by CPU time
+        if base and r.get("tokens_per_s") and r["run"] != "dictionaries (ours) twelve":
             r["ours_vs_this"] = base["tokens_per_s"] / r["tokens_per_s"]
+            if r.get("tokens_per_cpu_s") and base.get("tokens_per_cpu_s"):
+                r["ours_vs_this_cpu"] = base["tokens_per_cpu_s"] / r["tokens_per_cpu_s"]
     return rows
 
 
