@@ -55,7 +55,8 @@ class Dictionary(nn.Module):
         self._check_input(x)
         if self.pre_encoder_bias:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        # addmm fuses the bias into the GEMM: one pass over the (tokens, F) output instead of two
+        return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc).view(*x.shape[:-1], self.d_dict)
 
     def encode(self, x: Tensor) -> Tensor:
         """Features f (..., F) of activations x (..., d)."""
@@ -116,7 +117,7 @@ class ReluDictionary(Dictionary):
     kind = "relu"
 
     def encode(self, x: Tensor) -> Tensor:
-        return torch.relu(self.pre_activation(x))
+        return self.pre_activation(x).relu_()  # in place on the fresh pre-activation: no second (tokens, F) tensor
 
 
 class TopKDictionary(Dictionary):
