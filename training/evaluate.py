@@ -23,6 +23,7 @@ import datetime
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -321,7 +322,6 @@ def resolve_targets(target) -> list[str]:
     """Registry names or folders meant by `target`: a folder, a glob of folders, a registry name or glob,
     or a list of any of these (e.g. the folders a training run just wrote)."""
     import glob
-    from pathlib import Path
 
     if isinstance(target, (list, tuple)):
         return [t for item in target for t in resolve_targets(item)]
@@ -344,8 +344,6 @@ def write_results(folder, dictionary: Dictionary, result: EvalResult, *, in_plac
     in_place: the folder is the dictionary's own native folder (only card.json is rewritten); otherwise a
     native folder is written there first (`formats.write_native`). Returns the new card.
     """
-    from pathlib import Path
-
     from training.density import DENSITY_PNG, plot_density, save_density
     from training.sensitivity import SENSITIVITY_PNG, plot_sensitivity
 
@@ -377,8 +375,6 @@ def evaluate_and_write(target, *, model: Any = None, tokenizer=None, dataset: An
     foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
     Returns (folder written, new card) per dictionary.
     """
-    from pathlib import Path
-
     from dictionaries.loader import load_dictionary
 
     targets = resolve_targets(target)
@@ -423,27 +419,20 @@ def compare_stats(a: str, b: str) -> tuple[tuple[str, str], list[tuple[str, Any,
 
 
 def _card_of(name_or_folder: str):
-    from pathlib import Path
-
+    """The card of a registry name, or of a folder's card.json."""
     from dictionaries.card import read_card
-
-    path = Path(name_or_folder).expanduser()
-    if path.is_dir():
-        if not (path / "card.json").exists():
-            from dictionaries.errors import MissingFileError
-
-            raise MissingFileError(str(path / "card.json"), "Only native folders (with card.json) can be compared.")
-        return read_card(path / "card.json")
+    from dictionaries.errors import MissingFileError
     from dictionaries.registry import load_registry
 
-    return load_registry().get(name_or_folder).card
+    path = Path(name_or_folder).expanduser()
+    if not path.is_dir():
+        return load_registry().get(name_or_folder).card
+    if not (path / "card.json").exists():
+        raise MissingFileError(str(path / "card.json"), "Only native folders (with card.json) can be compared.")
+    return read_card(path / "card.json")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    """{"density": {"dead": 3}} -> {"density.dead": 3}."""
+    return {key: val for k, v in d.items()
+            for key, val in (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
