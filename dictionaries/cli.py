@@ -291,8 +291,7 @@ def compare(a: str = typer.Argument(..., help="Registry name or folder (card.jso
     table = Table(title="stats")
     for col, justify in (("stat", "left"), (name_a, "right"), (name_b, "right"), ("B - A", "right")):
         table.add_column(col, justify=justify)
-    for stat, va, vb in rows:
-        diff = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
+    for stat, va, vb, diff in rows:
         table.add_row(stat, _fmt(va), _fmt(vb), _fmt(diff))
     console.print(table)
 

@@ -289,7 +289,9 @@ def test_cli_eval_glob_and_compare(workspace):
     assert "toy/mlp0/128" in result.output and "toy/mlp1/128" in result.output
     assert not (workspace / "a" / "sensitivity.png").exists() and (workspace / "b" / "density.png").exists()
     (names, rows) = compare_stats(str(workspace / "a"), str(workspace / "b"))
-    values = {k: (va, vb) for k, va, vb in rows}
+    values = {k: (va, vb) for k, va, vb, _ in rows}
+    diffs = {k: d for k, _, _, d in rows}
+    assert diffs["fvu"] == pytest.approx(values["fvu"][1] - values["fvu"][0]) and diffs["exclude_bos"] is None
     on_disk = [json.loads((workspace / x / "card.json").read_text())["stats"] for x in "ab"]
     assert names == ("toy/mlp0/128", "toy/mlp1/128")
     assert values["fvu"] == (on_disk[0]["fvu"], on_disk[1]["fvu"]) and values["fvu"][1] < values["fvu"][0]
@@ -333,7 +335,7 @@ def test_show_prints_the_density_summary_of_an_evaluated_entry(workspace, monkey
     assert (f"feature density: {int(d['dead'])} dead of {2 * D}, {int(d['above_1e-1'])} above 1e-1"
             in result.output)
     names, rows = compare_stats("toy/mlp0/128", str(workspace / "a"))   # a registry name against a folder
-    assert all(va == vb for k, va, vb in rows if k != "date")
+    assert all(va == vb for k, va, vb, _ in rows if k != "date")
 
 
 def test_cli_reports_eval_errors_in_one_line(workspace, monkeypatch, capsys):

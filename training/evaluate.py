@@ -394,7 +394,9 @@ def evaluate_and_write(target, *, model: Any = None, tokenizer=None, dataset: An
         lm, tokenizer = load_model(str(ref), revision=revision, device=device)
     else:
         lm = ref
-    results = evaluate(lm, dicts, data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
+    local = isinstance(data, (str, Path)) and Path(data).expanduser().exists()
+    name = str(Path(data).expanduser().resolve()) if local else (data if isinstance(data, str) else None)
+    results = evaluate(lm, dicts, str(data) if local else data, tokenizer=tokenizer, dataset_name=name, tokens=tokens, context_length=context_length,
                        batch_size=batch_size, exclude_bos=exclude_bos, device=device, seed=seed,
                        sensitivity=sensitivity, sensitivity_samples=sensitivity_samples, progress=progress)
     written = []
@@ -405,8 +407,8 @@ def evaluate_and_write(target, *, model: Any = None, tokenizer=None, dataset: An
     return written
 
 
-def compare_stats(a: str, b: str) -> tuple[tuple[str, str], list[tuple[str, Any, Any]]]:
-    """Two cards' stats side by side: ((name A, name B), [(stat, value A, value B)]) for `dictctl compare`.
+def compare_stats(a: str, b: str) -> tuple[tuple[str, str], list[tuple[str, Any, Any, float | None]]]:
+    """Two cards' stats side by side: ((name A, name B), [(stat, A, B, B - A or None)]) for `dictctl compare`.
 
     a, b: registry names or folders holding a card.json. Nested figures (density, sensitivity) are flattened
     as `density.dead`, `sensitivity.random`, ...
@@ -415,7 +417,11 @@ def compare_stats(a: str, b: str) -> tuple[tuple[str, str], list[tuple[str, Any,
     flat = [_flatten(c.stats.model_dump(exclude_none=True) if c.stats else {}) for c in cards]
     keys = list(dict.fromkeys([*flat[0], *flat[1]]))
     names = (cards[0].name, cards[1].name if cards[1].name != cards[0].name else f"{cards[1].name} (B)")
-    return names, [(k, flat[0].get(k), flat[1].get(k)) for k in keys]
+    def diff(x: Any, y: Any) -> float | None:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+        return y - x if numbers else None
+
+    return names, [(k, flat[0].get(k), flat[1].get(k), diff(flat[0].get(k), flat[1].get(k))) for k in keys]
 
 
 def _card_of(name_or_folder: str):
