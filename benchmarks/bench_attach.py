@@ -4,7 +4,7 @@ On a model with Pythia-70m's exact config (random weights; same cost as the real
 tokens, no grad: bare transformers forward, bare nnsight trace, a trace with one spliced 32768-feature
 dictionary (at mlp3; with the error term kept, and replaced by the reconstruction), and with six (one per
 layer). Dictionaries have random weights with thresholds set for about `l0` (64) active features a token,
-as trained ones have. The median of `repeats` rounds, each timing every configuration once.
+as trained ones have. The best of `repeats` rounds, each timing every configuration once.
 
 A dense 32768 x 512 encoder is 2 * 1024 * 512 * 32768 = 34 GFLOP per batch against about 92 GFLOP for
 the model's matmuls; the decode of sparse features is cheap (`site.decode`: L0 rows a token), and with the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 
 import torch
@@ -28,7 +27,7 @@ D_DICT = 32768
 
 
 def _timed(fn, repeats: int, device: torch.device, warm: bool = True) -> float:
-    """Median seconds of fn() over `repeats` runs (after one warm-up unless `warm` is False)."""
+    """Best seconds of fn() over `repeats` runs (after one warm-up unless `warm` is False)."""
     if warm:
         fn()
     times = []
@@ -40,12 +39,13 @@ def _timed(fn, repeats: int, device: torch.device, warm: bool = True) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def _round_robin(fns: list, repeats: int, device: torch.device) -> list[float]:
-    """Median seconds of each fn, timed in turns (one run of each per round, in a shuffled order) so that
-    load from other processes on a shared machine weighs on every configuration alike."""
+    """Best seconds of each fn, timed in turns (one run of each per round, in a shuffled order) so that load
+    from other processes on a shared machine weighs on every configuration alike; the minimum, because such
+    load only ever adds time (as `timeit` advises)."""
     for fn in fns:
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
@@ -55,7 +55,7 @@ def _round_robin(fns: list, repeats: int, device: torch.device) -> list[float]:
         rng.shuffle(order)  # no configuration always runs first in its round
         for i in order:
             times[i].append(_timed(fns[i], 1, device, warm=False))
-    return [statistics.median(acc) for acc in times]
+    return [min(acc) for acc in times]
 
 
 def _dictionaries(model, ids, n: int, d_in: int, device: torch.device, l0: float):
@@ -89,7 +89,7 @@ def _model_flops(hf, tokens: int) -> float:
 
 
 def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 128, l0: float = 64.0) -> list[dict]:
-    """Table rows: one per configuration, with median ms and ratios to bare transformers and bare nnsight."""
+    """Table rows: one per configuration, with the best ms and ratios to bare transformers and bare nnsight."""
     from dictionaries.attach import attach, wrap_model
     from training.toymodel import build_model, build_tokenizer, pythia70m_config
 
