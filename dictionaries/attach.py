@@ -313,7 +313,8 @@ def _check_site(model: Any, dictionary: Dictionary, found: ResolvedHook) -> None
             raise ModelMismatchError(card_model, name, found.key, dictionary.d_in, found.width)
         raise ShapeMismatchError(f"dictionary width at {found.key}", f"(..., {dictionary.d_in})",
                                  f"(..., {found.width})",
-                                 hint="Attach it at a hook point of that width (`at=`), or use a dictionary made for it.")
+                                 hint="Attach it at a hook point of that width (`at=`), "
+                                      "or use a dictionary made for it.")
     if other:
         warnings.warn(f"the card of {card.name!r} names model {card_model!r}, attached to {name!r} "
                       f"(width {found.width} matches); features may mean nothing here.",

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from dictionaries import attach as A
-from dictionaries.architectures import build_dictionary
-from dictionaries.card import Card, Files, HookPoint, ModelRef
-from dictionaries.errors import (DictionariesError, FeatureIndexError, HookPointError, ModelMismatchError,
-                                 NotWrappedError, ShapeMismatchError)
+from dictionaries.card import HookPoint
+from dictionaries.errors import DictionariesError, HookPointError, NotWrappedError, ShapeMismatchError
 
 TEXTS = ["The Eiffel Tower is in", "Python objects are", "a"]
 

@@ -235,7 +235,6 @@ def test_generate_with_splice(models, tokenizer):
     d = make_dictionary(64, 96, path)
     prompt = tokenizer(["The Eiffel Tower is in", "a"], return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)
-    seen = []
     with A.attach(model, d) as site:
         with torch.no_grad(), model.generate(prompt["input_ids"], attention_mask=prompt["attention_mask"], **kw) as tr:
             shapes = list().save()
@@ -317,7 +316,8 @@ def test_card_of_another_model(models):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")   # the right model: no warning
-            with A.attach(model, make_dictionary(64, 96, "gpt_neox.layers.0.mlp", model_id="EleutherAI/pythia-70m-deduped")):
+            pythia = make_dictionary(64, 96, "gpt_neox.layers.0.mlp", model_id="EleutherAI/pythia-70m-deduped")
+            with A.attach(model, pythia):
                 pass
         with pytest.warns(A.ModelMismatchWarning, match="gpt2"):
             with A.attach(model, make_dictionary(64, 96, "gpt_neox.layers.0.mlp", model_id="openai-community/gpt2")):
