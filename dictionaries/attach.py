@@ -281,6 +281,17 @@ class _MaskRecorder:
             mask = args[1]
         self.mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
+    @staticmethod
+    def inside() -> bool:
+        """Whether the caller runs inside an nnsight trace (a worker of the interleaver)."""
+        from nnsight.intervention.interleaver import Mediator
+
+        try:
+            Mediator.current("a site")
+        except ValueError:
+            return False
+        return True
+
     def real(self, x: Tensor) -> Tensor | None:
         """(batch, pos) bool of real tokens for activation x, None when all are real or it cannot tell.
 

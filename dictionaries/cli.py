@@ -38,6 +38,7 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.HookPointError, "unknown hook point", ""),
     (errors.NotWrappedError, "model not wrapped", ""),
     (errors.FeatureIndexError, "feature out of range", ""),
+    (errors.OutsideTraceError, "outside a trace", ""),
     (errors.FormatError, "bad format", ""),
     (errors.ArchitectureMismatchError, "card does not match the dictionary", ""),
     (errors.DtypeDeviceError, "dtype/device mismatch", ""),

@@ -372,3 +372,12 @@ class FeatureIndexError(DictionariesError, IndexError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class OutsideTraceError(DictionariesError, RuntimeError):
+    """A Site's activation read or edited outside an nnsight trace."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(f"{what} reads the model's activation, which exists only while the model runs: use it "
+                         "inside `with model.trace(...):` or `with model.generate(...):`.")

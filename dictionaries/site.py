@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from dictionaries.errors import FeatureIndexError
+from dictionaries.errors import FeatureIndexError, OutsideTraceError
 
 if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
@@ -98,6 +98,8 @@ class Site:
 
     # ---- reading ---------------------------------------------------------------------------------
     def _read(self) -> Any:
+        if not self._masks.inside():
+            raise OutsideTraceError(f"{self!r}")
         return self._envoy.output if self.hook.io == "output" else self._envoy.input
 
     def _current(self) -> _State:

@@ -15,7 +15,7 @@ from dictionaries import attach as A
 from dictionaries.architectures import KINDS, build_dictionary
 from dictionaries.card import Card, Files, HookPoint, ModelRef
 from dictionaries.errors import (FeatureIndexError, HookPointError, ModelMismatchError, NotWrappedError,
-                                 ShapeMismatchError)
+                                 OutsideTraceError, ShapeMismatchError)
 from test_attach import ATTN, EMBED, FAMILIES, TEXTS, _batch, models  # noqa: F401  (models is a fixture)
 
 
@@ -353,3 +353,12 @@ def test_several_invokes_mask_each_invokes_pads(models):
     assert long.shape[:2] == short.shape[:2] and short.shape[1] > 1
     assert (short[0, :-1] == 0).all()
     torch.testing.assert_close(short[:, -1:], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_site_outside_a_trace(models):
+    raw, model = models["neox"]
+    with A.attach(model, make_dictionary(64, 96, "gpt_neox.layers.0.mlp")) as site:
+        with pytest.raises(OutsideTraceError, match="model.trace"):
+            site.features
+        with pytest.raises(OutsideTraceError):
+            site.splice()
