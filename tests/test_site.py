@@ -362,3 +362,20 @@ def test_site_outside_a_trace(models):
             site.features
         with pytest.raises(OutsideTraceError):
             site.splice()
+
+
+@pytest.mark.gpu
+def test_splice_on_cuda(tiny_neox, tokenizer):
+    import copy
+
+    raw = copy.deepcopy(tiny_neox).cuda()
+    model = A.wrap_model(raw, tokenizer)
+    d = make_dictionary(64, 96, "gpt_neox.layers.1.mlp").cuda()
+    ids, mask = (t.cuda() for t in _batch(tokenizer))
+    clean = A.run_patched(model, ids, mask)
+    with A.attach(model, d) as site:
+        kept = traced_logits(model, ids, mask, lambda: site.splice(error=True))
+        spliced = traced_logits(model, ids, mask, lambda: site.splice(error=False))
+    assert torch.equal(kept, clean)
+    ref = reference_logits(raw, ids, mask, {"gpt_neox.layers.1.mlp": keep_pads(mask, lambda x: d(x).reconstruction)})
+    torch.testing.assert_close(spliced, ref)
