@@ -222,40 +222,6 @@ def _print_publish(result) -> None:
         out(f"registered in {result.registered} (card under {result.registered.parent / 'cards'})")
 
 
-@app.command("download")
-def download_cmd(names: list[str] = typer.Argument(..., help="Registry names, aliases or globs (pythia70m/mlp*/8192)."),
-                 force: bool = typer.Option(False, "--force", help="Fetch again even when cached."),
-                 quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
-    """Fetch entries into the HF cache (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply) and verify every sha256."""
-    import warnings
-
-    from dictionaries.loader import download
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", errors.UnverifiedFilesWarning)
-        folders = download(names, force=force, progress=not quiet)
-    for w in caught:
-        label = "unverified" if isinstance(w.message, errors.UnverifiedFilesWarning) else "warning"
-        err_console.print(f"[yellow]{label}:[/] {w.message}", highlight=False, soft_wrap=True)
-    for name, folder in folders.items():
-        console.print(f"[green]ok[/] {name}  {folder}", highlight=False, soft_wrap=True)
-
-
-@app.command("convert")
-def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported format (native, dictionary_learning, "
-                                                    "saelens, sparsify)."),
-                dst: str = typer.Argument(..., help="Folder to write the native copy to (card.json + "
-                                                    "weights.safetensors)."),
-                format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected).")
-                ) -> None:
-    """Convert a dictionary folder to the native format, with a card built from its config."""
-    from dictionaries.formats import convert, summarize
-
-    card = convert(src, dst, format=format)
-    console.print(f"[green]wrote[/] {dst}", highlight=False, soft_wrap=True)
-    console.print(summarize(card), highlight=False, markup=False, soft_wrap=True)
-
-
 # ---- evaluation ------------------------------------------------------------------------------------
 @app.command("eval")
 def eval_(target: str = typer.Argument(..., help="Registry name, native folder, or a glob of either (one model)."),
@@ -321,6 +287,40 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
         console.print(f"wrote {folder}", highlight=False)
 
 
+@app.command("download")
+def download_cmd(names: list[str] = typer.Argument(..., help="Registry names, aliases or globs (pythia70m/mlp*/8192)."),
+                 force: bool = typer.Option(False, "--force", help="Fetch again even when cached."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+    """Fetch entries into the HF cache (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply) and verify every sha256."""
+    import warnings
+
+    from dictionaries.loader import download
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", errors.UnverifiedFilesWarning)
+        folders = download(names, force=force, progress=not quiet)
+    for w in caught:
+        label = "unverified" if isinstance(w.message, errors.UnverifiedFilesWarning) else "warning"
+        err_console.print(f"[yellow]{label}:[/] {w.message}", highlight=False, soft_wrap=True)
+    for name, folder in folders.items():
+        console.print(f"[green]ok[/] {name}  {folder}", highlight=False, soft_wrap=True)
+
+
+@app.command("convert")
+def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported format (native, dictionary_learning, "
+                                                    "saelens, sparsify)."),
+                dst: str = typer.Argument(..., help="Folder to write the native copy to (card.json + "
+                                                    "weights.safetensors)."),
+                format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected).")
+                ) -> None:
+    """Convert a dictionary folder to the native format, with a card built from its config."""
+    from dictionaries.formats import convert, summarize
+
+    card = convert(src, dst, format=format)
+    console.print(f"[green]wrote[/] {dst}", highlight=False, soft_wrap=True)
+    console.print(summarize(card), highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command("inspect")
 def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or dictionary folder."),
                 feature: int = typer.Option(..., "--feature", help="Feature index."),
@@ -345,6 +345,16 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
         if scores:
             console.print(f"{label}: " + ", ".join(f"{escape(repr(s.token))} {s.score:+.2f}" for s in scores),
                           highlight=False)
+
+
+@app.command()
+def demo(workdir: Optional[str] = typer.Option(None, help="Where to cache the toy model and write this run "
+                                                          "(default: $HF_HOME/dictionaries/demo)."),
+         tokens: int = typer.Option(140_000, help="Training tokens for the demo dictionary (the corpus holds ~150k).")) -> None:
+    """The whole loop offline: local hub, toy model, train, evaluate, publish, load by name, attach."""
+    from training.demo import run_demo
+
+    run_demo(workdir, tokens=tokens)
 
 
 def _fmt(v: object) -> str:
