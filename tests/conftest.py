@@ -61,3 +61,10 @@ def hub_env(local_hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return local_hub
+
+
+def pytest_configure(config):
+    """One torch thread: the tests' tensors are tiny, and on a 2-core machine threads only contend."""
+    import torch
+
+    torch.set_num_threads(1)

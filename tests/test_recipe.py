@@ -31,7 +31,7 @@ def test_every_preset_validates(name):
 def test_preset_overrides_merge_into_nested_parts():
     fields = preset("anthropic2024", **REQUIRED, **{"penalty.coefficient": 2.0, "optimizer": {"lr": 1e-3}})
     r = validate_recipe(fields)
-    assert r.penalty.coefficient == 2.0 and r.penalty.scale_by_decoder_norm is True  # the rest of penalty kept
+    assert r.penalty.coefficient == 2.0 and r.penalty.kind == "l1" and r.penalty.scale_by_decoder_norm is False  # the rest of penalty kept
     assert r.optimizer.lr == 1e-3 and r.optimizer.betas == (0.0, 0.999)
     assert r.model.id == "org/model" and r.dataset.path == "text.txt"  # string shorthands
 

@@ -51,6 +51,7 @@ def make_recipe(corpus, hook=MLP0, **fields) -> Recipe:
 
 def train(recipes, out, tiny_neox, tokenizer, **kw):
     kw = {"checkpoint_every": 5, "progress": False, **kw}
+    kw.setdefault("eval_tokens", 0)  # evaluation after training is tested once, below
     return run_module.train(recipes, out=out, model=tiny_neox, tokenizer=tokenizer, **kw)
 
 
@@ -123,6 +124,18 @@ def test_output_card_holds_the_exact_recipe(tmp_path, corpus, tiny_neox, tokeniz
     assert any("768 tokens" in note for note in card["provenance"]["notes"])
     dictionary = read_folder(folder)
     assert dictionary.d_in == 64 and dictionary.d_dict == 96 and dictionary.card.hook.module == MLP0["module"]
+    assert "stats" not in card  # eval_tokens=0 skips the evaluation
+
+
+def test_trained_dictionary_arrives_with_measured_stats(tmp_path, corpus, tiny_neox, tokenizer):
+    """The run ends with the same evaluation as `dictctl eval`: stats, density file and plots in the folder."""
+    from dictionaries.formats import read_folder
+
+    (folder,) = train(make_recipe(corpus, tokens=128 * 6), tmp_path, tiny_neox, tokenizer, eval_tokens=512)
+    stats = read_folder(folder).card.stats
+    assert stats.source == "measured" and stats.tokens > 0 and stats.context_length == 32
+    assert stats.l0 is not None and stats.frac_loss_recovered is not None and stats.mse >= 0
+    assert (folder / "density.safetensors").exists() and (folder / "density.png").exists()
 
 
 def test_resume_refuses_a_different_recipe(tmp_path, corpus, tiny_neox, tokenizer, monkeypatch):

@@ -91,7 +91,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: C
         recipe = demo_recipe(model_folder, dataset, d_model, tokens)
         result.name = "toyneox/mlp1/1024"
         (folder,) = train(recipe, out=run_dir / "trained", names=[result.name], progress=progress,
-                          checkpoint_every=10_000)
+                          checkpoint_every=10_000, eval_tokens=0)  # evaluated as its own step below
         result.folder = folder
 
         say("[4/7] Evaluating: MSE, L0, FVU, loss recovered, KL, density histogram, sensitive directions")

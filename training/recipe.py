@@ -43,11 +43,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "batch_size": 8192, "context_length": 128},
     # Anthropic, "Circuits Updates - February 2024" (training SAEs): beta1 = 0, decoder norm <= 1 then prune
     # below 0.99, no pre-encoder bias, inputs scaled to mean norm sqrt(d_in), MSE summed over dimensions,
-    # L1 weighted by decoder norm, LR decays linearly to 0 over the last 20%. Ghost grads (Resampling.kind
+    # plain L1 on f (with norms free to shrink below 1, the L1 pulls the norms of used features up to 1, so
+    # those left below 0.99 are the unused ones that pruning removes; weighting the L1 by the decoder norm
+    # would make the penalty invariant to that scale and let every norm drift, see
+    # penalty.scale_by_decoder_norm), LR decays linearly to 0 over the last 20%. Ghost grads (Resampling.kind
     # ghost_grads) and the tanh penalty (penalty.kind tanh) are options on top of it.
     "anthropic2024": {
         "architecture": "relu", "pre_encoder_bias": False,
-        "penalty": {"kind": "l1", "coefficient": 5.0, "scale_by_decoder_norm": True},
+        "penalty": {"kind": "l1", "coefficient": 5.0, "scale_by_decoder_norm": False},
         "optimizer": {"lr": 5e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.2},
         "decoder_norm": "at_most_one", "prune_below": 0.99,
         "resampling": {"kind": "none"},

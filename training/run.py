@@ -344,20 +344,33 @@ def write_outputs(s: Session, *, seconds: float) -> list[Path]:
         if s.rank == 0:
             card = make_card(job, module, seconds=seconds, tokens=tokens, metrics=s.last[i] if s.last else None)
             write_native(module, folder, card=card)
-    evaluate_outputs(paths)
     return paths
 
 
-def evaluate_outputs(folders: list[Path]) -> None:
-    """The one call site for evaluating freshly trained folders (training/evaluate.py hooks in here)."""
-    return None
+def evaluate_outputs(s: Session, folders: list[Path], model: Any, tokenizer: Any, tokens: int,
+                     progress: bool) -> None:
+    """Measure the fresh dictionaries' stats with the eval of `dictctl eval` and write them into their cards.
+
+    Runs on rank 0 with the in-process model, on the first contexts of the recipe's dataset (the same
+    stream as training: say so when quoting these stats; `dictctl eval --dataset` measures on another set).
+    """
+    from training.evaluate import evaluate_and_write
+
+    if s.rank != 0 or tokens <= 0:
+        return
+    recipe = s.jobs[0].recipe
+    evaluate_and_write([str(f) for f in folders], model=model, tokenizer=tokenizer, dataset=recipe.dataset.path,
+                       tokens=tokens, context_length=recipe.context_length, device=next(model.parameters()).device,
+                       exclude_bos=recipe.exclude_bos, seed=recipe.seed, progress=progress)
 
 
 def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None = None, resume: bool = False,
           checkpoint_every: int = 1000, log_file: str | Path | None = None, progress: bool = True,
-          names: list[str] | None = None, model: Any = None, tokenizer: Any = None) -> list[Path]:
+          names: list[str] | None = None, model: Any = None, tokenizer: Any = None,
+          eval_tokens: int = 16384) -> list[Path]:
     """Train every recipe's dictionary from one pass over their shared model and data.
 
+    Each output is then evaluated on `eval_tokens` tokens (0 skips it), so its card holds measured stats.
     Returns the native folders written (`<out>/<name>/`). `model`/`tokenizer` may be given as objects
     (in-process models); otherwise they load from the recipe's model id (a Hub id or a local folder).
     `resume=True` continues from `<out>/checkpoint` when there is one.
@@ -382,6 +395,7 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     run_loop(session, checkpoint_every=checkpoint_every, log_file=Path(log_file) if log_file else None,
              progress=progress)
     paths = write_outputs(session, seconds=time.time() - started)
+    evaluate_outputs(session, paths, model, tokenizer, eval_tokens, progress)
     _barrier(world)
     if rank == 0:  # the run is complete: its checkpoint is no longer needed
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
