@@ -41,8 +41,9 @@ def _reference(model, paths, input_ids, attention_mask):
 
 @pytest.fixture
 def batch(tokenizer):
+    # right padding stated here: wrapping the shared tokenizer in nnsight (test_attach) turns it to left
     ids = tokenizer(["def f(x): return x", "The for statement is used to iterate"], add_special_tokens=False,
-                    padding=True, return_tensors="pt")
+                    padding=True, padding_side="right", return_tensors="pt")
     input_ids, mask = ids["input_ids"], ids["attention_mask"]
     bos = tokenizer.bos_token_id
     input_ids = torch.cat([torch.full((2, 1), bos), input_ids], dim=1)  # a leading BOS on both rows
