@@ -154,22 +154,30 @@ def _print_stats(stats: dict, folder: Path, say: Callable[[str], None]) -> None:
 
 
 def _show_features(model_folder: Path, dictionary, say: Callable[[str], None], progress: bool,
-                   n_features: int = 3) -> list[tuple[int, float, str]]:
-    """Top features (by activation at any position) of SENTENCE, each with its top contexts in the corpus."""
+                   n_features: int = 3, max_frequency: float = 0.02) -> list[tuple[int, float, str]]:
+    """The sentence's strongest *specific* features, each with its top contexts in the corpus.
+
+    Features that fire on more than `max_frequency` of corpus tokens (punctuation, "the") are passed over:
+    a researcher looking at a sentence wants the features that say something about it.
+    """
+    import torch
+
     from dictionaries.attach import attach, wrap_model
-    from dictionaries.features import inspect_feature
+    from dictionaries.features import features_of, inspect_feature
     from training.toymodel import corpus_documents
 
     model = wrap_model(str(model_folder))
     with attach(model, dictionary) as site:
         with model.trace(SENTENCE):
             features = site.features.save()
-    f = features.value if hasattr(features, "value") else features            # (1, pos, d_dict)
-    f = f[0]
+    f = getattr(features, "value", features)[0].detach()                        # (pos, d_dict)
     tokens = model.tokenizer.convert_ids_to_tokens(model.tokenizer(SENTENCE)["input_ids"])
-    peak, where = f.max(dim=0)                                                   # (d_dict,) each
-    top = peak.topk(n_features).indices.tolist()
     texts = corpus_documents()[:400]
+    corpus = torch.cat(features_of(model, dictionary, texts, progress=False))   # (tokens, d_dict)
+    frequency = (corpus > 0).float().mean(0)                                     # (d_dict,)
+    peak, where = f.max(dim=0)                                                   # (d_dict,) each
+    peak = torch.where(frequency <= max_frequency, peak, torch.zeros_like(peak))
+    top = [i for i in peak.topk(n_features).indices.tolist() if peak[i] > 0]
     shown = []
     say(f"      sentence: {SENTENCE!r}")
     for i in top:
