@@ -77,12 +77,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: C
     hub = _start_hub(run_dir, say)
     try:
         say("[2/7] Toy language model: a GPT-NeoX (Pythia's module names) pretrained on Python's own docs")
-        from training.toymodel import corpus_documents, toy_model_folder, tiny_config
-
-        model_folder = toy_model_folder(workdir / "models", d_model=128, n_layers=2, steps=400, progress=progress)
-        d_model = tiny_config(d_model=128).hidden_size
-        dataset = run_dir / "corpus.txt"
-        dataset.write_text("\n\n".join(corpus_documents()))
+        model_folder, dataset, d_model = _prepare_model_and_text(workdir, run_dir, progress)
         say(f"      model: {model_folder}\n      text:  {dataset} ({dataset.stat().st_size:,} bytes)")
 
         say(f"[3/7] Training a TopK dictionary (8x, k=16) on gpt_neox.layers.1.mlp for {tokens:,} tokens")
@@ -126,6 +121,17 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: C
     say(f"\nDone in {result.seconds:.0f} s. Everything is under {run_dir}.\n")
     say(PYTHIA_COMMANDS)
     return result
+
+
+def _prepare_model_and_text(workdir: Path, run_dir: Path, progress: bool) -> tuple[Path, Path, int]:
+    """The cached pretrained toy model's folder, the corpus as a local text file, and the model width."""
+    from training.toymodel import corpus_documents, toy_model_folder
+
+    d_model = 128
+    model_folder = toy_model_folder(workdir / "models", d_model=d_model, n_layers=2, steps=400, progress=progress)
+    dataset = run_dir / "corpus.txt"
+    dataset.write_text("\n\n".join(corpus_documents()))
+    return model_folder, dataset, d_model
 
 
 def _start_hub(run_dir: Path, say: Callable[[str], None]):
