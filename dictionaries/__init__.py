@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_dictionary": "dictionaries.loader",
     "attach": "dictionaries.attach",
-    "features_of": "dictionaries.attach",
+    "features_of": "dictionaries.features",
+    "inspect_feature": "dictionaries.features",
     "load_registry": "dictionaries.registry",
     "Card": "dictionaries.card",
     "Recipe": "dictionaries.card",
