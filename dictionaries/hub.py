@@ -1,4 +1,4 @@
-"""Downloading dictionaries: the only module that imports huggingface_hub (DESIGN.md section 5).
+"""Downloading and uploading dictionaries: the only module that imports huggingface_hub (DESIGN.md section 5).
 
 `fetch(location, files)` gives a local folder holding an entry's files, each checked against the card's
 sha256. Hub files go through `hf_hub_download` into the standard HF cache at the pinned commit, so
@@ -15,13 +15,10 @@ blob) is dropped and fetched once more; a second mismatch raises HashMismatchErr
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import socket
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,10 +27,12 @@ from tqdm.auto import tqdm
 from dictionaries.card import FileEntry, read_card, sha256_of
 from dictionaries.errors import (HashMismatchError, HubPathError, HubUnreachableError, MissingFileError,
                                  UnverifiedFilesWarning)
+from dictionaries.downloads import (  # noqa: F401  (re-exported)
+    HubSettings, dictionaries_cache, download_url, extract_member, hub_settings, is_verified,
+)
 from dictionaries.registry import HubLocation, HubZipLocation, UrlLocation
 
 Location = HubLocation | HubZipLocation | UrlLocation
-_DEFAULT_ENDPOINT = "https://huggingface.co"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._\-]*"
 _HUB_PATH = re.compile(rf"^hf://(?:(?P<type>datasets|models)/)?(?P<org>{_NAME})/(?P<repo>{_NAME})"
@@ -41,29 +40,6 @@ _HUB_PATH = re.compile(rf"^hf://(?:(?P<type>datasets|models)/)?(?P<org>{_NAME})/
 
 
 # ---- environment, read at call time ---------------------------------------------------------------
-@dataclass(frozen=True)
-class HubSettings:
-    """What the HF environment variables say right now."""
-
-    endpoint: str
-    cache_dir: Path
-    home: Path
-    offline: bool
-
-
-def hub_settings() -> HubSettings:
-    """HF_ENDPOINT, HF_HUB_CACHE (or HF_HOME/hub), HF_HOME and HF_HUB_OFFLINE as currently set."""
-    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    home = Path(os.environ.get("HF_HOME", xdg / "huggingface")).expanduser()
-    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-    endpoint = os.environ.get("HF_ENDPOINT", _DEFAULT_ENDPOINT).rstrip("/")
-    return HubSettings(endpoint, cache, home, offline)
-
-
-def dictionaries_cache() -> Path:
-    """`<HF_HOME>/dictionaries`: extracted zip members, plain-URL downloads and verification records."""
-    return hub_settings().home / "dictionaries"
 
 
 # ---- hf:// paths ----------------------------------------------------------------------------------
@@ -158,28 +134,6 @@ def warn_unverified(what: str, unverified: dict[str, tuple[str, int]]) -> None:
 
 
 # ---- verification records -------------------------------------------------------------------------
-def is_verified(path: Path, sha256: str) -> bool:
-    """Whether `path` has this sha256: from the record when the file's stat is unchanged, else hashed now."""
-    record_path = dictionaries_cache() / "verified" / f"{sha256}.json"
-    real = Path(path).resolve()
-    stat = real.stat()
-    fingerprint = {"path": str(real), "size": stat.st_size, "ino": stat.st_ino, "mtime_ns": stat.st_mtime_ns}
-    try:
-        if json.loads(record_path.read_text()) == fingerprint:
-            return True
-    except (OSError, ValueError):
-        pass
-    if sha256_of(real) != sha256:
-        return False
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(record_path, json.dumps(fingerprint).encode())
-    return True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---- the Hub --------------------------------------------------------------------------------------
@@ -297,37 +251,6 @@ def _fetch_url(location: UrlLocation, files: Sequence[FileEntry], force: bool, p
     return folder
 
 
-def download_url(url: str, target: Path, *, progress: bool = True) -> Path:
-    """Stream `url` into `target` atomically (temp file + rename) with a progress bar; honours HF_HUB_OFFLINE."""
-    import urllib.error
-    import urllib.request
-
-    s = hub_settings()
-    origin = "{0.scheme}://{0.netloc}".format(urlparse(url))
-    if s.offline:
-        raise HubUnreachableError(url, origin, offline=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.incomplete")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
-                      disable=not progress) as bar:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
-                    bar.update(len(block))
-        os.replace(tmp, target)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (404, 410):
-            raise MissingFileError(url, f"The server answered {exc.code}.") from None
-        raise HubUnreachableError(f"{url} (HTTP {exc.code})", origin, offline=False) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise HubUnreachableError(f"{url} ({exc})", origin, offline=False) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
 # ---- zip archives on the Hub ----------------------------------------------------------------------
 def _fetch_zip(location: HubZipLocation, files: Sequence[FileEntry], force: bool, progress: bool) -> Path:
     """Download the zip (its sha256 checked once, then remembered), extract only the member folder."""
@@ -359,35 +282,6 @@ def _fetch_zip(location: HubZipLocation, files: Sequence[FileEntry], force: bool
                         drop=lambda p: Path(p).unlink(missing_ok=True), unverified=unverified)
     warn_unverified(what, unverified)
     return folder
-
-
-def extract_member(zip_path: Path, member: str, root: Path, *, progress: bool = True) -> Path:
-    """Extract the files under folder `member` of the zip into `root/member` (atomically, via a temp folder)."""
-    import shutil
-    import zipfile
-
-    member = member.rstrip("/") + "/"
-    with zipfile.ZipFile(zip_path) as archive:
-        infos = [i for i in archive.infolist() if i.filename.startswith(member) and not i.is_dir()]
-        if not infos:
-            raise MissingFileError(f"{zip_path}#{member}", "The archive has no such folder.")
-        for info in infos:
-            parts = Path(info.filename).parts
-            if Path(info.filename).is_absolute() or ".." in parts:
-                raise MissingFileError(f"{zip_path}#{info.filename}", "Refusing a member that leaves the folder.")
-        tmp = root / f".extract-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tqdm(total=sum(i.file_size for i in infos), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"extract {member}", disable=not progress) as bar:
-            for info in infos:
-                archive.extract(info, tmp)
-                bar.update(info.file_size)
-    final = root / member
-    shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp / member, final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 class _SilentTqdm(tqdm):

@@ -1,0 +1,187 @@
+"""The recipe section of a card: everything `dictctl train` needs to regenerate a dictionary.
+
+The model lives here, in `dictionaries/`, because a card holds it and `dictionaries/` never imports
+`training/`; the named presets that fill it (DESIGN.md section 6) are in `training/recipe.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dictionaries.base import Architecture, HookPoint, ModelRef, Strict
+
+class DatasetSpec(Strict):
+    """The text a dictionary is trained (or evaluated) on."""
+
+    path: str
+    """A Hugging Face dataset id (streamed) or a local text file / folder of `.txt` files."""
+    name: str | None = None
+    """Dataset configuration name, if any."""
+    split: str = "train"
+    """Split to read."""
+    column: str = "text"
+    """Column holding the text."""
+    revision: str | None = None
+    """Dataset revision, for reproducibility."""
+
+
+class Penalty(Strict):
+    """The sparsity penalty (DESIGN.md section 6) and its coefficients."""
+
+    kind: Literal["l1", "tanh", "approx_l0", "l0", "none"] = "l1"
+    """l1 (Bricken 2023), tanh (Anthropic 2024), approx_l0 (Farrell 2024), l0 (JumpReLU), none (topk/batchtopk)."""
+    coefficient: float = Field(default=1e-3, ge=0)
+    """lambda: weight of the penalty against the reconstruction loss."""
+    scale_by_decoder_norm: bool = False
+    """Multiply each feature's penalty by its decoder norm (Anthropic 2024, when decoder norms are free)."""
+    tanh_a: float = 1.0
+    """A in (A/B) tanh(B f)."""
+    tanh_b: float = 1.0
+    """B in (A/B) tanh(B f)."""
+    l0_eps: float = 1e-3
+    """eps in f / (f + eps), the approximate L0 (Farrell 2024)."""
+    density_floor: float = 1e-5
+    """Minimum feature density below which the density term pushes a feature up (Farrell 2024)."""
+    density_coefficient: float = 0.0
+    """Weight of the minimum-density term (0 disables it)."""
+    density_window: int = 1000
+    """Steps over which feature density is averaged for the density term."""
+    aux_k: int | None = None
+    """TopK/BatchTopK: number of dead features used by the AuxK loss (Gao et al. 2024), None disables it."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+    aux_dead_tokens: int = Field(default=10_000_000, gt=0)
+    """AuxK: a feature that did not fire on this many tokens is dead (Gao et al. 2024 use 10M)."""
+    bandwidth: float = Field(default=1e-3, gt=0)
+    """JumpReLU: width of the rectangle kernel of the threshold's straight-through estimator."""
+    initial_threshold: float = Field(default=1e-3, ge=0)
+    """JumpReLU: starting value of every feature's threshold."""
+
+
+class Optimizer(Strict):
+    """Adam and its learning-rate schedule."""
+
+    lr: float = Field(default=1e-4, gt=0)
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas; Anthropic 2024 uses beta1 = 0."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = Field(default=1000, ge=0)
+    """Linear warm-up from 0 to lr over this many steps."""
+    decay_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Fraction of training at the end over which lr decays linearly to 0 (0.2 in Anthropic 2024)."""
+    grad_clip: float | None = None
+    """Clip the gradient norm to this value, None for no clipping."""
+
+
+class Resampling(Strict):
+    """Handling of dead features."""
+
+    kind: Literal["none", "anthropic", "ghost_grads"] = "none"
+    """anthropic: Bricken et al. 2023 resampling; ghost_grads: Anthropic's ghost grads (Jan 2024)."""
+    every: int = 25_000
+    """Resample at multiples of this many steps (anthropic)."""
+    until: int | None = None
+    """Do not resample after this step, None for no limit."""
+    dead_window: int = 12_500
+    """A feature that did not fire in this many steps is dead."""
+    inputs: int = 819_200
+    """Size of the random subset of inputs that replacement directions are drawn from."""
+    encoder_scale: float = 0.2
+    """New encoder rows get this times the mean alive encoder norm."""
+
+
+class Recipe(Strict):
+    """The complete training recipe of a dictionary: everything `dictctl train` needs to regenerate it."""
+
+    preset: str
+    """Named recipe this one starts from (bricken2023, marks2023, anthropic2024, farrell2024, topk, ...)."""
+    model: ModelRef
+    """Model (and revision) whose activations are read."""
+    hook: HookPoint
+    """Where activations are read."""
+    dataset: DatasetSpec
+    """Training text."""
+    context_length: int = Field(default=128, gt=1)
+    """Tokens per context."""
+    tokens: int = Field(gt=0)
+    """Total activations (tokens) to train on."""
+    batch_size: int = Field(default=8192, gt=0)
+    """Activations per optimisation step."""
+    buffer_contexts: int = Field(default=2048, gt=0)
+    """Contexts whose activations fill the shuffling buffer; refilled when half used."""
+    harvest_batch_size: int = Field(default=64, gt=0)
+    """Contexts per model forward when filling the buffer."""
+    architecture: Architecture = "relu"
+    """Kind of dictionary trained."""
+    d_dict: int = Field(gt=0)
+    """Number of features."""
+    k: int | None = None
+    """topk/batchtopk: active features per token."""
+    pre_encoder_bias: bool = True
+    """Subtract b_dec before encoding (Bricken 2023); Anthropic 2024 drops it."""
+    penalty: Penalty = Field(default_factory=Penalty)
+    """Sparsity penalty."""
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    """Optimiser and schedule."""
+    decoder_norm: Literal["unit", "at_most_one", "free"] = "unit"
+    """Decoder column constraint: = 1 (Bricken 2023), <= 1 (Anthropic 2024) or unconstrained."""
+    prune_below: float | None = None
+    """After training, drop features whose decoder norm is below this (0.99 in Anthropic 2024)."""
+    resampling: Resampling = Field(default_factory=Resampling)
+    """Dead-feature handling."""
+    input_normalization: Literal["none", "sqrt_d"] = "none"
+    """sqrt_d scales inputs to mean L2 norm sqrt(d_in) during training (folded back into the weights)."""
+    mse: Literal["mean", "sum_dims"] = "mean"
+    """MSE averaged over elements, or summed over dimensions and averaged over tokens (Anthropic 2024)."""
+    exclude_bos: bool = True
+    """Drop BOS positions from the activations (their norms are outliers)."""
+    prepend_bos: bool = False
+    """Prepend the tokenizer's BOS token to every context."""
+    seed: int = 0
+    """Seed of data order, initialisation and resampling."""
+    dtype: str = "float32"
+    """Training dtype of the dictionary."""
+    threshold_decay: float = Field(default=0.999, ge=0, lt=1)
+    """batchtopk: decay of the running average of the smallest kept activation (the inference threshold)."""
+    unknowns: list[str] = Field(default_factory=list)
+    """What is not known about the original recipe (for entries reproduced from a paper)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        problem = recipe_contradiction(self)
+        if problem:
+            raise ValueError(problem)
+        if self.buffer_contexts * self.context_length < self.batch_size:
+            raise ValueError("the buffer holds fewer activations than one batch: raise `buffer_contexts`")
+        return self
+
+
+# architecture -> the penalty kinds that make sense with it (TopK/BatchTopK need none: k sets the sparsity).
+PENALTIES_FOR = {"relu": ("l1", "tanh", "approx_l0"), "topk": ("none",), "batchtopk": ("none",),
+                 "jumprelu": ("l0",), "gated": ("l1",)}
+
+
+def recipe_contradiction(r: Recipe) -> str | None:
+    """The first pair of fields that contradict each other, as a message naming them in backticks; else None."""
+    topk = r.architecture in ("topk", "batchtopk")
+    if topk and r.k is None:
+        return f"`architecture` {r.architecture} needs `k` (active features per token)"
+    if not topk and r.k is not None:
+        return f"`k` is only for topk/batchtopk, not `architecture` {r.architecture}"
+    if r.penalty.kind not in PENALTIES_FOR[r.architecture]:
+        return (f"`penalty.kind` {r.penalty.kind} contradicts `architecture` {r.architecture}, "
+                f"which takes {' or '.join(PENALTIES_FOR[r.architecture])}")
+    if r.prune_below is not None and r.decoder_norm != "at_most_one":
+        return (f"`prune_below` needs `decoder_norm` at_most_one (with {r.decoder_norm} decoder norms "
+                "pruning by norm would drop all or nothing)")
+    if r.penalty.aux_k is not None and not topk:
+        return f"`penalty.aux_k` (AuxK) is only for topk/batchtopk, not `architecture` {r.architecture}"
+    if r.penalty.density_coefficient > 0 and r.penalty.kind != "approx_l0":
+        return "`penalty.density_coefficient` (minimum-density term) needs `penalty.kind` approx_l0"
+    if r.resampling.kind == "ghost_grads" and r.architecture != "relu":
+        return f"`resampling.kind` ghost_grads is defined for relu, not `architecture` {r.architecture}"
+    return None
