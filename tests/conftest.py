@@ -68,3 +68,19 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A writable copy of the packaged registry, made the one in use through DICTIONARIES_REGISTRY."""
+    import shutil
+
+    from dictionaries.registry import default_registry_path
+
+    src = default_registry_path()
+    dest = tmp_path / "registry"
+    dest.mkdir()
+    shutil.copyfile(src, dest / "registry.yaml")
+    shutil.copytree(src.parent / "cards", dest / "cards")
+    monkeypatch.setenv("DICTIONARIES_REGISTRY", str(dest / "registry.yaml"))
+    return dest / "registry.yaml"

@@ -12,15 +12,6 @@ from dictionaries.card import HookPoint
 from dictionaries.errors import HookPointError
 from training.harvest import Harvester, harvest_chunks
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads per process make tiny ops ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MLP0 = HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0)
 RESID1 = HookPoint(module="gpt_neox.layers.1", site="resid", layer=1)
 

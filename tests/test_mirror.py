@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -18,19 +17,7 @@ import yaml
 from dictionaries.card import Card, Files, HookPoint, ModelRef, Stats, sha256_of
 from dictionaries.registry import HubLocation, load_registry
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 D_IN, D_DICT = 8, 16
-
-
-@pytest.fixture
-def registry(tmp_path, monkeypatch) -> Path:
-    """A writable copy of the packaged registry, made the one in use through DICTIONARIES_REGISTRY."""
-    dest = tmp_path / "registry"
-    dest.mkdir()
-    shutil.copyfile(REPO_ROOT / "registry.yaml", dest / "registry.yaml")
-    shutil.copytree(REPO_ROOT / "cards", dest / "cards")
-    monkeypatch.setenv("DICTIONARIES_REGISTRY", str(dest / "registry.yaml"))
-    return dest / "registry.yaml"
 
 
 def make_card(files: Files, name: str = "toy/mlp0/16", d_in: int = D_IN, d_dict: int = D_DICT,

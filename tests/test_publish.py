@@ -52,17 +52,6 @@ def commit_count(hub, repo: str) -> int:
                               text=True, check=True).stdout)
 
 
-@pytest.fixture
-def registry(tmp_path, monkeypatch) -> Path:
-    """A writable copy of the packaged registry, made the one in use through DICTIONARIES_REGISTRY."""
-    dest = tmp_path / "registry"
-    dest.mkdir()
-    shutil.copyfile(REPO_ROOT / "registry.yaml", dest / "registry.yaml")
-    shutil.copytree(REPO_ROOT / "cards", dest / "cards")
-    monkeypatch.setenv("DICTIONARIES_REGISTRY", str(dest / "registry.yaml"))
-    return dest / "registry.yaml"
-
-
 def snapshot(registry: Path) -> dict[str, bytes]:
     root = registry.parent
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}

@@ -16,7 +16,7 @@ import pytest
 from dictionaries.card import sha256_of
 from dictionaries.errors import HubAuthError, PublishError
 from dictionaries.registry import HubLocation, load_registry
-from test_publish import make_folder, registry, snapshot  # noqa: F401  (registry is a fixture)
+from test_publish import make_folder, snapshot
 
 
 class FakeHfApi:

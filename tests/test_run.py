@@ -20,15 +20,6 @@ from training.recipe import preset
 from training.toymodel import corpus_documents
 from training.trainer import Trainer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads per process make tiny ops ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MLP0 = {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}
 RESID1 = {"module": "gpt_neox.layers.1", "site": "resid", "layer": 1}
 

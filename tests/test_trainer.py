@@ -24,15 +24,6 @@ TINY = {"bricken2023": {"penalty.coefficient": 3e-3}, "marks2023": {}, "anthropi
         "batchtopk": {"k": 4, "threshold_decay": 0.9}, "jumprelu": {"penalty.coefficient": 1e-2}, "gated": {}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-offs that dominate on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class SparseSource:
     """Activations from a known sparse dictionary: 64 random unit directions, ~3 active per token."""
 
