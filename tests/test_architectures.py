@@ -36,7 +36,8 @@ def test_any_leading_shape(kind, lead):
     x = torch.randn(*lead, D)
     out = m(x)
     assert isinstance(out, DictionaryOutput)
-    assert out.features.shape == (*lead, F) and out.reconstruction.shape == (*lead, D)
+    assert out.features.shape == (*lead, F)
+    assert out.reconstruction.shape == (*lead, D)
     flat = m(x.reshape(-1, D))  # the same numbers token by token
     torch.testing.assert_close(out.features.reshape(-1, F), flat.features)
     torch.testing.assert_close(out.reconstruction, m.decode(m.encode(x)))
@@ -127,7 +128,9 @@ def test_dtype_moves_and_mismatches(kind):
     torch.testing.assert_close(m64(x.double()).reconstruction.float(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(DtypeDeviceError) as info:
         m64.encode(x)
-    assert isinstance(info.value, TypeError) and "float64" in str(info.value) and "float32" in str(info.value)
+    assert isinstance(info.value, TypeError)
+    assert "float64" in str(info.value)
+    assert "float32" in str(info.value)
     with pytest.raises(DtypeDeviceError):
         m64.decode(torch.zeros(3, F))
 
@@ -156,7 +159,8 @@ def test_shape_mismatch_names_both_shapes(kind):
     m = make(kind)
     with pytest.raises(ShapeMismatchError) as info:
         m.encode(torch.randn(2, D + 1))
-    assert f"(..., {D})" in str(info.value) and f"(2, {D + 1})" in str(info.value)
+    assert f"(..., {D})" in str(info.value)
+    assert f"(2, {D + 1})" in str(info.value)
     assert isinstance(info.value, ValueError)
     with pytest.raises(ShapeMismatchError, match=f"\\(..., {F}\\)"):
         m.decode(torch.randn(2, F - 1))
@@ -168,7 +172,9 @@ def test_build_from_card_and_state_round_trip(kind):
     card = Card(name=f"test/{kind}", architecture=kind, d_in=D, d_dict=F, k=k, pre_encoder_bias=False,
                 files=Files(items=[]))
     built = build_dictionary(card)
-    assert built.card is card and built.kind == kind and not built.pre_encoder_bias
+    assert built.card is card
+    assert built.kind == kind
+    assert not built.pre_encoder_bias
     assert all((p == 0).all() for p in built.parameters())
     source = make(kind, pre_encoder_bias=False)
     built.load_native_state(source.native_state())
@@ -182,7 +188,8 @@ def test_load_native_state_rejects_wrong_keys_and_shapes():
     state = m.native_state()
     with pytest.raises(ShapeMismatchError, match="'W_dec'") as info:
         m.load_native_state({**state, "W_dec": torch.zeros(F, D + 2)}, source="w.safetensors")
-    assert info.value.expected == (F, D) and info.value.found == (F, D + 2)
+    assert info.value.expected == (F, D)
+    assert info.value.found == (F, D + 2)
     from dictionaries.errors import FormatError
 
     with pytest.raises(FormatError, match="missing \\['threshold'\\]"):

@@ -120,7 +120,8 @@ def test_wrap_model_errors(tmp_path):
 def test_resolve_hook_missing_module_suggests(neox):
     with pytest.raises(HookPointError) as e:
         A.resolve_hook(neox, "gpt_neox.layer.1.mlp")
-    assert isinstance(e.value, LookupError) and isinstance(e.value, DictionariesError)
+    assert isinstance(e.value, LookupError)
+    assert isinstance(e.value, DictionariesError)
     assert "gpt_neox.layers.1.mlp" in e.value.suggestions
     assert "gpt_neox.layers.1.mlp" in str(e.value)
 
@@ -133,7 +134,8 @@ def test_resolve_hook_bad_io(neox):
 def test_resolve_hook_width_mismatch(neox):
     with pytest.raises(ShapeMismatchError) as e:
         A.resolve_hook(neox, "gpt_neox.layers.1.mlp", d_in=512)
-    assert "512" in str(e.value) and "64" in str(e.value)
+    assert "512" in str(e.value)
+    assert "64" in str(e.value)
     # a linear layer's own width: the MLP's up-projection outputs 4 * d_model
     assert A.find_hook(neox, "gpt_neox.layers.1.mlp.dense_h_to_4h").width == 256
     assert A.find_hook(neox, "gpt_neox.layers.1.mlp.dense_4h_to_h:input").width == 256
@@ -168,7 +170,8 @@ def test_collect_activations_stops_after_deepest(tiny_neox, neox, tokenizer):
     finally:
         later.remove()
         head.remove()
-    assert x.shape == (3, ids.shape[1], 64) and not x.requires_grad
+    assert x.shape == (3, ids.shape[1], 64)
+    assert not x.requires_grad
 
 
 def test_collect_activations_missing_hook(neox, tokenizer):
@@ -225,7 +228,8 @@ def test_run_patched_bad_patch_shape(neox, tokenizer):
     ids, mask = _batch(tokenizer)
     with pytest.raises(ShapeMismatchError) as e:
         A.run_patched(neox, ids, mask, {"gpt_neox.layers.0.mlp": lambda x: x[..., :3]})
-    assert str(tuple(ids.shape) + (64,)) in str(e.value) and "3)" in str(e.value)
+    assert str(tuple(ids.shape) + (64,)) in str(e.value)
+    assert "3)" in str(e.value)
 
 
 def _registry_names() -> list[str]:

@@ -46,13 +46,16 @@ def test_refill_happens_when_half_is_used():
     harvest = Counter(chunk=5)
     buf = ActivationBuffer(harvest, [3, 2], capacity=40, seed=0)
     buf.next_batch(8)
-    assert buf.refills == 1 and harvest.next == 40     # initial fill only
+    assert buf.refills == 1
+    assert harvest.next == 40                          # initial fill only
     buf.next_batch(8)
     buf.next_batch(4)                                    # 20 rows read = half
     assert buf.refills == 1
     buf.next_batch(8)                                    # the next read refills the 20 read rows first
-    assert buf.refills == 2 and harvest.next == 60
-    assert buf.pos == 8 and buf.unread == 32
+    assert buf.refills == 2
+    assert harvest.next == 60
+    assert buf.pos == 8
+    assert buf.unread == 32
 
 
 def test_batches_mix_across_contexts():
@@ -84,7 +87,8 @@ def test_state_round_trip_reads_the_same_batches():
     second.load_state_dict(state)
     got += [second.next_batch(6) for _ in range(14)]
     for a, b in zip(got, expected):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(a[0], b[0])
+        assert torch.equal(a[1], b[1])
 
 
 def test_end_of_data_serves_what_is_left_then_stops():

@@ -31,7 +31,9 @@ def test_list_shows_every_entry_without_importing_torch():
 
 def test_list_filters():
     out = dictctl("list", "--site", "mlp", "--size", "8192").stdout
-    assert "6 entries" in out and "pythia70m/mlp5/8192" in out and "32768" not in out
+    assert "6 entries" in out
+    assert "pythia70m/mlp5/8192" in out
+    assert "32768" not in out
 
 
 def test_show_json_is_the_card():
@@ -45,7 +47,8 @@ def test_show_json_is_the_card():
 
 def test_schema_prints_json_schema():
     data = json.loads(dictctl("schema").stdout)
-    assert data["title"] == "Card" and "recipe" in data["properties"]
+    assert data["title"] == "Card"
+    assert "recipe" in data["properties"]
 
 
 @pytest.mark.parametrize("args,words", [
@@ -62,9 +65,11 @@ def test_errors_are_one_line_with_exit_code_1(args, words):
 
 def test_debug_env_shows_traceback():
     res = dictctl("show", "nothing", env={"DICTIONARIES_DEBUG": "1"})
-    assert res.returncode != 0 and "Traceback" in res.stderr
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr
 
 
 def test_bad_registry_env_is_a_clear_error(tmp_path):
     res = dictctl("list", env={"DICTIONARIES_REGISTRY": str(tmp_path / "none.yaml")})
-    assert res.returncode == 1 and "DICTIONARIES_REGISTRY" in res.stderr
+    assert res.returncode == 1
+    assert "DICTIONARIES_REGISTRY" in res.stderr

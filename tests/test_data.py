@@ -30,7 +30,8 @@ def _stream(path, tokenizer, **kw):
 def test_packing_is_documents_joined_by_eos(text_file, tokenizer):
     stream = _stream(text_file, tokenizer, shuffle_buffer=1)  # buffer of 1: stored order
     contexts = stream.next_contexts(40)
-    assert contexts.shape == (40, 16) and contexts.dtype == torch.long
+    assert contexts.shape == (40, 16)
+    assert contexts.dtype == torch.long
     expected = []
     for doc in DOCS:
         expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -81,7 +82,8 @@ def test_running_out_returns_fewer_contexts(tmp_path, tokenizer):
     stream = _stream(path, tokenizer)
     n_tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in DOCS[:3])
     got = stream.next_contexts(10_000)
-    assert len(got) == n_tokens // 16 and stream.exhausted
+    assert len(got) == n_tokens // 16
+    assert stream.exhausted
     assert len(stream.next_contexts(5)) == 0
 
 
@@ -107,4 +109,5 @@ def test_missing_column_lists_the_columns(tmp_path, tokenizer):
     with pytest.raises(DatasetColumnError) as info:
         TokenStream(DatasetSpec(path=str(path), column="text"), tokenizer, context_length=16).next_contexts(1)
     assert info.value.columns == ["body", "id"]
-    assert "'body'" in str(info.value) and "'text'" in str(info.value)
+    assert "'body'" in str(info.value)
+    assert "'text'" in str(info.value)

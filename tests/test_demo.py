@@ -20,10 +20,13 @@ def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):
         assert f"[{step}/7]" in text
     assert "dictctl train pythia70m/mlp3/8192" in lines[-1]          # ends with the Pythia commands
     card = json.loads((result.folder / "card.json").read_text())
-    assert card["stats"]["source"] == "measured" and card["stats"]["l0"] <= 16.0 + 1e-6
+    assert card["stats"]["source"] == "measured"
+    assert card["stats"]["l0"] <= 16.0 + 1e-6
     assert 0.0 < card["stats"]["frac_loss_recovered"] <= 1.0
     assert (result.folder / "density.png").stat().st_size > 1000
     registry = load_registry(result.folder.parents[3] / "registry" / "registry.yaml")
     entry = registry.get(result.name)                               # registered, pinned to the local commit
-    assert entry.location.kind == "hub" and len(entry.location.revision) == 40
-    assert result.top_features and all(peak > 0 for _, peak, _ in result.top_features)
+    assert entry.location.kind == "hub"
+    assert len(entry.location.revision) == 40
+    assert result.top_features
+    assert all(peak > 0 for _, peak, _ in result.top_features)

@@ -117,7 +117,8 @@ def test_identity_dictionary_recovers_all_loss(tiny_neox, contexts, kind):
     [r] = evaluate(tiny_neox, [identity_like(kind)], contexts, tokens=10**6, context_length=24, sensitivity=False,
                    progress=False)
     s = r.stats
-    assert s.fvu == pytest.approx(0, abs=1e-10) and s.mse == pytest.approx(0, abs=1e-12)
+    assert s.fvu == pytest.approx(0, abs=1e-10)
+    assert s.mse == pytest.approx(0, abs=1e-12)
     assert s.kl == pytest.approx(0, abs=1e-9)
     assert s.frac_loss_recovered == pytest.approx(1, abs=1e-6)
     assert s.ce_zero != pytest.approx(s.ce_clean, abs=1e-6)  # the test is meaningful: ablation changes the loss
@@ -128,7 +129,9 @@ def test_zero_dictionary_recovers_no_loss(tiny_neox, contexts):
     [r] = evaluate(tiny_neox, [d], contexts, tokens=10**6, context_length=24, sensitivity=False, progress=False)
     assert r.stats.frac_loss_recovered == pytest.approx(0, abs=1e-9)
     assert r.stats.ce_spliced == pytest.approx(r.stats.ce_zero, rel=1e-12)
-    assert r.stats.frac_alive == 0 and r.stats.l0 == 0 and r.stats.fvu > 0.99
+    assert r.stats.frac_alive == 0
+    assert r.stats.l0 == 0
+    assert r.stats.fvu > 0.99
 
 
 def test_every_stat_matches_a_plain_hook_reference(tiny_neox, contexts):
@@ -170,8 +173,10 @@ def test_bos_and_pad_positions_are_excluded(tiny_neox):
     excl = evaluate(tiny_neox, [d], [(ids, mask)], tokens=48, context_length=12, sensitivity=False, progress=False)[0]
     incl = evaluate(tiny_neox, [d], [(ids, mask)], tokens=48, context_length=12, sensitivity=False, progress=False,
                     exclude_bos=False)[0]
-    assert excl.stats.tokens == 48 - 5 - 4 and excl.stats.exclude_bos is True
-    assert incl.stats.tokens == 48 - 4 and incl.stats.exclude_bos is False
+    assert excl.stats.tokens == 48 - 5 - 4
+    assert excl.stats.exclude_bos is True
+    assert incl.stats.tokens == 48 - 4
+    assert incl.stats.exclude_bos is False
     # the excluded BOS positions keep their activation: spliced differs from a full splice's loss
     keep = (mask.bool() & (ids != 0))
     clean, x = reference(tiny_neox, 0, ids, mask, keep, None)
@@ -254,14 +259,18 @@ def test_eval_of_a_native_folder_writes_stats_density_and_plots(workspace):
                                           dataset=str(workspace / "eval.txt"), tokens=512, context_length=32,
                                           sensitivity_samples=8, progress=False)
     on_disk = json.loads((workspace / "a" / "card.json").read_text())
-    assert on_disk["stats"]["source"] == "measured" and on_disk["stats"]["tokens"] > 0
-    assert on_disk["stats"]["fvu"] == pytest.approx(card.stats.fvu) and 0 < card.stats.fvu < 1
+    assert on_disk["stats"]["source"] == "measured"
+    assert on_disk["stats"]["tokens"] > 0
+    assert on_disk["stats"]["fvu"] == pytest.approx(card.stats.fvu)
+    assert 0 < card.stats.fvu < 1
     assert set(on_disk["stats"]["sensitivity"]) == {"random", "real", "dictionary", "samples", "max_step"}
     freq = read_density(workspace / "a")
-    assert freq.shape == (2 * D,) and float((freq == 0).sum()) == card.stats.density["dead"]
+    assert freq.shape == (2 * D,)
+    assert float((freq == 0).sum()) == card.stats.density["dead"]
     for png in ("density.png", "sensitivity.png"):
         data = (workspace / "a" / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 5000
     from dictionaries.loader import load_dictionary
 
     assert load_dictionary(str(workspace / "a")).card.stats.fvu == pytest.approx(card.stats.fvu)  # still loads
@@ -286,18 +295,24 @@ def test_cli_eval_glob_and_compare(workspace):
                                  "--dataset", str(workspace / "eval.txt"), "--tokens", "256", "--context-length",
                                  "32", "--no-sensitivity"])
     assert result.exit_code == 0, result.output
-    assert "toy/mlp0/128" in result.output and "toy/mlp1/128" in result.output
-    assert not (workspace / "a" / "sensitivity.png").exists() and (workspace / "b" / "density.png").exists()
+    assert "toy/mlp0/128" in result.output
+    assert "toy/mlp1/128" in result.output
+    assert not (workspace / "a" / "sensitivity.png").exists()
+    assert (workspace / "b" / "density.png").exists()
     (names, rows) = compare_stats(str(workspace / "a"), str(workspace / "b"))
     values = {k: (va, vb) for k, va, vb, _ in rows}
     diffs = {k: d for k, _, _, d in rows}
-    assert diffs["fvu"] == pytest.approx(values["fvu"][1] - values["fvu"][0]) and diffs["exclude_bos"] is None
+    assert diffs["fvu"] == pytest.approx(values["fvu"][1] - values["fvu"][0])
+    assert diffs["exclude_bos"] is None
     on_disk = [json.loads((workspace / x / "card.json").read_text())["stats"] for x in "ab"]
     assert names == ("toy/mlp0/128", "toy/mlp1/128")
-    assert values["fvu"] == (on_disk[0]["fvu"], on_disk[1]["fvu"]) and values["fvu"][1] < values["fvu"][0]
+    assert values["fvu"] == (on_disk[0]["fvu"], on_disk[1]["fvu"])
+    assert values["fvu"][1] < values["fvu"][0]
     assert values["density.dead"] == (on_disk[0]["density"]["dead"], on_disk[1]["density"]["dead"])
     result = runner.invoke(app, ["compare", str(workspace / "a"), str(workspace / "b")])
-    assert result.exit_code == 0 and "frac_loss_recovered" in result.output and "density.dead" in result.output
+    assert result.exit_code == 0
+    assert "frac_loss_recovered" in result.output
+    assert "density.dead" in result.output
 
 
 def test_eval_errors_for_models_names_and_mixtures(workspace):
@@ -346,4 +361,6 @@ def test_cli_reports_eval_errors_in_one_line(workspace, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "cannot load model" in err and "--model" in err
+    assert exit_info.value.code == 1
+    assert "cannot load model" in err
+    assert "--model" in err

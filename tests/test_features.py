@@ -55,7 +55,8 @@ def test_inspect_feature_contexts_and_logit_lens(models):
         assert e.marked == min(p, 3)
         assert "[[" in e.render()
     n = sum(len(f) for f in feats)
-    assert report.tokens == n and report.frequency == pytest.approx(int(torch.cat(feats)[:, i].gt(0).sum()) / n)
+    assert report.tokens == n
+    assert report.frequency == pytest.approx(int(torch.cat(feats)[:, i].gt(0).sum()) / n)
     # logit lens by hand: final layer norm, then the unembedding
     with torch.no_grad():
         logits = raw.get_output_embeddings()(raw.gpt_neox.final_layer_norm(d.W_dec[i]))
@@ -109,7 +110,9 @@ def test_cli_inspect(models, tokenizer, tmp_path):
                                    str(tmp_path / "texts.txt"), "--top", "3"])
     assert res.exit_code == 0, res.output
     report = F.inspect_feature(model, d, TEXTS, i, top=3)
-    assert f"feature {i}" in res.output and "promotes" in res.output and "suppresses" in res.output
+    assert f"feature {i}" in res.output
+    assert "promotes" in res.output
+    assert "suppresses" in res.output
     for e in report.examples:
         assert f"text {e.text} pos {e.position}" in res.output
 

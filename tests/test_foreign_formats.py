@@ -66,7 +66,8 @@ def test_dictionary_learning_every_class(tmp_path, cls):
     module = read_folder(write_dl(tmp_path / "trainer_0", state, trainer))
     assert_same(module, original.DICTIONARY_LEARNING[cls](state, X))
     card = module.card
-    assert card.files.format == "dictionary_learning" and {f.path for f in card.files.items} == {"ae.pt", "config.json"}
+    assert card.files.format == "dictionary_learning"
+    assert {f.path for f in card.files.items} == {"ae.pt", "config.json"}
     assert all(f.sha256 and f.size for f in card.files.items)
     assert card.model.id == "EleutherAI/pythia-70m-deduped"
     assert (card.hook.module, card.hook.site, card.hook.layer) == ("gpt_neox.layers.3", "resid", 3)
@@ -86,9 +87,11 @@ def test_dictionary_learning_legacy_pythia_folders(tmp_path, config):
                                                         "training": {"lr": 1e-3, "l1_penalty": 1e-3}}))
     module = read_folder(folder)
     assert_same(module, original.dl_autoencoder(state, X))
-    assert module.card.architecture == "relu" and module.card.pre_encoder_bias
+    assert module.card.architecture == "relu"
+    assert module.card.pre_encoder_bias
     assert module.card.model.id == "EleutherAI/pythia-70m-deduped"
-    assert module.card.hook.module == "gpt_neox.layers.2.mlp" and module.card.hook.site == "mlp"
+    assert module.card.hook.module == "gpt_neox.layers.2.mlp"
+    assert module.card.hook.site == "mlp"
     assert any("inferred" in n for n in module.card.provenance.notes)
 
 
@@ -193,8 +196,10 @@ def test_saelens(tmp_path, case):
     module = read_folder(folder)
     assert_same(module, original.saelens(cfg, state, X))
     assert module.card.pre_encoder_bias == cfg["apply_b_dec_to_input"]
-    assert module.card.model.id == "gpt2" and module.card.hook.module == "transformer.h.2"
-    assert module.card.files.format == "saelens" and module.card.k == (K if "k" in cfg else None)
+    assert module.card.model.id == "gpt2"
+    assert module.card.hook.module == "transformer.h.2"
+    assert module.card.files.format == "saelens"
+    assert module.card.k == (K if "k" in cfg else None)
 
 
 def test_saelens_pre_6_topk_config(tmp_path):
@@ -204,7 +209,8 @@ def test_saelens_pre_6_topk_config(tmp_path):
     del cfg["hook_name"]
     (folder / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hook_name"}))
     module = read_folder(folder)
-    assert module.card.architecture == "topk" and module.card.k == K
+    assert module.card.architecture == "topk"
+    assert module.card.k == K
     assert module.card.hook.module == "transformer.h.2.mlp"
     assert_same(module, original.saelens(cfg, state, X))
 

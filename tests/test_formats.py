@@ -43,10 +43,13 @@ def test_native_round_trip(tmp_path, kind):
     [entry] = written.files.items
     assert (entry.path, entry.size, entry.sha256) == ("weights.safetensors", (tmp_path / "d" / entry.path).stat().st_size,
                                                       sha256_of(tmp_path / "d" / entry.path))
-    assert written.files.format == "native" and written.architecture == kind and written.dtype == "float32"
+    assert written.files.format == "native"
+    assert written.architecture == kind
+    assert written.dtype == "float32"
     assert set(load_file(tmp_path / "d" / "weights.safetensors")) == set(dict(module.named_parameters()))
     back = read_folder(tmp_path / "d")
-    assert back.card == written and type(back) is type(module)
+    assert back.card == written
+    assert type(back) is type(module)
     for name, p in module.named_parameters():
         assert torch.equal(p, getattr(back, name)), name
     x = torch.randn(2, 5, D)
@@ -57,7 +60,8 @@ def test_native_round_trip(tmp_path, kind):
 def test_native_read_moves_dtype_and_device(tmp_path):
     write_native(random_module("gated"), tmp_path / "d")
     module = read_folder(tmp_path / "d", dtype=torch.float64)
-    assert module.W_enc.dtype == torch.float64 and module.b_mag.dtype == torch.float64
+    assert module.W_enc.dtype == torch.float64
+    assert module.b_mag.dtype == torch.float64
     assert read_folder(tmp_path / "d", dtype="bfloat16", device="cpu").r_mag.dtype == torch.bfloat16
     on_meta = read_folder(tmp_path / "d", device="meta")
     assert on_meta.W_dec.device.type == "meta"
@@ -119,7 +123,8 @@ def test_given_card_must_match_the_files(tmp_path):
     other = card_for("jumprelu").model_copy(update={"d_in": D + 2})
     with pytest.raises(ShapeMismatchError) as shape:
         read_folder(tmp_path / "d", card=other)
-    assert shape.value.expected == (D + 2, F) and shape.value.found == (D, F)
+    assert shape.value.expected == (D + 2, F)
+    assert shape.value.found == (D, F)
     renamed = card_for("jumprelu").model_copy(update={"name": "toy/mlp1/24-renamed"})
     assert read_folder(tmp_path / "d", card=renamed).card is renamed
 
@@ -156,7 +161,8 @@ def fake_ae_files(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(REGISTRY.entries))
 def test_registry_entry_reads_from_a_faked_folder(tmp_path, fake_ae_files, name):
     card = REGISTRY.get(name).card
-    assert card.files.format == "dictionary_learning" and card.architecture == "relu"  # all entries so far
+    assert card.files.format == "dictionary_learning"
+    assert card.architecture == "relu"  # all entries so far
     folder = tmp_path / name.replace("/", "_")
     folder.mkdir()
     (folder / "ae.pt").symlink_to(fake_ae_files[(card.d_in, card.d_dict)])
@@ -164,13 +170,16 @@ def test_registry_entry_reads_from_a_faked_folder(tmp_path, fake_ae_files, name)
         (folder / "config.json").write_text(json.dumps({"dictionary": {"activation_dim": card.d_in,
                                                                        "dict_size": card.d_dict}}))
     module = read_folder(folder, card=card)
-    assert module.card is card and (module.d_in, module.d_dict) == (card.d_in, card.d_dict)
-    assert type(module).kind == card.architecture and module.pre_encoder_bias == card.pre_encoder_bias
+    assert module.card is card
+    assert (module.d_in, module.d_dict) == (card.d_in, card.d_dict)
+    assert type(module).kind == card.architecture
+    assert module.pre_encoder_bias == card.pre_encoder_bias
     assert {k: tuple(v.shape) for k, v in module.named_parameters()} == {
         "W_enc": (card.d_in, card.d_dict), "b_enc": (card.d_dict,), "W_dec": (card.d_dict, card.d_in),
         "b_dec": (card.d_in,)}
     # a few features through the real weights (a full forward would read 128 MB per entry)
-    assert torch.equal(module.W_enc[:, :4], torch.eye(card.d_in, 4)) and torch.equal(module.W_dec[:4, :4], torch.eye(4))
+    assert torch.equal(module.W_enc[:, :4], torch.eye(card.d_in, 4))
+    assert torch.equal(module.W_dec[:4, :4], torch.eye(4))
 
 
 def test_convert_then_cli(tmp_path, capsys):
@@ -182,13 +191,16 @@ def test_convert_then_cli(tmp_path, capsys):
     torch.save({"bias": torch.randn(D), "encoder.weight": torch.randn(F, D), "encoder.bias": torch.randn(F),
                 "decoder.weight": torch.randn(D, F)}, src / "ae.pt")
     card = convert(src, tmp_path / "native")
-    assert card.files.format == "native" and card.files.source == str(src.resolve())
-    assert card.hook.module == "gpt_neox.layers.1.attention" and card.provenance.original == str(src.resolve())
+    assert card.files.format == "native"
+    assert card.files.source == str(src.resolve())
+    assert card.hook.module == "gpt_neox.layers.1.attention"
+    assert card.provenance.original == str(src.resolve())
     x = torch.randn(4, D)
     torch.testing.assert_close(read_folder(tmp_path / "native")(x).reconstruction, read_folder(src)(x).reconstruction)
     result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "cli"), "--format", "dictionary_learning"])
     assert result.exit_code == 0, result.output
-    assert "relu dictionary, d_in=10, d_dict=24" in result.output and "gpt_neox.layers.1.attention" in result.output
+    assert "relu dictionary, d_in=10, d_dict=24" in result.output
+    assert "gpt_neox.layers.1.attention" in result.output
     assert read_card(tmp_path / "cli" / "card.json").files.items[0].sha256 in result.output.replace("\n", "")
 
 
@@ -203,5 +215,8 @@ def test_cli_convert_errors_are_one_line(tmp_path, monkeypatch, capsys):
         main()
     assert info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("bad format:") and "ae.pt" in err and "notes.txt" in err and "Traceback" not in err
+    assert err.startswith("bad format:")
+    assert "ae.pt" in err
+    assert "notes.txt" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "dst").exists()

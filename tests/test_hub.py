@@ -65,13 +65,16 @@ def test_every_entry_plans_exactly_its_card_files(name):
     entry = load_registry().get(name)
     loc, files = entry.location, entry.card.files.items
     urls = plan_fetch(loc, files)
-    assert len(urls) == len(files) and len(set(urls)) == len(files)
+    assert len(urls) == len(files)
+    assert len(set(urls)) == len(files)
     for url, f in zip(urls, files):
         assert url.endswith(f.path)
         if isinstance(loc, UrlLocation):
-            assert loc.url.startswith("https://") and url == loc.url.rstrip("/") + "/" + f.path
+            assert loc.url.startswith("https://")
+            assert url == loc.url.rstrip("/") + "/" + f.path
         elif isinstance(loc, HubZipLocation):
-            assert loc.member.endswith("/") and loc.filename.endswith(".zip")
+            assert loc.member.endswith("/")
+            assert loc.filename.endswith(".zip")
             assert f"/{loc.repo}/resolve/{loc.revision}/{loc.filename}#{loc.member}{f.path}" in url
         else:
             sub = loc.subfolder.strip("/")
@@ -83,7 +86,8 @@ def test_fetch_downloads_into_the_hf_cache_and_verifies(hub_repo):
     loc, entries, files = hub_repo
     folder = fetch(loc, entries, progress=False)
     assert folder.is_relative_to(Path(os.environ["HF_HUB_CACHE"]))
-    assert loc.revision in folder.as_posix() and folder.name == "d"
+    assert loc.revision in folder.as_posix()
+    assert folder.name == "d"
     for name, data in files.items():
         assert (folder / name).read_bytes() == data
 
@@ -117,7 +121,8 @@ def test_unreachable_hub_with_nothing_cached_names_hf_endpoint(hub_repo, monkeyp
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(HubUnreachableError, match="HF_ENDPOINT") as info:
         fetch(loc, entries, progress=False)
-    assert info.value.endpoint == "http://127.0.0.1:9" and not info.value.offline
+    assert info.value.endpoint == "http://127.0.0.1:9"
+    assert not info.value.offline
 
 
 def test_corrupted_cache_blob_is_fetched_again(hub_repo):
@@ -176,7 +181,8 @@ def test_fetch_card_and_files_downloads_only_the_folder(hub_env):
     sha = hub_env.commit("hubtest/folder", {"a/x.txt": b"x", "a/deep/y.txt": b"y", "b/z.txt": b"z"}, "x")
     folder = fetch_card_and_files(parse_hub_path(f"hf://hubtest/folder/a@{sha}"), progress=False)
     got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert got == ["deep/y.txt", "x.txt"] and not (folder.parent / "b").exists()
+    assert got == ["deep/y.txt", "x.txt"]
+    assert not (folder.parent / "b").exists()
 
 
 def test_fetch_card_and_files_verifies_what_the_card_lists(hub_env):
@@ -191,7 +197,8 @@ def test_fetch_card_and_files_verifies_what_the_card_lists(hub_env):
         fetch_card_and_files(parse_hub_path("hf://hubtest/carded/f"), progress=False)
     hub_env.commit("hubtest/carded", {"f/w.bin": blob(5)}, "good w")
     folder = fetch_card_and_files(parse_hub_path("hf://hubtest/carded/f@main"), progress=False)
-    assert (folder / "w.bin").read_bytes() == blob(5) and json.loads((folder / "card.json").read_text())
+    assert (folder / "w.bin").read_bytes() == blob(5)
+    assert json.loads((folder / "card.json").read_text())
 
 
 def test_fetch_card_and_files_of_a_missing_folder(hub_env):
@@ -229,7 +236,8 @@ def test_url_location_downloads_verifies_and_caches(web_root, monkeypatch):
     loc, entries = UrlLocation(url=f"{base}/set/layer3/"), [entry_for("ae.pt", blob(7))]
     folder = fetch(loc, entries, progress=False)
     assert folder.is_relative_to(Path(os.environ["HF_HOME"]) / "dictionaries" / "url")
-    assert (folder / "ae.pt").read_bytes() == blob(7) and not list(folder.glob(".*incomplete"))
+    assert (folder / "ae.pt").read_bytes() == blob(7)
+    assert not list(folder.glob(".*incomplete"))
     (root / "set" / "layer3" / "ae.pt").unlink()  # cached: no request needed, even offline
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert (fetch(loc, entries, progress=False) / "ae.pt").read_bytes() == blob(7)
@@ -275,7 +283,8 @@ def test_zip_location_extracts_only_the_member(zip_repo):
     folder = fetch(loc, [entry_for("ae.pt", members["dicts/site_a/10/ae.pt"])], progress=False)
     assert folder == Path(os.environ["HF_HOME"]) / "dictionaries" / "zip" / loc.sha256 / loc.member
     assert (folder / "ae.pt").read_bytes() == members["dicts/site_a/10/ae.pt"]
-    assert (folder / "config.json").exists() and not (folder.parent.parent / "site_b").exists()
+    assert (folder / "config.json").exists()
+    assert not (folder.parent.parent / "site_b").exists()
     (folder / "ae.pt").write_bytes(b"corrupt")  # a damaged extraction is redone from the cached zip
     again = fetch(loc, [entry_for("ae.pt", members["dicts/site_a/10/ae.pt"])], progress=False)
     assert (again / "ae.pt").read_bytes() == members["dicts/site_a/10/ae.pt"]

@@ -61,9 +61,11 @@ def publish(hub, repo: str, files: dict[str, bytes], sub: str = "d") -> str:
 
 
 def assert_same(a, b):
-    assert type(a) is type(b) and a.card.name == b.card.name
+    assert type(a) is type(b)
+    assert a.card.name == b.card.name
     for (ka, va), (kb, vb) in zip(a.native_state().items(), b.native_state().items()):
-        assert ka == kb and torch.equal(va, vb.to(va.dtype))
+        assert ka == kb
+        assert torch.equal(va, vb.to(va.dtype))
 
 
 @pytest.fixture
@@ -219,7 +221,8 @@ def test_zip_entry_loads_its_member(hub_env, tmp_path):
 def test_shipped_registry_names_resolve_to_their_cards():
     reg = load_registry()
     for name, e in reg.entries.items():
-        assert reg.get(name) is e and e.card.files.items
+        assert reg.get(name) is e
+        assert e.card.files.items
 
 
 # ---- dictctl download ---------------------------------------------------------------------------
@@ -241,8 +244,10 @@ def test_dictctl_download_fetches_and_verifies(hub_env, tmp_path):
     env = {"DICTIONARIES_REGISTRY": str(reg.path)}
     done = run_dictctl("download", "toy/*", "--quiet", env=env)
     assert done.returncode == 0, done.stderr
-    assert "ok toy/mlp0/16" in done.stdout and "ok toy/mlp1/16" in done.stdout
-    assert "unverified" in done.stderr and hashlib.sha256(files["weights.safetensors"]).hexdigest() in done.stderr
+    assert "ok toy/mlp0/16" in done.stdout
+    assert "ok toy/mlp1/16" in done.stdout
+    assert "unverified" in done.stderr
+    assert hashlib.sha256(files["weights.safetensors"]).hexdigest() in done.stderr
     cached = Path(done.stdout.split("ok toy/mlp0/16")[1].split()[0])
     assert (cached / "weights.safetensors").read_bytes() == files["weights.safetensors"]
 
@@ -253,6 +258,10 @@ def test_dictctl_download_fetches_and_verifies(hub_env, tmp_path):
 def test_dictctl_download_errors_are_one_line(entry, tmp_path):
     env = {"DICTIONARIES_REGISTRY": str(entry[0].path), "HF_ENDPOINT": "http://127.0.0.1:9"}
     down = run_dictctl("download", "toy/mlp0/16", env=env)
-    assert down.returncode == 1 and down.stderr.startswith("hub unreachable:") and "Traceback" not in down.stderr
+    assert down.returncode == 1
+    assert down.stderr.startswith("hub unreachable:")
+    assert "Traceback" not in down.stderr
     unknown = run_dictctl("download", "toy/mlp9/16", env=env)
-    assert unknown.returncode == 1 and "unknown name" in unknown.stderr and "toy/mlp0/16" in unknown.stderr
+    assert unknown.returncode == 1
+    assert "unknown name" in unknown.stderr
+    assert "toy/mlp0/16" in unknown.stderr

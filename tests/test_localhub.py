@@ -17,16 +17,20 @@ def test_endpoint_answers_and_serves_repo_metadata(local_hub):
     sha = local_hub.commit("lh/meta", {"README.md": b"---\nlicense: mit\n---\nhello\n"}, "readme")
     with urllib.request.urlopen(f"{local_hub.endpoint}/api/models/lh/meta/revision/{sha}") as r:
         info = r.read().decode()
-    assert sha in info and "README.md" in info
+    assert sha in info
+    assert "README.md" in info
 
 
 def test_commit_returns_sha_and_history(local_hub):
     first = local_hub.commit("lh/history", {"a.txt": b"one"}, "first")
     second = local_hub.commit("lh/history", {"b/c.txt": b"two"}, "second", delete=["a.txt"])
-    assert len(first) == 40 and len(second) == 40 and first != second
+    assert len(first) == 40
+    assert len(second) == 40
+    assert first != second
     path = local_hub.repo_path("lh/history")
     assert local_hub.head("lh/history") == second
-    assert not (path / "a.txt").exists() and (path / "b" / "c.txt").read_bytes() == b"two"
+    assert not (path / "a.txt").exists()
+    assert (path / "b" / "c.txt").read_bytes() == b"two"
     branch = subprocess.run(["git", "branch", "--show-current"], cwd=path, capture_output=True, text=True)
     assert branch.stdout.strip() == "main"
 
@@ -46,10 +50,13 @@ def test_hf_hub_download_sees_each_commit_and_pins(hub_env):
     kw = {"endpoint": hub_env.endpoint, "cache_dir": os.environ["HF_HUB_CACHE"]}
     assert Path(hf_hub_download("lh/pins", "x.bin", subfolder="sub", **kw)).read_bytes() == b"B" * 500
     pinned = hf_hub_download("lh/pins", "x.bin", subfolder="sub", revision=old, **kw)
-    assert Path(pinned).read_bytes() == b"A" * 500 and old in pinned
+    assert Path(pinned).read_bytes() == b"A" * 500
+    assert old in pinned
     newest = hub_env.commit("lh/pins", {"sub/x.bin": b"C" * 500}, "c")  # no stale view of main
     latest = hf_hub_download("lh/pins", "x.bin", subfolder="sub", **kw)
-    assert Path(latest).read_bytes() == b"C" * 500 and newest in latest and new != newest
+    assert Path(latest).read_bytes() == b"C" * 500
+    assert newest in latest
+    assert new != newest
 
 
 def test_snapshot_download_of_a_subfolder(hub_env):

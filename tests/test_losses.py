@@ -67,12 +67,14 @@ def test_jumprelu_straight_through_gradients():
 def test_topk_and_batchtopk_keep_k(gen):
     pre = torch.randn(B, F, generator=gen) + 1.0
     f = losses.topk_features(pre, 5)
-    assert ((f > 0).sum(-1) <= 5).all() and ((f > 0).sum(-1) == 5).float().mean() > 0.9
+    assert ((f > 0).sum(-1) <= 5).all()
+    assert ((f > 0).sum(-1) == 5).float().mean() > 0.9
     assert torch.equal(f.max(-1).values, torch.relu(pre).max(-1).values)
     fb, smallest = losses.batchtopk_features(pre, 5)
     assert int((fb > 0).sum()) == 5 * B
     kept = fb[fb > 0]
-    assert smallest == kept.min() and (torch.relu(pre)[fb == 0] <= smallest).all()
+    assert smallest == kept.min()
+    assert (torch.relu(pre)[fb == 0] <= smallest).all()
 
 
 def test_auxk_reaches_only_dead_features(gen):
@@ -86,7 +88,8 @@ def test_auxk_reaches_only_dead_features(gen):
     loss = losses.auxk_loss(pre, residual, dead, 4, W_dec)
     loss.backward()
     assert loss > 0
-    assert torch.count_nonzero(pre.grad[:, 10:]) == 0 and torch.count_nonzero(pre.grad[:, :10]) > 0
+    assert torch.count_nonzero(pre.grad[:, 10:]) == 0
+    assert torch.count_nonzero(pre.grad[:, :10]) > 0
     assert torch.count_nonzero(W_dec.grad[10:]) == 0
 
 
@@ -100,7 +103,8 @@ def test_ghost_grads_reach_only_dead_features_and_match_mse_scale(gen):
     loss = losses.ghost_grads_loss(pre, residual, dead, W_dec, mse)
     assert loss.item() == pytest.approx(0.37, rel=1e-5)
     loss.backward()
-    assert torch.count_nonzero(pre.grad[:, ~dead]) == 0 and torch.count_nonzero(pre.grad[:, dead]) > 0
+    assert torch.count_nonzero(pre.grad[:, ~dead]) == 0
+    assert torch.count_nonzero(pre.grad[:, dead]) > 0
 
 
 def test_gated_aux_term_leaves_decoder_frozen(gen):

@@ -104,9 +104,12 @@ def test_mirror_of_url_entry_ends_pinned_and_loadable(url_entry, hub_env, regist
     result = mirror(name, "org/mirrored", local_hub=hub_env)
     entry = load_registry().get(name)
     assert entry.location == HubLocation(repo="org/mirrored", revision=hub_env.head("org/mirrored"), subfolder=name)
-    assert entry.card.files.format == "native" and entry.card.verified
-    assert entry.card.provenance.original == url and entry.card.files.source == url
-    assert entry.card.stats.source == "reported" and any("Not evaluated" in n for n in entry.card.provenance.notes)
+    assert entry.card.files.format == "native"
+    assert entry.card.verified
+    assert entry.card.provenance.original == url
+    assert entry.card.files.source == url
+    assert entry.card.stats.source == "reported"
+    assert any("Not evaluated" in n for n in entry.card.provenance.notes)
     x = torch.randn(6, D_IN)
     with torch.no_grad():
         out = load_dictionary(name)(x)
@@ -157,7 +160,8 @@ def test_mirror_of_a_member_of_a_hub_zip(tmp_path, hub_env, registry):
     name = add_entry(registry, make_card(original_files(folder, original), name="toy/mlp0/16-sfc"), location)
     mirror(name, "org/zip-mirror", local_hub=hub_env)
     entry = load_registry().get(name)
-    assert entry.location.kind == "hub" and entry.location.revision == hub_env.head("org/zip-mirror")
+    assert entry.location.kind == "hub"
+    assert entry.location.revision == hub_env.head("org/zip-mirror")
     assert entry.card.provenance.original == original
     x = torch.randn(5, D_IN)
     with torch.no_grad():
@@ -190,7 +194,8 @@ def test_mirror_with_a_reachable_model_publishes_measured_stats_and_plots(served
                                     sensitivity=False, progress=False)
     result = mirror(name, "org/evaluated", local_hub=hub_env, evaluate=evaluate)
     entry = load_registry().get(name)
-    assert entry.card.stats.source == "measured" and entry.card.stats.l0 is not None
+    assert entry.card.stats.source == "measured"
+    assert entry.card.stats.l0 is not None
     assert result.notes[-1].startswith("evaluated")
     published = hub_env.repo_path("org/evaluated") / name
     assert {"card.json", "weights.safetensors", "README.md", "density.png"} <= {p.name for p in published.iterdir()}
@@ -207,6 +212,8 @@ def test_cli_mirror_pins_the_entry(url_entry, local_hub, registry, monkeypatch, 
     cli.main()  # returns normally on success (errors exit with code 1)
     out = capsys.readouterr().out
     head = local_hub.head("org/cli-mirror")
-    assert f"revision: {head}" in out and "Not evaluated when mirrored: --no-eval was given" in out
+    assert f"revision: {head}" in out
+    assert "Not evaluated when mirrored: --no-eval was given" in out
     entry = load_registry(registry).get(name)
-    assert entry.location.revision == head and entry.card.provenance.original == url
+    assert entry.location.revision == head
+    assert entry.card.provenance.original == url

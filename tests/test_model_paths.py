@@ -71,10 +71,12 @@ def test_dictionary_learning_folder_names():
     folder = Path("/cache/dictionaries/pythia-70m-deduped/attn_out_layer4/10_32768")
     assert dictionary_learning_model(folder) == "EleutherAI/pythia-70m-deduped"
     fields, how = dictionary_learning_hook("EleutherAI/pythia-70m-deduped", None, None, None, folder)
-    assert fields["module"] == "gpt_neox.layers.4.attention" and "folder name" in how
+    assert fields["module"] == "gpt_neox.layers.4.attention"
+    assert "folder name" in how
     assert dictionary_learning_model(Path("/tmp/some/ae")) is None
     fields, how = dictionary_learning_hook("EleutherAI/pythia-70m-deduped", "my_custom_site", None, None, folder)
-    assert fields is None and "set card.hook by hand" in how
+    assert fields is None
+    assert "set card.hook by hand" in how
 
 
 @pytest.mark.parametrize("model, hookpoint, module, site", [

@@ -94,11 +94,15 @@ def test_staged_model_card_parses_as_hub_front_matter(tmp_path, local_hub):
     text = (tmp_path / "stage" / "s" / "README.md").read_text()
     meta = model_card_metadata(text)
     assert meta["library_name"] == "dictionaries"
-    assert meta["base_model"] == card.model.id and meta["license"] == "mit"
+    assert meta["base_model"] == card.model.id
+    assert meta["license"] == "mit"
     assert {"sparse-autoencoder", "sae", "tiny-neox", "mlp", "relu"} <= set(meta["tags"])
     assert yaml.safe_load(text.split("---\n")[1]) == meta
-    assert "| l0 | 3.5 |" in text and "| mse | 0.0123 |" in text and "| frac_loss_recovered | 0.9 |" in text
-    assert "![density](density.png)" in text and 'load_dictionary("hf://org/card/s")' in text
+    assert "| l0 | 3.5 |" in text
+    assert "| mse | 0.0123 |" in text
+    assert "| frac_loss_recovered | 0.9 |" in text
+    assert "![density](density.png)" in text
+    assert 'load_dictionary("hf://org/card/s")' in text
     assert sorted(result.uploaded) == ["s/README.md", "s/card.json", "s/density.png", "s/weights.safetensors"]
 
 
@@ -111,7 +115,9 @@ def test_dry_run_uploads_nothing(tmp_path, local_hub, registry):
     result = publish(tmp_path / "native", "org/dry", dry_run=True, register=True, local_hub=local_hub)
     assert commit_count(local_hub, "org/dry") == before
     assert snapshot(registry) == reg_before
-    assert result.dry_run and result.location is None and result.entry_yaml() == ""
+    assert result.dry_run
+    assert result.location is None
+    assert result.entry_yaml() == ""
     staged = sorted(p.relative_to(result.staged).as_posix() for p in result.staged.rglob("*") if p.is_file())
     assert staged == result.uploaded == ["README.md", "card.json", "weights.safetensors"]
     shutil.rmtree(result.staged)
@@ -190,14 +196,16 @@ def test_different_dictionary_at_target_needs_force(tmp_path, hub_env):
     count = commit_count(hub_env, "org/occupied")
     with pytest.raises(TargetOccupiedError, match="--force") as info:
         publish(tmp_path / "b", "org/occupied", subfolder="x", local_hub=hub_env)
-    assert info.value.existing == "toy/mlp0/16" and info.value.existing_sha256 != info.value.new_sha256
+    assert info.value.existing == "toy/mlp0/16"
+    assert info.value.existing_sha256 != info.value.new_sha256
     assert commit_count(hub_env, "org/occupied") == count
     forced = publish(tmp_path / "b", "org/occupied", subfolder="x", force=True, local_hub=hub_env)
     assert forced.location.revision != again.location.revision
     x = torch.randn(4, D_IN)
     with torch.no_grad():
         got = load_dictionary(f"hf://org/occupied/x@{forced.location.revision}")(x).reconstruction
-        assert torch.equal(got, second(x).reconstruction) and not torch.equal(got, first(x).reconstruction)
+        assert torch.equal(got, second(x).reconstruction)
+        assert not torch.equal(got, first(x).reconstruction)
 
 
 @pytest.mark.parametrize("repo", ["noslash", "a/b/c", "org/na me", "org/-bad", "org/a--b", "org/x.git", "/name",
@@ -231,7 +239,8 @@ def test_interrupted_local_commit_registers_nothing(tmp_path, local_hub, registr
             publish(tmp_path / "native", "org/interrupted", register=True, local_hub=local_hub)
     finally:
         (path / ".git" / "index.lock").unlink()
-    assert local_hub.head("org/interrupted") == head and snapshot(registry) == before
+    assert local_hub.head("org/interrupted") == head
+    assert snapshot(registry) == before
 
 
 def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, registry):
@@ -241,7 +250,8 @@ def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, regi
     publish(tmp_path / "native", "org/twice", register=True, local_hub=local_hub)
     second = publish(tmp_path / "native", "org/twice", subfolder="again", register=True, local_hub=local_hub)
     text = registry.read_text()
-    assert text.startswith("# The registry index") and text.count("pythia70m/mlp3/8192-toy:") == 1
+    assert text.startswith("# The registry index")
+    assert text.count("pythia70m/mlp3/8192-toy:") == 1
     reg = load_registry(registry)
     assert reg.get("pythia70m/mlp3/8192-toy").location == second.location
     assert set(reg.entries) - {"pythia70m/mlp3/8192-toy"} == set(load_registry(REPO_ROOT / "registry.yaml").entries)
@@ -268,11 +278,14 @@ def test_cli_publish_dry_run_and_bad_repo(tmp_path, local_hub, monkeypatch, caps
     code, out, err = dictctl(monkeypatch, capsys, "publish", str(tmp_path / "native"), "--repo", "org/cli",
                              "--dry-run", "--local-hub", str(local_hub.root), "--staging-dir", str(tmp_path / "stage"))
     assert code == 0, err
-    assert "nothing uploaded" in out and "weights.safetensors" in out
+    assert "nothing uploaded" in out
+    assert "weights.safetensors" in out
     assert commit_count(local_hub, "org/cli") == 0
     code, out, err = dictctl(monkeypatch, capsys, "publish", str(tmp_path / "native"), "--repo", "not a repo",
                              "--local-hub", str(local_hub.root))
-    assert code == 1 and err.startswith("invalid repo name:") and len(err.strip().splitlines()) == 1
+    assert code == 1
+    assert err.startswith("invalid repo name:")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_cli_publish_prints_the_entry_and_registers(tmp_path, local_hub, registry, monkeypatch, capsys):
@@ -282,6 +295,7 @@ def test_cli_publish_prints_the_entry_and_registers(tmp_path, local_hub, registr
                              "--register")
     assert code == 0, err
     head = local_hub.head("org/cli-reg")
-    assert f"revision: {head}" in out and card.files.items[0].sha256 in out
+    assert f"revision: {head}" in out
+    assert card.files.items[0].sha256 in out
     assert sha256_of(tmp_path / "native" / "card.json") in out
     assert load_registry(registry).get(card.name).location.revision == head

@@ -82,7 +82,8 @@ def test_real_hub_create_commit_gets_exactly_the_staged_files(tmp_path, fake_hf,
     commits = [c for c in fake_hf.calls if c[0] == "committed"]
     assert len(commits) == 1
     _, repo, revision, message, ops = commits[0]
-    assert (repo, revision) == ("org/real", "dev") and card.name in message
+    assert (repo, revision) == ("org/real", "dev")
+    assert card.name in message
     weights = next(i for i in card.files.items if i.path == "weights.safetensors")
     expected = {"a/b/card.json": sha256_of(tmp_path / "native" / "card.json"),
                 "a/b/weights.safetensors": weights.sha256}
@@ -103,7 +104,8 @@ def test_no_token_is_refused_before_any_request(tmp_path, fake_hf, monkeypatch, 
     before = snapshot(registry)
     with pytest.raises(HubAuthError, match="no Hub token") as info:
         publish(tmp_path / "native", "org/real", register=True)
-    assert fake_hf.calls == [] and snapshot(registry) == before
+    assert fake_hf.calls == []
+    assert snapshot(registry) == before
     assert "Nothing was uploaded" in str(info.value)
 
 
@@ -116,7 +118,8 @@ def test_wrong_token_is_refused_and_never_shown(tmp_path, fake_hf, monkeypatch, 
     with pytest.raises(HubAuthError, match="refused the token") as info:
         publish(tmp_path / "native", "org/real", register=True)
     assert "hf_wrong_secret_123" not in str(info.value)
-    assert not [c for c in fake_hf.calls if c[0] == "committed"] and snapshot(registry) == before
+    assert not [c for c in fake_hf.calls if c[0] == "committed"]
+    assert snapshot(registry) == before
 
 
 class _Refuse401(http.server.BaseHTTPRequestHandler):
@@ -157,7 +160,8 @@ def test_wrong_token_through_the_real_client(tmp_path, monkeypatch, registry):
         server.shutdown()
         server.server_close()
     assert "hf_wrong_secret_456" not in str(info.value)
-    assert _Refuse401.seen and not any("commit" in path or "preupload" in path for _, path, _ in _Refuse401.seen)
+    assert _Refuse401.seen
+    assert not any("commit" in path or "preupload" in path for _, path, _ in _Refuse401.seen)
 
 
 @pytest.mark.parametrize("interruption,raised", [

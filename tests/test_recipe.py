@@ -31,9 +31,13 @@ def test_every_preset_validates(name):
 def test_preset_overrides_merge_into_nested_parts():
     fields = preset("anthropic2024", **REQUIRED, **{"penalty.coefficient": 2.0, "optimizer": {"lr": 1e-3}})
     r = validate_recipe(fields)
-    assert r.penalty.coefficient == 2.0 and r.penalty.kind == "l1" and r.penalty.scale_by_decoder_norm is False  # the rest of penalty kept
-    assert r.optimizer.lr == 1e-3 and r.optimizer.betas == (0.0, 0.999)
-    assert r.model.id == "org/model" and r.dataset.path == "text.txt"  # string shorthands
+    assert r.penalty.coefficient == 2.0
+    assert r.penalty.kind == "l1"
+    assert r.penalty.scale_by_decoder_norm is False  # the rest of penalty kept
+    assert r.optimizer.lr == 1e-3
+    assert r.optimizer.betas == (0.0, 0.999)
+    assert r.model.id == "org/model"
+    assert r.dataset.path == "text.txt"  # string shorthands
 
 
 def test_presets_carry_their_papers_figures():
@@ -41,15 +45,20 @@ def test_presets_carry_their_papers_figures():
     assert (b.resampling.every, b.resampling.dead_window, b.resampling.encoder_scale) == (25_000, 12_500, 0.2)
     assert (m.resampling.every, m.batch_size) == (30_000, 32)  # batch given by the caller here
     assert PRESETS["marks2023"]["batch_size"] == 8192
-    assert a.optimizer.betas[0] == 0.0 and a.prune_below == 0.99 and a.decoder_norm == "at_most_one"
-    assert a.optimizer.decay_fraction == 0.2 and not a.pre_encoder_bias and a.mse == "sum_dims"
+    assert a.optimizer.betas[0] == 0.0
+    assert a.prune_below == 0.99
+    assert a.decoder_norm == "at_most_one"
+    assert a.optimizer.decay_fraction == 0.2
+    assert not a.pre_encoder_bias
+    assert a.mse == "sum_dims"
 
 
 def test_unknown_preset_suggests_close_names():
     with pytest.raises(UnknownPresetError) as info:
         preset("bricken2024")
     assert "bricken2023" in info.value.suggestions
-    assert isinstance(info.value, KeyError) and "bricken2023" in str(info.value)
+    assert isinstance(info.value, KeyError)
+    assert "bricken2023" in str(info.value)
 
 
 @pytest.mark.parametrize("field, named", [("learning_rate", "learning_rate"), ("penalty.coef", "penalty.coef"),
@@ -57,7 +66,8 @@ def test_unknown_preset_suggests_close_names():
 def test_unknown_field_is_named(field, named):
     with pytest.raises(RecipeError) as info:
         preset("bricken2023", **{field: 1})
-    assert info.value.fields == [named] and named in str(info.value)
+    assert info.value.fields == [named]
+    assert named in str(info.value)
 
 
 @pytest.mark.parametrize("name, fields, named", [
@@ -90,7 +100,8 @@ def test_recipe_for_every_registry_entry(entry):
                                     "penalty.coefficient": 0.5})
     assert (small.tokens, small.model.id, small.dataset.path, small.penalty.coefficient) == (
         4096, "tiny/model", "local.txt", 0.5)
-    assert small.hook == r.hook and small.d_dict == entry.card.d_dict
+    assert small.hook == r.hook
+    assert small.d_dict == entry.card.d_dict
 
 
 @pytest.mark.parametrize("entry", _entries(), ids=lambda e: e.name)
@@ -112,7 +123,8 @@ def test_recipe_for_refuses_contradictory_override_and_missing_recipe():
     assert "k" in info.value.fields
     with pytest.raises(RecipeError) as info:
         recipe_for(card, {"d_dcit": 3})
-    assert info.value.fields == ["d_dcit"] and "d_dict" in str(info.value)
+    assert info.value.fields == ["d_dcit"]
+    assert "d_dict" in str(info.value)
     with pytest.raises(RecipeError):
         recipe_for(card.model_copy(update={"recipe": None}))
     with pytest.raises(RecipeError) as info:  # the card says 8192/32768 features; the recipe must agree
@@ -123,5 +135,8 @@ def test_recipe_for_refuses_contradictory_override_and_missing_recipe():
 def test_recipe_for_switches_preset_keeping_model_and_data():
     card = _entries()[0].card
     r = recipe_for(card, {"preset": "anthropic2024"})
-    assert isinstance(r, Recipe) and r.preset == "anthropic2024" and r.decoder_norm == "at_most_one"
-    assert r.hook == card.recipe.hook and r.dataset == card.recipe.dataset
+    assert isinstance(r, Recipe)
+    assert r.preset == "anthropic2024"
+    assert r.decoder_norm == "at_most_one"
+    assert r.hook == card.recipe.hook
+    assert r.dataset == card.recipe.dataset

@@ -22,10 +22,14 @@ def test_entry_is_consistent(name):
     assert card.name == name
     model, site_layer, size = name.split("/")
     assert card.d_dict == int(size.split("-")[0])
-    assert card.hook is not None and site_layer == f"{card.hook.site}{'' if card.hook.layer is None else card.hook.layer}"
+    assert card.hook is not None
+    assert site_layer == f"{card.hook.site}{'' if card.hook.layer is None else card.hook.layer}"
     assert card.hook.module.startswith("gpt_neox.")
-    assert card.model is not None and card.model.id == "EleutherAI/pythia-70m-deduped"
-    assert card.recipe is not None and card.recipe.hook == card.hook and card.recipe.d_dict == card.d_dict
+    assert card.model is not None
+    assert card.model.id == "EleutherAI/pythia-70m-deduped"
+    assert card.recipe is not None
+    assert card.recipe.hook == card.hook
+    assert card.recipe.d_dict == card.d_dict
     if card.stats is not None and card.stats.source == "reported":
         assert card.stats.reference.startswith("https://")
     for alias in card.aliases:
@@ -40,7 +44,8 @@ def test_first_entries_are_present_with_reported_stats():
         assert card.files.format == "dictionary_learning"
         assert not card.verified
     sfc = REGISTRY.filter(size=32768, site="attn")
-    assert len(sfc) == 6 and all(e.location.kind == "hub_zip" for e in sfc)
+    assert len(sfc) == 6
+    assert all(e.location.kind == "hub_zip" for e in sfc)
     assert REGISTRY.get("pythia70m/embed/32768-sfc").layer is None
 
 

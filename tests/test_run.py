@@ -114,7 +114,9 @@ def test_output_card_holds_the_exact_recipe(tmp_path, corpus, tiny_neox, tokeniz
     assert card["provenance"]["code"].startswith("dictionaries ")
     assert any("768 tokens" in note for note in card["provenance"]["notes"])
     dictionary = read_folder(folder)
-    assert dictionary.d_in == 64 and dictionary.d_dict == 96 and dictionary.card.hook.module == MLP0["module"]
+    assert dictionary.d_in == 64
+    assert dictionary.d_dict == 96
+    assert dictionary.card.hook.module == MLP0["module"]
     assert "stats" not in card  # eval_tokens=0 skips the evaluation
 
 
@@ -124,9 +126,14 @@ def test_trained_dictionary_arrives_with_measured_stats(tmp_path, corpus, tiny_n
 
     (folder,) = train(make_recipe(corpus, tokens=128 * 6), tmp_path, tiny_neox, tokenizer, eval_tokens=512)
     stats = read_folder(folder).card.stats
-    assert stats.source == "measured" and stats.tokens > 0 and stats.context_length == 32
-    assert stats.l0 is not None and stats.frac_loss_recovered is not None and stats.mse >= 0
-    assert (folder / "density.safetensors").exists() and (folder / "density.png").exists()
+    assert stats.source == "measured"
+    assert stats.tokens > 0
+    assert stats.context_length == 32
+    assert stats.l0 is not None
+    assert stats.frac_loss_recovered is not None
+    assert stats.mse >= 0
+    assert (folder / "density.safetensors").exists()
+    assert (folder / "density.png").exists()
 
 
 def test_resume_refuses_a_different_recipe(tmp_path, corpus, tiny_neox, tokenizer, monkeypatch):
@@ -150,8 +157,10 @@ def test_out_of_data_keeps_the_checkpoint(tmp_path, tiny_neox, tokenizer):
     with pytest.raises(OutOfDataError) as info:
         train(recipe, tmp_path / "out", tiny_neox, tokenizer)
     err = info.value
-    assert 0 < err.tokens_done < err.tokens_wanted == 128 * 1000 and err.tokens_done % 128 == 0
-    assert "ran out after" in str(err) and "is kept" in str(err)
+    assert 0 < err.tokens_done < err.tokens_wanted == 128 * 1000
+    assert err.tokens_done % 128 == 0
+    assert "ran out after" in str(err)
+    assert "is kept" in str(err)
     saved = torch.load(f"{err.checkpoint}/trainers.pt", weights_only=True)
     assert saved["step"] * 128 == err.tokens_done
 
@@ -179,7 +188,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, tok
     with pytest.raises(NonFiniteLossError) as info:
         train(recipe, tmp_path, broken, tokenizer, checkpoint_every=2)
     err = info.value
-    assert err.step >= 2 and err.checkpoint is not None and err.name == "toy-neox/mlp0/96"
+    assert err.step >= 2
+    assert err.checkpoint is not None
+    assert err.name == "toy-neox/mlp0/96"
     saved = torch.load(f"{err.checkpoint}/trainers.pt", weights_only=True)
     assert saved["step"] <= err.step
     assert all(torch.isfinite(v).all() for v in saved["trainers"][0]["module"].values())
@@ -197,7 +208,8 @@ def test_recipes_that_cannot_share_a_pass(tmp_path, corpus, tiny_neox, tokenizer
     with pytest.raises(SharedHarvestError) as info:
         train([make_recipe(corpus), make_recipe(corpus, context_length=64)], tmp_path, tiny_neox, tokenizer,
               names=["a/mlp0/96", "b/mlp0/96"])
-    assert info.value.field == "context_length" and info.value.values == [32, 64]
+    assert info.value.field == "context_length"
+    assert info.value.values == [32, 64]
     with pytest.raises(SharedHarvestError) as info:  # two outputs cannot share one folder
         train([make_recipe(corpus), make_recipe(corpus)], tmp_path, tiny_neox, tokenizer)
     assert info.value.field == "names"
@@ -246,8 +258,10 @@ def test_cli_trains_a_glob_of_entries_from_one_pass(tmp_path, corpus, toy_folder
         r = card["recipe"]
         assert (r["tokens"], r["model"]["id"], r["dataset"]["path"], r["d_dict"]) == (1536, str(toy_folder),
                                                                                       str(corpus), 64)
-        assert r["preset"] == "marks2023" and r["hook"]["module"] == f"gpt_neox.layers.{layer}.mlp"
-        assert card["name"] == f"pythia70m/mlp{layer}/8192" and card["d_in"] == 64
+        assert r["preset"] == "marks2023"
+        assert r["hook"]["module"] == f"gpt_neox.layers.{layer}.mlp"
+        assert card["name"] == f"pythia70m/mlp{layer}/8192"
+        assert card["d_in"] == 64
 
 
 def test_cli_trains_a_whole_recipe_file(tmp_path, corpus, toy_folder, monkeypatch, capsys):
@@ -258,7 +272,8 @@ def test_cli_trains_a_whole_recipe_file(tmp_path, corpus, toy_folder, monkeypatc
                              "--out", str(tmp_path / "out"))
     assert code == 0, err
     card = json.loads((tmp_path / "out" / toy_folder.name / "resid1" / "64" / "card.json").read_text())
-    assert card["architecture"] == "topk" and card["k"] == 8
+    assert card["architecture"] == "topk"
+    assert card["k"] == 8
 
 
 @pytest.mark.parametrize("yaml_text, field", [("learning_rate: 0.1\n", "learning_rate"),
@@ -270,7 +285,8 @@ def test_cli_rejects_unknown_or_contradictory_fields(tmp_path, yaml_text, field,
     code, _, err = dictctl(monkeypatch, capsys, "train", "pythia70m/mlp0/8192", "--recipe", str(tmp_path / "bad.yaml"),
                            "--out", str(tmp_path / "out"))
     assert code == 1
-    assert "invalid recipe" in err and repr(field) in err
+    assert "invalid recipe" in err
+    assert repr(field) in err
     assert not (tmp_path / "out").exists()
 
 
@@ -282,7 +298,8 @@ def test_cli_reports_a_missing_dataset_column(tmp_path, toy_folder, monkeypatch,
                            "--dataset", str(data), "--tokens", "1024", "--recipe", str(tmp_path / "small.yaml"),
                            "--out", str(tmp_path / "out"))
     assert code == 1
-    assert "unknown dataset column" in err and "'body'" in err
+    assert "unknown dataset column" in err
+    assert "'body'" in err
 
 
 # ---- torch.distributed -----------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ def test_crossing_step_interpolates_and_is_inf_when_never_reached():
                        [0.0, 0.1, 0.2, 0.3],      # never
                        [0.6, 0.7, 0.8, 0.9]])     # at the first step
     out = crossing_steps(steps, kl)
-    assert out[0].item() == pytest.approx(1.5) and math.isinf(out[1].item()) and out[2].item() == 0
+    assert out[0].item() == pytest.approx(1.5)
+    assert math.isinf(out[1].item())
+    assert out[2].item() == 0
 
 
 def test_dictionary_direction_is_the_most_active_feature(tiny_neox):
@@ -51,7 +53,8 @@ def test_dictionary_direction_is_the_most_active_feature(tiny_neox):
     base = torch.zeros(2, 64)
     base[0, 0], base[1, 1] = 2.0, 3.0
     dirs = dictionary_directions(d, base)
-    assert torch.equal(dirs[0], d.W_dec[3]) and torch.equal(dirs[1], d.W_dec[5])
+    assert torch.equal(dirs[0], d.W_dec[3])
+    assert torch.equal(dirs[1], d.W_dec[5])
 
 
 def test_curves_are_finite_and_ordered(tiny_neox, tokenizer, tmp_path):
@@ -71,7 +74,8 @@ def test_curves_are_finite_and_ordered(tiny_neox, tokenizer, tmp_path):
                                    progress=False)
     assert set(curves.kl) == {"random", "real", "dictionary"}
     for kind, kl in curves.kl.items():
-        assert kl.shape == (6, 7) and torch.isfinite(kl).all(), kind
+        assert kl.shape == (6, 7), kind
+        assert torch.isfinite(kl).all(), kind
         assert kl[:, 0].abs().max() < 1e-5, kind                       # t = 0 is the clean run
         mean = kl.mean(0)
         assert (mean[1:] >= mean[:-1] - 1e-6).all(), kind               # KL grows with the step on average

@@ -156,7 +156,8 @@ def test_dictionary_in_another_dtype(models, tokenizer):
             f = site.features.save()
             site.splice(error=False)
             got = model.output.logits.save()
-    assert f.dtype == torch.float64 and got.dtype == torch.float32
+    assert f.dtype == torch.float64
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -273,7 +274,9 @@ def test_design_usage_example(models, tmp_path):
         with model.trace("The Eiffel Tower is in"):
             f = site.features.save()
             site.splice(error=True)
-    assert f.shape[0] == 1 and f.shape[2] == 96 and (f > 0).any()
+    assert f.shape[0] == 1
+    assert f.shape[2] == 96
+    assert (f > 0).any()
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -292,7 +295,9 @@ def test_attach_errors(models):
     with pytest.raises(ShapeMismatchError) as e:
         with A.attach(model, make_dictionary(512, 96, "gpt_neox.layers.0.mlp")):
             pass
-    assert not isinstance(e.value, ModelMismatchError) and "512" in str(e.value) and "64" in str(e.value)
+    assert not isinstance(e.value, ModelMismatchError)
+    assert "512" in str(e.value)
+    assert "64" in str(e.value)
     with pytest.raises(HookPointError, match="2 hook points given for 1"):
         with A.attach(model, make_dictionary(64, 96, None), at=["gpt_neox.layers.0", "gpt_neox.layers.1"]):
             pass
@@ -327,7 +332,9 @@ def test_card_of_another_model(models):
                 pass
     finally:
         raw.config._name_or_path = old
-    assert e.value.card_model == "openai-community/gpt2" and e.value.expected == 768 and e.value.found == 64
+    assert e.value.card_model == "openai-community/gpt2"
+    assert e.value.expected == 768
+    assert e.value.found == 64
 
 
 def test_feature_index_out_of_range(models, tokenizer):
@@ -350,7 +357,8 @@ def test_several_invokes_mask_each_invokes_pads(models):
                 short = site.features.save()
         with torch.no_grad(), model.trace(TEXTS[2]):
             alone = site.features.save()
-    assert long.shape[:2] == short.shape[:2] and short.shape[1] > 1
+    assert long.shape[:2] == short.shape[:2]
+    assert short.shape[1] > 1
     assert (short[0, :-1] == 0).all()
     torch.testing.assert_close(short[:, -1:], alone, atol=1e-5, rtol=1e-4)
 

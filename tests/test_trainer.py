@@ -104,11 +104,13 @@ def test_anthropic_resampling_revives_killed_features(use_sampler):
         t.module.b_enc[killed] = -1.0
     sampler = source if use_sampler else None
     counts = [t.step(source(), sample_inputs=sampler)["resampled"] for _ in range(40)]
-    assert counts[-1] >= len(killed) and sum(counts[:-1]) == 0  # resampled exactly at step 60
+    assert counts[-1] >= len(killed)
+    assert sum(counts[:-1]) == 0  # resampled exactly at step 60
     assert (t.module.b_enc[killed] == 0).all()
     assert torch.allclose(t.module.W_dec[killed].norm(dim=-1), torch.ones(len(killed)))
     state = t.optimizer.state[t.module.W_dec]
-    assert (state["exp_avg"][killed] == 0).all() and (state["exp_avg_sq"][killed] == 0).all()
+    assert (state["exp_avg"][killed] == 0).all()
+    assert (state["exp_avg_sq"][killed] == 0).all()
     f = t.module(source(2048) * t.input_scale).features
     assert ((f[:, killed] > 0).any(0)).all()
 
@@ -121,7 +123,8 @@ def test_decoder_norms_obey_their_constraint(name, norm):
     if norm == "unit":
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     else:
-        assert (norms <= 1 + 1e-6).all() and norms.min() < 0.999  # below 1 is allowed, above is not
+        assert (norms <= 1 + 1e-6).all()
+        assert norms.min() < 0.999  # below 1 is allowed, above is not
 
 
 def test_pruning_drops_features_with_decoder_norm_below_099():
@@ -204,13 +207,15 @@ def test_topk_and_batchtopk_keep_k(name):
     t, metrics = train(make_recipe(name), 150, source)
     k = t.recipe.k
     if name == "topk":
-        assert all(m["l0"] <= k for m in metrics) and metrics[-1]["l0"] > k - 0.5
+        assert all(m["l0"] <= k for m in metrics)
+        assert metrics[-1]["l0"] > k - 0.5
     else:  # k per token on average over the batch in training
         assert all(m["l0"] == pytest.approx(k) for m in metrics)
     module = t.finish()
     l0 = float((module(source(2048)).features > 0).sum(-1).float().mean())
     if name == "batchtopk":  # the inference threshold was set from training and keeps about k per token
-        assert float(module.threshold.detach()) > 0 and 0.5 * k < l0 < 2 * k
+        assert float(module.threshold.detach()) > 0
+        assert 0.5 * k < l0 < 2 * k
     else:
         assert l0 <= k
 
@@ -220,22 +225,28 @@ def test_jumprelu_threshold_learns():
     t, metrics = train(recipe, 200, SparseSource())
     theta = t.finish().threshold
     start = recipe.penalty.initial_threshold
-    assert (theta - start).abs().max() > 10 * start and theta.std() > 0
+    assert (theta - start).abs().max() > 10 * start
+    assert theta.std() > 0
     assert metrics[-1]["l0"] < metrics[0]["l0"]
 
 
 def test_schedule_warms_up_and_decays():
     r = make_recipe("anthropic2024", **{"optimizer.warmup_steps": 10, "optimizer.lr": 1.0})
     lrs = [lr_at(r, s, 100) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[79] == 1.0
-    assert lrs[80] == pytest.approx(1.0) and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[9] == 1.0
+    assert lrs[79] == 1.0
+    assert lrs[80] == pytest.approx(1.0)
+    assert lrs[90] == pytest.approx(0.5)
+    assert lrs[99] == pytest.approx(0.05)
 
 
 def test_bad_batch_shape_and_length():
     t = Trainer(make_recipe("bricken2023"), D_IN, total_steps=10)
     with pytest.raises(ShapeMismatchError) as info:
         t.step(torch.zeros(8, D_IN + 1))
-    assert str(D_IN) in str(info.value) and str(D_IN + 1) in str(info.value)
+    assert str(D_IN) in str(info.value)
+    assert str(D_IN + 1) in str(info.value)
     with pytest.raises(RecipeError):
         Trainer(make_recipe("bricken2023"), D_IN, total_steps=0)
 
@@ -254,7 +265,8 @@ def test_ghost_grads_move_only_dead_features_encoders():
         metrics = [t.step(source()) for _ in range(30)]
         moved[kind] = float((t.module.W_enc[:, :8] - before).abs().max().detach())
     assert metrics[-1]["dead_frac"] >= 8 / D_DICT
-    assert moved["none"] == 0.0 and moved["ghost_grads"] > 0.0
+    assert moved["none"] == 0.0
+    assert moved["ghost_grads"] > 0.0
 
 
 def test_single_process_group_matches_plain_run(tmp_path):
