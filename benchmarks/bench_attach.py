@@ -62,8 +62,9 @@ def _dictionaries(model, ids, n: int, d_in: int, device: torch.device, l0: float
     """n random relu dictionaries at mlp0..mlp(n-1), each threshold set so that about `l0` features fire
     per token on `ids` (Marks & Mueller's 32768-feature MLP dictionaries have L0 3..44; 8192: 10..235)."""
     from dictionaries.architectures import build_dictionary
-    from dictionaries.attach import collect_activations
-    from dictionaries.card import Card, Files, HookPoint
+    from dictionaries.card import Card, Files
+    from dictionaries.hooks import collect_activations
+    from dictionaries.recipe import HookPoint
 
     hooks = [HookPoint(module=f"gpt_neox.layers.{layer}.mlp", site="mlp", layer=layer) for layer in range(n)]
     acts = collect_activations(model, hooks, ids)
@@ -90,7 +91,7 @@ def _model_flops(hf, tokens: int) -> float:
 
 def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 128, l0: float = 64.0) -> list[dict]:
     """Table rows: one per configuration, with the best ms and ratios to bare transformers and bare nnsight."""
-    from dictionaries.attach import attach, wrap_model
+    from dictionaries.attachment import attach, wrap_model
     from training.toymodel import build_model, build_tokenizer, pythia70m_config
 
     dev = torch.device(device)

@@ -29,7 +29,8 @@ from collections import defaultdict
 import torch
 
 from dictionaries.architectures import build_dictionary
-from dictionaries.card import Card, Files, HookPoint, ModelRef
+from dictionaries.card import Card, Files
+from dictionaries.recipe import HookPoint, ModelRef
 
 HOOK = HookPoint(module="gpt_neox.layers.3.mlp", site="mlp", layer=3)
 D_IN, D_DICT = 512, 4096
@@ -39,7 +40,12 @@ CONTEXT, BATCH, BATCHES = 128, 8, 3
 def setup(seed: int = 0):
     """(model, dictionary, token batches): Pythia-70m config, a random ReLU dictionary, corpus contexts."""
     from training.evaluate import pack_batches
-    from training.toymodel import build_model, build_tokenizer, corpus_documents, pythia70m_config
+    from training.toymodel import (
+        build_model,
+        build_tokenizer,
+        corpus_documents,
+        pythia70m_config,
+    )
 
     model = build_model(pythia70m_config(), seed=seed)
     card = Card(name="bench/mlp3/4096", architecture="relu", d_in=D_IN, d_dict=D_DICT, files=Files(items=[]),
@@ -60,7 +66,7 @@ def setup(seed: int = 0):
 
 def dictionary_learning_style(model, d, batches, pad_id: int = 1) -> dict:
     """dictionary_learning 0.1.0's evaluate() + loss_recovered(), re-derived (see the module docstring)."""
-    from dictionaries.attach import collect_activations, run_patched
+    from dictionaries.hooks import collect_activations, run_patched
 
     out: dict[str, float] = defaultdict(float)
     active = torch.zeros(d.d_dict)

@@ -87,9 +87,9 @@ def ours_child(config: str, tokens: int, batch: int, device: str, folder: Path) 
     """Train the configuration with training.run.train; time harvest and optimisation separately."""
     import torch
 
-    from dictionaries.card import Recipe
+    from dictionaries.recipe import Recipe
     from training import harvest, run
-    from training.recipe import preset
+    from training.presets import preset
     from training.toymodel import build_model, build_tokenizer, pythia70m_config
 
     model = build_model(pythia70m_config()).to(device)
@@ -181,7 +181,11 @@ def dictionary_learning_child(tokens: int, batch: int, device: str, folder: Path
 def saelens_child(tokens: int, batch: int, device: str, folder: Path) -> dict:
     """SAELens' LanguageModelSAETrainingRunner (standard L1 SAE) on a random transformer_lens Pythia-70m."""
     from datasets import Dataset
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        StandardTrainingSAEConfig,
+    )
     from sae_lens.config import LoggingConfig
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

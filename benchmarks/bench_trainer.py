@@ -20,7 +20,7 @@ RECIPES = {"marks2023": {}, "topk": {"k": 32}, "batchtopk": {"k": 32}, "jumprelu
 
 
 def _recipe(name: str, extra: dict):
-    from training.recipe import preset, validate_recipe
+    from training.presets import preset, validate_recipe
 
     return validate_recipe(preset(name, model="bench/model", hook={"module": "gpt_neox.layers.3.mlp", "site": "mlp",
                                                                    "layer": 3},

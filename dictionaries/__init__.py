@@ -13,12 +13,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_dictionary": "dictionaries.loader",
-    "attach": "dictionaries.attach",
+    "attach": "dictionaries.attachment",
+    "wrap_model": "dictionaries.attachment",
     "features_of": "dictionaries.features",
     "inspect_feature": "dictionaries.features",
     "load_registry": "dictionaries.registry",
     "Card": "dictionaries.card",
-    "Recipe": "dictionaries.card",
+    "Recipe": "dictionaries.recipe",
     "Dictionary": "dictionaries.architectures",
     "build_dictionary": "dictionaries.architectures",
     "read_folder": "dictionaries.formats",

@@ -1,25 +1,37 @@
-"""The metadata card of a dictionary (DESIGN.md section 4) as strict pydantic models.
+"""The card of a dictionary (DESIGN.md section 4) as strict pydantic models, and reading cards from files.
 
 A card is what a researcher reads before trusting a dictionary: identity and architecture, the model and
-hook point it reads, its files with hashes, measured or reported stats, the recipe that regenerates it,
-and its provenance. Cards live as YAML under `cards/` and as `card.json` inside each native folder.
+hook point it reads, its files with hashes, measured or reported stats, the recipe that regenerates it
+(`recipe.py`) and its provenance. Cards live as YAML under `cards/` and as `card.json` inside each native
+folder.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dictionaries.errors import CardError
-from dictionaries.base import (  # noqa: F401  (re-exported: the card's parts are imported from here)
-    NAME_PATTERN, REVISION_PATTERN, SHA256_PATTERN, Architecture, HookPoint, ModelRef, Site, SourceFormat, Strict,
+from dictionaries.files import relative_path_problem
+from dictionaries.recipe import (
+    Architecture,
+    HookPoint,
+    ModelRef,
+    Recipe,
+    Strict,
+    k_problem,
 )
-from dictionaries.recipe_spec import (  # noqa: F401  (re-exported)
-    PENALTIES_FOR, DatasetSpec, Optimizer, Penalty, Recipe, Resampling, recipe_contradiction,
-)
+
+SourceFormat = Literal["native", "dictionary_learning", "saelens", "sparsify"]
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.\-]*/(embed|attn|mlp|resid)(\d+)?/\d+(-[a-z0-9][a-z0-9\-]*)?$")
+REVISION_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
 
 
 class Links(Strict):
@@ -43,29 +55,20 @@ class FileEntry(Strict):
     sha256: str | None = None
     """Hex sha256, None until first hashed (the entry is then not verified)."""
 
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        problem = relative_path_problem(v)  # a card may never name a file outside its folder
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @field_validator("sha256")
     @classmethod
     def _hex(cls, v: str | None) -> str | None:
         if v is not None and not SHA256_PATTERN.match(v):
             raise ValueError("sha256 must be 64 lower-case hex digits")
         return v
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 23), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entry(path: str | Path, root: str | Path) -> FileEntry:
-    """A FileEntry for `path` (relative to `root`), hashed now."""
-    path = Path(path)
-    return FileEntry(path=path.relative_to(root).as_posix(), size=path.stat().st_size, sha256=sha256_of(path))
 
 
 class Files(Strict):
@@ -209,10 +212,9 @@ class Card(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Card:
-        if self.architecture in ("topk", "batchtopk") and self.k is None:
-            raise ValueError(f"architecture {self.architecture} needs `k`")
-        if self.architecture not in ("topk", "batchtopk") and self.k is not None:
-            raise ValueError(f"`k` is only for topk/batchtopk, not {self.architecture}")
+        problem = k_problem(self.architecture, self.k)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -264,3 +266,26 @@ def read_card(path: str | Path) -> Card:
 def card_schema() -> dict:
     """The JSON Schema of a card (`dictctl schema`)."""
     return Card.model_json_schema()
+
+
+def compare_stats(a: Card, b: Card) -> tuple[tuple[str, str], list[tuple[str, Any, Any, float | None]]]:
+    """Two cards' stats side by side: ((name A, name B), [(stat, A, B, B - A or None)]) for `dictctl compare`.
+
+    Nested figures (density, sensitivity) are flattened as `density.dead`, `sensitivity.random`, ...;
+    B - A is None where either value is not a number (booleans and strings included).
+    """
+    flat = [_flatten(c.stats.model_dump(exclude_none=True) if c.stats else {}) for c in (a, b)]
+    keys = list(dict.fromkeys([*flat[0], *flat[1]]))
+    names = (a.name, b.name if b.name != a.name else f"{b.name} (B)")
+
+    def diff(x: Any, y: Any) -> float | None:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+        return y - x if numbers else None
+
+    return names, [(k, flat[0].get(k), flat[1].get(k), diff(flat[0].get(k), flat[1].get(k))) for k in keys]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"density": {"dead": 3}} -> {"density.dead": 3}."""
+    return {key: val for k, v in d.items()
+            for key, val in (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}

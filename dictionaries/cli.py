@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dictionaries import errors
+from dictionaries.constants import ENV_DEBUG
 
 app = typer.Typer(help="Pretrained sparse-autoencoder dictionaries: browse, load, train, evaluate, publish.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -66,31 +67,53 @@ def report(exc: BaseException) -> int:
     """Print an error as one line from the table; return the exit code."""
     for cls, label, advice in ERROR_MESSAGES:
         if isinstance(exc, cls):
-            err_console.print(f"[bold red]{label}:[/] {exc}" + (f" {advice}" if advice else ""),
-                              highlight=False, soft_wrap=True)
+            _error_line(label, f"{exc}" + (f" {advice}" if advice else ""))
             return 1
     raise exc
 
 
 def main() -> None:
-    """Entry point of the console script: run the app, mapping package errors to one line each."""
+    """Entry point of the console script: every failure becomes one line on stderr and a non-zero exit code."""
     try:
         app(standalone_mode=False)
-    except errors.DictionariesError as exc:
-        if os.environ.get("DICTIONARIES_DEBUG") == "1":
-            raise
-        sys.exit(report(exc))
-    except typer.Exit as exc:  # pragma: no cover - typer's own exits
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
+    except BaseException as exc:  # noqa: BLE001 - the one place every failure is turned into an exit code
+        sys.exit(exit_code(exc))
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+
+def exit_code(exc: BaseException) -> int:
+    """Print what went wrong as one line (the traceback too with DICTIONARIES_DEBUG=1) and return the exit code.
+
+    typer carries its own copy of click, so its usage errors are recognised by their interface (`exit_code`,
+    `format_message`), not by click's classes; click turns Ctrl-C and EOFError into Abort, whose cause is
+    the real failure (an OutOfDataError is an EOFError).
+    """
+    cause = exc.__cause__ if isinstance(exc, typer.Abort) and exc.__cause__ is not None else exc
+    if isinstance(cause, SystemExit):
+        return cause.code if isinstance(cause.code, int) else 1
+    if isinstance(cause, typer.Exit):
+        return cause.exit_code
+    if type(cause).__name__ == "NoArgsIsHelpError":  # `dictctl` alone, or a command without its arguments
+        cause.show()
+        return 0
+    if os.environ.get(ENV_DEBUG) == "1":
+        raise exc
+    if isinstance(cause, errors.DictionariesError):
+        return report(cause)
+    if isinstance(cause, KeyboardInterrupt) or isinstance(exc, typer.Abort):
+        _error_line("interrupted", "stopped by the user (a training run continues with --resume)")
+        return 130
+    if hasattr(cause, "format_message") and hasattr(cause, "exit_code"):  # click's usage errors
+        ctx = getattr(cause, "ctx", None)
+        command = ctx.command_path if ctx is not None else "dictctl"
+        _error_line("usage", f"{cause.format_message()} (`{command} --help` shows the usage)")
+        return 1
+    _error_line("internal error", f"{type(cause).__name__}: {cause} (set {ENV_DEBUG}=1 for the traceback)")
+    return 1
+
+
+def _error_line(label: str, message: str) -> None:
+    one_line = " ".join(str(message).split())
+    err_console.print(f"[bold red]{label}:[/] {one_line}", highlight=False, soft_wrap=True, markup=True)
 
 
 # ---- browsing ---------------------------------------------------------------------------------------
@@ -252,9 +275,10 @@ def eval_(target: str = typer.Argument(..., help="Registry name, native folder, 
 def compare(a: str = typer.Argument(..., help="Registry name or folder (card.json)."),
             b: str = typer.Argument(..., help="Registry name or folder (card.json).")) -> None:
     """Two cards' stats side by side."""
-    from training.evaluate import compare_stats
+    from dictionaries.card import compare_stats
+    from dictionaries.registry import card_of
 
-    (name_a, name_b), rows = compare_stats(a, b)
+    (name_a, name_b), rows = compare_stats(card_of(a), card_of(b))
     table = Table(title="stats")
     for col, justify in (("stat", "left"), (name_a, "right"), (name_b, "right"), ("B - A", "right")):
         table.add_column(col, justify=justify)
@@ -352,7 +376,7 @@ def demo(workdir: Optional[str] = typer.Option(None, help="Where to cache the to
                                                           "(default: $HF_HOME/dictionaries/demo)."),
          tokens: int = typer.Option(140_000, help="Training tokens for the demo dictionary (the corpus holds ~150k).")) -> None:
     """The whole loop offline: local hub, toy model, train, evaluate, publish, load by name, attach."""
-    from training.demo import run_demo
+    from dictionaries.demo import run_demo
 
     run_demo(workdir, tokens=tokens)
 

@@ -16,9 +16,13 @@ class DictionariesError(Exception):
 class UnknownNameError(DictionariesError, KeyError):
     """A registry name (or alias) that is not in the registry."""
 
-    def __init__(self, name: str, suggestions: Sequence[str] = ()):
+    def __init__(self, name: str, suggestions: Sequence[str] = (), problem: str | None = None):
         self.name = name
         self.suggestions = list(suggestions)
+        self.problem = problem
+        if problem:  # a reference that resolves, but not to exactly one dictionary
+            super().__init__(f"{name!r}: {problem} ({', '.join(self.suggestions)}, ...); give one name or folder")
+            return
         hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
         super().__init__(f"no dictionary named {name!r} in the registry.{hint} (`dictctl list` shows all names)")
 

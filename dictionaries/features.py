@@ -1,7 +1,7 @@
 """What a dictionary's features do on text: `features_of`, `inspect_feature` and the `FeatureReport` it returns.
 
 Outside any trace: texts are tokenized with the wrapped model's tokenizer, padded into batches, and the
-dictionary's hook point is read with `attach.collect_activations` (one forward per batch, stopped after the
+dictionary's hook point is read with `hooks.collect_activations` (one forward per batch, stopped after the
 hook). `inspect_feature` adds the top-activating contexts and a logit lens of the feature's decoder
 direction: unembed(final_norm(W_dec[i])), the tokens the feature promotes and suppresses when written into
 the residual stream (nostalgebraist 2020, *interpreting GPT: the logit lens*; as in Bricken et al. 2023's
@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from dictionaries.card import HookPoint, Strict
-from dictionaries.errors import CardError, FeatureIndexError, HookPointError, NotWrappedError
+from dictionaries.errors import (
+    CardError,
+    FeatureIndexError,
+    HookPointError,
+    MissingFileError,
+    NotWrappedError,
+)
+from dictionaries.hooks import check_hook, collect_activations, torch_model
+from dictionaries.recipe import HookPoint, Strict
 
 if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
@@ -93,10 +100,8 @@ def features_of(model: Any, dictionary: Dictionary, texts: Sequence[str], *, bat
     """Features (len_i, d_dict) of each text at the dictionary's hook point (or `hook`), pad dropped."""
     from tqdm.auto import tqdm
 
-    from dictionaries.attach import collect_activations, resolve_hook
-
     hook = _hook_of(dictionary, hook)
-    resolve_hook(model, hook, d_in=dictionary.d_in)  # a wrong hook or width fails before any forward
+    check_hook(model, hook, dictionary.d_in)  # a wrong hook or width fails before any forward
     tok = _tokenizer(model)
     device = dictionary.W_enc.device
     out: list[Tensor] = []
@@ -113,8 +118,6 @@ def features_of(model: Any, dictionary: Dictionary, texts: Sequence[str], *, bat
 
 
 def _model_device(model: Any) -> torch.device:
-    from dictionaries.attach import torch_model
-
     return next(torch_model(model).parameters()).device
 
 
@@ -130,8 +133,6 @@ def _final_norm(hf: nn.Module) -> nn.Module | None:
 
 def logit_lens(model: Any, direction: Tensor, *, top: int = 10) -> tuple[list[TokenScore], list[TokenScore]]:
     """(promoted, suppressed) tokens of a residual direction (d,): unembed(final_norm(direction))."""
-    from dictionaries.attach import torch_model
-
     hf = torch_model(model)
     unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if unembed is None or getattr(unembed, "in_features", None) != direction.shape[-1]:
@@ -183,26 +184,24 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
 
 def read_texts(path: str | Path) -> list[str]:
     """The non-blank lines of a text file, one text each."""
-    from dictionaries.errors import MissingFileError
-
     p = Path(path)
     if not p.is_file():
         raise MissingFileError(str(p), "Pass a text file with one text per line.")
     return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def inspect_named(name_or_path: str, feature: int, texts_file: str | Path, *, model: str | None = None,
+def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str | None = None,
                   top: int = 10, context: int = 8) -> FeatureReport:
     """`dictctl inspect`: load the dictionary and the model (default: the card's model id), read the texts."""
-    from dictionaries.attach import wrap_model
+    from dictionaries.attachment import wrap_model
     from dictionaries.loader import load_dictionary
 
-    dictionary = load_dictionary(name_or_path)
+    dictionary = load_dictionary(ref)
     if not 0 <= feature < dictionary.d_dict:  # every cheap check before the model loads
         raise FeatureIndexError(feature, dictionary.d_dict)
     card = dictionary.card
     model_id = model or (card.model.id if card is not None and card.model is not None else None)
     if model_id is None:
-        raise CardError(str(name_or_path), "model", "the card names no model; pass `--model` (HF id or folder)")
+        raise CardError(str(ref), "model", "the card names no model; pass `--model` (HF id or folder)")
     texts = read_texts(texts_file)
     return inspect_feature(wrap_model(model_id), dictionary, texts, feature, top=top, context=context)

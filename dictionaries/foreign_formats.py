@@ -16,10 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dictionaries.errors import FormatError
-from dictionaries.formats import Layout, check_layout, load_pickle, load_safetensors, read_json, require
-from dictionaries.model_paths import (dictionary_learning_hook, dictionary_learning_model, model_id, saelens_hook,
-                                      sparsify_hook)
+from dictionaries.errors import FormatError, ShapeMismatchError
+from dictionaries.files import load_pickle, load_safetensors, read_json, require
+from dictionaries.hookpoints import (
+    dictionary_learning_hook,
+    dictionary_learning_model,
+    model_id,
+    saelens_hook,
+    sparsify_hook,
+)
 
 
 @dataclass
@@ -35,6 +40,38 @@ class Foreign:
     model: str | None = None
     hook: dict[str, Any] | None = None  # HookPoint fields
     notes: list[str] = field(default_factory=list)
+
+
+# ---- tensor layouts ---------------------------------------------------------------------------------
+# A layout: tensor name -> (shape in named dimensions, required). d = d_in, F = d_dict; () is a scalar.
+Layout = dict[str, tuple[tuple[str, ...], bool]]
+
+
+def check_layout(state: dict[str, Tensor], layout: Layout, path: Path, dims: dict[str, int] | None = None,
+                 sizes_from: str = "") -> dict[str, int]:
+    """Check names and shapes of `state` against `layout`; the sizes of the named dimensions.
+
+    `dims` may hold sizes the config states (`sizes_from` names it); otherwise the first tensor of the
+    layout fixes them. Errors name the file, the tensor and both shapes.
+    """
+    dims = dict(dims or {})
+    missing = [k for k, (_, required) in layout.items() if required and k not in state]
+    unexpected = sorted(k for k in state if k not in layout)
+    if missing or unexpected:
+        raise FormatError(str(path), f"expected tensors {sorted(layout)}; missing {missing}, unexpected "
+                                     f"{unexpected} (the file holds {sorted(state)})")
+    for key, (spec, _) in layout.items():
+        if key not in state:
+            continue
+        shape = tuple(state[key].shape)
+        if len(shape) == len(spec):
+            for name, n in zip(spec, shape):
+                dims.setdefault(name, n)
+        expected = tuple(dims.get(name, name) for name in spec)
+        if shape != expected:
+            hint = f"Sizes taken from {sizes_from}." if sizes_from else ""
+            raise ShapeMismatchError(f"{path}: tensor {key!r}", expected, shape, hint=hint)
+    return dims
 
 
 # ---- dictionary_learning --------------------------------------------------------------------------

@@ -8,22 +8,26 @@ tensors; this module turns either into a ready `Dictionary` with its card, and w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dictionaries.card import Card, Files, HookPoint, ModelRef, Provenance, file_entry, read_card
-from dictionaries.errors import ArchitectureMismatchError, FormatError, MissingFileError, ShapeMismatchError
+from dictionaries.card import Card, FileEntry, Files, Provenance, read_card
+from dictionaries.constants import CARD_FILE, WEIGHTS_FILE
+from dictionaries.errors import (
+    ArchitectureMismatchError,
+    FormatError,
+    MissingFileError,
+    ShapeMismatchError,
+)
+from dictionaries.files import sha256_of, write_atomic
+from dictionaries.recipe import HookPoint, ModelRef
 
 if TYPE_CHECKING:
     import torch
-    from torch import Tensor
 
     from dictionaries.architectures import Dictionary
     from dictionaries.foreign_formats import Foreign
 
-CARD_FILE = "card.json"
-WEIGHTS_FILE = "weights.safetensors"
 FORMATS = ("native", "dictionary_learning", "saelens", "sparsify")
 
 # format -> the files that identify it (all must be present), in the order detection tries them.
@@ -85,7 +89,7 @@ def read_folder(folder: str | Path, *, format: str | None = None, card: Card | N
 
 
 def _read_native(folder: Path, need_card: bool = True) -> tuple[Card | None, dict, str]:
-    from safetensors.torch import load_file
+    from dictionaries.files import load_safetensors
 
     # A registry entry's card comes from the registry, which lists only the weights: card.json is optional then.
     for name in (CARD_FILE, WEIGHTS_FILE) if need_card else (WEIGHTS_FILE,):
@@ -93,7 +97,7 @@ def _read_native(folder: Path, need_card: bool = True) -> tuple[Card | None, dic
             raise MissingFileError(str(folder / name), "A native folder holds card.json and weights.safetensors.")
     weights = folder / WEIGHTS_FILE
     own_card = read_card(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None
-    return own_card, load_file(weights), str(weights)
+    return own_card, load_safetensors(weights), str(weights)
 
 
 def _described_by(what: Card | Foreign | None) -> dict:
@@ -177,8 +181,13 @@ def write_native(dictionary: Dictionary, folder: str | Path, *, card: Card | Non
     written = card.model_copy(update={
         "files": Files(format="native", items=[file_entry(weights, folder)], source=source),
         "dtype": str(state["W_enc"].dtype).removeprefix("torch.")})
-    (folder / CARD_FILE).write_text(written.to_json())
+    write_atomic(folder / CARD_FILE, written.to_json())
     return written
+
+
+def file_entry(path: Path, root: Path) -> FileEntry:
+    """A FileEntry for `path` (relative to `root`), hashed now."""
+    return FileEntry(path=path.relative_to(root).as_posix(), size=path.stat().st_size, sha256=sha256_of(path))
 
 
 def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
@@ -203,81 +212,3 @@ def summarize(card: Card) -> str:
         lines.append(f"converted from: {card.files.source}")
     lines += [f"note: {n}" for n in card.provenance.notes]
     return "\n".join(lines)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file, or a FormatError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(str(path), f"not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FormatError(str(path), f"expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-# ---- helpers of the foreign readers (foreign_formats.py) ---------------------------------------------
-# A layout: tensor name -> (shape in named dimensions, required). d = d_in, F = d_dict; () is a scalar.
-Layout = dict[str, tuple[tuple[str, ...], bool]]
-
-
-def check_layout(state: dict[str, Tensor], layout: Layout, path: Path, dims: dict[str, int] | None = None,
-                 sizes_from: str = "") -> dict[str, int]:
-    """Check names and shapes of `state` against `layout`; the sizes of the named dimensions.
-
-    `dims` may hold sizes the config states (`sizes_from` names it); otherwise the first tensor of the
-    layout fixes them. Errors name the file, the tensor and both shapes.
-    """
-    dims = dict(dims or {})
-    missing = [k for k, (_, required) in layout.items() if required and k not in state]
-    unexpected = sorted(k for k in state if k not in layout)
-    if missing or unexpected:
-        raise FormatError(str(path), f"expected tensors {sorted(layout)}; missing {missing}, unexpected "
-                                     f"{unexpected} (the file holds {sorted(state)})")
-    for key, (spec, _) in layout.items():
-        if key not in state:
-            continue
-        shape = tuple(state[key].shape)
-        if len(shape) == len(spec):
-            for name, n in zip(spec, shape):
-                dims.setdefault(name, n)
-        expected = tuple(dims.get(name, name) for name in spec)
-        if shape != expected:
-            hint = f"Sizes taken from {sizes_from}." if sizes_from else ""
-            raise ShapeMismatchError(f"{path}: tensor {key!r}", expected, shape, hint=hint)
-    return dims
-
-
-def require(path: Path, what: str) -> Path:
-    """`path`, or a MissingFileError saying a `what` folder needs it."""
-    if not path.is_file():
-        raise MissingFileError(str(path), f"A {what} folder needs it.")
-    return path
-
-
-def load_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file, or a FormatError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FormatError(str(path), f"not a readable safetensors file ({e})") from None
-
-
-def load_pickle(path: Path) -> dict[str, Tensor]:
-    """A torch.save'd state dict of tensors, loaded with weights_only=True (never arbitrary pickles)."""
-    import torch
-
-    try:
-        try:  # memory-mapped: the tensors are read as they are used (zip-format files, torch >= 1.6)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (pre-zip) file cannot be mapped: read it whole
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError: all mean "not a plain state dict"
-        raise FormatError(str(path), f"not a plain tensor state dict that loads with weights_only=True ({e}); "
-                                     "arbitrary pickles are never loaded") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FormatError(str(path), "expected a state dict of tensors (what dictionary_learning saves)")
-    return dict(state)

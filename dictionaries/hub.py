@@ -1,48 +1,64 @@
-"""Downloading and uploading dictionaries: the only module that imports huggingface_hub (DESIGN.md section 5).
+"""The Hugging Face Hub: the only module that imports huggingface_hub (DESIGN.md section 5).
 
-`fetch(location, files)` gives a local folder holding an entry's files, each checked against the card's
-sha256. Hub files go through `hf_hub_download` into the standard HF cache at the pinned commit, so
+Downloads go through `hf_hub_download` / `snapshot_download` into the standard HF cache at a revision, so
 HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT and tokens all apply (read when called, not when
-imported, so a changed environment is honoured). Original releases on plain HTTPS and members of zip
-archives on the Hub are kept under `<HF_HOME>/dictionaries/` (`url/<hash of url>/`, `zip/<zip sha256>/`).
-
-Hashing a large file on every load would cost more than reading it, so a verified file is remembered in
-`<HF_HOME>/dictionaries/verified/<sha256>.json` with its path, size, inode and mtime; a file whose stat
-changed (e.g. overwritten in the cache) is hashed again. On a mismatch the cached copy (snapshot link and
-blob) is dropped and fetched once more; a second mismatch raises HashMismatchError.
+imported, so a changed environment is honoured); huggingface_hub's errors become the package's. Uploads
+add every file in ONE commit (`HfApi.create_commit`). `hf://org/repo/sub@rev` paths are parsed and written
+here, and nowhere else. Verifying what was downloaded is `fetch.py`'s work.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 import re
 import socket
-import warnings
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tqdm.auto import tqdm
+from dictionaries.constants import CACHE_SUBDIR, DEFAULT_ENDPOINT, HUB_TIMEOUT
+from dictionaries.errors import HubPathError, HubUnreachableError, MissingFileError
+from dictionaries.registry import HubLocation
 
-from dictionaries.card import FileEntry, read_card, sha256_of
-from dictionaries.errors import (HashMismatchError, HubPathError, HubUnreachableError, MissingFileError,
-                                 UnverifiedFilesWarning)
-from dictionaries.downloads import (  # noqa: F401  (re-exported)
-    HubSettings, dictionaries_cache, download_url, extract_member, hub_settings, is_verified,
-)
-from dictionaries.registry import HubLocation, HubZipLocation, UrlLocation
-
-Location = HubLocation | HubZipLocation | UrlLocation
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._\-]*"
 _HUB_PATH = re.compile(rf"^hf://(?:(?P<type>datasets|models)/)?(?P<org>{_NAME})/(?P<repo>{_NAME})"
                        rf"(?P<sub>(?:/[^/@]+)*)/?(?:@(?P<rev>[^@]+))?$")
 
 
-# ---- environment, read at call time ---------------------------------------------------------------
+# ---- the environment, read at call time -----------------------------------------------------------------
+@dataclass(frozen=True)
+class HubSettings:
+    """What the HF environment variables say right now."""
+
+    endpoint: str
+    cache_dir: Path
+    home: Path
+    offline: bool
 
 
-# ---- hf:// paths ----------------------------------------------------------------------------------
+def hub_settings() -> HubSettings:
+    """HF_ENDPOINT, HF_HUB_CACHE (or HF_HOME/hub), HF_HOME and HF_HUB_OFFLINE as currently set."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    home = Path(os.environ.get("HF_HOME", xdg / "huggingface")).expanduser()
+    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+    return HubSettings(endpoint, cache, home, offline)
+
+
+def dictionaries_cache() -> Path:
+    """`<HF_HOME>/dictionaries`: extracted zip members, plain-URL downloads and verification records."""
+    return hub_settings().home / CACHE_SUBDIR
+
+
+# ---- hf:// paths ----------------------------------------------------------------------------------------
+def hub_path(repo: str, path: str = "", revision: str | None = None) -> str:
+    """`hf://repo/path@revision` (the one way the package writes a Hub location as text)."""
+    path = path.strip("/")
+    return f"hf://{repo}" + (f"/{path}" if path else "") + (f"@{revision}" if revision else "")
+
+
 def parse_hub_path(path: str) -> HubLocation:
     """`hf://org/repo/sub/folder@rev` (rev optional, default `main`; `hf://datasets/...` for datasets)."""
     if not path.startswith("hf://"):
@@ -58,92 +74,26 @@ def parse_hub_path(path: str) -> HubLocation:
                        repo_type=repo_type)
 
 
-# ---- what would be fetched ------------------------------------------------------------------------
-def plan_fetch(location: Location, files: Sequence[FileEntry]) -> list[str]:
-    """The URLs `fetch` asks for (zip members as `<zip url>#<member path>`), without touching the network."""
-    from huggingface_hub import hf_hub_url
-
-    endpoint = hub_settings().endpoint
-    if isinstance(location, HubLocation):
-        return [hf_hub_url(location.repo, _in_subfolder(location.subfolder, f.path), repo_type=location.repo_type,
-                           revision=location.revision, endpoint=endpoint) for f in files]
-    if isinstance(location, UrlLocation):
-        return [_file_url(location.url, f.path) for f in files]
-    zip_url = hf_hub_url(location.repo, location.filename, revision=location.revision, endpoint=endpoint)
-    return [f"{zip_url}#{location.member}{f.path}" for f in files]
-
-
-def _in_subfolder(subfolder: str, path: str) -> str:
+def in_subfolder(subfolder: str, path: str) -> str:
+    """A file's path in the repo: `subfolder/path`, or `path` for the repo root."""
     return f"{subfolder.strip('/')}/{path}" if subfolder.strip("/") else path
 
 
-def _file_url(base: str, path: str) -> str:
-    return base.rstrip("/") + "/" + path
+def file_url(repo: str, filename: str, revision: str, repo_type: str = "model") -> str:
+    """The URL huggingface_hub downloads a file from, at the current HF_ENDPOINT (no request is made)."""
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(repo, filename, repo_type=repo_type, revision=revision, endpoint=hub_settings().endpoint)
 
 
-# ---- fetch ----------------------------------------------------------------------------------------
-def fetch(location: Location, files: Sequence[FileEntry], *, force: bool = False, progress: bool = True) -> Path:
-    """A local folder holding `files`, each verified against its sha256 (or warned about when it has none)."""
-    if isinstance(location, HubLocation):
-        return _fetch_hub(location, files, force, progress)
-    if isinstance(location, UrlLocation):
-        return _fetch_url(location, files, force, progress)
-    return _fetch_zip(location, files, force, progress)
-
-
-def _fetch_hub(location: HubLocation, files: Sequence[FileEntry], force: bool, progress: bool) -> Path:
-    unverified: dict[str, tuple[str, int]] = {}
-    folder: Path | None = None
-    for entry in files:
-        filename = _in_subfolder(location.subfolder, entry.path)
-        what = f"hf://{location.repo}/{filename}@{location.revision}"
-
-        def download(again: bool, filename: str = filename) -> Path:
-            return download_hub_file(location.repo, filename, location.revision, repo_type=location.repo_type,
-                                     force=force or again, progress=progress)
-
-        path = ensure_verified(what, entry, download, drop=drop_cached_hub_file, unverified=unverified)
-        folder = path.parents[len(Path(entry.path).parts) - 1]
-    warn_unverified(f"hf://{location.repo}/{location.subfolder}@{location.revision}", unverified)
-    if folder is None:
-        raise MissingFileError(f"hf://{location.repo}/{location.subfolder}@{location.revision}",
-                               "The card lists no files to fetch.")
-    return folder
-
-
-def ensure_verified(what: str, entry: FileEntry, download: Callable[[bool], Path], *,
-                    drop: Callable[[Path], None], unverified: dict[str, tuple[str, int]]) -> Path:
-    """Download (`download(again)`), check the sha256; on a mismatch drop the copy, fetch once more, check again."""
-    path = download(False)
-    if entry.sha256 is None:
-        unverified[entry.path] = (sha256_of(path), path.stat().st_size)
-        return path
-    if is_verified(path, entry.sha256):
-        return path
-    drop(path)
-    path = download(True)
-    if not is_verified(path, entry.sha256):
-        raise HashMismatchError(what, entry.sha256, sha256_of(path))
-    return path
-
-
-def warn_unverified(what: str, unverified: dict[str, tuple[str, int]]) -> None:
-    """One UnverifiedFilesWarning listing the sha256 and size of every file that had none recorded."""
-    if unverified:
-        warnings.warn(UnverifiedFilesWarning(what, unverified), stacklevel=4)
-
-
-# ---- verification records -------------------------------------------------------------------------
-
-
-# ---- the Hub --------------------------------------------------------------------------------------
+# ---- downloads ------------------------------------------------------------------------------------------
 def download_hub_file(repo: str, filename: str, revision: str, *, repo_type: str = "model", force: bool = False,
                       progress: bool = True) -> Path:
     """`hf_hub_download` into the standard cache, with huggingface_hub's errors turned into ours."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     s = hub_settings()
-    what = f"hf://{repo}/{filename}@{revision}"
+    what = hub_path(repo, filename, revision)
     cached = try_to_load_from_cache(repo, filename, cache_dir=s.cache_dir, revision=revision, repo_type=repo_type)
     if isinstance(cached, str) and not force and _COMMIT.fullmatch(revision):
         return Path(cached)  # what hf_hub_download returns for a cached pinned commit, without its overhead
@@ -152,7 +102,7 @@ def download_hub_file(repo: str, filename: str, revision: str, *, repo_type: str
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type, cache_dir=s.cache_dir,
                                     endpoint=s.endpoint, force_download=force, local_files_only=s.offline,
-                                    tqdm_class=None if progress else _SilentTqdm))
+                                    tqdm_class=None if progress else _silent_tqdm()))
     except Exception as exc:  # noqa: BLE001 - every huggingface_hub failure is mapped below
         raise _hub_error(exc, repo, filename, revision, repo_type) from exc
 
@@ -162,7 +112,7 @@ def _hub_error(exc: Exception, repo: str, filename: str, revision: str, repo_typ
     from huggingface_hub import errors as hf
 
     s = hub_settings()
-    what = f"hf://{repo}/{filename}@{revision}"
+    what = hub_path(repo, filename, revision)
     if isinstance(exc, hf.GatedRepoError):
         return MissingFileError(what, f"The repo {repo} is gated: accept its terms on the Hub and set HF_TOKEN.")
     if isinstance(exc, hf.RevisionNotFoundError):
@@ -189,7 +139,7 @@ def _repo_exists(repo: str, revision: str, repo_type: str) -> bool:
         return False
 
 
-def check_reachable(endpoint: str, what: str, timeout: float = 5.0) -> None:
+def check_reachable(endpoint: str, what: str, timeout: float = HUB_TIMEOUT) -> None:
     """Raise HubUnreachableError unless a TCP connection to the endpoint's host opens."""
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -207,92 +157,41 @@ def drop_cached_hub_file(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def fetch_card_and_files(location: HubLocation, *, force: bool = False, progress: bool = True) -> Path:
-    """An unregistered Hub folder, downloaded whole; files its card.json lists are verified like an entry's."""
+def download_hub_folder(location: HubLocation, *, force: bool = False, progress: bool = True) -> tuple[Path, str]:
+    """Every file under the location's subfolder (`snapshot_download`); (local folder, the commit it resolved to)."""
     from huggingface_hub import snapshot_download
 
     s = hub_settings()
-    what = f"hf://{location.repo}/{location.subfolder}@{location.revision}"
     sub = location.subfolder.strip("/")
+    what = hub_path(location.repo, sub, location.revision)
     if not s.offline:
         check_reachable(s.endpoint, what)
     try:
         snapshot = Path(snapshot_download(location.repo, revision=location.revision, repo_type=location.repo_type,
                                           allow_patterns=[f"{sub}/*"] if sub else None, cache_dir=s.cache_dir,
                                           endpoint=s.endpoint, force_download=force, local_files_only=s.offline,
-                                          tqdm_class=None if progress else _SilentTqdm))
-    except Exception as exc:  # noqa: BLE001
+                                          tqdm_class=None if progress else _silent_tqdm()))
+    except Exception as exc:  # noqa: BLE001 - every huggingface_hub failure is mapped
         raise _hub_error(exc, location.repo, sub or ".", location.revision, location.repo_type) from exc
     folder = snapshot / sub if sub else snapshot
     if not folder.is_dir() or not any(folder.iterdir()):
         raise MissingFileError(what, f"The repo {location.repo} has no folder {sub!r} at {location.revision}.")
-    card_path = folder / "card.json"
-    if card_path.exists():
-        pinned = location.model_copy(update={"revision": snapshot.name})  # the commit it resolved to
-        return fetch(pinned, read_card(card_path).files.items, progress=progress)
-    return folder
+    return folder, snapshot.name
 
 
-# ---- plain HTTPS ----------------------------------------------------------------------------------
-def _fetch_url(location: UrlLocation, files: Sequence[FileEntry], force: bool, progress: bool) -> Path:
-    folder = dictionaries_cache() / "url" / hashlib.sha256(location.url.encode()).hexdigest()[:32]
-    unverified: dict[str, tuple[str, int]] = {}
-    for entry in files:
-        url = _file_url(location.url, entry.path)
-        target = folder / entry.path
-
-        def download(again: bool, url: str = url, target: Path = target) -> Path:
-            if force or again or not target.exists():
-                download_url(url, target, progress=progress)
-            return target
-
-        ensure_verified(url, entry, download, drop=lambda p: Path(p).unlink(missing_ok=True), unverified=unverified)
-    warn_unverified(location.url, unverified)
-    return folder
-
-
-# ---- zip archives on the Hub ----------------------------------------------------------------------
-def _fetch_zip(location: HubZipLocation, files: Sequence[FileEntry], force: bool, progress: bool) -> Path:
-    """Download the zip (its sha256 checked once, then remembered), extract only the member folder."""
-    what = f"hf://{location.repo}/{location.filename}@{location.revision}"
-
-    def download_zip(again: bool) -> Path:
-        return download_hub_file(location.repo, location.filename, location.revision, force=force or again,
-                                 progress=progress)
-
-    unverified: dict[str, tuple[str, int]] = {}
-    zip_entry = FileEntry(path=location.filename, size=location.size, sha256=location.sha256)
-    zip_path = ensure_verified(what, zip_entry, download_zip, drop=drop_cached_hub_file, unverified=unverified)
-    zip_sha = location.sha256 or unverified[location.filename][0]
-    root = dictionaries_cache() / "zip" / zip_sha
-    folder = root / location.member
-    done = root / f".complete-{hashlib.sha256(location.member.encode()).hexdigest()[:16]}"
-    if force or not done.exists():
-        extract_member(zip_path, location.member, root, progress=progress)
-        done.touch()
-    for entry in files:
-        def member_file(again: bool, entry: FileEntry = entry) -> Path:
-            if again:
-                extract_member(zip_path, location.member, root, progress=progress)
-            if not (folder / entry.path).is_file():
-                raise MissingFileError(f"{what}#{location.member}{entry.path}", "The archive has no such member.")
-            return folder / entry.path
-
-        ensure_verified(f"{what}#{location.member}{entry.path}", entry, member_file,
-                        drop=lambda p: Path(p).unlink(missing_ok=True), unverified=unverified)
-    warn_unverified(what, unverified)
-    return folder
-
-
-class _SilentTqdm(tqdm):
+def _silent_tqdm() -> type:
     """huggingface_hub's bars switched off (`progress=False`)."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, *args, **kwargs):
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
 
 
-# ---- upload ---------------------------------------------------------------------------------------
+# ---- upload ---------------------------------------------------------------------------------------------
 # Publishing (dictionaries/publish.py) reaches the Hub only through these functions. The token comes from
 # the argument, HF_TOKEN or the stored HF login; it is handed to huggingface_hub and never printed or logged.
 def require_token(token: str | None, repo: str, endpoint: str | None) -> str:
@@ -331,7 +230,7 @@ def read_remote_file(repo: str, path: str, *, revision: str = "main", endpoint: 
     from huggingface_hub.errors import HfHubHTTPError
 
     endpoint = _upload_endpoint(endpoint)
-    check_reachable(endpoint, f"hf://{repo}/{path}@{revision}")  # at once, not after the client's retries
+    check_reachable(endpoint, hub_path(repo, path, revision))  # at once, not after the client's retries
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     try:
         if not api.file_exists(repo, path, revision=revision):
@@ -355,7 +254,7 @@ def upload_commit(repo: str, files: dict[str, Path], *, branch: str = "main", pr
 
     token = require_token(token, repo, endpoint)
     endpoint = _upload_endpoint(endpoint)
-    check_reachable(endpoint, f"hf://{repo}@{branch} (upload)")
+    check_reachable(endpoint, hub_path(repo, revision=branch) + " (upload)")
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     operations = [huggingface_hub.CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local))
                   for rel, local in sorted(files.items())]

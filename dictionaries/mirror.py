@@ -1,7 +1,7 @@
 """Mirroring a registry entry onto the Hub in native format, evaluated where possible, and pinned there.
 
 `mirror(name, "org/name")` fetches the entry's original files (a plain URL with hash check, or the member of
-a Hub zip, through `hub.fetch`), converts them to a native folder (`formats`), runs the evaluation it is
+a Hub zip, through `fetch.fetch`), converts them to a native folder (`formats`), runs the evaluation it is
 handed when a model can be loaded (the CLI hands it `training.evaluate`; `dictionaries/` never imports
 `training/`), publishes the folder (`publish.publish`) and re-points the registry entry at the new
 commit. The original files stay named in `card.provenance.original` and `card.files.source`.
@@ -18,22 +18,13 @@ from pathlib import Path
 
 from dictionaries import __version__
 from dictionaries.card import Card, Files, read_card
+from dictionaries.constants import CARD_FILE
 from dictionaries.localhub import LocalHub
-from dictionaries.publish import CARD_FILE, PublishResult, check_repo_id, publish
-from dictionaries.registry import Entry, HubLocation, HubZipLocation, UrlLocation, load_registry
+from dictionaries.publish import PublishResult, check_repo_id, publish
+from dictionaries.registry import Entry, load_registry
 
 Evaluator = Callable[[Path], object]
 """Measures a native folder's stats and writes them into its card.json (e.g. training.evaluate)."""
-
-
-def describe_location(location: HubLocation | HubZipLocation | UrlLocation) -> str:
-    """Where an entry's files live, as one string (a URL or an hf:// path with revision)."""
-    if isinstance(location, UrlLocation):
-        return location.url
-    if isinstance(location, HubZipLocation):
-        return f"hf://{location.repo}/{location.filename}@{location.revision}#{location.member}"
-    sub = f"/{location.subfolder}" if location.subfolder else ""
-    return f"hf://{location.repo}{sub}@{location.revision}"
 
 
 def mirrored_card(entry: Entry, original: str) -> Card:
@@ -52,10 +43,10 @@ def mirrored_card(entry: Entry, original: str) -> Card:
 
 def convert_entry(entry: Entry, dest: Path, *, progress: bool = True) -> Card:
     """Fetch the entry's original files and write them to `dest` as a native folder; the card written."""
+    from dictionaries.fetch import describe, fetch
     from dictionaries.formats import read_folder, write_native
-    from dictionaries.hub import fetch
 
-    original = describe_location(entry.location)
+    original = describe(entry.location)
     source = fetch(entry.location, entry.card.files.items, progress=progress)
     dictionary = read_folder(source, format=entry.card.files.format, card=entry.card)
     return write_native(dictionary, dest, card=mirrored_card(entry, original))

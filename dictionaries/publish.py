@@ -6,7 +6,7 @@ the target without `force`, stages the repo contents (the folder + a README.md m
 front matter) in a temporary folder, and uploads them in ONE commit: to the real Hub through
 `hub.upload_commit` (`HfApi.create_commit`), or to a local hub (DESIGN.md section 5) by committing into
 its git mirror. The registry entry pins the commit created; `register=True` writes it into registry.yaml
-and cards/ (`register.py`) only after the commit exists, so an interrupted publish registers nothing.
+and cards/ (`registry.register_entry`) only after the commit exists, so an interrupted publish registers nothing.
 
 A local hub is chosen by passing a `LocalHub` (or its root folder) as `local_hub`, or by setting
 `DICTIONARIES_LOCAL_HUB` to its root; anything else goes to the Hub at `endpoint` (default `HF_ENDPOINT`).
@@ -25,17 +25,28 @@ from pathlib import Path
 import yaml
 
 from dictionaries import __version__
-from dictionaries.card import NAME_PATTERN, Card, FileEntry, read_card, sha256_of
-from dictionaries.errors import (CardError, CardFilesMismatchError, FormatError, LocalHubError,
-                                 MissingFileError, PublishError, RepoNameError, TargetOccupiedError)
+from dictionaries.card import NAME_PATTERN, Card, FileEntry, read_card
+from dictionaries.constants import (
+    CARD_FILE,
+    DEFAULT_ENDPOINT,
+    ENV_LOCAL_HUB,
+    README_FILE,
+    WEIGHTS_FILE,
+)
+from dictionaries.errors import (
+    CardError,
+    CardFilesMismatchError,
+    FormatError,
+    LocalHubError,
+    MissingFileError,
+    PublishError,
+    RepoNameError,
+    TargetOccupiedError,
+)
+from dictionaries.files import sha256_of
 from dictionaries.localhub import LocalHub
-from dictionaries.register import entry_block, register_entry
-from dictionaries.registry import HubLocation
+from dictionaries.registry import HubLocation, entry_block, register_entry
 
-ENV_LOCAL_HUB = "DICTIONARIES_LOCAL_HUB"
-CARD_FILE = "card.json"
-README_FILE = "README.md"
-WEIGHTS_FILE = "weights.safetensors"
 # Hub repo id parts: letters, digits, '-', '_', '.'; no '--' or '..'; not starting/ending in '-' or '.'.
 _REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?$")
 _BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./\-]{0,199}$")
@@ -183,7 +194,9 @@ def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str]) -> 
     meta["tags"] = tags
     where = f"`{card.hook.module}` ({card.hook.io})" if card.hook else "an unrecorded hook point"
     model = f"`{card.model.id}`" if card.model else "an unrecorded model"
-    path = f"hf://{repo}/{subfolder}" if subfolder else f"hf://{repo}"
+    from dictionaries.hub import hub_path
+
+    path = hub_path(repo, subfolder)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {card.name}", "",
              f"A {card.architecture} sparse-autoencoder dictionary with {card.d_dict} features over the "
@@ -196,8 +209,8 @@ def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str]) -> 
     lines += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
     lines += ["## Usage", "", "```python", "from dictionaries import load_dictionary, attach", "",
               f'd = load_dictionary("{path}")   # or by registry name: load_dictionary("{card.name}")',
-              "with attach(model, d) as site:", '    with model.trace("The Eiffel Tower is in"):',
-              "        f = site.features.save()", "```", "",
+              "with attach(model, d) as sae:", '    with model.trace("The Eiffel Tower is in"):',
+              "        f = sae.features.save()", "```", "",
               f"Published with `dictionaries` {__version__}; `card.json` holds the full card (files with "
               "sha256, stats, training recipe, provenance).", ""]
     return "\n".join(lines)
@@ -303,7 +316,7 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
         raise CardError(str(folder / CARD_FILE), "name", f"{card.name!r} is not a registry name "
                         "(<model>/<site><layer>/<size>[-<variant>]); fix it before --register")
     local = resolve_local_hub(local_hub)
-    hub_url = endpoint or os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    hub_url = endpoint or os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT)
     where = f"local hub {local.root}" if local else hub_url
     target = f"{where}: {repo}/{subfolder}@{branch}" if subfolder else f"{where}: {repo}@{branch}"
     notes = ["--private has no meaning on a local hub (it serves every repo)"] if local and private else []

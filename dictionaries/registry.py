@@ -1,16 +1,24 @@
 """The registry: `registry.yaml` (name -> where the files live + card file) and the cards under `cards/`.
 
-Loading validates every card and the index as a whole; look-ups go by name or alias, and an unknown name
-raises an error listing the closest names. Nothing here imports torch, so `dictctl list` answers at once.
-The registry read is the one shipped with the package, or the one `DICTIONARIES_REGISTRY` points to.
+Loading validates every card and the index as a whole (a name listed twice is an error, whatever the YAML
+style); look-ups go by name or alias, and an unknown name raises an error listing the closest names.
+`resolve` turns what a user types to mean dictionaries (a name, alias or glob, a folder or a glob of
+folders, an `hf://` path) into `Ref`s, the one resolver every command uses. `register_entry` writes an
+entry and its card atomically. Nothing here imports torch, so `dictctl list` answers at once. The registry
+read is the one shipped with the package, or the one `DICTIONARIES_REGISTRY` points to.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import glob
+import hashlib
 import os
 import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,11 +27,22 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from dictionaries.card import NAME_PATTERN, REVISION_PATTERN, Card, Strict, format_validation_error, read_card
-from dictionaries.errors import CardError, RegistryError, UnknownNameError
-
-ENV_REGISTRY = "DICTIONARIES_REGISTRY"
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+from dictionaries.card import (
+    NAME_PATTERN,
+    REVISION_PATTERN,
+    Card,
+    format_validation_error,
+    read_card,
+)
+from dictionaries.constants import CARD_FILE, ENV_REGISTRY
+from dictionaries.errors import (
+    CardError,
+    MissingFileError,
+    RegistryError,
+    UnknownNameError,
+)
+from dictionaries.files import write_atomic
+from dictionaries.recipe import Strict
 
 
 class HubLocation(Strict):
@@ -132,10 +151,12 @@ class Registry:
         if not self.path.exists():
             raise RegistryError(f"no registry at {self.path} (set {ENV_REGISTRY} to a registry.yaml)")
         try:
-            data = yaml.load(self.path.read_text(), Loader=_Loader)
-        except yaml.YAMLError as e:
-            raise CardError(str(self.path), "<root>", f"not valid YAML: {e}") from None
-        _reject_duplicate_keys(self.path)
+            data = yaml.load(self.path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise CardError(str(self.path), "<root>", f"not valid UTF-8 YAML: {str(e).splitlines()[0]}") from None
+        except IsADirectoryError:
+            raise RegistryError(f"{self.path} is a folder, not a registry.yaml "
+                                f"(point {ENV_REGISTRY} at the file)") from None
         try:
             index = Index.model_validate(data)
         except ValidationError as e:
@@ -211,16 +232,20 @@ class Registry:
         return out
 
 
-def _reject_duplicate_keys(path: Path) -> None:
-    """YAML silently keeps the last of two equal keys; a duplicated registry name is an error instead."""
-    seen: dict[str, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        m = re.match(r"^  ([^\s#][^:]*):\s*$", line)
-        if m:
-            name = m.group(1).strip().strip("'\"")
-            if name in seen:
-                raise CardError(str(path), f"entries.{name}", f"listed twice (lines {seen[name]} and {number})")
-            seen[name] = number
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key listed twice in one mapping, in block or flow style alike
+    (plain YAML keeps the last silently, which would let a second entry re-point a name)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is listed twice (lines {seen[key] + 1} and "
+                                f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 @lru_cache(maxsize=8)
@@ -233,3 +258,127 @@ def load_registry(path: str | Path | None = None) -> Registry:
     p = Path(path) if path is not None else default_registry_path()
     mtime = p.stat().st_mtime if p.exists() else 0.0
     return _load(str(p), mtime)
+
+
+# ---- references: what a user types to mean dictionaries --------------------------------------------
+@dataclass(frozen=True)
+class Ref:
+    """One dictionary a reference resolved to: exactly one of `entry`, `folder`, `hub` is set."""
+
+    text: str
+    entry: Entry | None = None
+    folder: Path | None = None
+    hub: str | None = None  # an hf:// path, parsed by hub.parse_hub_path where it is fetched
+
+
+_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+def resolve(refs: str | Path | Sequence[str | Path], registry: Registry | None = None) -> list[Ref]:
+    """Every dictionary meant by `refs`: registry names, aliases and globs; folders (an explicit path, or an
+    existing folder that is not a registry name) and globs of folders; `hf://org/repo/sub@rev` paths."""
+    if isinstance(refs, (list, tuple)):
+        return [r for item in refs for r in resolve(item, registry)]
+    text = str(refs)
+    if text.startswith("hf://"):
+        return [Ref(text, hub=text)]
+    path = Path(text).expanduser()
+    if not path.is_dir() and any(c in text for c in "*?["):  # a glob of folders, if it matches any
+        folders = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_dir())
+        if folders:
+            return [Ref(str(p), folder=p) for p in folders]
+    explicit = isinstance(refs, Path) or text.startswith(_PATH_PREFIXES)
+    reg = registry if registry is not None or explicit else load_registry()
+    if explicit or (path.is_dir() and text not in reg):
+        if not path.is_dir():
+            raise MissingFileError(str(path), "No such folder (give a registry name, a folder or hf://org/repo/folder).")
+        return [Ref(text, folder=path)]
+    return [Ref(e.name, entry=e) for e in reg.match(text)]
+
+
+def resolve_one(ref: str | Path, registry: Registry | None = None) -> Ref:
+    """The one dictionary `ref` means; a glob matching several is an error naming them."""
+    found = resolve(ref, registry)
+    if len(found) != 1:
+        raise UnknownNameError(str(ref), [r.text for r in found[:5]], problem=f"it matches {len(found)} dictionaries")
+    return found[0]
+
+
+def card_of(ref: str | Path, registry: Registry | None = None) -> Card:
+    """The card of a registry name or of a native folder's card.json (no download, no torch)."""
+    found = resolve_one(ref, registry)
+    if found.entry is not None:
+        return found.entry.card
+    if found.folder is None or not (found.folder / CARD_FILE).is_file():
+        where = found.folder / CARD_FILE if found.folder is not None else found.text
+        raise MissingFileError(str(where), "Only registry names and native folders (with card.json) have a card "
+                                           "to read here.")
+    return read_card(found.folder / CARD_FILE)
+
+
+# ---- writing an entry ------------------------------------------------------------------------------
+def register_entry(card: Card, location: HubLocation, registry_path: str | Path | None = None) -> Path:
+    """Write (or replace) the entry in registry.yaml and its card in cards/, atomically; the registry path.
+
+    `publish --register` and `mirror` call it only after the commit it points at exists. Comments and other
+    entries in registry.yaml are kept: only the entry's own block is replaced or appended. If the registry
+    no longer validates afterwards, both files are put back as they were.
+    """
+    reg = Path(registry_path) if registry_path else default_registry_path()
+    with _registry_lock(reg):
+        text = reg.read_text()
+        old = ((yaml.safe_load(text) or {}).get("entries") or {}).get(card.name)
+        card_rel = old["card"] if old else f"{card.name}.yaml"
+        card_path = reg.parent / "cards" / card_rel
+        old_card = card_path.read_bytes() if card_path.exists() else None
+        header = f"# Card of {card.name}: see DESIGN.md section 4 and `dictctl schema`.\n"
+        write_atomic(card_path, header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True),
+                                                        sort_keys=False, width=110))
+        try:
+            write_atomic(reg, _replace_entry(text, card.name, entry_block(card.name, card_rel, location)))
+            load_registry(reg)
+        except BaseException:
+            write_atomic(reg, text)
+            if old_card is None:
+                card_path.unlink(missing_ok=True)
+            else:
+                write_atomic(card_path, old_card)
+            raise
+    return reg
+
+
+@contextmanager
+def _registry_lock(reg: Path) -> Iterator[None]:
+    """Serialise registrations into one registry (two publishes at once would otherwise lose an entry).
+    The lock file lives in the temp folder, keyed by the registry's path, so nothing lands in the checkout."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    key = hashlib.sha256(str(reg.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"dictionaries-registry-{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def entry_block(name: str, card_rel: str, location: HubLocation) -> str:
+    """The lines of registry.yaml for one entry."""
+    body = {name: {"card": card_rel, "location": location.model_dump(mode="json")}}
+    return "\n".join("  " + line for line in yaml.safe_dump(body, sort_keys=False).splitlines()) + "\n"
+
+
+def _replace_entry(text: str, name: str, block: str) -> str:
+    """registry.yaml's text with `name`'s block replaced (or appended), comments elsewhere kept."""
+    lines = text.splitlines(keepends=True)
+    head = re.compile(rf"^  ['\"]?{re.escape(name)}['\"]?:\s*$")
+    start = next((i for i, line in enumerate(lines) if head.match(line)), None)
+    if start is None:
+        return text + ("" if text.endswith("\n") else "\n") + block
+    end = start + 1
+    while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+        end += 1
+    return "".join(lines[:start]) + block + "".join(lines[end:])

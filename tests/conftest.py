@@ -84,3 +84,13 @@ def registry(tmp_path, monkeypatch):
     shutil.copytree(src.parent / "cards", dest / "cards")
     monkeypatch.setenv("DICTIONARIES_REGISTRY", str(dest / "registry.yaml"))
     return dest / "registry.yaml"
+
+
+@pytest.fixture(scope="session")
+def models(tiny_neox, tokenizer):
+    """Each family's raw transformers model (GPT-NeoX, GPT-2, Llama) and its nnsight wrapping."""
+    from dictionaries.attachment import wrap_model
+    from helpers import gpt2_model, llama_model
+
+    raw = {"neox": tiny_neox, "gpt2": gpt2_model(), "llama": llama_model()}
+    return {k: (m, wrap_model(m, tokenizer)) for k, m in raw.items()}

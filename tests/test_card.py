@@ -7,7 +7,10 @@ import json
 import pytest
 import yaml
 
-from dictionaries.card import Card, Recipe, card_schema, file_entry, parse_card, read_card, sha256_of
+from dictionaries.card import Card, card_schema, parse_card, read_card
+from dictionaries.recipe import Recipe
+from dictionaries.formats import file_entry
+from dictionaries.files import sha256_of
 from dictionaries.errors import CardError
 from dictionaries.registry import load_registry
 

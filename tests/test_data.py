@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dictionaries.card import DatasetSpec
+from dictionaries.recipe import DatasetSpec
 from dictionaries.errors import DatasetColumnError
 from training.data import TokenStream, open_dataset
 from training.toymodel import corpus_documents

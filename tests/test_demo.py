@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from dictionaries.registry import load_registry
-from training.demo import run_demo
+from dictionaries.demo import run_demo
 
 
 def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):

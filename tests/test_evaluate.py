@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from dictionaries.architectures import KINDS, build_dictionary
-from dictionaries.card import Card, Files, HookPoint, ModelRef
+from dictionaries.card import Card, Files
+from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.errors import EvalInputError, ModelLoadError, UnknownNameError
-from training.evaluate import Tally, compare_stats, evaluate, evaluate_and_write, pack_batches
+from training.evaluate import Tally, evaluate, evaluate_and_write, pack_batches
+from dictionaries.card import compare_stats
+from dictionaries.registry import card_of
 
 D = 64  # tiny_neox's width
 
@@ -199,7 +202,7 @@ def test_one_pass_equals_separate_passes_and_groups(tiny_neox, contexts):
 
 
 def test_an_nnsight_wrapped_model_gives_the_same_stats(tiny_neox, tokenizer, contexts):
-    from dictionaries.attach import wrap_model
+    from dictionaries.attachment import wrap_model
 
     d = identity_like(scale=0.5)
     plain, wrapped = (evaluate(m, [d], contexts, tokens=10**6, context_length=24, sensitivity=False,
@@ -299,7 +302,7 @@ def test_cli_eval_glob_and_compare(workspace):
     assert "toy/mlp1/128" in result.output
     assert not (workspace / "a" / "sensitivity.png").exists()
     assert (workspace / "b" / "density.png").exists()
-    (names, rows) = compare_stats(str(workspace / "a"), str(workspace / "b"))
+    (names, rows) = compare_stats(card_of(str(workspace / "a")), card_of(str(workspace / "b")))
     values = {k: (va, vb) for k, va, vb, _ in rows}
     diffs = {k: d for k, _, _, d in rows}
     assert diffs["fvu"] == pytest.approx(values["fvu"][1] - values["fvu"][0])
@@ -349,7 +352,7 @@ def test_show_prints_the_density_summary_of_an_evaluated_entry(workspace, monkey
     assert result.exit_code == 0, result.output
     assert (f"feature density: {int(d['dead'])} dead of {2 * D}, {int(d['above_1e-1'])} above 1e-1"
             in result.output)
-    names, rows = compare_stats("toy/mlp0/128", str(workspace / "a"))   # a registry name against a folder
+    names, rows = compare_stats(card_of("toy/mlp0/128"), card_of(str(workspace / "a")))   # a registry name against a folder
     assert all(va == vb for k, va, vb, _ in rows if k != "date")
 
 

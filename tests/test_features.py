@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictionaries import attach as A
+from dictionaries import attachment as A
 from dictionaries import features as F
 from dictionaries.errors import CardError, FeatureIndexError, HookPointError, MissingFileError, ShapeMismatchError
-from test_attach import FAMILIES, models  # noqa: F401  (models is a fixture)
-from test_site import make_dictionary
+from helpers import FAMILIES, make_dictionary
 
 TEXTS = ["The Eiffel Tower is in Paris", "Python objects are", "a", "for x in range(10): print(x)",
          "Exceptions are raised", "import sys"]
@@ -22,10 +21,10 @@ def test_features_of_equals_unpadded_traces(models, family, capsys):
     d = make_dictionary(d_model, 96, f"{prefix}.1.mlp")
     got = F.features_of(model, d, TEXTS, batch_size=4, progress=True)
     assert len(got) == len(TEXTS)
-    with A.attach(model, d) as site:
+    with A.attach(model, d) as sae:
         for text, f in zip(TEXTS, got):
             with torch.no_grad(), model.trace(text):
-                alone = site.features.save()
+                alone = sae.features.save()
             assert f.shape == (len(model.tokenizer(text)["input_ids"]), 96)
             torch.testing.assert_close(f, alone[0], atol=1e-5, rtol=1e-4)
     assert "features" in capsys.readouterr().err          # the tqdm bar (2 batches)

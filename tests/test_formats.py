@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from dictionaries.architectures import KINDS
-from dictionaries.card import Card, Files, HookPoint, ModelRef, read_card, sha256_of
+from dictionaries.card import Card, Files, read_card
+from dictionaries.recipe import HookPoint, ModelRef
+from dictionaries.files import sha256_of
 from dictionaries.errors import ArchitectureMismatchError, FormatError, MissingFileError, ShapeMismatchError
 from dictionaries.formats import convert, detect_format, read_folder, write_native
 from dictionaries.registry import load_registry

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictionaries.card import HookPoint
+from dictionaries.recipe import HookPoint
 from dictionaries.errors import HookPointError
 from training.harvest import Harvester, harvest_chunks
 

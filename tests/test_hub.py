@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from dictionaries.card import FileEntry, sha256_of
+from dictionaries.card import FileEntry
+from dictionaries.files import sha256_of
 from dictionaries.errors import (HashMismatchError, HubPathError, HubUnreachableError, MissingFileError,
                                  UnverifiedFilesWarning)
-from dictionaries.hub import fetch, fetch_card_and_files, parse_hub_path, plan_fetch
+from dictionaries.fetch import fetch, fetch_hub_folder, plan_fetch
+from dictionaries.hub import parse_hub_path
 from dictionaries.registry import HubLocation, HubZipLocation, UrlLocation, load_registry
 
 
@@ -177,15 +179,15 @@ def test_force_downloads_again(hub_repo):
 
 
 # ---- unregistered Hub folders -------------------------------------------------------------------
-def test_fetch_card_and_files_downloads_only_the_folder(hub_env):
+def test_fetch_hub_folder_downloads_only_the_folder(hub_env):
     sha = hub_env.commit("hubtest/folder", {"a/x.txt": b"x", "a/deep/y.txt": b"y", "b/z.txt": b"z"}, "x")
-    folder = fetch_card_and_files(parse_hub_path(f"hf://hubtest/folder/a@{sha}"), progress=False)
+    folder = fetch_hub_folder((f"hf://hubtest/folder/a@{sha}"), progress=False)
     got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert got == ["deep/y.txt", "x.txt"]
     assert not (folder.parent / "b").exists()
 
 
-def test_fetch_card_and_files_verifies_what_the_card_lists(hub_env):
+def test_fetch_hub_folder_verifies_what_the_card_lists(hub_env):
     import json
 
     from dictionaries.card import Card, Files
@@ -194,17 +196,17 @@ def test_fetch_card_and_files_verifies_what_the_card_lists(hub_env):
                 files=Files(items=[entry_for("w.bin", blob(5))]))
     hub_env.commit("hubtest/carded", {"f/card.json": card.to_json().encode(), "f/w.bin": blob(6)}, "bad w")
     with pytest.raises(HashMismatchError):
-        fetch_card_and_files(parse_hub_path("hf://hubtest/carded/f"), progress=False)
+        fetch_hub_folder(("hf://hubtest/carded/f"), progress=False)
     hub_env.commit("hubtest/carded", {"f/w.bin": blob(5)}, "good w")
-    folder = fetch_card_and_files(parse_hub_path("hf://hubtest/carded/f@main"), progress=False)
+    folder = fetch_hub_folder("hf://hubtest/carded/f@main", progress=False)
     assert (folder / "w.bin").read_bytes() == blob(5)
     assert json.loads((folder / "card.json").read_text())
 
 
-def test_fetch_card_and_files_of_a_missing_folder(hub_env):
+def test_fetch_hub_folder_of_a_missing_folder(hub_env):
     hub_env.commit("hubtest/nofolder", {"a/x.txt": b"x"}, "x")
     with pytest.raises(MissingFileError, match="no folder 'zzz'"):
-        fetch_card_and_files(parse_hub_path("hf://hubtest/nofolder/zzz"), progress=False)
+        fetch_hub_folder(("hf://hubtest/nofolder/zzz"), progress=False)
 
 
 # ---- plain HTTPS originals ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ to the local hub; weights are real safetensors files written by `formats.write_n
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import io
 import zipfile
 from pathlib import Path

@@ -109,7 +109,7 @@ def test_ghost_grads_reach_only_dead_features_and_match_mse_scale(gen):
 
 def test_gated_aux_term_leaves_decoder_frozen(gen):
     from dictionaries.architectures import GatedDictionary
-    from training.recipe import preset, validate_recipe
+    from training.presets import preset, validate_recipe
 
     recipe = validate_recipe(preset("gated", model="m", hook={"module": "a", "site": "mlp", "layer": 0},
                                     dataset="d", tokens=100, d_dict=F, batch_size=8, buffer_contexts=1,

@@ -13,48 +13,24 @@ import pytest
 import torch
 import yaml
 
-from dictionaries.architectures import KINDS, build_dictionary
-from dictionaries.card import Card, FileEntry, Files, HookPoint, ModelRef, Stats, read_card, sha256_of
+from dictionaries.architectures import KINDS
+from dictionaries.card import FileEntry, read_card
+from dictionaries.files import sha256_of
 from dictionaries.errors import (CardFilesMismatchError, MissingFileError, PublishError, RepoNameError,
                                  TargetOccupiedError)
 from dictionaries.registry import HubLocation, load_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-D_IN, D_DICT = 8, 16
+from helpers import D_DICT, D_IN, make_folder, snapshot
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def make_card(arch: str = "relu", name: str = "toy/mlp0/16") -> Card:
-    return Card(name=name, architecture=arch, d_in=D_IN, d_dict=D_DICT, k=4 if arch in ("topk", "batchtopk") else None,
-                license="MIT", authors=["Test Author"], model=ModelRef(id="toy-org/tiny-neox"),
-                hook=HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0),
-                files=Files(items=[]),
-                stats=Stats(source="measured", dataset="python docs", tokens=1000, l0=3.5, mse=0.0123,
-                            frac_loss_recovered=0.9))
-
-
-def make_folder(folder: Path, arch: str = "relu", seed: int = 0, name: str = "toy/mlp0/16"):
-    """A native folder written by formats.write_native with seeded random weights; (card, module)."""
-    from dictionaries.formats import write_native
-
-    torch.manual_seed(seed)
-    d = build_dictionary(make_card(arch, name))
-    d.load_native_state({k: torch.randn_like(v) * 0.3 for k, v in d.native_state().items()})
-    card = write_native(d, folder, card=make_card(arch, name))
-    return card, d
-
-
 def commit_count(hub, repo: str) -> int:
     path = hub.repo_path(repo)
     if not (path / ".git").exists():
         return 0
     return int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=path, capture_output=True,
                               text=True, check=True).stdout)
-
-
-def snapshot(registry: Path) -> dict[str, bytes]:
-    root = registry.parent
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 # ---- publish -> load by name, through olah and the real huggingface_hub client -----------------

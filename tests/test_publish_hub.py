@@ -13,10 +13,10 @@ import threading
 
 import pytest
 
-from dictionaries.card import sha256_of
+from dictionaries.files import sha256_of
 from dictionaries.errors import HubAuthError, PublishError
 from dictionaries.registry import HubLocation, load_registry
-from test_publish import make_folder, snapshot
+from helpers import make_folder, snapshot
 
 
 class FakeHfApi:

@@ -25,11 +25,11 @@ def test_offline_example_runs_and_prints_its_comment(tmp_path):
 def test_online_example_names_real_api():
     """The Hub example cannot run here (no network); every name it imports and calls must exist."""
     from dictionaries import load_dictionary  # noqa: F401
-    from dictionaries.attach import attach, wrap_model  # noqa: F401
-    from dictionaries.site import Site
+    from dictionaries import attach, wrap_model  # noqa: F401
+    from dictionaries.attachment import Attachment
 
     for method in ("ablate", "splice", "steer", "features"):
-        assert hasattr(Site, method)
+        assert hasattr(Attachment, method)
 
 
 def test_every_documented_command_exists():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dictionaries.card import Recipe
+from dictionaries.recipe import Recipe
 from dictionaries.errors import RecipeError, UnknownPresetError
 from dictionaries.registry import load_registry
-from training.recipe import PRESETS, preset, recipe_for, validate_recipe
+from training.presets import PRESETS, preset, recipe_for, validate_recipe
 
 REQUIRED = {"model": "org/model", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0},
             "dataset": "text.txt", "tokens": 10_000, "d_dict": 64, "batch_size": 32, "buffer_contexts": 4,

@@ -10,7 +10,7 @@ import pytest
 
 from dictionaries.card import Card, Files
 from dictionaries.errors import RegistryError
-from dictionaries.register import register_entry
+from dictionaries.registry import register_entry
 from dictionaries.registry import HubLocation, load_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

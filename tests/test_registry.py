@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from dictionaries.errors import CardError, RegistryError, UnknownNameError
-from dictionaries.registry import ENV_REGISTRY, Registry, default_registry_path, load_registry
+from dictionaries.constants import ENV_REGISTRY
+from dictionaries.registry import Registry, default_registry_path, load_registry
 
 REGISTRY = load_registry()
 ENTRIES = sorted(REGISTRY.entries)

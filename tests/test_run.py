@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dictionaries.card import Recipe
+from dictionaries.recipe import Recipe
 from dictionaries.errors import (HookPointError, NonFiniteLossError, OutOfDataError, RecipeMismatchError,
                                  SharedHarvestError)
 from training import run as run_module
-from training.recipe import preset
+from training.presets import preset
 from training.toymodel import corpus_documents
 from training.trainer import Trainer
 
@@ -307,7 +307,7 @@ TORCHRUN_SCRIPT = '''
 import hashlib, sys
 from pathlib import Path
 import torch
-from dictionaries.card import Recipe
+from dictionaries.recipe import Recipe
 from training import run
 from training.toymodel import build_model, build_tokenizer
 from training.trainer import Trainer

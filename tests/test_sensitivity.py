@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dictionaries.architectures import build_dictionary
-from dictionaries.card import Card, Files, HookPoint, ModelRef
+from dictionaries.card import Card, Files
+from dictionaries.recipe import HookPoint, ModelRef
 from training.sensitivity import (crossing_steps, dictionary_directions, measure_sensitivity, plot_sensitivity,
                                   sample_like)
 
@@ -58,7 +59,7 @@ def test_dictionary_direction_is_the_most_active_feature(tiny_neox):
 
 
 def test_curves_are_finite_and_ordered(tiny_neox, tokenizer, tmp_path):
-    from dictionaries.attach import collect_activations
+    from dictionaries.hooks import collect_activations
     from training.toymodel import corpus_documents
 
     ids = torch.tensor(tokenizer(" ".join(corpus_documents()[:40])[:4000])["input_ids"][:16 * 20]).view(16, 20)

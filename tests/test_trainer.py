@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dictionaries.errors import RecipeError, ShapeMismatchError
-from training.recipe import PRESETS, preset, validate_recipe
+from training.presets import PRESETS, preset, validate_recipe
 from training.trainer import Trainer, lr_at
 
 D_IN, D_DICT, N_TRUE, BATCH = 24, 96, 64, 256

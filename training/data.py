@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from dictionaries.card import DatasetSpec
 from dictionaries.errors import DatasetColumnError, MissingFileError
+from dictionaries.recipe import DatasetSpec
 
 # datasets builders for local files that are not plain text
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

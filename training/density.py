@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dictionaries.constants import DENSITY_FILE
+
 DEAD_LOG10 = -10.0
 """Where a feature that never fired is placed on the log10-density axis."""
 HIGH_DENSITY = 1e-1
 """Features firing on more than this fraction of tokens are counted as high-density."""
-DENSITY_FILE = "density.safetensors"
-DENSITY_PNG = "density.png"
 
 
 def log10_density(frequency: Tensor) -> Tensor:

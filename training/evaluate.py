@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from dictionaries.architectures import Dictionary
-from dictionaries.card import HookPoint, Stats
+from dictionaries.card import Stats
 from dictionaries.errors import EvalInputError
+from dictionaries.recipe import HookPoint
 from training.density import summarize_density
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
 
@@ -161,7 +162,7 @@ def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoi
     positions are few) and the masks select what is summed; KL(clean || spliced) per position is
     sum_v p_clean (log p_clean - log p_spliced), the direction in which the clean model is the reference.
     """
-    from dictionaries.attach import run_patched
+    from dictionaries.hooks import run_patched
 
     b = input_ids.shape[0]
     real = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
@@ -231,7 +232,7 @@ def _stream_contexts(data: str | Sequence[str], tokenizer, context_length: int, 
     if tokenizer is None:
         raise EvalInputError("eval data", "texts need a tokenizer", "Pass `tokenizer=` (the model's).")
     if isinstance(data, str):
-        from dictionaries.card import DatasetSpec
+        from dictionaries.recipe import DatasetSpec
         from training.data import TokenStream
 
         contexts = TokenStream(DatasetSpec(path=data), tokenizer, context_length=context_length,
@@ -260,9 +261,8 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     from tqdm.auto import tqdm
 
     from dictionaries import __version__
+    from dictionaries.hooks import torch_model
     from training.harvest import token_mask
-
-    from dictionaries.attach import torch_model
 
     hooks = _check_dictionaries(dictionaries)
     hf = torch_model(model)                                   # a transformers model, wrapped by nnsight or not
@@ -304,57 +304,23 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
 
 
 # ---- folders and the command line ---------------------------------------------------------------------
-def load_model(ref: str, *, revision: str | None = None, device=None):
-    """(model, tokenizer) from a local `save_pretrained` folder or a Hugging Face id, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def write_evaluated(folder: str | Path, dictionary: Dictionary, result: EvalResult, *, in_place: bool = False) -> Any:
+    """Write an evaluated dictionary: its card with the stats, density.safetensors and the plots; the new card.
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(ref, revision=revision)
-    except (OSError, ValueError) as exc:
-        from dictionaries.errors import ModelLoadError
-
-        raise ModelLoadError(ref, str(exc).splitlines()[0]) from None
-    return model.to(device or "cpu").eval(), tokenizer
-
-
-def resolve_targets(target) -> list[str]:
-    """Registry names or folders meant by `target`: a folder, a glob of folders, a registry name or glob,
-    or a list of any of these (e.g. the folders a training run just wrote)."""
-    import glob
-
-    if isinstance(target, (list, tuple)):
-        return [t for item in target for t in resolve_targets(item)]
-    target = str(target)
-    if Path(target).expanduser().is_dir():
-        return [target]
-    if any(c in target for c in "*?["):
-        folders = sorted(p for p in glob.glob(str(Path(target).expanduser())) if Path(p).is_dir())
-        if folders:
-            return folders
-        from dictionaries.registry import load_registry
-
-        return [e.name for e in load_registry().match(target)]
-    return [target]
-
-
-def write_results(folder, dictionary: Dictionary, result: EvalResult, *, in_place: bool):
-    """Put the stats into the folder's card.json, and density.safetensors + the two PNGs beside the weights.
-
-    in_place: the folder is the dictionary's own native folder (only card.json is rewritten); otherwise a
-    native folder is written there first (`formats.write_native`). Returns the new card.
+    The folder is written once: a new native folder (weights and card together, `formats.write_native`), or,
+    `in_place`, the dictionary's own native folder whose card.json alone is replaced (atomically).
     """
-    from training.density import DENSITY_PNG, plot_density, save_density
-    from training.sensitivity import SENSITIVITY_PNG, plot_sensitivity
+    from dictionaries.constants import CARD_FILE, DENSITY_PNG, SENSITIVITY_PNG
+    from dictionaries.files import write_atomic
+    from dictionaries.formats import write_native
+    from training.density import plot_density, save_density
+    from training.sensitivity import plot_sensitivity
 
     folder = Path(folder)
     card = dictionary.card.model_copy(update={"stats": result.stats})
     if in_place:
-        (folder / "card.json").write_text(card.to_json())
+        write_atomic(folder / CARD_FILE, card.to_json())
     else:
-        from dictionaries.formats import write_native
-
-        folder.mkdir(parents=True, exist_ok=True)
         card = write_native(dictionary, folder, card=card)
     save_density(result.density, folder)
     plot_density(result.density, folder / DENSITY_PNG, title=f"{card.name}: feature density")
@@ -363,82 +329,47 @@ def write_results(folder, dictionary: Dictionary, result: EvalResult, *, in_plac
     return card
 
 
-def evaluate_and_write(target, *, model: Any = None, tokenizer=None, dataset: Any = None, tokens: int = 16384,
+def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset: Any = None, tokens: int = 16384,
                        context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
                        sensitivity: bool = True, sensitivity_samples: int = 32, exclude_bos: bool = True,
                        seed: int = 0, progress: bool = True) -> list[tuple[str, Any]]:
-    """Evaluate a registry name, a native folder or a glob of either in one pass; write stats, density, plots.
+    """`dictctl eval`: evaluate what `refs` names (registry names, native folders, globs of either, or a list
+    of them) in one pass; write stats, density and plots.
 
-    `target`: a name, folder or glob, or a list of them. `model`: a folder or HF id (default: the cards'
-    model), or a loaded model object given with its `tokenizer` (a training run's in-process model).
-    A native folder (with card.json) is updated in place unless `out` is given; a registry entry (or a
-    foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
+    `model`: a folder or HF id (default: the cards' model), or a loaded model object given with its
+    `tokenizer`. A native folder (with card.json) is updated in place unless `out` is given; a registry entry
+    (or a foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
     Returns (folder written, new card) per dictionary.
     """
+    from dictionaries.constants import CARD_FILE
+    from dictionaries.hooks import load_model
     from dictionaries.loader import load_dictionary
+    from dictionaries.registry import resolve
 
-    targets = resolve_targets(target)
-    dicts = [load_dictionary(t, device=device) for t in targets]
+    found = resolve(refs)
+    dicts = [load_dictionary(r.folder if r.folder is not None else r.text, device=device) for r in found]
     models = {(d.card.model.id, d.card.model.revision) if d.card.model else None for d in dicts}
     if model is None and (len(models) != 1 or None in models):
-        raise EvalInputError(target, f"its dictionaries name models {sorted(map(str, models))}",
+        raise EvalInputError(str(refs), f"its dictionaries name models {sorted(map(str, models))}",
                              "Evaluate dictionaries of one model together, or pass --model.")
     ref, revision = (model, None) if model is not None else next(iter(models))
-    target = str(target)
     recipe_data = dicts[0].card.recipe.dataset.path if dicts[0].card.recipe else None
     data = dataset or recipe_data
     if data is None:
-        raise EvalInputError(target, "no eval dataset given and the card has no recipe dataset",
+        raise EvalInputError(str(refs), "no eval dataset given and the card has no recipe dataset",
                              "Pass --dataset (a local text file or a dataset id).")
+    lm = ref
     if isinstance(ref, (str, Path)):
         lm, tokenizer = load_model(str(ref), revision=revision, device=device)
-    else:
-        lm = ref
     local = isinstance(data, (str, Path)) and Path(data).expanduser().exists()
     name = str(Path(data).expanduser().resolve()) if local else (data if isinstance(data, str) else None)
-    results = evaluate(lm, dicts, str(data) if local else data, tokenizer=tokenizer, dataset_name=name, tokens=tokens, context_length=context_length,
-                       batch_size=batch_size, exclude_bos=exclude_bos, device=device, seed=seed,
-                       sensitivity=sensitivity, sensitivity_samples=sensitivity_samples, progress=progress)
+    results = evaluate(lm, dicts, str(data) if local else data, tokenizer=tokenizer, dataset_name=name,
+                       tokens=tokens, context_length=context_length, batch_size=batch_size, exclude_bos=exclude_bos,
+                       device=device, seed=seed, sensitivity=sensitivity, sensitivity_samples=sensitivity_samples,
+                       progress=progress)
     written = []
-    for t, d, r in zip(targets, dicts, results):
-        native = Path(t).expanduser().is_dir() and (Path(t).expanduser() / "card.json").exists()
-        folder = Path(t).expanduser() if native and out is None else Path(out or "evaluated") / d.card.name
-        written.append((str(folder), write_results(folder, d, r, in_place=native and out is None)))
+    for r, d, result in zip(found, dicts, results):
+        native = r.folder is not None and (r.folder / CARD_FILE).is_file()
+        folder = r.folder if native and out is None else Path(out or "evaluated") / d.card.name
+        written.append((str(folder), write_evaluated(folder, d, result, in_place=native and out is None)))
     return written
-
-
-def compare_stats(a: str, b: str) -> tuple[tuple[str, str], list[tuple[str, Any, Any, float | None]]]:
-    """Two cards' stats side by side: ((name A, name B), [(stat, A, B, B - A or None)]) for `dictctl compare`.
-
-    a, b: registry names or folders holding a card.json. Nested figures (density, sensitivity) are flattened
-    as `density.dead`, `sensitivity.random`, ...
-    """
-    cards = [_card_of(x) for x in (a, b)]
-    flat = [_flatten(c.stats.model_dump(exclude_none=True) if c.stats else {}) for c in cards]
-    keys = list(dict.fromkeys([*flat[0], *flat[1]]))
-    names = (cards[0].name, cards[1].name if cards[1].name != cards[0].name else f"{cards[1].name} (B)")
-    def diff(x: Any, y: Any) -> float | None:
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
-        return y - x if numbers else None
-
-    return names, [(k, flat[0].get(k), flat[1].get(k), diff(flat[0].get(k), flat[1].get(k))) for k in keys]
-
-
-def _card_of(name_or_folder: str):
-    """The card of a registry name, or of a folder's card.json."""
-    from dictionaries.card import read_card
-    from dictionaries.errors import MissingFileError
-    from dictionaries.registry import load_registry
-
-    path = Path(name_or_folder).expanduser()
-    if not path.is_dir():
-        return load_registry().get(name_or_folder).card
-    if not (path / "card.json").exists():
-        raise MissingFileError(str(path / "card.json"), "Only native folders (with card.json) can be compared.")
-    return read_card(path / "card.json")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"density": {"dead": 3}} -> {"density.dead": 3}."""
-    return {key: val for k, v in d.items()
-            for key, val in (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}

@@ -1,6 +1,6 @@
 """Activations from many hook points in one forward pass, stopping after the deepest, as token rows.
 
-Built on `dictionaries.attach.collect_activations` (the only nnsight user): one no-grad forward saves every
+Built on `dictionaries.hooks.collect_activations` (plain torch hooks): one no-grad forward saves every
 requested hook's activation (batch, pos, d_h) and stops after the deepest module. Here the positions that
 are not real training tokens are dropped, leaving rows (n_tokens, d_h) per hook, all hooks dropping the
 same positions so row i is the same token everywhere:
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dictionaries.card import HookPoint
+from dictionaries.hooks import collect_activations, find_hook
+from dictionaries.recipe import HookPoint
 
 
 def token_mask(input_ids: Tensor, attention_mask: Tensor | None, *, bos_id: int | None,
@@ -35,20 +36,17 @@ class Harvester:
 
     def __init__(self, model: Any, hooks: Sequence[HookPoint], *, bos_id: int | None, exclude_bos: bool,
                  device: torch.device | str = "cpu"):
-        from dictionaries import attach
-
-        self.attach = attach
         self.model = model
         self.hooks = list(hooks)
         self.bos_id = bos_id
         self.exclude_bos = exclude_bos
         self.device = torch.device(device)
         for hook in self.hooks:  # a hook point the model lacks fails here, before any training
-            attach.resolve_hook(model, hook)
+            find_hook(model, hook)
         self.dims = [x.shape[-1] for x in self._collect(torch.tensor([[2, 3]], device=self.device), None)]
 
     def _collect(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
-        return self.attach.collect_activations(self.model, self.hooks, input_ids, attention_mask)
+        return collect_activations(self.model, self.hooks, input_ids, attention_mask)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[Tensor]:
         """Rows (n_tokens, d_h) per hook for contexts (batch, pos), pad (and BOS if asked) dropped."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dictionaries.architectures import Dictionary
-from dictionaries.card import Recipe
+from dictionaries.recipe import Recipe
 
 
 # ---- reconstruction and penalties -------------------------------------------------------------------

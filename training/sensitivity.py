@@ -25,7 +25,8 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
-    from dictionaries.card import HookPoint, Sensitivity
+    from dictionaries.card import Sensitivity
+    from dictionaries.recipe import HookPoint
 
 POOL_SIZE = 4096
 """Real activations kept per hook for the random kind's mean/covariance and the real kind's targets."""
@@ -35,7 +36,6 @@ LOGITS_BUDGET = 1 << 30
 """Bytes of float32 logits one perturbed forward may produce (Pythia-70m, 64 tokens: 83 rows)."""
 KL_THRESHOLD = 0.5
 """The KL (nats) at which a perturbation counts as having changed the output."""
-SENSITIVITY_PNG = "sensitivity.png"
 
 
 @dataclass
@@ -124,7 +124,7 @@ def dictionary_directions(dictionary: Dictionary, base: Tensor) -> Tensor:
 def _final_logprobs(model, contexts: Tensor, mask: Tensor | None, positions: Tensor, hook: HookPoint,
                     deltas: Tensor | None) -> Tensor:
     """Log-probs (R, V) at each row's position, with deltas (R, d) added to the hook's activation there."""
-    from dictionaries.attach import run_patched
+    from dictionaries.hooks import run_patched
 
     rows = torch.arange(contexts.shape[0])
     patches = None
@@ -150,7 +150,7 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
     """
     from tqdm.auto import tqdm
 
-    from dictionaries.attach import collect_activations
+    from dictionaries.hooks import collect_activations
 
     steps = torch.linspace(0, 4, 21) if steps is None else steps.float()
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50304
@@ -198,7 +198,7 @@ def sensitivity_on_eval_set(model, dicts: Sequence[Dictionary], hooks: Sequence[
     last counted position; the pool (mean/covariance, real targets) is up to POOL_SIZE counted activations.
     None for every dictionary when fewer than two contexts have a counted position.
     """
-    from dictionaries.attach import collect_activations
+    from dictionaries.hooks import collect_activations
     from training.harvest import token_mask
 
     ids = torch.cat([b[0] for b in batches])[:, :SENSITIVITY_PREFIX]

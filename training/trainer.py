@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from dictionaries.architectures import KINDS, Dictionary
-from dictionaries.card import Recipe
 from dictionaries.errors import RecipeError, ShapeMismatchError
+from dictionaries.recipe import Recipe
 from training.losses import LossContext, compute_loss
 
 # recipe fields that change the optimisation; a resumed state must agree on all of them

@@ -1,4 +1,4 @@
-"""Tests of dictionaries/attach.py and site.py on tiny random-weight GPT-NeoX, GPT-2 and Llama models.
+"""Tests of dictionaries/hooks.py (model loading, hook points, collect and patch) and wrap_model on tiny GPT-NeoX, GPT-2 and Llama.
 
 Everything is real: transformers models built in-process, nnsight traces, torch forward hooks as the
 independent reference. Dimensions are tiny (d_model 32..64, 2 layers, vocab 1024).
@@ -9,54 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictionaries import attach as A
-from dictionaries.card import HookPoint
+from dictionaries import attachment as A
+from dictionaries import hooks as H
+from dictionaries.recipe import HookPoint
 from dictionaries.errors import DictionariesError, HookPointError, NotWrappedError, ShapeMismatchError
+from helpers import ATTN, EMBED, FAMILIES, batch
 
-TEXTS = ["The Eiffel Tower is in", "Python objects are", "a"]
-
-
-# ---- models ------------------------------------------------------------------------------------------
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(1)
-    cfg = GPT2Config(vocab_size=1024, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    return LlamaForCausalLM(cfg).eval()
-
-
-# (family, block path prefix, d_model)
-FAMILIES = {"neox": ("gpt_neox.layers", 64), "gpt2": ("transformer.h", 32), "llama": ("model.layers", 32)}
-ATTN = {"neox": "attention", "gpt2": "attn", "llama": "self_attn"}
-EMBED = {"neox": "gpt_neox.embed_in", "gpt2": "transformer.wte", "llama": "model.embed_tokens"}
-
-
-@pytest.fixture(scope="session")
-def models(tiny_neox, tokenizer):
-    """Each family's raw transformers model and its nnsight wrapping."""
-    raw = {"neox": tiny_neox, "gpt2": _gpt2(), "llama": _llama()}
-    return {k: (m, A.wrap_model(m, tokenizer)) for k, m in raw.items()}
 
 
 @pytest.fixture()
 def neox(models):
     return models["neox"][1]
-
-
-def _batch(tokenizer, texts=TEXTS):
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    return enc["input_ids"], enc["attention_mask"]
 
 
 def _hooks(family: str, layer: int = 1) -> list[str]:
@@ -75,7 +38,7 @@ def _torch_capture(model, path: str, io: str, ids, mask):
         h = module.register_forward_pre_hook(
             lambda m, a, k: got.update(x=a[0] if a else next(iter(k.values()))), with_kwargs=True)
     with torch.no_grad():
-        pos = A._position_ids(mask)
+        pos = H._position_ids(mask)
         model(ids, attention_mask=mask, position_ids=pos, use_cache=False)
     h.remove()
     return got["x"]
@@ -85,14 +48,14 @@ def _torch_capture(model, path: str, io: str, ids, mask):
 def test_wrap_model_accepts_wrapped_raw_and_folder(tiny_neox, tokenizer, tmp_path):
     wrapped = A.wrap_model(tiny_neox, tokenizer)
     assert A.wrap_model(wrapped) is wrapped
-    assert A.torch_model(wrapped) is tiny_neox
+    assert H.torch_model(wrapped) is tiny_neox
     assert wrapped.tokenizer is tokenizer
     tiny_neox.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     from_folder = A.wrap_model(str(tmp_path / "m"))
-    ids, mask = _batch(tokenizer)
-    a = A.run_patched(from_folder, ids, mask)
-    b = A.run_patched(wrapped, ids, mask)
+    ids, mask = batch(tokenizer)
+    a = H.run_patched(from_folder, ids, mask)
+    b = H.run_patched(wrapped, ids, mask)
     torch.testing.assert_close(a, b)
 
 
@@ -105,7 +68,7 @@ def test_resolve_hook_every_family(models, family):
         assert envoy._module is raw.get_submodule(hook.split(":")[0])
         assert A.resolve_hook(raw, hook, d_in=d) is raw.get_submodule(hook.split(":")[0])
     hp = HookPoint(module=f"{prefix}.0.mlp", site="mlp", layer=0)
-    assert A.find_hook(wrapped, hp).width == d
+    assert H.find_hook(wrapped, hp).width == d
 
 
 def test_wrap_model_errors(tmp_path):
@@ -114,7 +77,7 @@ def test_wrap_model_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load model"):
         A.wrap_model(str(tmp_path / "no-such-model"))
     with pytest.raises(NotWrappedError):
-        A.collect_activations("gpt2", ["transformer.h.0"], torch.zeros(1, 2, dtype=torch.long))
+        H.collect_activations("gpt2", ["transformer.h.0"], torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_resolve_hook_missing_module_suggests(neox):
@@ -137,16 +100,16 @@ def test_resolve_hook_width_mismatch(neox):
     assert "512" in str(e.value)
     assert "64" in str(e.value)
     # a linear layer's own width: the MLP's up-projection outputs 4 * d_model
-    assert A.find_hook(neox, "gpt_neox.layers.1.mlp.dense_h_to_4h").width == 256
-    assert A.find_hook(neox, "gpt_neox.layers.1.mlp.dense_4h_to_h:input").width == 256
+    assert H.find_hook(neox, "gpt_neox.layers.1.mlp.dense_h_to_4h").width == 256
+    assert H.find_hook(neox, "gpt_neox.layers.1.mlp.dense_4h_to_h:input").width == 256
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_collect_activations_equals_torch_hooks(models, tokenizer, family):
     raw, wrapped = models[family]
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     hooks = _hooks(family, 1) + _hooks(family, 0)[:2]   # deliberately not in execution order
-    got = A.collect_activations(wrapped, hooks, ids, mask)
+    got = H.collect_activations(wrapped, hooks, ids, mask)
     assert len(got) == len(hooks)
     for hook, x in zip(hooks, got):
         path, _, io = hook.partition(":")
@@ -156,16 +119,16 @@ def test_collect_activations_equals_torch_hooks(models, tokenizer, family):
 
 
 def test_collect_activations_stops_after_deepest(tiny_neox, neox, tokenizer):
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     fired = []
     later = tiny_neox.gpt_neox.layers[1].register_forward_hook(lambda *a: fired.append("layer1"))
     head = tiny_neox.get_output_embeddings().register_forward_hook(lambda *a: fired.append("head"))
     try:
-        [x] = A.collect_activations(neox, [HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0)], ids, mask)
+        [x] = H.collect_activations(neox, [HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0)], ids, mask)
         assert fired == []
-        A.collect_activations(neox, ["gpt_neox.layers.1.mlp"], ids, mask)
+        H.collect_activations(neox, ["gpt_neox.layers.1.mlp"], ids, mask)
         assert fired == []               # the block's own output hook fires after its MLP: stopped before
-        A.run_patched(neox, ids, mask)
+        H.run_patched(neox, ids, mask)
         assert fired == ["layer1", "head"]
     finally:
         later.remove()
@@ -175,28 +138,28 @@ def test_collect_activations_stops_after_deepest(tiny_neox, neox, tokenizer):
 
 
 def test_collect_activations_missing_hook(neox, tokenizer):
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     with pytest.raises(HookPointError):
-        A.collect_activations(neox, ["gpt_neox.layers.7.mlp"], ids, mask)
+        H.collect_activations(neox, ["gpt_neox.layers.7.mlp"], ids, mask)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_run_patched_clean_and_patched(models, tokenizer, family):
     raw, wrapped = models[family]
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     with torch.no_grad():
-        clean = raw(ids, attention_mask=mask, position_ids=A._position_ids(mask)).logits
-    torch.testing.assert_close(A.run_patched(wrapped, ids, mask), clean)
-    assert A.run_patched(wrapped, ids, mask, patches={}).shape == (3, ids.shape[1], 1024)
+        clean = raw(ids, attention_mask=mask, position_ids=H._position_ids(mask)).logits
+    torch.testing.assert_close(H.run_patched(wrapped, ids, mask), clean)
+    assert H.run_patched(wrapped, ids, mask, patches={}).shape == (3, ids.shape[1], 1024)
     # a patch at an MLP output and one at an attention output (a tuple in transformers 5)
     prefix, _ = FAMILIES[family]
     mlp, attn = f"{prefix}.0.mlp", f"{prefix}.1.{ATTN[family]}"
     patches = {HookPoint(module=mlp, site="mlp", layer=0): lambda x: x * 0.5, attn: lambda x: x + 1.0}
-    got = A.run_patched(wrapped, ids, mask, patches)
+    got = H.run_patched(wrapped, ids, mask, patches)
     h1 = raw.get_submodule(mlp).register_forward_hook(lambda m, a, o: o * 0.5)
     h2 = raw.get_submodule(attn).register_forward_hook(lambda m, a, o: (o[0] + 1.0, *o[1:]))
     with torch.no_grad():
-        ref = raw(ids, attention_mask=mask, position_ids=A._position_ids(mask)).logits
+        ref = raw(ids, attention_mask=mask, position_ids=H._position_ids(mask)).logits
     h1.remove()
     h2.remove()
     torch.testing.assert_close(got, ref)
@@ -204,7 +167,7 @@ def test_run_patched_clean_and_patched(models, tokenizer, family):
 
 
 def test_run_patched_input_hook_and_batch_slices(tiny_neox, neox, tokenizer):
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     ids3, mask3 = ids.repeat(3, 1), mask.repeat(3, 1)
     b = ids.shape[0]
 
@@ -213,21 +176,21 @@ def test_run_patched_input_hook_and_batch_slices(tiny_neox, neox, tokenizer):
         x[b:2 * b] = 0
         return x
 
-    got = A.run_patched(neox, ids3, mask3, {"gpt_neox.layers.1.mlp:input": zero_middle})
-    clean = A.run_patched(neox, ids, mask)
+    got = H.run_patched(neox, ids3, mask3, {"gpt_neox.layers.1.mlp:input": zero_middle})
+    clean = H.run_patched(neox, ids, mask)
     torch.testing.assert_close(got[:b], clean)
     torch.testing.assert_close(got[2 * b:], clean)
     h = tiny_neox.gpt_neox.layers[1].mlp.register_forward_pre_hook(lambda m, a: (a[0] * 0,))
     with torch.no_grad():
-        ref = tiny_neox(ids, attention_mask=mask, position_ids=A._position_ids(mask)).logits
+        ref = tiny_neox(ids, attention_mask=mask, position_ids=H._position_ids(mask)).logits
     h.remove()
     torch.testing.assert_close(got[b:2 * b], ref)
 
 
 def test_run_patched_bad_patch_shape(neox, tokenizer):
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     with pytest.raises(ShapeMismatchError) as e:
-        A.run_patched(neox, ids, mask, {"gpt_neox.layers.0.mlp": lambda x: x[..., :3]})
+        H.run_patched(neox, ids, mask, {"gpt_neox.layers.0.mlp": lambda x: x[..., :3]})
     assert str(tuple(ids.shape) + (64,)) in str(e.value)
     assert "3)" in str(e.value)
 
@@ -256,4 +219,4 @@ def test_every_registry_hook_point_resolves_on_pythia70m(pythia70m_skeleton, nam
     card = load_registry().get(name).card
     module = A.resolve_hook(pythia70m_skeleton, card.hook, d_in=card.d_in)
     assert module is pythia70m_skeleton.get_submodule(card.hook.module)
-    assert A.find_hook(pythia70m_skeleton, card.hook).width == card.d_in
+    assert H.find_hook(pythia70m_skeleton, card.hook).width == card.d_in

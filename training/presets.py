@@ -13,8 +13,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dictionaries.card import Card, Optimizer, Penalty, Recipe, Resampling
+from dictionaries.card import Card
 from dictionaries.errors import RecipeError, UnknownPresetError
+from dictionaries.recipe import Optimizer, Penalty, Recipe, Resampling
 
 __all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "validate_recipe"]
 

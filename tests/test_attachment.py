@@ -1,4 +1,4 @@
-"""Tests of `attach(...)` and `Site` (dictionaries/site.py) inside real nnsight traces and generations.
+"""Tests of `attach(...)` and `Attachment` (dictionaries/attachment.py) inside real nnsight traces and generations.
 
 References are computed independently: the dictionary applied by hand to activations from plain torch
 forward hooks, and the patched forward done with torch hooks on the raw transformers model.
@@ -11,30 +11,12 @@ import warnings
 import pytest
 import torch
 
-from dictionaries import attach as A
-from dictionaries.architectures import KINDS, build_dictionary
-from dictionaries.card import Card, Files, HookPoint, ModelRef
+from dictionaries import attachment as A
+from dictionaries import hooks as H
+from dictionaries.architectures import KINDS
 from dictionaries.errors import (FeatureIndexError, HookPointError, ModelMismatchError, NotWrappedError,
                                  OutsideTraceError, ShapeMismatchError)
-from test_attach import ATTN, EMBED, FAMILIES, TEXTS, _batch, models  # noqa: F401  (models is a fixture)
-
-
-def make_dictionary(d_in: int, d_dict: int, hook: str | None, kind: str = "relu", seed: int = 0,
-                    model_id: str | None = None):
-    """A dictionary of `kind` with seeded random weights (thresholds low enough that features fire)."""
-    hp = None if hook is None else HookPoint(module=hook.split(":")[0], io=(hook.split(":") + ["output"])[1],
-                                             site="mlp", layer=0)
-    card = Card(name=f"test/mlp0/{d_dict}", architecture=kind, d_in=d_in, d_dict=d_dict,
-                k=4 if kind in ("topk", "batchtopk") else None, files=Files(items=[]), hook=hp,
-                model=ModelRef(id=model_id) if model_id else None)
-    d = build_dictionary(card)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in d.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.05))
-        if kind in ("jumprelu", "batchtopk"):
-            d.threshold.fill_(0.01)
-    return d
+from helpers import ATTN, EMBED, FAMILIES, TEXTS, batch, make_dictionary
 
 
 def identity_dictionary(d_in: int, hook: str):
@@ -57,14 +39,14 @@ def reference_logits(raw, ids, mask, edits: dict[str, callable]):
             return (fn(o[0]), *o[1:]) if isinstance(o, tuple) else fn(o)
         handles.append(raw.get_submodule(path).register_forward_hook(hook))
     with torch.no_grad():
-        out = raw(ids, attention_mask=mask, position_ids=A._position_ids(mask)).logits
+        out = raw(ids, attention_mask=mask, position_ids=H._position_ids(mask)).logits
     for h in handles:
         h.remove()
     return out
 
 
 def keep_pads(mask, fn):
-    """Apply fn at real positions only, as a Site does."""
+    """Apply fn at real positions only, as an Attachment does."""
     return lambda x: torch.where(mask.bool()[..., None], fn(x), x)
 
 
@@ -83,11 +65,11 @@ def test_splice_with_error_is_exact_and_without_matches_hand(models, tokenizer, 
     prefix, d_model = FAMILIES[family]
     path = f"{prefix}.0.mlp"
     d = make_dictionary(d_model, 96, path, kind)
-    ids, mask = _batch(tokenizer)
-    clean = A.run_patched(model, ids, mask)
-    with A.attach(model, d) as site:
-        kept = traced_logits(model, ids, mask, lambda: site.splice(error=True))
-        spliced = traced_logits(model, ids, mask, lambda: site.splice(error=False))
+    ids, mask = batch(tokenizer)
+    clean = H.run_patched(model, ids, mask)
+    with A.attach(model, d) as sae:
+        kept = traced_logits(model, ids, mask, lambda: sae.splice(error=True))
+        spliced = traced_logits(model, ids, mask, lambda: sae.splice(error=False))
     assert torch.equal(kept, clean)
     with torch.no_grad():
         ref = reference_logits(raw, ids, mask, {path: keep_pads(mask, lambda x: d(x).reconstruction)})
@@ -96,21 +78,21 @@ def test_splice_with_error_is_exact_and_without_matches_hand(models, tokenizer, 
 
 
 def test_sparse_features_decode_like_dense(models, tokenizer):
-    from dictionaries import site as S
+    from dictionaries import attachment as S
 
     raw, model = models["neox"]
     path = "gpt_neox.layers.0.mlp"
     d = make_dictionary(64, 2048, path)
-    ids, mask = _batch(tokenizer)
-    [x] = A.collect_activations(model, [path], ids, mask)
+    ids, mask = batch(tokenizer)
+    [x] = H.collect_activations(model, [path], ids, mask)
     with torch.no_grad():   # one threshold leaving about 0.5% of the features active, as trained ones are
         d.b_enc.sub_(d.pre_activation(x[mask.bool()]).flatten().quantile(0.995))
         f = d.encode(x)
     density = float((f[mask.bool()] > 0).float().mean())
     assert 0 < density < S.SPARSE_DECODE_DENSITY
     torch.testing.assert_close(S.decode(d, f), d.decode(f))
-    with A.attach(model, d) as site:
-        got = traced_logits(model, ids, mask, lambda: site.splice(error=False))
+    with A.attach(model, d) as sae:
+        got = traced_logits(model, ids, mask, lambda: sae.splice(error=False))
     with torch.no_grad():
         ref = reference_logits(raw, ids, mask, {path: keep_pads(mask, lambda x: d(x).reconstruction)})
     torch.testing.assert_close(got, ref)
@@ -120,23 +102,23 @@ def test_sparse_features_decode_like_dense(models, tokenizer):
 def test_identity_dictionary_spliced_without_error_changes_nothing(models, tokenizer, family):
     raw, model = models[family]
     prefix, d_model = FAMILIES[family]
-    ids, mask = _batch(tokenizer)
-    clean = A.run_patched(model, ids, mask)
+    ids, mask = batch(tokenizer)
+    clean = H.run_patched(model, ids, mask)
     for path in (f"{prefix}.1", f"{prefix}.0.{ATTN[family]}", f"{prefix}.1.mlp:input", EMBED[family]):
-        with A.attach(model, identity_dictionary(d_model, path)) as site:
-            got = traced_logits(model, ids, mask, lambda: site.splice(error=False))
+        with A.attach(model, identity_dictionary(d_model, path)) as sae:
+            got = traced_logits(model, ids, mask, lambda: sae.splice(error=False))
         torch.testing.assert_close(got, clean, rtol=0, atol=1e-5)
 
 
 def test_features_reconstruction_error_are_consistent(models, tokenizer):
     raw, model = models["neox"]
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     d = make_dictionary(64, 96, "gpt_neox.layers.1.mlp")
-    [x] = A.collect_activations(model, ["gpt_neox.layers.1.mlp"], ids, mask)
-    with A.attach(model, d) as site, torch.no_grad(), model.trace(ids, attention_mask=mask):
-        f = site.features.save()
-        x_hat = site.reconstruction.save()
-        err = site.error.save()
+    [x] = H.collect_activations(model, ["gpt_neox.layers.1.mlp"], ids, mask)
+    with A.attach(model, d) as sae, torch.no_grad(), model.trace(ids, attention_mask=mask):
+        f = sae.features.save()
+        x_hat = sae.reconstruction.save()
+        err = sae.error.save()
     real = mask.bool()
     assert f.shape == (3, ids.shape[1], 96)
     torch.testing.assert_close(f[real], d.encode(x)[real])
@@ -148,13 +130,13 @@ def test_features_reconstruction_error_are_consistent(models, tokenizer):
 def test_dictionary_in_another_dtype(models, tokenizer):
     raw, model = models["neox"]
     d = make_dictionary(64, 96, "gpt_neox.layers.0.mlp")
-    ids, mask = _batch(tokenizer)
-    with A.attach(model, d) as site:
-        want = traced_logits(model, ids, mask, lambda: site.splice(error=False))
-    with A.attach(model, d.double()) as site:
+    ids, mask = batch(tokenizer)
+    with A.attach(model, d) as sae:
+        want = traced_logits(model, ids, mask, lambda: sae.splice(error=False))
+    with A.attach(model, d.double()) as sae:
         with torch.no_grad(), model.trace(ids, attention_mask=mask):
-            f = site.features.save()
-            site.splice(error=False)
+            f = sae.features.save()
+            sae.splice(error=False)
             got = model.output.logits.save()
     assert f.dtype == torch.float64
     assert got.dtype == torch.float32
@@ -166,8 +148,8 @@ def test_ablate_steer_set_equal_hand_edits(models, tokenizer):
     raw, model = models["neox"]
     path = "gpt_neox.layers.0.mlp"
     d = make_dictionary(64, 96, path)
-    ids, mask = _batch(tokenizer)
-    [x] = A.collect_activations(model, [path], ids, mask)
+    ids, mask = batch(tokenizer)
+    [x] = H.collect_activations(model, [path], ids, mask)
     f = d.encode(x).detach()
     i, j = int(f[mask.bool()].sum(0).argmax()), 5           # a feature that fires, and another
     W = d.W_dec.detach()
@@ -180,10 +162,10 @@ def test_ablate_steer_set_equal_hand_edits(models, tokenizer):
                             lambda x: d.decode(f.index_fill(-1, torch.tensor([i]), 0.0))),
         "compose": (lambda s: (s.ablate(i), s.steer(j, 1.0)), lambda x: x - f[..., i:i + 1] * W[i] + W[j]),
     }
-    clean = A.run_patched(model, ids, mask)
-    with A.attach(model, d) as site:
+    clean = H.run_patched(model, ids, mask)
+    with A.attach(model, d) as sae:
         for name, (edit, by_hand) in cases.items():
-            got = traced_logits(model, ids, mask, lambda: edit(site))
+            got = traced_logits(model, ids, mask, lambda: edit(sae))
             with torch.no_grad():
                 ref = reference_logits(raw, ids, mask, {path: keep_pads(mask, by_hand)})
             torch.testing.assert_close(got, ref, msg=name)
@@ -194,7 +176,7 @@ def test_two_sites_in_one_trace_equal_sequential_patches(models, tokenizer):
     raw, model = models["neox"]
     p0, p1 = "gpt_neox.layers.0.mlp", "gpt_neox.layers.1"
     d0, d1 = make_dictionary(64, 96, p0, seed=1), make_dictionary(64, 80, p1, seed=2)
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     with A.attach(model, d0, d1) as (s0, s1), torch.no_grad(), model.trace(ids, attention_mask=mask):
         s0.splice(error=False)
         f1 = s1.features.save()
@@ -204,7 +186,7 @@ def test_two_sites_in_one_trace_equal_sequential_patches(models, tokenizer):
     splice0 = keep_pads(mask, lambda x: d0(x).reconstruction)
     with torch.no_grad():
         h = raw.get_submodule(p0).register_forward_hook(lambda m, a, o: splice0(o))
-        [x1] = A.collect_activations(raw, [p1], ids, mask)
+        [x1] = H.collect_activations(raw, [p1], ids, mask)
         h.remove()
         g1 = d1.encode(x1)
         ref = reference_logits(raw, ids, mask, {p0: splice0,
@@ -218,14 +200,14 @@ def test_padded_batch_features_equal_unpadded(models, tokenizer, family):
     raw, model = models[family]
     prefix, d_model = FAMILIES[family]
     d = make_dictionary(d_model, 96, f"{prefix}.1.mlp")
-    ids, mask = _batch(tokenizer)
+    ids, mask = batch(tokenizer)
     assert not mask.all()                                     # the batch really is padded
-    with A.attach(model, d) as site:
+    with A.attach(model, d) as sae:
         with torch.no_grad(), model.trace(ids, attention_mask=mask):
-            batched = site.features.save()
+            batched = sae.features.save()
         for row, text in enumerate(TEXTS):
             with torch.no_grad(), model.trace(text):
-                alone = site.features.save()
+                alone = sae.features.save()
             torch.testing.assert_close(batched[row][mask[row].bool()], alone[0], atol=1e-5, rtol=1e-4)
             assert (batched[row][~mask[row].bool()] == 0).all()
 
@@ -236,12 +218,12 @@ def test_generate_with_splice(models, tokenizer):
     d = make_dictionary(64, 96, path)
     prompt = tokenizer(["The Eiffel Tower is in", "a"], return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)
-    with A.attach(model, d) as site:
+    with A.attach(model, d) as sae:
         with torch.no_grad(), model.generate(prompt["input_ids"], attention_mask=prompt["attention_mask"], **kw) as tr:
             shapes = list().save()
             for _ in tr.iter[0:4]:
-                shapes.append(tuple(site.features.shape))
-                site.splice(error=False)
+                shapes.append(tuple(sae.features.shape))
+                sae.splice(error=False)
             ids = tr.result.save()
     recon = {"n": 0}
 
@@ -270,10 +252,10 @@ def test_design_usage_example(models, tmp_path):
     raw, model = models["neox"]
     write_native(make_dictionary(64, 96, "gpt_neox.layers.1.mlp"), tmp_path / "d")
     d = load_dictionary(tmp_path / "d")
-    with attach(model, d) as site:
+    with attach(model, d) as sae:
         with model.trace("The Eiffel Tower is in"):
-            f = site.features.save()
-            site.splice(error=True)
+            f = sae.features.save()
+            sae.splice(error=True)
     assert f.shape[0] == 1
     assert f.shape[2] == 96
     assert (f > 0).any()
@@ -306,11 +288,11 @@ def test_attach_errors(models):
 def test_attach_at_overrides_card_hook(models, tokenizer):
     raw, model = models["neox"]
     d = make_dictionary(64, 96, None)
-    ids, mask = _batch(tokenizer)
-    [x] = A.collect_activations(model, ["gpt_neox.layers.1.mlp:input"], ids, mask)
-    with A.attach(model, d, at="gpt_neox.layers.1.mlp:input") as site, torch.no_grad(), \
+    ids, mask = batch(tokenizer)
+    [x] = H.collect_activations(model, ["gpt_neox.layers.1.mlp:input"], ids, mask)
+    with A.attach(model, d, at="gpt_neox.layers.1.mlp:input") as sae, torch.no_grad(), \
             model.trace(ids, attention_mask=mask):
-        f = site.features.save()
+        f = sae.features.save()
     torch.testing.assert_close(f[mask.bool()], d.encode(x)[mask.bool()])
 
 
@@ -339,24 +321,24 @@ def test_card_of_another_model(models):
 
 def test_feature_index_out_of_range(models, tokenizer):
     raw, model = models["neox"]
-    ids, mask = _batch(tokenizer)
-    with A.attach(model, make_dictionary(64, 96, "gpt_neox.layers.0.mlp")) as site:
+    ids, mask = batch(tokenizer)
+    with A.attach(model, make_dictionary(64, 96, "gpt_neox.layers.0.mlp")) as sae:
         with pytest.raises(FeatureIndexError, match="0..95"):
             with torch.no_grad(), model.trace(ids, attention_mask=mask):
-                site.ablate(96)
+                sae.ablate(96)
 
 
 def test_several_invokes_mask_each_invokes_pads(models):
     raw, model = models["neox"]
     d = make_dictionary(64, 96, "gpt_neox.layers.1.mlp")
-    with A.attach(model, d) as site:
+    with A.attach(model, d) as sae:
         with torch.no_grad(), model.trace() as tr:
             with tr.invoke(TEXTS[0]):
-                long = site.features.save()
+                long = sae.features.save()
             with tr.invoke(TEXTS[2]):                   # one token, left-padded to the other's length
-                short = site.features.save()
+                short = sae.features.save()
         with torch.no_grad(), model.trace(TEXTS[2]):
-            alone = site.features.save()
+            alone = sae.features.save()
     assert long.shape[:2] == short.shape[:2]
     assert short.shape[1] > 1
     assert (short[0, :-1] == 0).all()
@@ -365,11 +347,11 @@ def test_several_invokes_mask_each_invokes_pads(models):
 
 def test_site_outside_a_trace(models):
     raw, model = models["neox"]
-    with A.attach(model, make_dictionary(64, 96, "gpt_neox.layers.0.mlp")) as site:
+    with A.attach(model, make_dictionary(64, 96, "gpt_neox.layers.0.mlp")) as sae:
         with pytest.raises(OutsideTraceError, match="model.trace"):
-            site.features
+            sae.features
         with pytest.raises(OutsideTraceError):
-            site.splice()
+            sae.splice()
 
 
 @pytest.mark.gpu
@@ -379,11 +361,11 @@ def test_splice_on_cuda(tiny_neox, tokenizer):
     raw = copy.deepcopy(tiny_neox).cuda()
     model = A.wrap_model(raw, tokenizer)
     d = make_dictionary(64, 96, "gpt_neox.layers.1.mlp").cuda()
-    ids, mask = (t.cuda() for t in _batch(tokenizer))
-    clean = A.run_patched(model, ids, mask)
-    with A.attach(model, d) as site:
-        kept = traced_logits(model, ids, mask, lambda: site.splice(error=True))
-        spliced = traced_logits(model, ids, mask, lambda: site.splice(error=False))
+    ids, mask = (t.cuda() for t in batch(tokenizer))
+    clean = H.run_patched(model, ids, mask)
+    with A.attach(model, d) as sae:
+        kept = traced_logits(model, ids, mask, lambda: sae.splice(error=True))
+        spliced = traced_logits(model, ids, mask, lambda: sae.splice(error=False))
     assert torch.equal(kept, clean)
     ref = reference_logits(raw, ids, mask, {"gpt_neox.layers.1.mlp": keep_pads(mask, lambda x: d(x).reconstruction)})
     torch.testing.assert_close(spliced, ref)

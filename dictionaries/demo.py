@@ -1,5 +1,8 @@
 """`dictctl demo`: the whole product end to end, offline, in a few minutes on two CPU cores.
 
+Part of the composition root with `cli.py` (the body of one command): like the CLI it reaches `training/`
+only lazily, inside the steps that train.
+
 It starts a local Hub (olah on loopback), pretrains a toy GPT-NeoX on text that ships with Python (cached
 after the first run), trains a TopK dictionary on its layer-1 MLP output with a real recipe, evaluates it,
 publishes it to the local Hub, loads it back by name through a registry, attaches it through nnsight and
@@ -15,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dictionaries.constants import CACHE_SUBDIR, CARD_FILE, ENV_REGISTRY
+
 SENTENCE = "The for statement is used to iterate over the elements of a sequence."
 REPO = "demo/toy-neox-saes"
 
@@ -24,8 +29,8 @@ The same with Pythia-70m, on a machine with network (and a GPU for training):
   dictctl download pythia70m/mlp3/8192
   dictctl train pythia70m/mlp3/8192 --out runs            # the card's marks2023 recipe, ~800M tokens
   dictctl train 'pythia70m/mlp*/8192' --out runs          # all six layers from one pass over the model
-  dictctl eval runs/pythia-70m-deduped/mlp3/8192
-  dictctl publish runs/pythia-70m-deduped/mlp3/8192 --repo ORG/pythia70m-saes --subfolder mlp3/8192 --register
+  dictctl eval runs/pythia70m/mlp3/8192
+  dictctl publish runs/pythia70m/mlp3/8192 --repo ORG/pythia70m-saes --subfolder mlp3/8192 --register
   python -c "from dictionaries import load_dictionary; print(load_dictionary('pythia70m/mlp3/8192'))\""""
 
 
@@ -53,7 +58,7 @@ def demo_registry(root: Path) -> Path:
 
 def demo_recipe(model_folder: Path, dataset: Path, d_model: int, tokens: int):
     """TopK (Gao et al. 2024) with AuxK, scaled down: 8x expansion, k = 16, short warm-up, dead after 200k tokens."""
-    from training.recipe import preset, validate_recipe
+    from training.presets import preset, validate_recipe
 
     fields = preset("topk", model={"id": str(model_folder)},
                     hook={"module": "gpt_neox.layers.1.mlp", "io": "output", "site": "mlp", "layer": 1},
@@ -68,7 +73,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: C
              progress: bool = True) -> DemoResult:
     """Run every step; `workdir` holds the cached toy model and this run's hub, registry and outputs."""
     start = time.perf_counter()
-    workdir = Path(workdir or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "dictionaries" / "demo")
+    workdir = Path(workdir or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / CACHE_SUBDIR / "demo")
     run_dir = workdir / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     result = DemoResult()
@@ -86,15 +91,14 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: C
         recipe = demo_recipe(model_folder, dataset, d_model, tokens)
         result.name = "toyneox/mlp1/1024"
         (folder,) = train(recipe, out=run_dir / "trained", names=[result.name], progress=progress,
-                          checkpoint_every=10_000, eval_tokens=0)  # evaluated as its own step below
+                          checkpoint_every=10_000, eval_tokens=16_384)
         result.folder = folder
 
-        say("[4/7] Evaluating: MSE, L0, FVU, loss recovered, KL, density histogram, sensitive directions")
-        from training.evaluate import evaluate_and_write
+        say("[4/7] What the run measured on the trained dictionary, in memory before writing its folder once:")
+        say("      MSE, L0, FVU, loss recovered, KL, density histogram, sensitive directions")
+        from dictionaries.card import read_card
 
-        ((_, card),) = evaluate_and_write(str(folder), model=str(model_folder), dataset=str(dataset),
-                                          tokens=16_384, context_length=64, batch_size=16, progress=progress,
-                                          sensitivity_samples=16)
+        card = read_card(folder / CARD_FILE)
         result.stats = card.stats.model_dump(exclude_none=True) if card.stats else {}
         _print_stats(result.stats, folder, say)
 
@@ -102,7 +106,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: C
         from dictionaries.publish import publish
 
         registry = demo_registry(run_dir / "registry")
-        os.environ["DICTIONARIES_REGISTRY"] = str(registry)
+        os.environ[ENV_REGISTRY] = str(registry)
         published = publish(folder, REPO, subfolder="mlp1/1024", register=True, local_hub=hub,
                             registry_path=registry)
         say(f"      commit {published.location.revision} -> {published.registered}")
@@ -168,14 +172,14 @@ def _show_features(model_folder: Path, dictionary, say: Callable[[str], None], p
     """
     import torch
 
-    from dictionaries.attach import attach, wrap_model
+    from dictionaries.attachment import attach, wrap_model
     from dictionaries.features import features_of, inspect_feature
     from training.toymodel import corpus_documents
 
     model = wrap_model(str(model_folder))
-    with attach(model, dictionary) as site:
+    with attach(model, dictionary) as sae:
         with model.trace(SENTENCE):
-            features = site.features.save()
+            features = sae.features.save()
     f = getattr(features, "value", features)[0].detach()                        # (pos, d_dict)
     tokens = model.tokenizer.convert_ids_to_tokens(model.tokenizer(SENTENCE)["input_ids"])
     texts = corpus_documents()[:400]

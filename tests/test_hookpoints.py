@@ -1,4 +1,4 @@
-"""Other libraries' hook names mapped to nnsight module paths, for each known model family; unknown -> None."""
+"""Tests of dictionaries/hookpoints.py: other libraries' hook names mapped to nnsight module paths, per model family."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dictionaries.card import HookPoint
-from dictionaries.model_paths import (dictionary_learning_hook, dictionary_learning_model, family, model_id,
-                                      saelens_hook, sparsify_hook)
+from dictionaries.recipe import HookPoint
+from dictionaries.hookpoints import dictionary_learning_hook, dictionary_learning_model, family, model_id, saelens_hook, sparsify_hook
 
 
 @pytest.mark.parametrize("name, expected", [("pythia-70m-deduped", "EleutherAI/pythia-70m-deduped"),

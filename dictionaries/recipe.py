@@ -1,16 +1,49 @@
-"""The recipe section of a card: everything `dictctl train` needs to regenerate a dictionary.
+"""The strict schema base, and what produces a dictionary: its model, hook point and training recipe.
 
-The model lives here, in `dictionaries/`, because a card holds it and `dictionaries/` never imports
-`training/`; the named presets that fill it (DESIGN.md section 6) are in `training/recipe.py`.
+`Strict` is the base of every pydantic model in the package (unknown fields are errors, frozen, each field's
+docstring is its schema description). The recipe section of a card (everything `dictctl train` needs) is
+defined here, below the card (`card.py`), which holds a recipe and shares its model and hook point types:
+together they are one schema, imported one way. The named presets that fill a recipe are in
+`training/presets.py`.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dictionaries.base import Architecture, HookPoint, ModelRef, Strict
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+Site = Literal["embed", "attn", "mlp", "resid"]
+
+
+class Strict(BaseModel):
+    """Base of every model in the package: unknown fields are errors, docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelRef(Strict):
+    """The language model a dictionary was trained on."""
+
+    id: str
+    """Hugging Face id of the model, e.g. `EleutherAI/pythia-70m-deduped`."""
+    revision: str | None = None
+    """Model revision (branch, tag or commit) the activations came from; None means the default branch."""
+
+
+class HookPoint(Strict):
+    """Where in the model the dictionary reads and writes, as an nnsight module path."""
+
+    module: str
+    """nnsight module path, e.g. `gpt_neox.layers.3.mlp`."""
+    io: Literal["output", "input"] = "output"
+    """Whether the module's output or its (first) input is the activation."""
+    site: Site
+    """The kind of site: embed, attn, mlp or resid (the output of a block)."""
+    layer: int | None = None
+    """The block index, None for the embedding."""
+
 
 class DatasetSpec(Strict):
     """The text a dictionary is trained (or evaluated) on."""
@@ -160,6 +193,15 @@ class Recipe(Strict):
         return self
 
 
+def k_problem(architecture: str, k: int | None) -> str | None:
+    """Why `k` does not suit `architecture` (topk/batchtopk need it, the others have none), else None."""
+    if architecture in ("topk", "batchtopk") and k is None:
+        return f"`architecture` {architecture} needs `k` (active features per token)"
+    if architecture not in ("topk", "batchtopk") and k is not None:
+        return f"`k` is only for topk/batchtopk, not `architecture` {architecture}"
+    return None
+
+
 # architecture -> the penalty kinds that make sense with it (TopK/BatchTopK need none: k sets the sparsity).
 PENALTIES_FOR = {"relu": ("l1", "tanh", "approx_l0"), "topk": ("none",), "batchtopk": ("none",),
                  "jumprelu": ("l0",), "gated": ("l1",)}
@@ -168,10 +210,8 @@ PENALTIES_FOR = {"relu": ("l1", "tanh", "approx_l0"), "topk": ("none",), "batcht
 def recipe_contradiction(r: Recipe) -> str | None:
     """The first pair of fields that contradict each other, as a message naming them in backticks; else None."""
     topk = r.architecture in ("topk", "batchtopk")
-    if topk and r.k is None:
-        return f"`architecture` {r.architecture} needs `k` (active features per token)"
-    if not topk and r.k is not None:
-        return f"`k` is only for topk/batchtopk, not `architecture` {r.architecture}"
+    if k_problem(r.architecture, r.k):
+        return k_problem(r.architecture, r.k)
     if r.penalty.kind not in PENALTIES_FOR[r.architecture]:
         return (f"`penalty.kind` {r.penalty.kind} contradicts `architecture` {r.architecture}, "
                 f"which takes {' or '.join(PENALTIES_FOR[r.architecture])}")

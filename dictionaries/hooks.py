@@ -1,0 +1,253 @@
+"""The transformers model under any wrapper, and plain-torch forward hooks on it: what training and evaluation use.
+
+Load a model (`load_model`), find a hook point and its width without running the model (`find_hook`),
+collect the activations at several hook points from one forward that stops right after the deepest one
+(`collect_activations`: an exception raised from the last hook that fires), and run a forward with
+activations replaced (`run_patched`). Everything accepts a raw `PreTrainedModel` or an nnsight-wrapped one
+and is independent of the order hooks are listed in; nothing here imports nnsight (`attachment.py` does).
+
+Activations are (batch, pos, d). A module whose output is a tuple (attention in transformers 5) is read
+and written through its first element.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dictionaries.errors import (
+    HookPointError,
+    ModelLoadError,
+    NotWrappedError,
+    ShapeMismatchError,
+)
+from dictionaries.recipe import HookPoint
+
+
+def first_tensor(value: Any) -> Tensor:
+    """The activation in a module's output: the value itself or the first element of a tuple."""
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def replace_first(value: Any, new: Tensor) -> Any:
+    """`value` with its activation replaced by `new` (tuple outputs keep their other elements)."""
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    return new
+
+
+
+def load_model(ref: str, *, revision: str | None = None, device: torch.device | str | None = None,
+               tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """A causal LM (eval mode, on `device`) and its tokenizer from a HF id or a local `save_pretrained` folder,
+    at `revision`; ModelLoadError saying why when either cannot be loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(ref, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(ref, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(ref, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    return model.to(device or "cpu").eval(), tokenizer
+
+
+def torch_model(model: Any) -> nn.Module:
+    """The underlying torch module of a raw model or of an nnsight-wrapped one (an Envoy keeps it as `_module`;
+    read without importing nnsight, which only `attachment.py` does)."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "_module", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    raise NotWrappedError(type(model).__name__, "a transformers model or an nnsight-wrapped one")
+
+
+def model_name(model: Any) -> str:
+    """The model's `name_or_path` ('' for a model built in-process)."""
+    hf = torch_model(model)
+    return str(getattr(getattr(hf, "config", None), "_name_or_path", "") or getattr(hf, "name_or_path", "") or "")
+
+
+def hidden_size(hf: nn.Module) -> int | None:
+    """The residual width from the config (`hidden_size`, GPT-2's `n_embd` maps to it), None if unknown."""
+    config = getattr(hf, "config", None)
+    return getattr(config, "hidden_size", None) if config is not None else None
+
+
+# ---- hook points -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResolvedHook:
+    """A hook point found in a model: its path, input or output, torch module and width."""
+
+    path: str
+    io: str
+    module: nn.Module
+    width: int | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}:{self.io}"
+
+
+def parse_hook(hook: HookPoint | str) -> tuple[str, str]:
+    """(module path, "output" | "input") of a HookPoint or a "module.path[:input|:output]" string."""
+    if isinstance(hook, HookPoint):
+        return hook.module, hook.io
+    path, _, io = str(hook).partition(":")
+    io = io or "output"
+    if io not in ("input", "output"):
+        raise HookPointError(str(hook), problem=f"the part after ':' must be 'input' or 'output', not {io!r}.")
+    return path, io
+
+
+def module_width(hf: nn.Module, module: nn.Module, io: str) -> int | None:
+    """Width of a module's input or output, read from its parameters or the config, without running it.
+
+    Linear-like layers and embeddings give their exact sizes; norms their normalised width; any other module
+    with children (blocks, MLPs, attention) reads and writes the residual stream, so the config's hidden
+    size. Leaf modules without parameters (activations, dropout) are unknown (None): checked at run time.
+    """
+    if isinstance(module, nn.Linear):
+        return module.out_features if io == "output" else module.in_features
+    if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear: weight (in, out)
+        return module.weight.shape[1] if io == "output" else module.weight.shape[0]
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim if io == "output" else None
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 1 and not list(module.children()):  # RMSNorm
+        return weight.shape[0]
+    if list(module.children()):
+        return hidden_size(hf)
+    return None
+
+
+def find_hook(model: Any, hook: HookPoint | str) -> ResolvedHook:
+    """The torch module and width of a hook point; HookPointError naming close module names if absent."""
+    path, io = parse_hook(hook)
+    hf = torch_model(model)
+    try:
+        module = hf.get_submodule(path) if path else hf
+    except AttributeError:
+        names = [n for n, _ in hf.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
+        raise HookPointError(path, close) from None
+    return ResolvedHook(path, io, module, module_width(hf, module, io))
+
+
+def check_hook(model: Any, hook: HookPoint | str, d_in: int | None) -> ResolvedHook:
+    """`find_hook`, then ShapeMismatchError when `d_in` is given and is not the module's width."""
+    found = find_hook(model, hook)
+    if d_in is not None and found.width is not None and found.width != d_in:
+        raise ShapeMismatchError(f"dictionary width at {found.key}", f"(..., {d_in})", f"(..., {found.width})",
+                                 hint="Attach it at a hook point of that width, or use a dictionary made for it.")
+    return found
+
+
+# ---- plain-torch primitives --------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised from the deepest hook to end a forward early (no later module runs)."""
+
+
+def _position_ids(attention_mask: Tensor | None) -> Tensor | None:
+    """Positions counted from each row's first real token, for left-padded rows; None without padding."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _forward(hf: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Any:
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+        positions = _position_ids(attention_mask)
+        if positions is not None:
+            kwargs["position_ids"] = positions
+    return hf(input_ids, **kwargs)
+
+
+def _register(found: ResolvedHook, fn: Callable[[Tensor], Tensor | None]) -> Any:
+    """A torch hook calling fn(activation); a returned tensor replaces the activation."""
+    if found.io == "output":
+        def on_output(_module, _args, output):
+            new = fn(first_tensor(output))
+            return None if new is None else replace_first(output, new)
+
+        return found.module.register_forward_hook(on_output)
+
+    def on_input(_module, args, kwargs):
+        if args:
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        name = next(iter(kwargs))  # the activation passed by keyword (hidden_states=...)
+        new = fn(kwargs[name])
+        return None if new is None else (args, {**kwargs, name: new})
+
+    return found.module.register_forward_pre_hook(on_input, with_kwargs=True)
+
+
+def collect_activations(model: Any, hooks: Sequence[HookPoint | str], input_ids: Tensor,
+                        attention_mask: Tensor | None = None) -> list[Tensor]:
+    """Activations (batch, pos, d) at every hook, in `hooks` order, from one no-grad forward.
+
+    The forward stops as soon as the last of the hooks has fired, so nothing deeper is computed.
+    """
+    found = [find_hook(model, h) for h in hooks]
+    keys = list(dict.fromkeys(f.key for f in found))
+    saved: dict[str, Tensor] = {}
+
+    def saver(key: str) -> Callable[[Tensor], None]:
+        def save(x: Tensor) -> None:
+            saved[key] = x
+            if len(saved) == len(keys):
+                raise _StopForward
+
+        return save
+
+    handles = [_register(f, saver(f.key)) for f in {f.key: f for f in found}.values()]
+    try:
+        with torch.no_grad():
+            _forward(torch_model(model), input_ids, attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise HookPointError(missing[0], problem="the module never ran in the forward.")
+    return [saved[f.key] for f in found]
+
+
+def run_patched(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None,
+                patches: Mapping[HookPoint | str, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+    """Logits (batch, pos, vocab) of one no-grad forward where each hook's x becomes patches[hook](x)."""
+    handles = []
+
+    def checked(fn: Callable[[Tensor], Tensor], key: str) -> Callable[[Tensor], Tensor]:
+        def patch(x: Tensor) -> Tensor:
+            new = fn(x)
+            if not isinstance(new, Tensor) or new.shape != x.shape:
+                raise ShapeMismatchError(f"patch at {key}", tuple(x.shape), tuple(getattr(new, "shape", ())))
+            return new
+
+        return patch
+
+    try:
+        for hook, fn in (patches or {}).items():
+            found = find_hook(model, hook)
+            handles.append(_register(found, checked(fn, found.key)))
+        with torch.no_grad():
+            out = _forward(torch_model(model), input_ids, attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits if hasattr(out, "logits") else first_tensor(out)

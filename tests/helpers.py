@@ -1,0 +1,93 @@
+"""Helpers shared by the tests: tiny models of three families, seeded dictionaries, native folders.
+
+Fixtures live in conftest.py; these are plain functions and constants, imported as `from helpers import ...`
+(pytest puts tests/ on the path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dictionaries.architectures import build_dictionary
+from dictionaries.card import Card, Files, Stats
+from dictionaries.recipe import HookPoint, ModelRef
+
+TEXTS = ["The Eiffel Tower is in", "Python objects are", "a"]
+D_IN, D_DICT = 8, 16
+"""Sizes of the small dictionaries of the format, publish and loader tests."""
+
+
+# ---- models ------------------------------------------------------------------------------------------
+def gpt2_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=1024, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def llama_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# (family, block path prefix, d_model)
+FAMILIES = {"neox": ("gpt_neox.layers", 64), "gpt2": ("transformer.h", 32), "llama": ("model.layers", 32)}
+ATTN = {"neox": "attention", "gpt2": "attn", "llama": "self_attn"}
+EMBED = {"neox": "gpt_neox.embed_in", "gpt2": "transformer.wte", "llama": "model.embed_tokens"}
+
+
+def batch(tokenizer, texts=TEXTS):
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def make_dictionary(d_in: int, d_dict: int, hook: str | None, kind: str = "relu", seed: int = 0,
+                    model_id: str | None = None):
+    """A dictionary of `kind` with seeded random weights (thresholds low enough that features fire)."""
+    hp = None if hook is None else HookPoint(module=hook.split(":")[0], io=(hook.split(":") + ["output"])[1],
+                                             site="mlp", layer=0)
+    card = Card(name=f"test/mlp0/{d_dict}", architecture=kind, d_in=d_in, d_dict=d_dict,
+                k=4 if kind in ("topk", "batchtopk") else None, files=Files(items=[]), hook=hp,
+                model=ModelRef(id=model_id) if model_id else None)
+    d = build_dictionary(card)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.05))
+        if kind in ("jumprelu", "batchtopk"):
+            d.threshold.fill_(0.01)
+    return d
+
+
+def make_card(arch: str = "relu", name: str = "toy/mlp0/16") -> Card:
+    return Card(name=name, architecture=arch, d_in=D_IN, d_dict=D_DICT, k=4 if arch in ("topk", "batchtopk") else None,
+                license="MIT", authors=["Test Author"], model=ModelRef(id="toy-org/tiny-neox"),
+                hook=HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0),
+                files=Files(items=[]),
+                stats=Stats(source="measured", dataset="python docs", tokens=1000, l0=3.5, mse=0.0123,
+                            frac_loss_recovered=0.9))
+
+
+def make_folder(folder: Path, arch: str = "relu", seed: int = 0, name: str = "toy/mlp0/16"):
+    """A native folder written by formats.write_native with seeded random weights; (card, module)."""
+    from dictionaries.formats import write_native
+
+    torch.manual_seed(seed)
+    d = build_dictionary(make_card(arch, name))
+    d.load_native_state({k: torch.randn_like(v) * 0.3 for k, v in d.native_state().items()})
+    card = write_native(d, folder, card=make_card(arch, name))
+    return card, d
+
+
+def snapshot(registry: Path) -> dict[str, bytes]:
+    root = registry.parent
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
