@@ -29,13 +29,13 @@ def write_folders(tmp: Path) -> dict[str, tuple[Path, Callable[[], object]]]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from dictionaries.architectures import KINDS
+    from dictionaries.architectures import ARCHITECTURES
     from dictionaries.formats import write_native
 
     g = torch.Generator().manual_seed(0)
     w_enc, w_dec = torch.randn(D_IN, D_DICT, generator=g) * 0.02, torch.randn(D_DICT, D_IN, generator=g) * 0.02
     b_enc, b_dec = torch.randn(D_DICT, generator=g) * 0.02, torch.randn(D_IN, generator=g) * 0.02
-    native = KINDS["relu"](D_IN, D_DICT)
+    native = ARCHITECTURES["relu"](D_IN, D_DICT)
     native.load_native_state({"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec})
     write_native(native, tmp / "native")
 

@@ -97,7 +97,8 @@ def ours_child(config: str, tokens: int, batch: int, device: str, folder: Path) 
     recipes = [Recipe.model_validate(preset(
         "marks2023", model={"id": "pythia70m-random"}, hook=h, dataset={"path": str(corpus_file(folder))},
         context_length=CONTEXT, tokens=tokens, batch_size=batch, buffer_contexts=2 * batch // CONTEXT,
-        harvest_batch_size=32, d_dict=D_DICT, optimizer={"lr": 1e-3, "warmup_steps": min(10, tokens // batch // 2)})) for h in hooks]
+        harvest_batch_size=32, d_dict=D_DICT,
+        optimizer={"lr": 1e-3, "warmup_steps": min(10, tokens // batch // 2)})) for h in hooks]
     clock = {"harvest": 0.0, "optimise": 0.0, "harvested": 0}
     _time(harvest.Harvester, "__call__", clock, "harvest", device, count_rows=True)
     _time(run.Trainer, "step", clock, "optimise", device)
@@ -171,7 +172,8 @@ def dictionary_learning_child(tokens: int, batch: int, device: str, folder: Path
                               n_ctxs=2 * batch // CONTEXT, ctx_len=CONTEXT, refresh_batch_size=32,
                               out_batch_size=batch, device=device)
     config = {"trainer": StandardTrainer, "dict_class": AutoEncoder, "activation_dim": D_MODEL, "dict_size": D_DICT,
-              "lr": 1e-3, "l1_penalty": 1e-3, "warmup_steps": min(10, steps // 2), "sparsity_warmup_steps": None, "layer": 3,
+              "lr": 1e-3, "l1_penalty": 1e-3, "warmup_steps": min(10, steps // 2), "sparsity_warmup_steps": None,
+              "layer": 3,
               "lm_name": "pythia70m-random", "steps": steps, "device": device}
     trainSAE(buffer, [config], steps=steps, device=device, save_dir=str(folder / "out"))
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
@@ -256,7 +258,8 @@ def run(device: str | None = None, tokens: int = 16384, batch: int = 4096) -> li
         python = os.environ.get(env_var)
         if not python:
             rows.append({"benchmark": "train", "run": peer, "dictionaries": 1,
-                         "note": f"not run: set {env_var} to a Python with {peer} installed (a venv made with --system-site-packages, torch pinned)"})
+                         "note": f"not run: set {env_var} to a Python with {peer} installed "
+                                 "(a venv made with --system-site-packages, torch pinned)"})
             continue
         result = _child(python, ["-m", "benchmarks.bench_train", "--peer", peer, *common])
         rows.append(_row(peer, 1, result, rate))

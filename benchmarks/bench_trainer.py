@@ -3,7 +3,8 @@
 A Pythia-70m-MLP-shaped dictionary (d_in 512, 8192 features) steps on random activations for each named
 recipe family, in fp32 and under bf16 autocast. The roofline is the rate of the step's own matmul shape,
 (B, d_in) @ (d_in, F), measured in the same run at the same precision; a step costs five such products
-(two forward; dW_dec, df and dW_enc backward: the input needs no gradient), 10 * B * d_in * F FLOPs. Reported: tokens/s, ms per step, and the
+(two forward; dW_dec, df and dW_enc backward: the input needs no gradient), 10 * B * d_in * F FLOPs.
+Reported: tokens/s, ms per step, and the
 fraction of the roofline the whole step reaches (the rest is the nonlinearity, Adam, the decoder-norm rule
 and bookkeeping). Timings are medians over repeats, so a noisy shared machine hurts all alike.
 """

@@ -1,4 +1,4 @@
-"""The dictionary modules: one interface (`encode`, `decode`, `forward`) for every kind.
+"""The dictionary modules: one interface (`encode`, `decode`, `forward`) for every architecture.
 
 Native parameter names and shapes (DESIGN.md section 5), d = d_in, F = d_dict:
 `W_enc [d, F]`, `b_enc [F]`, `W_dec [F, d]`, `b_dec [d]`, plus `threshold [F]` (jumprelu),
@@ -29,9 +29,9 @@ class DictionaryOutput(NamedTuple):
 
 
 class Dictionary(nn.Module):
-    """Base of every dictionary: affine encoder, a kind-specific nonlinearity, affine decoder."""
+    """Base of every dictionary: affine encoder, an architecture-specific nonlinearity, affine decoder."""
 
-    kind: ClassVar[str]
+    architecture: ClassVar[str]
     extra_parameters: ClassVar[dict[str, str]] = {}  # name -> "F" or "" (scalar), beyond the four shared
 
     def __init__(self, d_in: int, d_dict: int, *, pre_encoder_bias: bool = True, card: Card | None = None,
@@ -81,7 +81,7 @@ class Dictionary(nn.Module):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise FormatError(source, f"{self.kind} dictionary expects tensors {sorted(expected)}; "
+            raise FormatError(source, f"{self.architecture} dictionary expects tensors {sorted(expected)}; "
                                       f"missing {missing}, unexpected {unexpected}")
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
@@ -114,7 +114,7 @@ class Dictionary(nn.Module):
 class ReluDictionary(Dictionary):
     """f = ReLU(W_enc^T (x - b_dec) + b_enc) (Bricken et al. 2023); without the b_dec subtraction when asked."""
 
-    kind = "relu"
+    architecture = "relu"
 
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_activation(x).relu_()  # in place on the fresh pre-activation: no second (tokens, F) tensor
@@ -123,7 +123,7 @@ class ReluDictionary(Dictionary):
 class TopKDictionary(Dictionary):
     """Keep the k largest pre-activations per token, ReLU'd (Gao et al. 2024)."""
 
-    kind = "topk"
+    architecture = "topk"
 
     def __init__(self, d_in: int, d_dict: int, *, k: int, **kw):
         super().__init__(d_in, d_dict, **kw)
@@ -146,7 +146,7 @@ class BatchTopKDictionary(TopKDictionary):
     `threshold` (a scalar) is the inference threshold; `encode` uses it, `encode_batch` the batch rule.
     """
 
-    kind = "batchtopk"
+    architecture = "batchtopk"
     extra_parameters = {"threshold": ""}
 
     def encode(self, x: Tensor) -> Tensor:
@@ -165,7 +165,7 @@ class BatchTopKDictionary(TopKDictionary):
 class JumpReluDictionary(Dictionary):
     """f = pre * (pre > threshold) per feature (Rajamanoharan et al. 2024b, JumpReLU)."""
 
-    kind = "jumprelu"
+    architecture = "jumprelu"
     extra_parameters = {"threshold": "F"}
 
     def encode(self, x: Tensor) -> Tensor:
@@ -179,7 +179,7 @@ class GatedDictionary(Dictionary):
     gate = (W_enc^T x' + b_enc > 0); magnitude = ReLU((W_enc * exp(r_mag))^T x' + b_mag); f = gate * magnitude.
     """
 
-    kind = "gated"
+    architecture = "gated"
     extra_parameters = {"r_mag": "F", "b_mag": "F"}
 
     def encode(self, x: Tensor) -> Tensor:
@@ -191,8 +191,8 @@ class GatedDictionary(Dictionary):
         return gate * magnitude
 
 
-KINDS: dict[str, type[Dictionary]] = {
-    cls.kind: cls
+ARCHITECTURES: dict[str, type[Dictionary]] = {
+    cls.architecture: cls
     for cls in (ReluDictionary, TopKDictionary, BatchTopKDictionary, JumpReluDictionary, GatedDictionary)
 }
 
@@ -200,7 +200,7 @@ KINDS: dict[str, type[Dictionary]] = {
 def build_dictionary(card: Card, *, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> Dictionary:
     """An empty (zero) module of the card's architecture and sizes, with the card attached."""
-    cls = KINDS[card.architecture]
+    cls = ARCHITECTURES[card.architecture]
     kw = {"pre_encoder_bias": card.pre_encoder_bias, "card": card,
           "dtype": dtype or getattr(torch, card.dtype), "device": device}
     if card.k is not None:

@@ -180,7 +180,8 @@ def publish_(folder: str = typer.Argument(..., help="Native dictionary folder (c
              register: bool = typer.Option(False, "--register", help="Write the entry into registry.yaml and cards/."),
              force: bool = typer.Option(False, "--force", help="Replace a different dictionary at the target."),
              local_hub: Optional[str] = typer.Option(None, "--local-hub", help="Root of a local hub (olah mirrors) "
-                                                     "to commit into instead of the Hub; default $DICTIONARIES_LOCAL_HUB."),
+                                                     "to commit into instead of the Hub; default "
+                                                     "$DICTIONARIES_LOCAL_HUB."),
              staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept).")) -> None:
     """Validate a native folder, stage it with a model card, upload it in one commit, print its registry entry."""
     from dictionaries.publish import publish
@@ -200,8 +201,10 @@ def mirror_(name: str = typer.Argument(..., help="Registry name whose original f
             no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate; stats stay as they are."),
             local_hub: Optional[str] = typer.Option(None, "--local-hub", help="Root of a local hub to commit into "
                                                     "instead of the Hub; default $DICTIONARIES_LOCAL_HUB."),
-            model: Optional[str] = typer.Option(None, help="Model (HF id or folder) to evaluate on; default the card's."),
-            dataset: Optional[str] = typer.Option(None, help="Eval text (dataset id or local file); default the recipe's."),
+            model: Optional[str] = typer.Option(None, help="Model (HF id or folder) to evaluate on; "
+                                                "default the card's."),
+            dataset: Optional[str] = typer.Option(None, help="Eval text (dataset id or local file); "
+                                                  "default the recipe's."),
             tokens: int = typer.Option(16384, help="Eval tokens."),
             device: Optional[str] = typer.Option(None, help="Eval device.")) -> None:
     """Fetch an entry's original files, convert to native, evaluate if a model loads, publish, pin the entry."""
@@ -247,7 +250,7 @@ def _print_publish(result) -> None:
 
 # ---- evaluation ------------------------------------------------------------------------------------
 @app.command("eval")
-def eval_(target: str = typer.Argument(..., help="Registry name, native folder, or a glob of either (one model)."),
+def eval_(ref: str = typer.Argument(..., help="Registry name, native folder, or a glob of either (one model)."),
           dataset: Optional[str] = typer.Option(None, help="Local text file/folder or dataset id "
                                                 "(default: the card's recipe dataset)."),
           tokens: int = typer.Option(16384, help="Eval tokens."),
@@ -258,11 +261,12 @@ def eval_(target: str = typer.Argument(..., help="Registry name, native folder, 
                                               "(default: the card's model)."),
           out: Optional[str] = typer.Option(None, help="Write evaluated native folders under DIR/<name> "
                                             "(registry entries default to ./evaluated)."),
-          no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="Skip the sensitive-directions test.")) -> None:
+          no_sensitivity: bool = typer.Option(False, "--no-sensitivity",
+                                              help="Skip the sensitive-directions test.")) -> None:
     """Measure every stat, write it into the card, save density.safetensors, density.png and sensitivity.png."""
     from training.evaluate import evaluate_and_write
 
-    for folder, card in evaluate_and_write(target, model=model, dataset=dataset, tokens=tokens,
+    for folder, card in evaluate_and_write(ref, model=model, dataset=dataset, tokens=tokens,
                                            context_length=context_length, batch_size=batch_size, device=device,
                                            out=out, sensitivity=not no_sensitivity):
         s = card.stats
@@ -350,7 +354,8 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
                 feature: int = typer.Option(..., "--feature", help="Feature index."),
                 texts: str = typer.Option(..., "--texts", help="Text file, one text per line."),
                 top: int = typer.Option(10, "--top", help="Number of contexts and of logit-lens tokens."),
-                model: Optional[str] = typer.Option(None, "--model", help="HF id or folder (default: the card's model)."),
+                model: Optional[str] = typer.Option(None, "--model",
+                                                    help="HF id or folder (default: the card's model)."),
                 context: int = typer.Option(8, "--context", help="Tokens shown before the activating one.")) -> None:
     """A feature's top-activating contexts (activating token highlighted) and the tokens it promotes."""
     from rich.markup import escape
@@ -374,7 +379,8 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
 @app.command()
 def demo(workdir: Optional[str] = typer.Option(None, help="Where to cache the toy model and write this run "
                                                           "(default: $HF_HOME/dictionaries/demo)."),
-         tokens: int = typer.Option(140_000, help="Training tokens for the demo dictionary (the corpus holds ~150k).")) -> None:
+         tokens: int = typer.Option(140_000, help="Training tokens for the demo dictionary "
+                                                  "(the corpus holds ~150k).")) -> None:
     """The whole loop offline: local hub, toy model, train, evaluate, publish, load by name, attach."""
     from dictionaries.demo import run_demo
 

@@ -73,7 +73,8 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: C
              progress: bool = True) -> DemoResult:
     """Run every step; `workdir` holds the cached toy model and this run's hub, registry and outputs."""
     start = time.perf_counter()
-    workdir = Path(workdir or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / CACHE_SUBDIR / "demo")
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    workdir = Path(workdir or hf_home / CACHE_SUBDIR / "demo")
     run_dir = workdir / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     result = DemoResult()

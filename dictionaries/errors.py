@@ -286,7 +286,8 @@ class NonFiniteLossError(DictionariesError, FloatingPointError):
         self.metrics = dict(metrics)
         self.checkpoint = checkpoint
         kept = (f"the last good checkpoint ({checkpoint}) is kept; resume from it with a lower learning rate or "
-                "grad_clip" if checkpoint else "no checkpoint was written yet; lower the learning rate or set grad_clip")
+                "grad_clip" if checkpoint else
+                "no checkpoint was written yet; lower the learning rate or set grad_clip")
         super().__init__(f"dictionary {name!r}: loss is {metrics.get('loss')} at step {step}; stopped, {kept}.")
 
 

@@ -292,7 +292,8 @@ def read_saelens(folder: Path, *, architecture: str | None = None) -> Foreign:
         raise FormatError(str(cfg_path), e.problem) from None
     arch = cfg["architecture"]
     if arch in SAELENS_UNREPRESENTABLE:
-        raise FormatError(str(cfg_path), f"SAELens architecture {arch!r} cannot be read: {SAELENS_UNREPRESENTABLE[arch]}")
+        raise FormatError(str(cfg_path),
+                          f"SAELens architecture {arch!r} cannot be read: {SAELENS_UNREPRESENTABLE[arch]}")
     if arch not in SAELENS_LAYOUTS:
         raise FormatError(str(cfg_path), f"unknown SAELens architecture {arch!r}; known: {', '.join(SAELENS_LAYOUTS)}")
     if cfg.get("hook_head_index") is not None:

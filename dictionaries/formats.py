@@ -170,7 +170,7 @@ def write_native(dictionary: Dictionary, folder: str | Path, *, card: Card | Non
     card = card or dictionary.card or _bare_card(dictionary, folder)
     state = {k: v.to("cpu") for k, v in dictionary.native_state().items()}
     check_card_matches(card, state, f"{type(dictionary).__name__} being written to {folder}",
-                       found_architecture=dictionary.kind, found_k=getattr(dictionary, "k", None),
+                       found_architecture=dictionary.architecture, found_k=getattr(dictionary, "k", None),
                        found_pre_encoder_bias=dictionary.pre_encoder_bias)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
@@ -191,7 +191,7 @@ def file_entry(path: Path, root: Path) -> FileEntry:
 
 
 def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
-    return Card(name=folder.resolve().name or "dictionary", architecture=dictionary.kind, d_in=dictionary.d_in,
+    return Card(name=folder.resolve().name or "dictionary", architecture=dictionary.architecture, d_in=dictionary.d_in,
                 d_dict=dictionary.d_dict, k=getattr(dictionary, "k", None),
                 pre_encoder_bias=dictionary.pre_encoder_bias, files=Files(items=[]))
 

@@ -171,7 +171,8 @@ class Registry:
     def _add(self, name: str, item: IndexEntry) -> None:
         where = f"{self.path}: entry {name!r}"
         if not NAME_PATTERN.match(name):
-            raise CardError(str(self.path), f"entries.{name}", "name must look like <model>/<site><layer>/<size>[-<variant>]")
+            raise CardError(str(self.path), f"entries.{name}",
+                            "name must look like <model>/<site><layer>/<size>[-<variant>]")
         card_path = self.cards_dir / item.card
         if not card_path.exists():
             raise RegistryError(f"{where}: card file {card_path} does not exist")

@@ -90,6 +90,7 @@ def registry(tmp_path, monkeypatch):
 def models(tiny_neox, tokenizer):
     """Each family's raw transformers model (GPT-NeoX, GPT-2, Llama) and its nnsight wrapping."""
     from dictionaries.attachment import wrap_model
+
     from helpers import gpt2_model, llama_model
 
     raw = {"neox": tiny_neox, "gpt2": gpt2_model(), "llama": llama_model()}

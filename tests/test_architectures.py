@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictionaries.architectures import KINDS, DictionaryOutput, build_dictionary
+from dictionaries.architectures import ARCHITECTURES, DictionaryOutput, build_dictionary
 from dictionaries.card import Card, Files
 from dictionaries.errors import DtypeDeviceError, ShapeMismatchError
 
@@ -16,7 +16,7 @@ def make(kind: str, *, seed: int = 0, pre_encoder_bias: bool = True, dtype=torch
     """A module of `kind` with random parameters (thresholds small and positive)."""
     torch.manual_seed(seed)
     extra = {"k": K} if kind in ("topk", "batchtopk") else {}
-    module = KINDS[kind](D, F, pre_encoder_bias=pre_encoder_bias, dtype=dtype, **extra)
+    module = ARCHITECTURES[kind](D, F, pre_encoder_bias=pre_encoder_bias, dtype=dtype, **extra)
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -29,7 +29,7 @@ def pre_activation(m, x):
     return ((x - m.b_dec) if m.pre_encoder_bias else x) @ m.W_enc + m.b_enc
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 1, 4)])
 def test_any_leading_shape(kind, lead):
     m = make(kind)
@@ -69,7 +69,7 @@ def test_topk_keeps_exactly_k_largest():
 
 def test_topk_k_must_fit():
     with pytest.raises(ValueError, match="k must be in"):
-        KINDS["topk"](D, F, k=F + 1)
+        ARCHITECTURES["topk"](D, F, k=F + 1)
 
 
 def test_batchtopk_encode_batch_keeps_k_times_tokens():
@@ -118,7 +118,7 @@ def test_gated_gate_and_magnitude():
     assert (gate & (magnitude == 0)).any() or (~gate & (magnitude > 0)).any()  # the two paths differ
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_dtype_moves_and_mismatches(kind):
     m = make(kind)
     x = torch.randn(3, D)
@@ -135,7 +135,7 @@ def test_dtype_moves_and_mismatches(kind):
         m64.decode(torch.zeros(3, F))
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_device_mismatch(kind):
     m = make(kind).to("meta")
     with pytest.raises(DtypeDeviceError, match="meta"):
@@ -143,7 +143,7 @@ def test_device_mismatch(kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_cuda_move(kind):
     m = make(kind)
     x = torch.randn(4, D)
@@ -154,7 +154,7 @@ def test_cuda_move(kind):
         m.encode(x)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_shape_mismatch_names_both_shapes(kind):
     m = make(kind)
     with pytest.raises(ShapeMismatchError) as info:
@@ -166,14 +166,14 @@ def test_shape_mismatch_names_both_shapes(kind):
         m.decode(torch.randn(2, F - 1))
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_build_from_card_and_state_round_trip(kind):
     k = K if kind in ("topk", "batchtopk") else None
     card = Card(name=f"test/{kind}", architecture=kind, d_in=D, d_dict=F, k=k, pre_encoder_bias=False,
                 files=Files(items=[]))
     built = build_dictionary(card)
     assert built.card is card
-    assert built.kind == kind
+    assert built.architecture == kind
     assert not built.pre_encoder_bias
     assert all((p == 0).all() for p in built.parameters())
     source = make(kind, pre_encoder_bias=False)

@@ -13,9 +13,16 @@ import torch
 
 from dictionaries import attachment as A
 from dictionaries import hooks as H
-from dictionaries.architectures import KINDS
-from dictionaries.errors import (FeatureIndexError, HookPointError, ModelMismatchError, NotWrappedError,
-                                 OutsideTraceError, ShapeMismatchError)
+from dictionaries.architectures import ARCHITECTURES
+from dictionaries.errors import (
+    FeatureIndexError,
+    HookPointError,
+    ModelMismatchError,
+    NotWrappedError,
+    OutsideTraceError,
+    ShapeMismatchError,
+)
+
 from helpers import ATTN, EMBED, FAMILIES, TEXTS, batch, make_dictionary
 
 
@@ -58,7 +65,7 @@ def traced_logits(model, ids, mask, body):
 
 
 # ---- splice ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_splice_with_error_is_exact_and_without_matches_hand(models, tokenizer, family, kind):
     raw, model = models[family]

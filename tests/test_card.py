@@ -6,12 +6,13 @@ import json
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from dictionaries.card import Card, card_schema, parse_card, read_card
-from dictionaries.recipe import Recipe
-from dictionaries.formats import file_entry
-from dictionaries.files import sha256_of
 from dictionaries.errors import CardError
+from dictionaries.files import sha256_of
+from dictionaries.formats import file_entry
+from dictionaries.recipe import Recipe
 from dictionaries.registry import load_registry
 
 ENTRIES = sorted(load_registry().entries)
@@ -53,7 +54,7 @@ def test_invalid_card_names_file_field_problem(bad, field, words):
 
 def test_card_is_frozen():
     card = parse_card(minimal_card(), "x")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         card.d_in = 3  # type: ignore[misc]
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dictionaries.recipe import DatasetSpec
 from dictionaries.errors import DatasetColumnError
+from dictionaries.recipe import DatasetSpec
 from training.data import TokenStream, open_dataset
 from training.toymodel import corpus_documents
 

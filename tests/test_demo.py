@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
-from dictionaries.registry import load_registry
+import pytest
+
 from dictionaries.demo import run_demo
+from dictionaries.registry import load_registry
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):
     # run_demo points these at its own hub and registry; monkeypatch restores them after the test
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")

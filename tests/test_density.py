@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.density import (DEAD_LOG10, format_density, log10_density, plot_density, read_density, save_density,
-                              summarize_density)
+from training.density import (
+    DEAD_LOG10,
+    format_density,
+    log10_density,
+    plot_density,
+    read_density,
+    save_density,
+    summarize_density,
+)
 
 
 def test_summary_on_hand_built_frequencies():

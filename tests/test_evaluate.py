@@ -11,13 +11,12 @@ import json
 import pytest
 import torch
 
-from dictionaries.architectures import KINDS, build_dictionary
-from dictionaries.card import Card, Files
-from dictionaries.recipe import HookPoint, ModelRef
+from dictionaries.architectures import ARCHITECTURES, build_dictionary
+from dictionaries.card import Card, Files, compare_stats
 from dictionaries.errors import EvalInputError, ModelLoadError, UnknownNameError
-from training.evaluate import Tally, evaluate, evaluate_and_write, pack_batches
-from dictionaries.card import compare_stats
+from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.registry import card_of
+from training.evaluate import Tally, evaluate, evaluate_and_write, pack_batches
 
 D = 64  # tiny_neox's width
 
@@ -115,7 +114,7 @@ def test_l0_and_frac_alive_on_hand_built_features():
 
 
 # ---- on the tiny GPT-NeoX ----------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_identity_dictionary_recovers_all_loss(tiny_neox, contexts, kind):
     [r] = evaluate(tiny_neox, [identity_like(kind)], contexts, tokens=10**6, context_length=24, sensitivity=False,
                    progress=False)
@@ -352,7 +351,8 @@ def test_show_prints_the_density_summary_of_an_evaluated_entry(workspace, monkey
     assert result.exit_code == 0, result.output
     assert (f"feature density: {int(d['dead'])} dead of {2 * D}, {int(d['above_1e-1'])} above 1e-1"
             in result.output)
-    names, rows = compare_stats(card_of("toy/mlp0/128"), card_of(str(workspace / "a")))   # a registry name against a folder
+    # a registry name against a folder
+    names, rows = compare_stats(card_of("toy/mlp0/128"), card_of(str(workspace / "a")))
     assert all(va == vb for k, va, vb, _ in rows if k != "date")
 
 

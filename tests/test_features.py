@@ -8,6 +8,7 @@ import torch
 from dictionaries import attachment as A
 from dictionaries import features as F
 from dictionaries.errors import CardError, FeatureIndexError, HookPointError, MissingFileError, ShapeMismatchError
+
 from helpers import FAMILIES, make_dictionary
 
 TEXTS = ["The Eiffel Tower is in Paris", "Python objects are", "a", "for x in range(10): print(x)",

@@ -7,11 +7,11 @@ import json
 import pickle
 from pathlib import Path
 
+import original_impls as original
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import original_impls as original
 from dictionaries.errors import FormatError, MissingFileError, ShapeMismatchError
 from dictionaries.formats import read_folder
 
@@ -246,7 +246,8 @@ def test_saelens_bad_input(tmp_path, problem):
 
 
 # ---- sparsify: <run>/<hookpoint>/{cfg.json, sae.safetensors} (SparseCoder.save_to_disk), <run>/config.json
-def sp_folder(tmp_path: Path, extra_cfg: dict | None = None, hookpoint: str = "layers.1.mlp") -> tuple[Path, dict, dict]:
+def sp_folder(tmp_path: Path, extra_cfg: dict | None = None,
+              hookpoint: str = "layers.1.mlp") -> tuple[Path, dict, dict]:
     cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": F, "k": K,
            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D, **(extra_cfg or {})}
     state = {"encoder.weight": rand(F, D), "encoder.bias": rand(F), "W_dec": rand(F, D), "b_dec": rand(D)}

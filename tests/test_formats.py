@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dictionaries.architectures import KINDS
+from dictionaries.architectures import ARCHITECTURES
 from dictionaries.card import Card, Files, read_card
-from dictionaries.recipe import HookPoint, ModelRef
-from dictionaries.files import sha256_of
 from dictionaries.errors import ArchitectureMismatchError, FormatError, MissingFileError, ShapeMismatchError
+from dictionaries.files import sha256_of
 from dictionaries.formats import convert, detect_format, read_folder, write_native
+from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.registry import load_registry
 
 D, F, K = 10, 24, 3
@@ -29,22 +29,22 @@ def card_for(kind: str, **kw) -> Card:
 
 def random_module(kind: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
-    module = KINDS[kind](D, F, card=card_for(kind), **({"k": K} if kind in ("topk", "batchtopk") else {}), **kw)
+    module = ARCHITECTURES[kind](D, F, card=card_for(kind), **({"k": K} if kind in ("topk", "batchtopk") else {}), **kw)
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(torch.randn_like(p).abs() * 0.2 if name == "threshold" else torch.randn_like(p))
     return module
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_native_round_trip(tmp_path, kind):
     module = random_module(kind)
     written = write_native(module, tmp_path / "d")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["card.json", "weights.safetensors"]
     assert read_card(tmp_path / "d" / "card.json") == written
     [entry] = written.files.items
-    assert (entry.path, entry.size, entry.sha256) == ("weights.safetensors", (tmp_path / "d" / entry.path).stat().st_size,
-                                                      sha256_of(tmp_path / "d" / entry.path))
+    weights = tmp_path / "d" / entry.path
+    assert (entry.path, entry.size, entry.sha256) == ("weights.safetensors", weights.stat().st_size, sha256_of(weights))
     assert written.files.format == "native"
     assert written.architecture == kind
     assert written.dtype == "float32"
@@ -70,9 +70,10 @@ def test_native_read_moves_dtype_and_device(tmp_path):
 
 
 def test_write_native_without_any_card(tmp_path):
-    module = KINDS["relu"](D, F, pre_encoder_bias=False)
+    module = ARCHITECTURES["relu"](D, F, pre_encoder_bias=False)
     card = write_native(module, tmp_path / "bare")
-    assert (card.name, card.architecture, card.d_in, card.d_dict, card.pre_encoder_bias) == ("bare", "relu", D, F, False)
+    described = (card.name, card.architecture, card.d_in, card.d_dict, card.pre_encoder_bias)
+    assert described == ("bare", "relu", D, F, False)
     assert read_folder(tmp_path / "bare").card == card
 
 
@@ -174,7 +175,7 @@ def test_registry_entry_reads_from_a_faked_folder(tmp_path, fake_ae_files, name)
     module = read_folder(folder, card=card)
     assert module.card is card
     assert (module.d_in, module.d_dict) == (card.d_in, card.d_dict)
-    assert type(module).kind == card.architecture
+    assert type(module).architecture == card.architecture
     assert module.pre_encoder_bias == card.pre_encoder_bias
     assert {k: tuple(v.shape) for k, v in module.named_parameters()} == {
         "W_enc": (card.d_in, card.d_dict), "b_enc": (card.d_dict,), "W_dec": (card.d_dict, card.d_in),
@@ -185,8 +186,9 @@ def test_registry_entry_reads_from_a_faked_folder(tmp_path, fake_ae_files, name)
 
 
 def test_convert_then_cli(tmp_path, capsys):
-    from dictionaries.cli import app
     from typer.testing import CliRunner
+
+    from dictionaries.cli import app
 
     src = tmp_path / "pythia-70m-deduped" / "attn_out_layer1" / "10_32768"
     src.mkdir(parents=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictionaries.recipe import HookPoint
 from dictionaries.errors import HookPointError
+from dictionaries.recipe import HookPoint
 from training.harvest import Harvester, harvest_chunks
 
 MLP0 = HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0)

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from dictionaries.hookpoints import (
+    dictionary_learning_hook,
+    dictionary_learning_model,
+    family,
+    model_id,
+    saelens_hook,
+    sparsify_hook,
+)
 from dictionaries.recipe import HookPoint
-from dictionaries.hookpoints import dictionary_learning_hook, dictionary_learning_model, family, model_id, saelens_hook, sparsify_hook
 
 
 @pytest.mark.parametrize("name, expected", [("pythia-70m-deduped", "EleutherAI/pythia-70m-deduped"),
@@ -52,17 +59,20 @@ def test_transformerlens_hooks(hook, model, module, io, site, layer):
 
 
 @pytest.mark.parametrize("hook, model", [("blocks.3.hook_resid_mid", "gpt2"), ("blocks.3.hook_mlp_out", "bert-base"),
-                                         ("blocks.3.hook_mlp_out", None), ("blocks.x.hook_mlp_out", "gpt2"), (None, "gpt2")])
+                                         ("blocks.3.hook_mlp_out", None), ("blocks.x.hook_mlp_out", "gpt2"),
+                                         (None, "gpt2")])
 def test_unknown_hooks_stay_unset(hook, model):
     assert saelens_hook(model, hook) is None
 
 
 @pytest.mark.parametrize("submodule, layer, module, site", [
-    ("mlp_out_layer3", None, "gpt_neox.layers.3.mlp", "mlp"), ("attn_out_layer0", None, "gpt_neox.layers.0.attention", "attn"),
+    ("mlp_out_layer3", None, "gpt_neox.layers.3.mlp", "mlp"),
+    ("attn_out_layer0", None, "gpt_neox.layers.0.attention", "attn"),
     ("resid_out_layer5", None, "gpt_neox.layers.5", "resid"), ("resid_post_layer_3", 3, "gpt_neox.layers.3", "resid"),
     ("embed", None, "gpt_neox.embed_in", "embed"), (None, 4, "gpt_neox.layers.4", "resid")])
 def test_dictionary_learning_submodules(submodule, layer, module, site):
-    fields, _ = dictionary_learning_hook("EleutherAI/pythia-70m-deduped", submodule, layer, "out", Path("/x/run/trainer_0"))
+    fields, _ = dictionary_learning_hook("EleutherAI/pythia-70m-deduped", submodule, layer, "out",
+                                         Path("/x/run/trainer_0"))
     assert (fields["module"], fields["site"], fields["io"]) == (module, site, "output")
 
 

@@ -1,4 +1,6 @@
-"""Tests of dictionaries/hooks.py (model loading, hook points, collect and patch) and wrap_model on tiny GPT-NeoX, GPT-2 and Llama.
+"""Tests of dictionaries/hooks.py (model loading, hook points, collect and patch) and wrap_model.
+
+Models: tiny GPT-NeoX, GPT-2 and Llama.
 
 Everything is real: transformers models built in-process, nnsight traces, torch forward hooks as the
 independent reference. Dimensions are tiny (d_model 32..64, 2 layers, vocab 1024).
@@ -11,10 +13,10 @@ import torch
 
 from dictionaries import attachment as A
 from dictionaries import hooks as H
-from dictionaries.recipe import HookPoint
 from dictionaries.errors import DictionariesError, HookPointError, NotWrappedError, ShapeMismatchError
-from helpers import ATTN, EMBED, FAMILIES, batch
+from dictionaries.recipe import HookPoint
 
+from helpers import ATTN, EMBED, FAMILIES, batch
 
 
 @pytest.fixture()

@@ -16,10 +16,15 @@ from pathlib import Path
 import pytest
 
 from dictionaries.card import FileEntry
-from dictionaries.files import sha256_of
-from dictionaries.errors import (HashMismatchError, HubPathError, HubUnreachableError, MissingFileError,
-                                 UnverifiedFilesWarning)
+from dictionaries.errors import (
+    HashMismatchError,
+    HubPathError,
+    HubUnreachableError,
+    MissingFileError,
+    UnverifiedFilesWarning,
+)
 from dictionaries.fetch import fetch, fetch_hub_folder, plan_fetch
+from dictionaries.files import sha256_of
 from dictionaries.hub import parse_hub_path
 from dictionaries.registry import HubLocation, HubZipLocation, UrlLocation, load_registry
 

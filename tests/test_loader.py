@@ -7,8 +7,8 @@ to the local hub; weights are real safetensors files written by `formats.write_n
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import io
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -16,10 +16,15 @@ import pytest
 import torch
 import yaml
 
-from dictionaries.architectures import KINDS, build_dictionary
+from dictionaries.architectures import ARCHITECTURES, build_dictionary
 from dictionaries.card import Card, Files
-from dictionaries.errors import (HashMismatchError, HubUnreachableError, MissingFileError, UnknownNameError,
-                                 UnverifiedFilesWarning)
+from dictionaries.errors import (
+    HashMismatchError,
+    HubUnreachableError,
+    MissingFileError,
+    UnknownNameError,
+    UnverifiedFilesWarning,
+)
 from dictionaries.formats import write_native
 from dictionaries.loader import download, load_dictionary
 from dictionaries.registry import Registry, load_registry
@@ -76,12 +81,12 @@ def entry(hub_env, tmp_path, request):
     card, files = native_files(d, tmp_path)
     repo = "loadtest/" + request.node.name.replace("[", "-").replace("]", "")[:60]
     sha = publish(hub_env, repo, files)
-    reg = make_registry(tmp_path / "reg", {card.name: (card.model_copy(update={"aliases": ["toy/alias"]}),
-                                                       {"kind": "hub", "repo": repo, "revision": sha, "subfolder": "d"})})
+    location = {"kind": "hub", "repo": repo, "revision": sha, "subfolder": "d"}
+    reg = make_registry(tmp_path / "reg", {card.name: (card.model_copy(update={"aliases": ["toy/alias"]}), location)})
     return reg, d, sha, repo
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_load_by_registry_name_for_every_architecture(kind, hub_env, tmp_path):
     d = make_dictionary(kind, seed=1)
     card, files = native_files(d, tmp_path)
@@ -227,7 +232,7 @@ def test_shipped_registry_names_resolve_to_their_cards():
 
 
 # ---- dictctl download ---------------------------------------------------------------------------
-def run_dictctl(*args: str, env: dict[str, str]) -> "subprocess.CompletedProcess[str]":
+def run_dictctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     import os
     import subprocess
 

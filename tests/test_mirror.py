@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from dictionaries.card import Card, Files, Stats
-from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.files import sha256_of
+from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.registry import HubLocation, load_registry
 
 D_IN, D_DICT = 8, 16

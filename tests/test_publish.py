@@ -13,15 +13,21 @@ import pytest
 import torch
 import yaml
 
-from dictionaries.architectures import KINDS
+from dictionaries.architectures import ARCHITECTURES
 from dictionaries.card import FileEntry, read_card
+from dictionaries.errors import (
+    CardFilesMismatchError,
+    MissingFileError,
+    PublishError,
+    RepoNameError,
+    TargetOccupiedError,
+)
 from dictionaries.files import sha256_of
-from dictionaries.errors import (CardFilesMismatchError, MissingFileError, PublishError, RepoNameError,
-                                 TargetOccupiedError)
 from dictionaries.registry import HubLocation, load_registry
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 from helpers import D_DICT, D_IN, make_folder, snapshot
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -34,7 +40,7 @@ def commit_count(hub, repo: str) -> int:
 
 
 # ---- publish -> load by name, through olah and the real huggingface_hub client -----------------
-@pytest.mark.parametrize("arch", sorted(KINDS))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_publish_then_load_by_name_gives_identical_outputs(arch, tmp_path, hub_env, registry):
     from dictionaries.loader import load_dictionary
     from dictionaries.publish import publish

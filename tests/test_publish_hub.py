@@ -13,9 +13,10 @@ import threading
 
 import pytest
 
-from dictionaries.files import sha256_of
 from dictionaries.errors import HubAuthError, PublishError
+from dictionaries.files import sha256_of
 from dictionaries.registry import HubLocation, load_registry
+
 from helpers import make_folder, snapshot
 
 
@@ -34,7 +35,6 @@ class FakeHfApi:
         FakeHfApi.calls.append((what, self.endpoint))
         if self.token != self.GOOD_TOKEN:
             import httpx2
-
             from huggingface_hub.errors import HfHubHTTPError
 
             response = httpx2.Response(401, request=httpx2.Request("POST", f"{self.endpoint}/api/x"))

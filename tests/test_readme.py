@@ -24,8 +24,11 @@ def test_offline_example_runs_and_prints_its_comment(tmp_path):
 
 def test_online_example_names_real_api():
     """The Hub example cannot run here (no network); every name it imports and calls must exist."""
-    from dictionaries import load_dictionary  # noqa: F401
-    from dictionaries import attach, wrap_model  # noqa: F401
+    from dictionaries import (  # noqa: F401
+        attach,
+        load_dictionary,  # noqa: F401
+        wrap_model,
+    )
     from dictionaries.attachment import Attachment
 
     for method in ("ablate", "splice", "steer", "features"):

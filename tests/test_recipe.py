@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dictionaries.recipe import Recipe
 from dictionaries.errors import RecipeError, UnknownPresetError
+from dictionaries.recipe import Recipe
 from dictionaries.registry import load_registry
 from training.presets import PRESETS, preset, recipe_for, validate_recipe
 

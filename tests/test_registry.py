@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dictionaries.errors import CardError, RegistryError, UnknownNameError
+from dictionaries.card import Card, Files
 from dictionaries.constants import ENV_REGISTRY
-from dictionaries.registry import Registry, default_registry_path, load_registry
+from dictionaries.errors import CardError, MissingFileError, RegistryError, UnknownNameError
+from dictionaries.registry import HubLocation, Registry, default_registry_path, load_registry, register_entry
 
 REGISTRY = load_registry()
 ENTRIES = sorted(REGISTRY.entries)
@@ -140,6 +142,80 @@ def test_missing_card_file(tmp_path):
         Registry(path)
 
 
+def test_duplicate_name_in_flow_style_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys whatever the style; a flow mapping must not re-point a name."""
+    path = copy_registry(tmp_path)
+    text = path.read_text()
+    hijack = ("entries: {'pythia70m/mlp0/8192': {card: pythia70m/mlp0/8192.yaml, location: {kind: url, "
+              "url: 'https://attacker.example/x/'}}, ")
+    body = text[text.index("entries:\n") + len("entries:\n"):]
+    flow = yaml.safe_load("entries:\n" + body)["entries"]
+    rest = ", ".join(f"'{name}': {yaml.safe_dump(item, default_flow_style=True).strip()}"
+                     for name, item in flow.items())
+    path.write_text(text[:text.index("entries:\n")] + hijack + rest + "}\n")
+    with pytest.raises(CardError, match="listed twice"):
+        Registry(path)
+
+
+def test_registry_path_that_is_a_folder(tmp_path):
+    with pytest.raises(RegistryError, match="is a folder"):
+        Registry(tmp_path)
+
+
 def test_missing_registry(tmp_path):
     with pytest.raises(RegistryError, match=ENV_REGISTRY):
         Registry(tmp_path / "nope.yaml")
+
+
+# ---- references ---------------------------------------------------------------------------------
+def test_resolve_every_kind_of_reference(tmp_path, monkeypatch):
+    from dictionaries.registry import card_of, resolve, resolve_one
+
+    for sub in ("a1", "a2"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert [r.entry.name for r in resolve("pythia70m/mlp3/8192")] == ["pythia70m/mlp3/8192"]
+    assert len(resolve("pythia70m/mlp*/8192")) == 6
+    assert [r.folder for r in resolve(str(tmp_path / "a*"))] == [tmp_path / "a1", tmp_path / "a2"]
+    assert [r.folder for r in resolve("a1")] == [Path("a1")]           # an existing folder, not a name
+    assert [r.hub for r in resolve("hf://org/repo/sub@main")] == ["hf://org/repo/sub@main"]
+    assert len(resolve(["pythia70m/mlp0/8192", str(tmp_path / "a1")])) == 2
+    with pytest.raises(UnknownNameError, match="matches 6 dictionaries"):
+        resolve_one("pythia70m/mlp*/8192")
+    with pytest.raises(MissingFileError, match="No such folder"):
+        resolve("./not-here")
+    with pytest.raises(MissingFileError, match="card.json"):
+        card_of(str(tmp_path / "a1"))
+    assert card_of("pythia70m/mlp3/8192").stats.l0 == pytest.approx(175.303)
+
+
+# ---- writing entries --------------------------------------------------------------------------
+def card(name: str, aliases: list[str] = ()) -> Card:
+    return Card(name=name, aliases=list(aliases), architecture="relu", d_in=4, d_dict=8,
+                files=Files(items=[{"path": "weights.safetensors", "size": 1, "sha256": "0" * 64}]))
+
+
+def location(i: int) -> HubLocation:
+    return HubLocation(repo="org/many", revision=f"{i:040x}", subfolder=f"d{i}")
+
+
+def test_concurrent_registrations_lose_no_entry(registry):
+    names = [f"toy/mlp{i}/8" for i in range(8)]
+    threads = [threading.Thread(target=register_entry, args=(card(n), location(i), registry))
+               for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reg = load_registry(registry)
+    for i, n in enumerate(names):
+        assert reg.get(n).location == location(i)
+
+
+def test_a_card_that_breaks_the_registry_is_rolled_back(registry):
+    before = {p: p.read_bytes() for p in registry.parent.rglob("*") if p.is_file()}
+    taken = next(iter(load_registry(registry).entries))
+    with pytest.raises(RegistryError, match="used twice"):
+        register_entry(card("toy/mlp0/8", aliases=[taken]), location(0), registry)
+    after = {p: p.read_bytes() for p in registry.parent.rglob("*") if p.is_file()}
+    assert after == before

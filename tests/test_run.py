@@ -12,9 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dictionaries.errors import (
+    HookPointError,
+    NonFiniteLossError,
+    OutOfDataError,
+    RecipeMismatchError,
+    SharedHarvestError,
+)
 from dictionaries.recipe import Recipe
-from dictionaries.errors import (HookPointError, NonFiniteLossError, OutOfDataError, RecipeMismatchError,
-                                 SharedHarvestError)
 from training import run as run_module
 from training.presets import preset
 from training.toymodel import corpus_documents
@@ -336,6 +341,7 @@ def _mse(folder, rows):
         return float((d(rows).reconstruction - rows).pow(2).mean())
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(tmp_path, corpus, tiny_neox, tokenizer):
     import os
     import subprocess

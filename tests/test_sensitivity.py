@@ -10,8 +10,13 @@ import torch
 from dictionaries.architectures import build_dictionary
 from dictionaries.card import Card, Files
 from dictionaries.recipe import HookPoint, ModelRef
-from training.sensitivity import (crossing_steps, dictionary_directions, measure_sensitivity, plot_sensitivity,
-                                  sample_like)
+from training.sensitivity import (
+    crossing_steps,
+    dictionary_directions,
+    measure_sensitivity,
+    plot_sensitivity,
+    sample_like,
+)
 
 HOOK = HookPoint(module="gpt_neox.layers.0.mlp", site="mlp", layer=0)
 
@@ -83,7 +88,7 @@ def test_curves_are_finite_and_ordered(tiny_neox, tokenizer, tmp_path):
         assert mean[-1] > 3 * mean[1] > 0, kind                           # (saturates on a random model)
     card_fig = curves.to_card()
     assert card_fig.samples == 6
-    for kind, median in curves.medians().items():                      # medians are steps on the grid, or inf
+    for median in curves.medians().values():                      # medians are steps on the grid, or inf
         assert math.isinf(median) or 0 <= median <= 3
     png = plot_sensitivity(curves, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -60,11 +60,11 @@ def _step_all(s: Session, rows: list[torch.Tensor], checkpoint: Path | None) -> 
     results = []
     for job in s.jobs:
         def sample(n: int, job: Job = job) -> torch.Tensor:
-            return s.buffer.sample(n, job.hook, job.sampler)
+            return s.buffer.sample(n, job.hook_index, job.sampler)
 
         if s.step == 0:  # the trainer's input scale comes from a sample before the first step
             job.trainer.estimate_input_scale(sample(min(s.buffer.unread, 8 * s.local_batch)))
-        results.append(job.trainer.step(rows[job.hook], sample))
+        results.append(job.trainer.step(rows[job.hook_index], sample))
     bad = [i for i, m in enumerate(results) if not math.isfinite(m["loss"])]
     if any_rank(bool(bad), s.world):  # every rank stops together (a NaN reaches all through the gradients)
         i = bad[0] if bad else 0
@@ -147,8 +147,8 @@ def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: di
     notes = [f"Trained by training/run.py on {tokens:,} tokens in {seconds:.0f} s "
              f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, {job.trainer.total_steps} steps)."]
     if metrics:
-        notes.append("Last training step: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "mse", "l0", "dead_frac")
-                                                        if k in metrics) + ".")
+        shown = [f"{k} {metrics[k]:.4g}" for k in ("loss", "mse", "l0", "dead_frac") if k in metrics]
+        notes.append("Last training step: " + ", ".join(shown) + ".")
     if module.d_dict != r.d_dict:
         notes.append(f"{r.d_dict - module.d_dict} features with decoder norm below {r.prune_below} were pruned.")
     return Card(name=job.name, architecture=r.architecture, d_in=module.d_in, d_dict=module.d_dict,

@@ -33,7 +33,7 @@ class Job:
 
     name: str
     recipe: Recipe
-    hook: int
+    hook_index: int
     trainer: Trainer
     sampler: torch.Generator  # draws resampling inputs from the buffer, independent of the batch order
 

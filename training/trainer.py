@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dictionaries.architectures import KINDS, Dictionary
+from dictionaries.architectures import ARCHITECTURES, Dictionary
 from dictionaries.errors import RecipeError, ShapeMismatchError
 from dictionaries.recipe import Recipe
 from training.losses import LossContext, compute_loss
@@ -63,7 +63,7 @@ def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: st
     kw = {"pre_encoder_bias": recipe.pre_encoder_bias, "dtype": dtype, "device": device}
     if recipe.k is not None:
         kw["k"] = recipe.k
-    module = KINDS[recipe.architecture](d_in, recipe.d_dict, **kw)
+    module = ARCHITECTURES[recipe.architecture](d_in, recipe.d_dict, **kw)
     gen = torch.Generator().manual_seed(recipe.seed)
     W_dec = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
@@ -265,7 +265,8 @@ class Trainer:
     # ---- Anthropic resampling (Bricken et al. 2023) -------------------------------------------------
     def _maybe_resample(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None) -> int:
         rs = self.recipe.resampling
-        if rs.kind != "anthropic" or self.step_count % rs.every or (rs.until is not None and self.step_count > rs.until):
+        past_until = rs.until is not None and self.step_count > rs.until
+        if rs.kind != "anthropic" or self.step_count % rs.every or past_until:
             return 0
         dead = self.steps_since_fired >= rs.dead_window
         n_dead = int(dead.sum())
@@ -361,4 +362,4 @@ class Trainer:
         kw = {"pre_encoder_bias": r.pre_encoder_bias, "dtype": self.dtype, "device": self.device}
         if r.k is not None:
             kw["k"] = min(r.k, d_dict)
-        return KINDS[r.architecture](self.d_in, d_dict, **kw).load_native_state(state, "trainer").eval()
+        return ARCHITECTURES[r.architecture](self.d_in, d_dict, **kw).load_native_state(state, "trainer").eval()
