@@ -21,7 +21,8 @@ class UnknownNameError(DictionariesError, KeyError):
         self.suggestions = list(suggestions)
         self.problem = problem
         if problem:  # a reference that resolves, but not to exactly one dictionary
-            super().__init__(f"{name!r}: {problem} ({', '.join(self.suggestions)}, ...); give one name or folder")
+            listed = f" ({', '.join(self.suggestions)})" if self.suggestions else ""
+            super().__init__(f"{name!r} {problem}{listed}")
             return
         hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
         super().__init__(f"no dictionary named {name!r} in the registry.{hint} (`dictctl list` shows all names)")

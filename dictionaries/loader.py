@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dictionaries.errors import UnknownNameError
 from dictionaries.registry import Entry, Registry, load_registry, resolve, resolve_one
 
 if TYPE_CHECKING:
@@ -53,5 +54,10 @@ def download(refs: list[str], *, force: bool = False, progress: bool = True,
     """`dictctl download`: fetch every entry the names or globs match, re-hashing every file (the load path's
     stat-based shortcut cannot see bit rot); name -> cached folder."""
     reg = registry if registry is not None else load_registry()
-    entries = {r.entry.name: r.entry for ref in refs for r in resolve(ref, reg) if r.entry is not None}
+    found = [r for ref in refs for r in resolve(ref, reg)]
+    others = [r.text for r in found if r.entry is None]
+    if others:
+        raise UnknownNameError(others[0], others[1:5], problem="is not a registry entry (download fetches registry "
+                                                               "entries; a folder or hf:// path is loaded as it is)")
+    entries = {r.entry.name: r.entry for r in found}
     return {name: fetch_entry(e, force=force, progress=progress, verify=True) for name, e in entries.items()}

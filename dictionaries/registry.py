@@ -301,7 +301,8 @@ def resolve_one(ref: str | Path, registry: Registry | None = None) -> Ref:
     """The one dictionary `ref` means; a glob matching several is an error naming them."""
     found = resolve(ref, registry)
     if len(found) != 1:
-        raise UnknownNameError(str(ref), [r.text for r in found[:5]], problem=f"it matches {len(found)} dictionaries")
+        raise UnknownNameError(str(ref), [r.text for r in found[:5]],
+                               problem=f"matches {len(found)} dictionaries; give one name or folder")
     return found[0]
 
 

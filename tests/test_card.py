@@ -25,6 +25,13 @@ def minimal_card(**over) -> dict:
     return card
 
 
+@pytest.mark.parametrize("path", ["../weights.safetensors", "a/../../b", "/etc/passwd", "~/x", "C:/x", "a//b",
+                                  "./a", "a\\b", ""])
+def test_a_file_path_leaving_the_folder_is_refused(path):
+    with pytest.raises(CardError, match="files.items.0.path"):
+        parse_card(minimal_card(files={"items": [{"path": path}]}), "x.yaml")
+
+
 def test_minimal_card_defaults():
     card = parse_card(minimal_card(), "x.yaml")
     assert card.files.format == "native"

@@ -33,3 +33,52 @@ def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):
     assert len(entry.location.revision) == 40
     assert result.top_features
     assert all(peak > 0 for _, peak, _ in result.top_features)
+
+
+def _dictctl_lines(text: str) -> list[list[str]]:
+    """Every `dictctl ...` command in a text, split as a shell would (comments dropped)."""
+    import shlex
+
+    return [shlex.split(line.split("#")[0].strip())[1:] for line in text.splitlines()
+            if line.strip().startswith("dictctl ")]
+
+
+def _parse(args: list[str]) -> dict:
+    """The parameters `dictctl args` parses to (click's own parser: unknown options and bad types fail)."""
+    import typer
+
+    from dictionaries.cli import app
+
+    group = typer.main.get_command(app)
+    name, *rest = args
+    command = group.get_command(None, name)
+    assert command is not None, f"dictctl has no command {name!r}"
+    return command.make_context(name, list(rest)).params
+
+
+def test_every_command_the_demo_prints_parses_and_finds_what_the_one_before_wrote():
+    """The printed Pythia commands: each parses, and eval/publish name the folder that train writes."""
+    from dictionaries.demo import PYTHIA_COMMANDS
+
+    commands = _dictctl_lines(PYTHIA_COMMANDS)
+    assert len(commands) >= 5
+    params = {tuple(c[:2]): _parse(c) for c in commands}
+    train = params[("train", "pythia70m/mlp3/8192")]
+    written = f"{train['out']}/{load_registry().get(train['name']).name}"   # train_entries writes out/<entry name>
+    assert params[("eval", written)]["ref"] == written
+    assert params[("publish", written)]["folder"] == written
+
+
+def test_every_command_the_readme_lists_parses():
+    """README's command table: each line, options in brackets included, parses with placeholders filled."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    lines = [re.split(r"\s{2,}", line)[0] for line in readme.splitlines() if line.startswith("dictctl ")]
+    assert len(lines) >= 12
+    values = {"N": "100", "I": "3"}  # integer placeholders; any other upper-case word is a name or path
+    for line in lines:
+        args = shlex.split(line.replace("[", "").replace("]", ""))[1:]
+        _parse([values.get(a, "x") if a.replace("/", "").replace("|", "").isupper() else a for a in args])

@@ -287,6 +287,21 @@ def test_eval_of_trained_folders_with_an_in_process_model(workspace, tiny_neox, 
     assert all(card.stats.source == "measured" and card.stats.tokens > 200 for _, card in written)
 
 
+def test_eval_out_never_writes_outside_out(workspace):
+    """A folder's card name is free text: `--out DIR` must not follow a `../` in it out of DIR."""
+    from dictionaries.errors import CardError
+    from dictionaries.formats import write_native
+
+    evil = identity_like(scale=0.5, name="../../escaped")
+    write_native(evil, workspace / "evil", card=evil.card)
+    with pytest.raises(CardError, match="output folder under --out"):
+        evaluate_and_write(str(workspace / "evil"), model=str(workspace / "model"), out=str(workspace / "out"),
+                           dataset=str(workspace / "eval.txt"), tokens=256, context_length=32, sensitivity=False,
+                           progress=False)
+    assert not (workspace.parent / "escaped").exists()
+    assert not (workspace / "out").exists()
+
+
 def test_cli_eval_glob_and_compare(workspace):
     from typer.testing import CliRunner
 

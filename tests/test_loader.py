@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -271,3 +272,39 @@ def test_dictctl_download_errors_are_one_line(entry, tmp_path):
     assert unknown.returncode == 1
     assert "unknown name" in unknown.stderr
     assert "toy/mlp0/16" in unknown.stderr
+
+
+def test_dictctl_download_rehashes_and_repairs_bit_rot(entry):
+    """A byte flipped in place (same size, inode and mtime) fools the load path's stat record by design;
+    `dictctl download` re-hashes every file, so it sees the flip, drops the copy and fetches it again."""
+    reg, d, sha, repo = entry
+    env = {"DICTIONARIES_REGISTRY": str(reg.path)}
+    first = run_dictctl("download", "toy/mlp0/16", "--quiet", env=env)
+    assert first.returncode == 0, first.stderr
+    weights = Path(first.stdout.split("ok toy/mlp0/16")[1].split()[0]) / "weights.safetensors"
+    blob = weights.resolve()
+    good, stat = blob.read_bytes(), blob.stat()
+    with open(blob, "r+b") as fh:  # flip one byte of the tensor data, past the header
+        fh.seek(len(good) - 3)
+        fh.write(bytes([good[-3] ^ 0xFF]))
+    os.utime(blob, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert blob.stat().st_mtime_ns == stat.st_mtime_ns
+    assert blob.stat().st_size == stat.st_size
+    again = run_dictctl("download", "toy/mlp0/16", "--quiet", env=env)
+    assert again.returncode == 0, again.stderr
+    assert weights.resolve().read_bytes() == good
+
+
+def test_a_card_path_leaving_its_folder_is_refused_before_any_download(tmp_path):
+    """A registry card at a plain URL naming `../` would have made download write outside the cache."""
+    d = make_dictionary("relu")
+    card = d.card.model_copy(update={"files": Files(items=[{"path": "weights.safetensors"}])})
+    reg = make_registry(tmp_path / "reg", {card.name: (card, {"kind": "url", "url": "http://127.0.0.1:9/x/"})})
+    cards = tmp_path / "reg" / "cards" / "toy" / "mlp0" / "16.yaml"
+    cards.write_text(cards.read_text().replace("path: weights.safetensors", "path: ../../escaped.bin"))
+    done = run_dictctl("download", "toy/mlp0/16", env={"DICTIONARIES_REGISTRY": str(reg.path)})
+    assert done.returncode == 1
+    assert "invalid card" in done.stderr
+    assert "files.items.0.path" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("escaped.bin"))

@@ -88,6 +88,21 @@ def test_staged_model_card_parses_as_hub_front_matter(tmp_path, local_hub):
     assert sorted(result.uploaded) == ["s/README.md", "s/card.json", "s/density.png", "s/weights.safetensors"]
 
 
+def test_a_card_listing_a_file_outside_its_folder_is_refused(tmp_path):
+    """`publish --dry-run` once copied `../secret` into the staging folder; the card is now refused first."""
+    from dictionaries.errors import CardError
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    (tmp_path / "secret").write_text("not for the Hub")
+    card = json.loads((tmp_path / "native" / "card.json").read_text())
+    card["files"]["items"].append({"path": "../secret", "size": 15, "sha256": sha256_of(tmp_path / "secret")})
+    (tmp_path / "native" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CardError, match="files.items.1.path"):
+        publish(tmp_path / "native", "org/dry", dry_run=True, staging_dir=tmp_path / "stage")
+    assert not (tmp_path / "stage").exists()
+
+
 def test_dry_run_uploads_nothing(tmp_path, local_hub, registry):
     from dictionaries.publish import publish
 

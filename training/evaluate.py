@@ -341,13 +341,13 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     (or a foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
     Returns (folder written, new card) per dictionary.
     """
-    from dictionaries.constants import CARD_FILE
     from dictionaries.hooks import load_model
     from dictionaries.loader import load_dictionary
     from dictionaries.registry import resolve
 
     found = resolve(refs)
     dicts = [load_dictionary(r.folder if r.folder is not None else r.text, device=device) for r in found]
+    places = [_output_folder(r, d, out) for r, d in zip(found, dicts)]  # checked before any work is done
     models = {(d.card.model.id, d.card.model.revision) if d.card.model else None for d in dicts}
     if model is None and (len(models) != 1 or None in models):
         raise EvalInputError(str(refs), f"its dictionaries name models {sorted(map(str, models))}",
@@ -367,9 +367,20 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
                        tokens=tokens, context_length=context_length, batch_size=batch_size, exclude_bos=exclude_bos,
                        device=device, seed=seed, sensitivity=sensitivity, sensitivity_samples=sensitivity_samples,
                        progress=progress)
-    written = []
-    for r, d, result in zip(found, dicts, results):
-        native = r.folder is not None and (r.folder / CARD_FILE).is_file()
-        folder = r.folder if native and out is None else Path(out or "evaluated") / d.card.name
-        written.append((str(folder), write_evaluated(folder, d, result, in_place=native and out is None)))
-    return written
+    return [(str(folder), write_evaluated(folder, d, result, in_place=in_place))
+            for (folder, in_place), d, result in zip(places, dicts, results)]
+
+
+def _output_folder(found: Any, dictionary: Dictionary, out: str | None) -> tuple[Path, bool]:
+    """(where an evaluated dictionary goes, whether that is its own folder): a native folder in place unless
+    `out` is given, else `out/<card name>`, the name checked to stay inside `out` (a card is free text)."""
+    from dictionaries.constants import CARD_FILE
+    from dictionaries.errors import CardError
+    from dictionaries.files import relative_path_problem
+
+    if found.folder is not None and (found.folder / CARD_FILE).is_file() and out is None:
+        return found.folder, True
+    problem = relative_path_problem(dictionary.card.name)
+    if problem:
+        raise CardError(found.text, "name", f"{problem}; the card's name is the output folder under --out")
+    return Path(out or "evaluated") / dictionary.card.name, False
