@@ -164,7 +164,7 @@ def write_native(dictionary: Dictionary, folder: str | Path, *, card: Card | Non
     the one weights file with size and sha256 (format native), the original location kept in
     `files.source`, and `dtype` the stored dtype.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     card = card or dictionary.card or _bare_card(dictionary, folder)
@@ -174,9 +174,7 @@ def write_native(dictionary: Dictionary, folder: str | Path, *, card: Card | Non
                        found_pre_encoder_bias=dictionary.pre_encoder_bias)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
-    partial = folder / (WEIGHTS_FILE + ".partial")  # a crash never leaves a half-written weights file
-    save_file(state, str(partial), metadata={"format": "pt"})
-    partial.replace(weights)
+    write_atomic(weights, save(state, metadata={"format": "pt"}))  # a crash never leaves half a weights file
     source = card.files.source or (card.provenance.original if card.files.format != "native" else None)
     written = card.model_copy(update={
         "files": Files(format="native", items=[file_entry(weights, folder)], source=source),

@@ -7,12 +7,14 @@ histogram is of log10 density with dead features (never fired) placed at -10, as
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from dictionaries.constants import DENSITY_FILE
+from dictionaries.files import write_atomic
 
 DEAD_LOG10 = -10.0
 """Where a feature that never fired is placed on the log10-density axis."""
@@ -46,11 +48,9 @@ def format_density(summary: dict[str, float]) -> str:
 
 def save_density(frequency: Tensor, folder: str | Path) -> Path:
     """Write `density.safetensors` (tensor `frequency`, float32 (F,)) into `folder`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(folder) / DENSITY_FILE
-    save_file({"frequency": frequency.detach().float().cpu().contiguous()}, str(path))
-    return path
+    return write_atomic(Path(folder) / DENSITY_FILE, save({"frequency": frequency.detach().float().cpu().contiguous()}))
 
 
 def read_density(folder: str | Path) -> Tensor:
@@ -78,6 +78,7 @@ def plot_density(frequency: Tensor, path: str | Path, *, title: str = "") -> Pat
     ax.set_title(title or "feature density", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return Path(path)
+    return write_atomic(path, png.getvalue())

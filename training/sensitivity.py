@@ -15,6 +15,7 @@ does on the grid); the card stores the median over base activations for each kin
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from dictionaries.files import write_atomic
 
 if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
@@ -254,6 +257,7 @@ def plot_sensitivity(curves: SensitivityCurves, path: str | Path, *, title: str 
     ax.set_title(title or "sensitive directions", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return Path(path)
+    return write_atomic(path, png.getvalue())
