@@ -19,6 +19,7 @@ from dictionaries.errors import CardError
 from dictionaries.files import relative_path_problem
 from dictionaries.recipe import (
     Architecture,
+    DatasetSpec,
     HookPoint,
     ModelRef,
     Recipe,
@@ -102,6 +103,21 @@ class Sensitivity(Strict):
     """Largest step tried, in units of the base activation's norm (a median of inf: KL 0.5 never reached)."""
 
 
+class EvalSet(Strict):
+    """Exactly which tokens the stats were measured on."""
+
+    dataset: DatasetSpec
+    """The whole dataset spec: path, configuration name, split, column, revision."""
+    seed: int | None = None
+    """Seed of the shuffled document order the contexts were read in (None: stored order)."""
+    prepend_bos: bool = False
+    """Whether each context started with the tokenizer's BOS token."""
+    contexts: int
+    """How many contexts: the first ones of that stream."""
+    held_out: str | None = None
+    """How these tokens relate to the training data, e.g. the documents a training run skipped; None: unknown."""
+
+
 class Stats(Strict):
     """The stats of DESIGN.md section 7, with how and where they were obtained."""
 
@@ -110,7 +126,9 @@ class Stats(Strict):
     reference: str | None = None
     """For reported stats, where they were reported (URL)."""
     dataset: str | None = None
-    """The eval dataset."""
+    """The eval dataset (its path or id; `eval_set` holds the whole spec)."""
+    eval_set: EvalSet | None = None
+    """Exactly which tokens were measured: dataset spec, order, BOS setting, count, relation to training."""
     tokens: int | None = None
     """Eval token count."""
     context_length: int | None = None

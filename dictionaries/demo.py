@@ -69,7 +69,7 @@ def demo_recipe(model_folder: Path, dataset: Path, d_model: int, tokens: int):
     return validate_recipe(fields)
 
 
-def run_demo(workdir: str | Path | None = None, *, tokens: int = 140_000, say: Callable[[str], None] = print,
+def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: Callable[[str], None] = print,
              progress: bool = True) -> DemoResult:
     """Run every step; `workdir` holds the cached toy model and this run's hub, registry and outputs."""
     start = time.perf_counter()

@@ -176,6 +176,9 @@ class Recipe(Strict):
     """Prepend the tokenizer's BOS token to every context."""
     seed: int = 0
     """Seed of data order, initialisation and resampling."""
+    holdout_tokens: int = Field(default=16384, ge=0)
+    """Tokens at the head of the seeded, shuffled stream that training skips, so the run's stats are measured
+    on text it never trained on (whole documents: training starts at the first document after them)."""
     dtype: str = "float32"
     """Training dtype of the dictionary."""
     threshold_decay: float = Field(default=0.999, ge=0, lt=1)

@@ -9,7 +9,7 @@ import torch
 
 from dictionaries.errors import DatasetColumnError
 from dictionaries.recipe import DatasetSpec
-from training.data import TokenStream, open_dataset
+from training.data import TokenStream, holdout_documents, open_dataset
 from training.toymodel import corpus_documents
 
 DOCS = corpus_documents()[:300]
@@ -111,3 +111,26 @@ def test_missing_column_lists_the_columns(tmp_path, tokenizer):
     assert info.value.columns == ["body", "id"]
     assert "'body'" in str(info.value)
     assert "'text'" in str(info.value)
+
+
+def test_held_out_documents_never_reach_training(tmp_path, tokenizer):
+    """The eval contexts (the head of the seeded stream) and the training stream share no document."""
+    import re
+
+    path = tmp_path / "numbered.txt"
+    path.write_text("\n\n".join(f"doc{i} " + "word " * (5 + i % 17) for i in range(400)))
+    spec = DatasetSpec(path=str(path))
+    n = holdout_documents(spec, tokenizer, context_length=32, prepend_bos=False, seed=3, tokens=32 * 10)
+    evaluation = TokenStream(spec, tokenizer, context_length=32, seed=3).next_contexts(10)
+    training = TokenStream(spec, tokenizer, context_length=32, seed=3, skip_documents=n)
+    seen = training.next_contexts(10_000)
+
+    def docs(contexts):
+        return set(re.findall(r"doc(\d+) ", tokenizer.decode(contexts.flatten().tolist())))
+
+    assert len(evaluation) == 10
+    assert 0 < n < 400
+    assert docs(evaluation)
+    assert docs(evaluation).isdisjoint(docs(seen))
+    assert len(docs(evaluation)) + len(docs(seen)) >= 399   # everything else is still trained on
+

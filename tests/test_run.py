@@ -16,6 +16,7 @@ from dictionaries.errors import (
     HookPointError,
     NonFiniteLossError,
     OutOfDataError,
+    RecipeError,
     RecipeMismatchError,
     SharedHarvestError,
 )
@@ -39,7 +40,7 @@ def corpus(tmp_path_factory):
 def make_recipe(corpus, hook=MLP0, **fields) -> Recipe:
     base = dict(model={"id": "toy-neox"}, hook=hook, dataset={"path": str(corpus)}, context_length=32,
                 tokens=128 * 24, batch_size=128, buffer_contexts=16, harvest_batch_size=8, d_dict=96,
-                optimizer={"lr": 1e-3, "warmup_steps": 4},
+                holdout_tokens=512, optimizer={"lr": 1e-3, "warmup_steps": 4},
                 resampling={"kind": "anthropic", "every": 6, "dead_window": 3, "inputs": 256})
     base.update(fields)
     return Recipe.model_validate(preset("bricken2023", **base))
@@ -129,9 +130,15 @@ def test_trained_dictionary_arrives_with_measured_stats(tmp_path, corpus, tiny_n
     """The run ends with the same evaluation as `dictctl eval`: stats, density file and plots in the folder."""
     from dictionaries.formats import read_folder
 
-    (folder,) = train(make_recipe(corpus, tokens=128 * 6), tmp_path, tiny_neox, tokenizer, eval_tokens=512)
+    recipe = make_recipe(corpus, tokens=128 * 6)
+    (folder,) = train(recipe, tmp_path, tiny_neox, tokenizer, eval_tokens=512)
     stats = read_folder(folder).card.stats
     assert stats.source == "measured"
+    assert stats.eval_set.dataset == recipe.dataset           # the whole spec, not the path alone
+    assert stats.eval_set.seed == recipe.seed
+    assert stats.eval_set.prepend_bos == recipe.prepend_bos
+    assert stats.eval_set.contexts == 512 // 32
+    assert "which training skipped" in stats.eval_set.held_out
     assert stats.tokens > 0
     assert stats.context_length == 32
     assert stats.l0 is not None
@@ -139,6 +146,12 @@ def test_trained_dictionary_arrives_with_measured_stats(tmp_path, corpus, tiny_n
     assert stats.mse >= 0
     assert (folder / "density.safetensors").exists()
     assert (folder / "density.png").exists()
+
+
+def test_eval_tokens_beyond_the_holdout_are_refused_before_training(tmp_path, corpus, tiny_neox, tokenizer):
+    with pytest.raises(RecipeError, match="holdout_tokens"):
+        train(make_recipe(corpus), tmp_path, tiny_neox, tokenizer, eval_tokens=1024)
+    assert not (tmp_path / "checkpoint").exists()
 
 
 def test_resume_refuses_a_different_recipe(tmp_path, corpus, tiny_neox, tokenizer, monkeypatch):

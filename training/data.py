@@ -6,6 +6,9 @@ the tokenizer's BOS when the recipe says `prepend_bos`). A document longer than 
 the next one; no context is padded. Under torch.distributed each rank takes every `world_size`-th document
 of the shuffled order, so the ranks read disjoint slices of one stream.
 
+Held out: `holdout_documents` counts the documents at the head of the shuffled order that hold a run's
+eval contexts; training streams skip them (`skip_documents`), evaluation reads them.
+
 Position and resume: the stream's state is the number of documents consumed (of the shuffled order, all
 ranks counted) plus the tokens tokenised but not yet packed. Resuming replays the seeded order from the
 start, skipping the consumed documents without tokenising them, so a resumed stream yields exactly the
@@ -98,8 +101,12 @@ class TokenStream:
     `next_contexts(n)` -> LongTensor (m, context_length), m <= n (m < n only when the data runs out).
     """
 
+    SHUFFLE_BUFFER = 4096
+    """Documents in the seeded shuffle's buffer."""
+
     def __init__(self, spec: DatasetSpec, tokenizer: Any, *, context_length: int, prepend_bos: bool = False,
-                 seed: int = 0, shuffle_buffer: int = 4096, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, shuffle_buffer: int = SHUFFLE_BUFFER, rank: int = 0, world_size: int = 1,
+                 skip_documents: int = 0):
         self.spec = spec
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -109,7 +116,7 @@ class TokenStream:
         self.rank, self.world_size = rank, world_size
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.documents = 0            # documents of the shuffled order consumed (all ranks counted)
+        self.documents = skip_documents  # documents of the shuffled order consumed (all ranks counted)
         self.leftover: list[int] = []  # tokens tokenised but not yet packed into a context
         self.exhausted = False
         self._docs: Iterator[str] | None = None
@@ -192,3 +199,24 @@ class TokenStream:
         self.leftover = [int(t) for t in state["leftover"].tolist()]
         self.exhausted = bool(state["exhausted"])
         self._docs = None
+
+
+def holdout_documents(spec: DatasetSpec, tokenizer: Any, *, context_length: int, prepend_bos: bool, seed: int,
+                      tokens: int) -> int:
+    """How many documents of the seeded shuffled order hold the first ceil(tokens / context_length) contexts.
+
+    Training skips that many documents (`TokenStream(skip_documents=...)`) and evaluation reads those first
+    contexts from a fresh stream of the same spec and seed (contexts are packed in document order, so they
+    come from these documents alone): the two never share a token.
+    """
+    if tokens <= 0:
+        return 0
+    body = context_length - (1 if prepend_bos else 0)
+    needed = -(-tokens // context_length) * body
+    have = count = 0
+    for doc in shuffled(open_dataset(spec), seed, TokenStream.SHUFFLE_BUFFER):
+        have += len(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]) + 1  # + EOS
+        count += 1
+        if have >= needed:
+            break
+    return count

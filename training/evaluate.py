@@ -32,7 +32,7 @@ from torch import Tensor
 from dictionaries.architectures import Dictionary
 from dictionaries.card import Stats
 from dictionaries.errors import EvalInputError
-from dictionaries.recipe import HookPoint
+from dictionaries.recipe import DatasetSpec, HookPoint
 from training.density import summarize_density
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
 
@@ -203,15 +203,16 @@ def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoi
 
 
 def pack_batches(data: Any, *, tokenizer=None, tokens: int, context_length: int, batch_size: int,
-                 seed: int = 0) -> list[tuple[Tensor, Tensor | None]]:
+                 seed: int = 0, prepend_bos: bool = False) -> list[tuple[Tensor, Tensor | None]]:
     """The eval set as (input_ids (B, C), attention_mask or None) batches, ceil(tokens / C) contexts in all.
 
-    `data`: a dataset path or Hub id (read by training.data.TokenStream, seeded), a list of texts (EOS-joined
-    and packed), a LongTensor (N, C), or an iterable of tensors / (ids, mask) pairs (taken as they are).
+    `data`: a DatasetSpec, dataset path or Hub id (read by training.data.TokenStream, seeded, BOS first when
+    `prepend_bos`), a list of texts (EOS-joined and packed), a LongTensor (N, C), or an iterable of tensors /
+    (ids, mask) pairs (taken as they are).
     """
     want = -(-tokens // context_length)
-    if isinstance(data, str) or (isinstance(data, Sequence) and data and isinstance(data[0], str)):
-        contexts = _stream_contexts(data, tokenizer, context_length, seed, want)
+    if isinstance(data, (str, DatasetSpec)) or (isinstance(data, Sequence) and data and isinstance(data[0], str)):
+        contexts = _stream_contexts(data, tokenizer, context_length, seed, want, prepend_bos)
         return [(contexts[i:i + batch_size], None) for i in range(0, len(contexts), batch_size)]
     if isinstance(data, Tensor):
         data = [data[i:i + batch_size] for i in range(0, min(len(data), want), batch_size)]
@@ -227,15 +228,16 @@ def pack_batches(data: Any, *, tokenizer=None, tokens: int, context_length: int,
     return batches
 
 
-def _stream_contexts(data: str | Sequence[str], tokenizer, context_length: int, seed: int, want: int) -> Tensor:
-    """Contexts (m, C): a dataset path/id via training.data.TokenStream (seeded), texts EOS-joined in order."""
+def _stream_contexts(data: str | DatasetSpec | Sequence[str], tokenizer, context_length: int, seed: int, want: int,
+                     prepend_bos: bool) -> Tensor:
+    """Contexts (m, C): a dataset via training.data.TokenStream (seeded), texts EOS-joined in order."""
     if tokenizer is None:
         raise EvalInputError("eval data", "texts need a tokenizer", "Pass `tokenizer=` (the model's).")
-    if isinstance(data, str):
-        from dictionaries.recipe import DatasetSpec
+    if isinstance(data, (str, DatasetSpec)):
         from training.data import TokenStream
 
-        contexts = TokenStream(DatasetSpec(path=data), tokenizer, context_length=context_length,
+        spec = data if isinstance(data, DatasetSpec) else DatasetSpec(path=data)
+        contexts = TokenStream(spec, tokenizer, context_length=context_length, prepend_bos=prepend_bos,
                                seed=seed).next_contexts(want)
     else:
         flat: list[int] = []
@@ -249,18 +251,34 @@ def _stream_contexts(data: str | Sequence[str], tokenizer, context_length: int, 
     return contexts
 
 
+def _meta(data: Any, dataset_name: str | None, batches: list, *, context_length: int, exclude_bos: bool,
+          seed: int, prepend_bos: bool, held_out: str | None) -> dict:
+    """The Stats fields that say how the stats were measured (the whole dataset spec when data is one)."""
+    from dictionaries import __version__
+    from dictionaries.card import EvalSet
+
+    spec = data if isinstance(data, DatasetSpec) else DatasetSpec(path=data) if isinstance(data, str) else None
+    contexts = sum(ids.shape[0] for ids, _ in batches)
+    eval_set = None if spec is None else EvalSet(dataset=spec, seed=seed, prepend_bos=prepend_bos,
+                                                  contexts=contexts, held_out=held_out)
+    return dict(dataset=dataset_name or (spec.path if spec is not None else None), eval_set=eval_set,
+                context_length=context_length, exclude_bos=exclude_bos, package_version=__version__,
+                date=datetime.date.today().isoformat())
+
+
 def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=None, tokens: int = 16384,
              context_length: int = 128, batch_size: int = 8, exclude_bos: bool = True, device=None, seed: int = 0,
              sensitivity: bool = True, sensitivity_samples: int = 32, dataset_name: str | None = None,
-             max_rows: int | None = None, progress: bool = True) -> list[EvalResult]:
+             max_rows: int | None = None, progress: bool = True, prepend_bos: bool = False,
+             held_out: str | None = None) -> list[EvalResult]:
     """Measure every stat of DESIGN.md section 7 (and the sensitivity test) for dictionaries of one model.
 
     The eval set is the first ceil(tokens / context_length) contexts of `data` (see `pack_batches`);
-    the same seed gives the same set and the same sensitivity samples.
+    the same seed gives the same set and the same sensitivity samples. For a dataset, the stats record the
+    whole spec, order and BOS setting (`Stats.eval_set`), and `held_out` says how it relates to training.
     """
     from tqdm.auto import tqdm
 
-    from dictionaries import __version__
     from dictionaries.hooks import torch_model
     from training.harvest import token_mask
 
@@ -270,7 +288,7 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     hf.to(device)
     dicts = [d.to(device) for d in dictionaries]
     batches = pack_batches(data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
-                           batch_size=batch_size, seed=seed)
+                           batch_size=batch_size, seed=seed, prepend_bos=prepend_bos)
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     bos = bos if bos is not None else getattr(hf.config, "bos_token_id", None)
     tallies = [Tally(d.d_in, d.d_dict) for d in dicts]
@@ -287,9 +305,8 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
             ce_clean, predictions = ce_clean + ce, predictions + n
             bar.update(ids.numel())
     bar.close()
-    meta = dict(dataset=dataset_name or (data if isinstance(data, str) else None), context_length=context_length,
-                exclude_bos=exclude_bos, package_version=__version__,
-                date=datetime.date.today().isoformat())
+    meta = _meta(data, dataset_name, batches, context_length=context_length, exclude_bos=exclude_bos, seed=seed,
+                 prepend_bos=prepend_bos, held_out=held_out)
     curves: list[SensitivityCurves | None] = [None] * len(dicts)
     if sensitivity:
         curves = sensitivity_on_eval_set(hf, dicts, hooks, batches, bos_id=bos, exclude_bos=exclude_bos,

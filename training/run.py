@@ -181,9 +181,12 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
             write_native(module, folder, card=module.card)
         return folders
     r = s.jobs[0].recipe
-    results = evaluate(model, modules, r.dataset.path, tokenizer=tokenizer, tokens=eval_tokens,
+    held_out = (f"the first {s.held_out_documents} documents of the seeded order (holdout_tokens "
+                f"{r.holdout_tokens}), which training skipped")
+    results = evaluate(model, modules, r.dataset, tokenizer=tokenizer, tokens=eval_tokens,
                        context_length=r.context_length, device=next(model.parameters()).device,
-                       exclude_bos=r.exclude_bos, seed=r.seed, progress=progress)
+                       exclude_bos=r.exclude_bos, seed=r.seed, prepend_bos=r.prepend_bos, held_out=held_out,
+                       progress=progress)
     for module, folder, result in zip(modules, folders, results):
         write_evaluated(folder, module, result)
     return folders
@@ -192,10 +195,11 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
 def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None = None, resume: bool = False,
           checkpoint_every: int = 1000, log_file: str | Path | None = None, progress: bool = True,
           names: list[str] | None = None, model: Any = None, tokenizer: Any = None,
-          eval_tokens: int = 16384) -> list[Path]:
+          eval_tokens: int | None = None) -> list[Path]:
     """Train every recipe's dictionary from one pass over their shared model and data.
 
-    Each output is then evaluated on `eval_tokens` tokens (0 skips it), so its card holds measured stats.
+    Each output is then evaluated on `eval_tokens` tokens (default: all of the recipe's `holdout_tokens`, the
+    head of the stream training skipped; 0 skips evaluation), so its card holds measured, held-out stats.
     Returns the native folders written (`<out>/<name>/`). `model`/`tokenizer` may be given as objects
     (in-process models); otherwise they load from the recipe's model id (a Hub id or a local folder).
     `resume=True` continues from `<out>/checkpoint` when there is one.
@@ -205,6 +209,10 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     if len(set(names)) != len(names):
         raise SharedHarvestError("names", names)
     check_shared(recipes)
+    eval_tokens = recipes[0].holdout_tokens if eval_tokens is None else eval_tokens
+    if eval_tokens > recipes[0].holdout_tokens:
+        raise RecipeError(["holdout_tokens"], f"the run holds out {recipes[0].holdout_tokens} tokens, fewer than "
+                          f"the {eval_tokens} it would evaluate on: raise holdout_tokens or lower eval_tokens")
     joined = torch.distributed.is_available() and not torch.distributed.is_initialized()
     rank, world, dev = setup_distributed(device)
     if model is None or tokenizer is None:

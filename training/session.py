@@ -18,13 +18,13 @@ import torch
 from dictionaries.errors import RecipeError, SharedHarvestError
 from dictionaries.recipe import Recipe
 from training.buffer import ActivationBuffer
-from training.data import TokenStream
+from training.data import TokenStream, holdout_documents
 from training.harvest import Harvester, harvest_chunks
 from training.trainer import Trainer
 
 # fields every dictionary of one pass shares: they fix the tokens, the batches and the step count
 SHARED_FIELDS = ("model", "dataset", "context_length", "prepend_bos", "exclude_bos", "buffer_contexts",
-                 "harvest_batch_size", "batch_size", "tokens", "seed")
+                 "harvest_batch_size", "batch_size", "tokens", "seed", "holdout_tokens")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Session:
     total_steps: int
     step: int = 0
     last: list[dict[str, float]] | None = None  # the last step's metrics per dictionary
+    held_out_documents: int = 0  # documents at the head of the shuffled order that training skips
 
 
 def check_shared(recipes: list[Recipe]) -> None:
@@ -103,8 +104,10 @@ def build_session(recipes: list[Recipe], names: list[str], model: Any, tokenizer
         raise RecipeError(["batch_size"], f"{r0.batch_size} does not divide over {world} ranks")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     harvester = Harvester(model, hooks, bos_id=bos, exclude_bos=r0.exclude_bos, device=device)
+    held_out = holdout_documents(r0.dataset, tokenizer, context_length=r0.context_length,
+                                 prepend_bos=r0.prepend_bos, seed=r0.seed, tokens=r0.holdout_tokens)
     stream = TokenStream(r0.dataset, tokenizer, context_length=r0.context_length, prepend_bos=r0.prepend_bos,
-                         seed=r0.seed, rank=rank, world_size=world).open()
+                         seed=r0.seed, rank=rank, world_size=world, skip_documents=held_out).open()
     buffer = ActivationBuffer(harvest_chunks(harvester, stream.next_contexts, r0.harvest_batch_size),
                               harvester.dims, r0.buffer_contexts * r0.context_length,
                               seed=r0.seed + 1_000_003 * rank, device=device)
@@ -115,4 +118,5 @@ def build_session(recipes: list[Recipe], names: list[str], model: Any, tokenizer
         trainer = Trainer(recipe, harvester.dims[h], total_steps=total_steps, device=device)
         sampler = torch.Generator().manual_seed(recipe.seed + 7919 * (rank + 1))
         jobs.append(Job(name, recipe, h, trainer, sampler))
-    return Session(jobs, stream, buffer, out, rank, world, r0.batch_size // world, total_steps)
+    return Session(jobs, stream, buffer, out, rank, world, r0.batch_size // world, total_steps,
+                   held_out_documents=held_out)
