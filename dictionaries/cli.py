@@ -379,8 +379,8 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
 @app.command()
 def demo(workdir: Optional[str] = typer.Option(None, help="Where to cache the toy model and write this run "
                                                           "(default: $HF_HOME/dictionaries/demo)."),
-         tokens: int = typer.Option(120_000, help="Training tokens for the demo dictionary "
-                                                  "(the corpus holds ~150k; 16k more are held out to evaluate on).")) -> None:
+         tokens: int = typer.Option(120_000, help="Training tokens for the demo dictionary (the corpus holds "
+                                                  "~150k; 16k more are held out to evaluate on).")) -> None:
     """The whole loop offline: local hub, toy model, train, evaluate, publish, load by name, attach."""
     from dictionaries.demo import run_demo
 
