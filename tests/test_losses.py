@@ -120,3 +120,11 @@ def test_gated_aux_term_leaves_decoder_frozen(gen):
     out.terms["gated_aux"].backward()
     assert m.W_dec.grad is None or torch.count_nonzero(m.W_dec.grad) == 0
     assert torch.count_nonzero(m.W_enc.grad) > 0  # the gate learns from the auxiliary reconstruction
+
+
+def test_normalized_mse_is_the_batch_fvu(gen):
+    """Gao et al. 2024's normalised MSE: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, unchanged by the scale."""
+    x, x_hat = torch.randn(B, D, generator=gen) + 3.0, torch.randn(B, D, generator=gen)
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert torch.allclose(losses.reconstruction_loss(x, x_hat, "normalized"), fvu)
+    assert torch.allclose(losses.reconstruction_loss(40 * x, 40 * x_hat, "normalized"), fvu)

@@ -1,9 +1,11 @@
 """Named training recipes (DESIGN.md section 6) and the validated `Recipe` a run trains from.
 
-The `Recipe` model itself lives in `dictionaries/card.py` because it is a card's `recipe` section; here are
-the presets that fill its science fields (penalty, optimiser, decoder-norm rule, resampling, normalisation)
-and the functions that build a recipe from a preset or from a card with overrides. A preset holds only
-the fields its paper fixes; model, hook point, dataset, tokens and d_dict come from the card or the caller.
+The `Recipe` model itself lives in `dictionaries/recipe_spec.py` (re-exported by `dictionaries/card.py`) because
+it is a card's `recipe` section; here are the presets that fill its science fields (penalty, optimiser,
+initialisation, decoder-norm rule, resampling, normalisation) and the functions that build a recipe from a preset
+or from a card with overrides. A preset holds only the fields its sources fix, each cited in its comment; where a
+source is silent or ambiguous the preset says what stands in, in its `unknowns`. Model, hook point, dataset,
+tokens and d_dict come from the card or the caller.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pydantic import ValidationError
 from dictionaries.card import Card, Optimizer, Penalty, Recipe, Resampling
 from dictionaries.errors import RecipeError, UnknownPresetError
 
-__all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "validate_recipe"]
+__all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "resolve",
+           "validate_recipe"]
 
 # Bricken et al. 2023, "Towards Monosemanticity": L1 (sum over features) + MSE (mean over elements),
 # pre-encoder bias, unit-norm decoder columns, resampling at 25k/50k/75k/100k of features dead for 12.5k steps.
@@ -165,6 +168,17 @@ def validate_recipe(fields: dict[str, Any]) -> Recipe:
         raise RecipeError(list(dict.fromkeys(return_fields)), message) from None
 
 
+def resolve(recipe: Recipe, d_in: int) -> Recipe:
+    """The recipe with the values that depend on the activations' width fixed, as a run records them.
+
+    penalty.aux_k `half_d_in` becomes d_in // 2 (dictionary_learning's TopK and BatchTopK trainers, after
+    Gao et al. 2024's appendix B.1). The trainer resolves its recipe; `recipe_for` resolves with the card's d_in.
+    """
+    if recipe.penalty.aux_k != "half_d_in":
+        return recipe
+    return recipe.model_copy(update={"penalty": recipe.penalty.model_copy(update={"aux_k": d_in // 2})})
+
+
 def recipe_for(card: Card, overrides: dict[str, Any] | None = None) -> Recipe:
     """The card's recipe with `overrides` applied (e.g. tokens, model, dataset, penalty.coefficient), validated.
 
@@ -184,4 +198,4 @@ def recipe_for(card: Card, overrides: dict[str, Any] | None = None) -> Recipe:
         if not switched and field not in update and getattr(recipe, field) != getattr(card, field):
             raise RecipeError([field], f"the card says {getattr(card, field)!r} but its recipe says "
                                        f"{getattr(recipe, field)!r}; make them agree")
-    return recipe
+    return resolve(recipe, card.d_in)
