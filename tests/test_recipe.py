@@ -125,3 +125,13 @@ def test_recipe_for_switches_preset_keeping_model_and_data():
     r = recipe_for(card, {"preset": "anthropic2024"})
     assert isinstance(r, Recipe) and r.preset == "anthropic2024" and r.decoder_norm == "at_most_one"
     assert r.hook == card.recipe.hook and r.dataset == card.recipe.dataset
+
+
+# ---- each preset does what its source did (issue 10) --------------------------------------------------
+def _made(name, **fields):
+    return validate_recipe(preset(name, **REQUIRED, **({"k": K_FOR[name]} if name in K_FOR else {}), **fields))
+
+
+def test_farrell2024_has_no_pre_encoder_bias():
+    """Seed 001: "I had to remove the pre-encoder bias as I found the loss function didn't work very well with it"."""
+    assert _made("farrell2024").pre_encoder_bias is False

@@ -215,6 +215,17 @@ def _decode(module: Dictionary, f: Tensor) -> Tensor:
     return torch.addmm(module.b_dec, f, module.W_dec)
 
 
+def windowed_density(s: Tensor, past: Tensor | None, count: int) -> Tensor:
+    """Farrell 2024's density for the minimum-density term: (F,) with the value of the window's mean density
+    (past + s) / (count + 1) and the gradient of this batch's s alone (straight-through).
+
+    "We can then use this more accurate value of the sparsity in the RELU function, but with the gradients from
+    the original expression" (seed 001): so the gradient does not shrink as 1 / (count + 1) while the window fills.
+    """
+    window = s.detach() if past is None else (past + s.detach()) / (count + 1)
+    return s + (window - s).detach()
+
+
 def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, out: dict) -> Tensor:
     """The relu architecture's penalty term (L1, tanh or approximate L0 with its density term)."""
     p = recipe.penalty
@@ -228,8 +239,7 @@ def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, o
     out["density"] = s.detach()
     total = coefficient * s.sum()
     if p.density_coefficient > 0:
-        past = ctx.density_sum if ctx.density_sum is not None else torch.zeros_like(s)
-        windowed = (past + s) / (ctx.density_count + 1)                  # gradient through this batch only
+        windowed = windowed_density(s, ctx.density_sum, ctx.density_count)  # (F,)
         out["terms"]["density_penalty"] = min_density_penalty(windowed, p.density_floor)
         total = total + p.density_coefficient * out["terms"]["density_penalty"]
     return total

@@ -59,12 +59,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resampling": {"kind": "none"},
         "input_normalization": "sqrt_d", "mse": "sum_dims",
     },
-    # Farrell 2024: approximate L0 (sum_i mean_b f/(f+eps)) plus a minimum-density term with floor 1e-5 over a
-    # window of steps; the density term takes the place of resampling.
+    # Farrell 2024 (seed 001): approximate L0 (sum_i mean_b f/(f+eps)) plus a minimum-density term with floor 1e-5
+    # on the density averaged over a window of steps, its gradient taken from the batch's density alone; the
+    # density term takes the place of resampling; no pre-encoder bias ("I had to remove the pre-encoder bias").
+    # Otherwise as Bloom's GPT-2 small reference SAEs, batch 4096 (the post's example), context 128.
     "farrell2024": {**_BRICKEN2023,
+                    "pre_encoder_bias": False,
                     "penalty": {"kind": "approx_l0", "coefficient": 1e-3, "l0_eps": 1e-3, "density_floor": 1e-5,
                                 "density_coefficient": 1e-2, "density_window": 1000},
-                    "resampling": {"kind": "none"}},
+                    "optimizer": {"lr": 1e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
+                    "resampling": {"kind": "none"}, "batch_size": 4096, "context_length": 128,
+                    "unknowns": [
+                        "eps of f / (f + eps), the coefficients of the two terms and the window length n are not "
+                        "legible in the post (its formulas are images); 1e-3, 1e-3, 1e-2 and 1000 stand in.",
+                        "Learning rate, warm-up, batch size and steps were those of Bloom's GPT-2 small residual "
+                        "SAEs (SAELens, spring 2024), not given in the post; the batch of 4096 is the post's "
+                        "example, the rest stand in, as do Bricken's init and geometric-median b_dec.",
+                    ]},
     # Gao et al. 2024, "Scaling and evaluating sparse autoencoders": TopK, unit-norm decoder, AuxK with
     # k_aux = 512, coefficient 1/32, a feature dead after 10M tokens without firing. `k` must be given.
     "topk": {
