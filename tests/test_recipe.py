@@ -135,3 +135,10 @@ def _made(name, **fields):
 def test_farrell2024_has_no_pre_encoder_bias():
     """Seed 001: "I had to remove the pre-encoder bias as I found the loss function didn't work very well with it"."""
     assert _made("farrell2024").pre_encoder_bias is False
+
+
+def test_anthropic2024_decoder_rows_start_below_the_pruning_threshold():
+    """A never-firing feature keeps its initial decoder norm: it must start below prune_below (April 2024: 0.1)."""
+    r = _made("anthropic2024")
+    assert (r.init, r.decoder_init_norm, r.b_dec_init) == ("tied", 0.1, "zero")
+    assert r.decoder_init_norm < r.prune_below

@@ -323,3 +323,29 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     single, _ = train(make_recipe("marks2023", input_normalization="sqrt_d"), steps, SparseSource())
     for key, value in single.module.state_dict().items():
         assert torch.allclose(value, parallel[key], atol=1e-6), key
+
+
+# ---- each preset does what its source did (issue 10) --------------------------------------------------
+def test_anthropic2024_pruning_removes_exactly_the_features_that_never_fired():
+    """Anthropic, Feb 2024: decoder norms <= 1, prune below 0.99 after training. A feature that never fires gets
+    no gradient and keeps its initial decoder norm, so pruning removes exactly the unused features only if the
+    rows start below 0.99 (April 2024 update: norm 0.1); live features are pulled up to 1 by the L1."""
+    recipe = make_recipe("anthropic2024", **{"penalty.coefficient": 0.2, "optimizer.lr": 1e-2})
+    steps, source = 400, SparseSource()
+    t = Trainer(recipe, D_IN, total_steps=steps)
+    t.estimate_input_scale(source(1024))
+    never = torch.ones(D_DICT, dtype=torch.bool)
+    never[::4] = False  # 24 live features, fewer than the 64 true directions, so every one of them is used
+    with torch.no_grad():  # the others can never fire: no pre-encoder bias, pre-activation -1 on every input
+        t.module.W_enc[:, never] = 0.0
+        t.module.b_enc[never] = -1.0
+    fired = torch.zeros(D_DICT, dtype=torch.bool)
+    for _ in range(steps):
+        t.step(source(), sample_inputs=source)
+        fired |= t.steps_since_fired == 0
+    assert torch.equal(fired, ~never)
+    norms = t.module.W_dec.norm(dim=-1)
+    assert torch.allclose(norms[never], torch.full((int(never.sum()),), 0.1))  # untouched since initialisation
+    module = t.finish()
+    assert module.d_dict == int((~never).sum())
+    assert torch.allclose(module.W_dec * t.input_scale, t.module.W_dec[~never], atol=1e-6)  # the live ones, kept

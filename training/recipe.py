@@ -44,12 +44,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "optimizer": {"lr": 1e-3, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
                   "resampling": {**_BRICKEN2023["resampling"], "every": 30_000, "dead_window": 15_000},
                   "batch_size": 8192, "context_length": 128},
-    # Anthropic, "Circuits Updates - February 2024" (training SAEs): beta1 = 0, decoder norm <= 1 then prune
-    # below 0.99, no pre-encoder bias, inputs scaled to mean norm sqrt(d_in), MSE summed over dimensions,
-    # plain L1 on f (with norms free to shrink below 1, the L1 pulls the norms of used features up to 1, so
-    # those left below 0.99 are the unused ones that pruning removes; weighting the L1 by the decoder norm
-    # would make the penalty invariant to that scale and let every norm drift, see
-    # penalty.scale_by_decoder_norm), LR decays linearly to 0 over the last 20%. Ghost grads (Resampling.kind
+    # Anthropic, "Circuits Updates - February 2024" (seed 000): beta1 = 0, decoder norm <= 1 then prune below
+    # 0.99, no pre-encoder bias, inputs scaled to mean norm sqrt(d_in), MSE summed over dimensions, LR decays
+    # linearly to 0 over the last 20%. Plain L1 on f: it pulls the decoder norms of used features up to 1 (weighting
+    # it by the decoder norm would make it blind to that scale and let every norm drift, see
+    # penalty.scale_by_decoder_norm). Pruning removes the unused features only if decoder rows start below 0.99 (a
+    # feature that never fires gets no gradient and keeps its initial norm), so the init is the April 2024
+    # update's: random directions of norm 0.1, W_enc = W_dec^T, zero biases. Ghost grads (Resampling.kind
     # ghost_grads) and the tanh penalty (penalty.kind tanh) are options on top of it.
     "anthropic2024": {
         "architecture": "relu", "pre_encoder_bias": False,
@@ -58,6 +59,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder_norm": "at_most_one", "prune_below": 0.99,
         "resampling": {"kind": "none"},
         "input_normalization": "sqrt_d", "mse": "sum_dims",
+        "init": "tied", "decoder_init_norm": 0.1, "b_dec_init": "zero",
+        "unknowns": [
+            "The February update gives no initialisation; the April 2024 update's (decoder rows of norm 0.1 in "
+            "random directions, W_enc = W_dec^T, zero biases) is used, which makes the 0.99 pruning meaningful.",
+            "The February update says its views on beta1 and pruning changed in the March 2024 update, which is "
+            "not among the sources at hand.",
+            "Learning rate, warm-up and L1 coefficient are not in the February update; 5e-5, 1000 steps and 5.0 "
+            "stand in.",
+        ],
     },
     # Farrell 2024 (seed 001): approximate L0 (sum_i mean_b f/(f+eps)) plus a minimum-density term with floor 1e-5
     # on the density averaged over a window of steps, its gradient taken from the batch's density alone; the
