@@ -142,3 +142,9 @@ def test_anthropic2024_decoder_rows_start_below_the_pruning_threshold():
     r = _made("anthropic2024")
     assert (r.init, r.decoder_init_norm, r.b_dec_init) == ("tied", 0.1, "zero")
     assert r.decoder_init_norm < r.prune_below
+
+
+def test_jumprelu_matches_its_paper_scale_and_warm_up():
+    r = _made("jumprelu")
+    assert (r.input_normalization, r.mse) == ("unit_mean_square", "sum_dims")
+    assert r.penalty.warmup_steps > 0 and (r.penalty.bandwidth, r.penalty.initial_threshold) == (1e-3, 1e-3)

@@ -21,7 +21,8 @@ COMMON = {"model": "m", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp
 # per preset: what makes it sensible at this tiny size (coefficients for inputs of norm ~1-5, short windows)
 TINY = {"bricken2023": {"penalty.coefficient": 3e-3}, "marks2023": {}, "anthropic2024": {"penalty.coefficient": 0.05},
         "farrell2024": {}, "topk": {"k": 4, "penalty.aux_k": 16, "penalty.aux_dead_tokens": 2560},
-        "batchtopk": {"k": 4, "threshold_decay": 0.9}, "jumprelu": {"penalty.coefficient": 1e-2}, "gated": {}}
+        "batchtopk": {"k": 4, "threshold_decay": 0.9},
+        "jumprelu": {"penalty.coefficient": 1e-2, "penalty.warmup_steps": 20}, "gated": {}}
 
 
 class SparseSource:
@@ -147,8 +148,11 @@ def test_input_normalisation_is_folded_back(name):
     t, _ = train(make_recipe(name, prune_below=None) if name == "anthropic2024" else make_recipe(name), 50, source)
     assert t.input_scale != pytest.approx(1.0)
     x = source(512)
-    mean_norm = (x * t.input_scale).norm(dim=-1).mean()
-    assert mean_norm == pytest.approx(D_IN ** 0.5, rel=0.05)
+    scaled = x * t.input_scale
+    if t.recipe.input_normalization == "sqrt_d":  # Anthropic, Feb 2024: mean L2 norm sqrt(d_in)
+        assert scaled.norm(dim=-1).mean() == pytest.approx(D_IN ** 0.5, rel=0.05)
+    else:  # JumpReLU: mean squared L2 norm 1
+        assert scaled.pow(2).sum(-1).mean() == pytest.approx(1.0, rel=0.05)
     folded, inner = t.finish()(x), t.module(x * t.input_scale)
     assert torch.allclose(folded.features, inner.features, atol=1e-4, rtol=1e-4)
     assert torch.allclose(folded.reconstruction, inner.reconstruction / t.input_scale, atol=1e-3, rtol=1e-4)
@@ -349,3 +353,26 @@ def test_anthropic2024_pruning_removes_exactly_the_features_that_never_fired():
     module = t.finish()
     assert module.d_dict == int((~never).sum())
     assert torch.allclose(module.W_dec * t.input_scale, t.module.W_dec[~never], atol=1e-6)  # the live ones, kept
+
+
+def test_jumprelu_inputs_have_unit_mean_squared_norm_as_in_the_paper():
+    """Rajamanoharan et al. 2024b set bandwidth and initial threshold (1e-3) for inputs with E||x||^2 = 1 and the
+    squared error summed over dimensions; scaled to norm sqrt(d_in) they would act sqrt(d_in) times too narrow."""
+    recipe = make_recipe("jumprelu")
+    assert recipe.mse == "sum_dims" and recipe.penalty.bandwidth == recipe.penalty.initial_threshold == 1e-3
+    source = SparseSource(scale=40.0)
+    t = Trainer(recipe, D_IN, total_steps=10)
+    t.estimate_input_scale(source(4096))
+    scaled = source(4096) * t.input_scale
+    assert scaled.pow(2).sum(-1).mean() == pytest.approx(1.0, rel=0.05)
+
+
+def test_jumprelu_l0_coefficient_warms_up_linearly():
+    """The L0 coefficient rises linearly from 0 (Rajamanoharan et al. 2024b; dictionary_learning's trainer)."""
+    assert PRESETS["jumprelu"]["penalty"]["warmup_steps"] > 0
+    recipe = make_recipe("jumprelu", **{"penalty.warmup_steps": 10})
+    _, metrics = train(recipe, 14, SparseSource())
+    c = recipe.penalty.coefficient
+    for step, m in enumerate(metrics):  # loss_sparsity = c * min(1, step / 10) * L0
+        assert m["loss_sparsity"] == pytest.approx(c * min(1.0, step / 10) * m["l0"], rel=1e-5, abs=1e-9), step
+    assert metrics[0]["loss_sparsity"] == 0 and metrics[0]["l0"] > 0

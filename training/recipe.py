@@ -105,14 +105,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
         "threshold_decay": 0.999,
     },
-    # Rajamanoharan et al. 2024b, "Jumping ahead" (JumpReLU): L0 penalty through straight-through estimators
-    # with a rectangle kernel of bandwidth 1e-3, thresholds start at 1e-3, inputs normalised, beta1 = 0.
+    # Rajamanoharan et al. 2024b, "Jumping ahead" (JumpReLU): L0 penalty through straight-through estimators with a
+    # rectangle kernel of bandwidth 1e-3 and thresholds starting at 1e-3, both set for inputs normalised to unit
+    # mean squared norm with the squared error summed over dimensions (dictionary_learning's trainSAE
+    # normalize_activations, after Gemma Scope section 3.1); the L0 coefficient warms up linearly from 0; beta1 = 0;
+    # tied init with zero biases and gradient norm clipped to 1 (dictionary_learning's JumpReluTrainer).
     "jumprelu": {
         "architecture": "jumprelu", "pre_encoder_bias": False,
-        "penalty": {"kind": "l0", "coefficient": 1e-3, "bandwidth": 1e-3, "initial_threshold": 1e-3},
-        "optimizer": {"lr": 7e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "sqrt_d",
-        "mse": "sum_dims",
+        "penalty": {"kind": "l0", "coefficient": 1e-3, "bandwidth": 1e-3, "initial_threshold": 1e-3,
+                    "warmup_steps": 10_000},
+        "optimizer": {"lr": 7e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0,
+                      "grad_clip": 1.0},
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "unit_mean_square",
+        "mse": "sum_dims", "init": "tied", "b_dec_init": "zero",
+        "unknowns": ["The length of the L0-coefficient warm-up: 10,000 steps as Gemma Scope reports; "
+                     "dictionary_learning's JumpReluTrainer defaults to 2,000."],
     },
     # Rajamanoharan et al. 2024a, "Improving dictionary learning with gated sparse autoencoders": L1 on the
     # gate's ReLU'd pre-activations plus the auxiliary reconstruction from the gate through a frozen decoder.
