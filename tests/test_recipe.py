@@ -148,3 +148,15 @@ def test_jumprelu_matches_its_paper_scale_and_warm_up():
     r = _made("jumprelu")
     assert (r.input_normalization, r.mse) == ("unit_mean_square", "sum_dims")
     assert r.penalty.warmup_steps > 0 and (r.penalty.bandwidth, r.penalty.initial_threshold) == (1e-3, 1e-3)
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_auxk_k_is_half_d_in_and_the_recipe_records_the_value(name):
+    """dictionary_learning's TopK/BatchTopK trainers: k_aux = d_in // 2 (Gao et al. 2024, B.1), not a fixed 512."""
+    r = _made(name)
+    assert r.penalty.aux_k == "half_d_in" and r.mse == "normalized"
+    from training.recipe import resolve
+
+    assert resolve(r, 768).penalty.aux_k == 384
+    card = _entries()[0].card  # d_in 512: recipe_for resolves with the card's width
+    assert recipe_for(card, {"preset": name, "k": 32}).penalty.aux_k == card.d_in // 2 == 256

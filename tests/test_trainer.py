@@ -20,7 +20,7 @@ COMMON = {"model": "m", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp
           "optimizer.lr": 3e-3, "optimizer.warmup_steps": 20}
 # per preset: what makes it sensible at this tiny size (coefficients for inputs of norm ~1-5, short windows)
 TINY = {"bricken2023": {"penalty.coefficient": 3e-3}, "marks2023": {}, "anthropic2024": {"penalty.coefficient": 0.05},
-        "farrell2024": {}, "topk": {"k": 4, "penalty.aux_k": 16, "penalty.aux_dead_tokens": 2560},
+        "farrell2024": {}, "topk": {"k": 4, "penalty.aux_dead_tokens": 2560},
         "batchtopk": {"k": 4, "threshold_decay": 0.9},
         "jumprelu": {"penalty.coefficient": 1e-2, "penalty.warmup_steps": 20}, "gated": {}}
 
@@ -376,3 +376,18 @@ def test_jumprelu_l0_coefficient_warms_up_linearly():
     for step, m in enumerate(metrics):  # loss_sparsity = c * min(1, step / 10) * L0
         assert m["loss_sparsity"] == pytest.approx(c * min(1.0, step / 10) * m["l0"], rel=1e-5, abs=1e-9), step
     assert metrics[0]["loss_sparsity"] == 0 and metrics[0]["l0"] > 0
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_auxk_uses_half_d_in_and_weighs_the_same_at_any_activation_scale(name):
+    """Gao et al. 2024 / dictionary_learning: k_aux = d_in // 2, recorded in the trainer's recipe; the AuxK loss is
+    normalised by the residual's variance and the MSE by the data's, so their ratio does not depend on scale."""
+    ratios = []
+    for scale in (1.0, 40.0):
+        t = Trainer(make_recipe(name, **{"penalty.aux_dead_tokens": 10**9}), D_IN, total_steps=10)
+        assert t.recipe.penalty.aux_k == D_IN // 2
+        t.tokens_since_fired[: D_DICT // 2] = 10**9  # half the features count as dead from the start
+        m = t.step(SparseSource(scale=scale)())
+        assert m["loss_auxk"] > 0
+        ratios.append(m["loss_mse"] / m["loss_auxk"])
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-3)

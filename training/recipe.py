@@ -86,24 +86,33 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "SAEs (SAELens, spring 2024), not given in the post; the batch of 4096 is the post's "
                         "example, the rest stand in, as do Bricken's init and geometric-median b_dec.",
                     ]},
-    # Gao et al. 2024, "Scaling and evaluating sparse autoencoders": TopK, unit-norm decoder, AuxK with
-    # k_aux = 512, coefficient 1/32, a feature dead after 10M tokens without firing. `k` must be given.
+    # Gao et al. 2024, "Scaling and evaluating sparse autoencoders": TopK, unit-norm decoder, tied init, b_dec at the
+    # geometric median, AuxK over the top k_aux = d_in // 2 dead features (half_d_in: dictionary_learning's TopK
+    # trainers, after the paper's appendix B.1) with coefficient 1/32, a feature dead after 10M tokens without
+    # firing. The MSE is normalised by the data's variance (their reference train.py), as the AuxK term is by the
+    # residual's, so that 1/32 weighs the same whatever the activations' scale. `k` must be given.
     "topk": {
         "architecture": "topk", "pre_encoder_bias": True,
-        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": 512, "aux_coefficient": 1 / 32,
+        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": "half_d_in", "aux_coefficient": 1 / 32,
                     "aux_dead_tokens": 10_000_000},
         "optimizer": {"lr": 2e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "normalized",
+        "init": "tied", "b_dec_init": "geometric_median",
+        "unknowns": ["Gao et al.'s reference code normalised the MSE by a fixed sample's variance; here by the "
+                     "batch's (the same for batches of thousands of tokens)."],
     },
     # Bussmann et al. 2024, "BatchTopK sparse autoencoders": top k*batch over the batch in training, a global
-    # threshold (running average of the smallest kept activation) at inference.
+    # threshold (running average of the smallest kept activation) at inference; AuxK and losses as `topk`
+    # (dictionary_learning's BatchTopKTrainer: k_aux = d_in // 2, AuxK normalised by the residual's variance).
     "batchtopk": {
         "architecture": "batchtopk", "pre_encoder_bias": True,
-        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": 512, "aux_coefficient": 1 / 32,
+        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": "half_d_in", "aux_coefficient": 1 / 32,
                     "aux_dead_tokens": 10_000_000},
         "optimizer": {"lr": 2e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
-        "threshold_decay": 0.999,
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "normalized",
+        "init": "tied", "b_dec_init": "geometric_median", "threshold_decay": 0.999,
+        "unknowns": ["Bussmann et al.'s own code fixed k_aux at 512 (GPT-2 small, d_in 768) and left both MSEs "
+                     "unnormalised; dictionary_learning's k_aux = d_in // 2 and normalised AuxK are used."],
     },
     # Rajamanoharan et al. 2024b, "Jumping ahead" (JumpReLU): L0 penalty through straight-through estimators with a
     # rectangle kernel of bandwidth 1e-3 and thresholds starting at 1e-3, both set for inputs normalised to unit
