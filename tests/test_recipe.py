@@ -101,7 +101,8 @@ def test_card_recipes_agree_with_their_preset(entry):
                                                "tokens": r.tokens, "d_dict": r.d_dict,
                                                "penalty.coefficient": r.penalty.coefficient}))
     for field in ("architecture", "pre_encoder_bias", "penalty", "optimizer", "decoder_norm", "resampling",
-                  "input_normalization", "mse", "batch_size", "context_length"):
+                  "input_normalization", "mse", "batch_size", "context_length", "init", "decoder_init_norm",
+                  "b_dec_init"):
         assert getattr(r, field) == getattr(want, field), field
 
 
@@ -135,6 +136,39 @@ def _made(name, **fields):
 def test_farrell2024_has_no_pre_encoder_bias():
     """Seed 001: "I had to remove the pre-encoder bias as I found the loss function didn't work very well with it"."""
     assert _made("farrell2024").pre_encoder_bias is False
+
+
+def test_bricken2023_resamples_as_the_paper_says():
+    """Resampling only at 25k/50k/75k/100k (then never), inputs drawn ~ the square of the loss; no LR warm-up
+    (seed 003 lists the warm-up among dictionary_learning's departures from Anthropic's recipe)."""
+    r = _made("bricken2023")
+    assert (r.resampling.every, r.resampling.until, r.resampling.weighting) == (25_000, 100_000, "squared_loss")
+    assert (r.resampling.encoder_init, r.resampling.reset_decoder_moments) == ("input", True)
+    assert (r.init, r.b_dec_init, r.optimizer.warmup_steps) == ("kaiming", "geometric_median", 0)
+
+
+def test_marks2023_is_dictionary_learnings_code_of_2023():
+    """training.py / dictionary.py of Nov-Dec 2023: sqrt-loss weighting from the batch, dead encoder rows set to 0.2
+    times the mean alive row, only the encoder's Adam moments reset, nn.Linear encoder, zero b_dec; no lr default
+    in trainSAE, 3e-4 in the README's example; resampling at every 30k including 90k of 100k (seed 003)."""
+    r = _made("marks2023")
+    rs = r.resampling
+    assert (rs.every, rs.until, rs.dead_window, rs.inputs) == (30_000, None, 15_000, 8192)
+    assert (rs.weighting, rs.encoder_init, rs.reset_decoder_moments) == ("sqrt_loss", "mean_alive", False)
+    assert (r.init, r.b_dec_init, r.optimizer.lr, r.optimizer.warmup_steps) == ("kaiming", "zero", 3e-4, 1000)
+
+
+def test_marks2023_cards_say_where_the_learning_rate_comes_from():
+    """The cards said 'dictionary_learning's defaults of the time', but trainSAE had no learning-rate default."""
+    cards = [e.card for e in _entries() if e.card.recipe.preset == "marks2023"]
+    assert cards
+    for card in cards:
+        text = " ".join(card.recipe.unknowns)
+        assert "defaults\nof the time" not in text and "defaults of the time" not in text, card.name
+        assert card.recipe.optimizer.lr == 3e-4
+    for card in cards:
+        if not card.name.endswith("-sfc"):
+            assert "3e-4" in " ".join(card.recipe.unknowns) and "no default" in " ".join(card.recipe.unknowns)
 
 
 def test_anthropic2024_decoder_rows_start_below_the_pruning_threshold():

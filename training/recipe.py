@@ -21,29 +21,62 @@ from dictionaries.errors import RecipeError, UnknownPresetError
 __all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "resolve",
            "validate_recipe"]
 
-# Bricken et al. 2023, "Towards Monosemanticity": L1 (sum over features) + MSE (mean over elements),
-# pre-encoder bias, unit-norm decoder columns, resampling at 25k/50k/75k/100k of features dead for 12.5k steps.
+# Bricken et al. 2023, "Towards Monosemanticity" (seed 004's notes): L1 (sum over features) + MSE (mean over
+# elements), pre-encoder bias, unit-norm decoder columns, "the default Pytorch Kaiming Uniform initialization"
+# (init kaiming), b_dec at the geometric median (as Gao et al. 2024 attribute to Bricken). Resampling only at
+# steps 25k/50k/75k/100k (until 100k) of features dead for the previous 12.5k steps, inputs drawn from 819,200
+# with probability proportional to the square of their loss (the paper's words; seed 004's notes say its square
+# root). No LR warm-up: seed 003 lists the warm-up among dictionary_learning's departures from this recipe.
 _BRICKEN2023: dict[str, Any] = {
     "architecture": "relu",
     "pre_encoder_bias": True,
     "penalty": {"kind": "l1", "coefficient": 1e-3},
-    "optimizer": {"lr": 1e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
+    "optimizer": {"lr": 1e-4, "betas": (0.9, 0.999), "warmup_steps": 0, "decay_fraction": 0.0},
     "decoder_norm": "unit",
-    "resampling": {"kind": "anthropic", "every": 25_000, "dead_window": 12_500, "inputs": 819_200,
-                   "encoder_scale": 0.2},
+    "resampling": {"kind": "anthropic", "every": 25_000, "until": 100_000, "dead_window": 12_500,
+                   "inputs": 819_200, "encoder_scale": 0.2, "weighting": "squared_loss", "encoder_init": "input",
+                   "reset_decoder_moments": True},
     "input_normalization": "none",
     "mse": "mean",
+    "init": "kaiming", "b_dec_init": "geometric_median",
+    "unknowns": [
+        "Learning rate and Adam betas are not in the notes at hand (seed 004); 1e-4 and (0.9, 0.999) stand in.",
+        "'The square of the autoencoder's loss' is read as the square of the reconstruction loss ||x - x_hat||^2 "
+        "(the L1 term left out); seed 004's notes say the square root instead.",
+        "The geometric-median b_dec comes from Gao et al. 2024's account of Bricken et al., not from seed 004.",
+        "Kaiming-uniform decoder columns are modelled as random directions at unit norm (what the unit-norm "
+        "constraint leaves of them, up to the distribution of directions).",
+    ],
 }
+
+# Marks & Mueller 2023 (dictionary_learning sets 0_8192 / 1_32768; seed 003 and dictionary_learning's training.py
+# and dictionary.py as of December 2023): Bricken's recipe on a buffer, batch 8192, context 128, a 1k-step linear
+# LR warm-up, resampling every 30k of 100k steps for ever (also at 90k, seed 003). That code counted a feature dead
+# when it did not fire in the second half of the period (dead_window 15k); drew replacements from the current batch
+# (inputs 8192) with probability proportional to ||x - x_hat|| (sqrt_loss); set the decoder column to the
+# normalised input, every dead encoder row to 0.2 times the mean alive encoder row (mean_alive), the encoder bias
+# to 0, and reset Adam's moments of the encoder only. Its AutoEncoder was nn.Linear's default encoder (kaiming)
+# with normalised Gaussian decoder columns and a zero b_dec; trainSAE had no learning-rate default, and the README
+# example used lr 3e-4.
+_MARKS2023_UNKNOWNS = [
+    "The learning rate is not stated in the release: dictionary_learning's trainSAE had no default and its "
+    "README example used lr=3e-4, which is used; Adam betas and eps are torch's defaults, as in that code; the "
+    "1000-step warm-up is trainSAE's default.",
+    "Whether the MSE was averaged over elements or summed over dimensions in the training loss is not stated; "
+    "MSELoss (mean over elements) was the code's, with a square root added and removed around the release.",
+    "dictionary_learning drew replacement inputs from the current batch with replacement; here a fresh batch of "
+    "8192 from the buffer, without replacement unless more features are dead than inputs.",
+]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "bricken2023": _BRICKEN2023,
-    # Marks & Mueller 2023 (dictionary_learning sets 0_8192 / 1_32768): Bricken's recipe, resampling every 30k
-    # of 100k steps (dictionary_learning counts a feature dead when it did not fire in the second half of
-    # the period, hence 15k), batch 8192, context 128, lr 1e-3 with a 1k-step linear warm-up.
     "marks2023": {**_BRICKEN2023,
-                  "optimizer": {"lr": 1e-3, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-                  "resampling": {**_BRICKEN2023["resampling"], "every": 30_000, "dead_window": 15_000},
-                  "batch_size": 8192, "context_length": 128},
+                  "optimizer": {"lr": 3e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
+                  "resampling": {**_BRICKEN2023["resampling"], "every": 30_000, "until": None, "dead_window": 15_000,
+                                 "inputs": 8192, "weighting": "sqrt_loss", "encoder_init": "mean_alive",
+                                 "reset_decoder_moments": False},
+                  "batch_size": 8192, "context_length": 128, "init": "kaiming", "b_dec_init": "zero",
+                  "unknowns": _MARKS2023_UNKNOWNS},
     # Anthropic, "Circuits Updates - February 2024" (seed 000): beta1 = 0, decoder norm <= 1 then prune below
     # 0.99, no pre-encoder bias, inputs scaled to mean norm sqrt(d_in), MSE summed over dimensions, LR decays
     # linearly to 0 over the last 20%. Plain L1 on f: it pulls the decoder norms of used features up to 1 (weighting
@@ -131,12 +164,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "dictionary_learning's JumpReluTrainer defaults to 2,000."],
     },
     # Rajamanoharan et al. 2024a, "Improving dictionary learning with gated sparse autoencoders": L1 on the
-    # gate's ReLU'd pre-activations plus the auxiliary reconstruction from the gate through a frozen decoder.
+    # gate's ReLU'd pre-activations plus the auxiliary reconstruction from the gate through a frozen decoder;
+    # tied init with zero biases (dictionary_learning's GatedAutoEncoder).
     "gated": {
         "architecture": "gated", "pre_encoder_bias": True,
         "penalty": {"kind": "l1", "coefficient": 1e-3},
         "optimizer": {"lr": 5e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
         "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
+        "init": "tied", "b_dec_init": "zero",
+        "unknowns": ["b_dec starts at zero as in dictionary_learning's GatedAutoEncoder; the paper's own choice is "
+                     "not among the sources at hand."],
     },
 }
 
