@@ -194,3 +194,37 @@ def test_auxk_k_is_half_d_in_and_the_recipe_records_the_value(name):
     assert resolve(r, 768).penalty.aux_k == 384
     card = _entries()[0].card  # d_in 512: recipe_for resolves with the card's width
     assert recipe_for(card, {"preset": name, "k": 32}).penalty.aux_k == card.d_in // 2 == 256
+
+
+# The original README's table (dictionary_learning commit ddac948, 4 Dec 2023) reported RMSE under "MSE Loss";
+# seed 003's corrected table (EDIT 02/07/2024) gives MSE. (set, layer) -> RMSE as printed.
+ORIGINAL_RMSE = {("8192", 0): "0.056", ("8192", 1): "0.089", ("8192", 2): "0.108", ("8192", 3): "0.135",
+                 ("8192", 4): "0.148", ("8192", 5): "0.179", ("32768", 0): "0.09", ("32768", 1): "0.13",
+                 ("32768", 2): "0.152", ("32768", 3): "0.211", ("32768", 4): "0.222", ("32768", 5): "0.265"}
+# seed 003's corrected tables, as the cards must carry them: (set, layer) -> (MSE, L1, L0, alive, loss recovered)
+SEED_003 = {("8192", 0): (0.003, 6.132, 9.951, 0.998, 0.984), ("8192", 1): (0.008, 6.677, 44.739, 0.887, 0.924),
+            ("8192", 2): (0.011, 11.44, 62.156, 0.587, 0.867), ("8192", 3): (0.018, 23.773, 175.303, 0.588, 0.902),
+            ("8192", 4): (0.022, 27.084, 174.07, 0.806, 0.927), ("8192", 5): (0.032, 47.126, 235.05, 0.672, 0.972),
+            ("32768", 0): (0.0018, 4.32, 2.873, 0.174, 0.946), ("32768", 1): (0.017, 2.798, 11.256, 0.159, 0.768),
+            ("32768", 2): (0.023, 6.151, 16.381, 0.118, 0.724), ("32768", 3): (0.044, 11.571, 39.863, 0.226, 0.765),
+            ("32768", 4): (0.048, 13.665, 29.235, 0.19, 0.816), ("32768", 5): (0.069, 26.4, 43.846, 0.13, 0.931)}
+
+
+def _printed_interval(printed: str) -> tuple[float, float]:
+    """The values a figure printed with this many decimals can stand for."""
+    half = 0.5 * 10 ** -len(printed.split(".")[1])
+    return float(printed) - half, float(printed) + half
+
+
+@pytest.mark.parametrize("key", sorted(SEED_003), ids=lambda k: f"mlp{k[1]}/{k[0]}")
+def test_reported_figures_are_seed_003s_and_an_mse_off_the_old_rmse_is_explained(key):
+    """Every reported figure is seed 003's; where the corrected MSE is not the square of the original RMSE
+    (to printing precision), the card's provenance notes say so and what the earlier figure implies."""
+    card = load_registry().entries[f"pythia70m/mlp{key[1]}/{key[0]}"].card
+    s = card.stats
+    assert (s.mse, s.l1, s.l0, s.frac_alive, s.frac_loss_recovered) == SEED_003[key]
+    low, high = (v * v for v in _printed_interval(ORIGINAL_RMSE[key]))
+    mse_low, mse_high = _printed_interval(repr(s.mse))
+    if mse_high < low or mse_low > high:
+        notes = " ".join(card.provenance.notes)
+        assert "RMSE" in notes and ORIGINAL_RMSE[key] in notes, card.name
