@@ -143,7 +143,7 @@ def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: di
 
     from dictionaries.card import Card, Files, Provenance
 
-    r = job.recipe
+    r = job.trainer.recipe  # resolved: d_in-dependent values (aux_k half_d_in) as trained
     notes = [f"Trained by training/run.py on {tokens:,} tokens in {seconds:.0f} s "
              f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, {job.trainer.total_steps} steps)."]
     if metrics:

@@ -20,11 +20,12 @@ from dictionaries.architectures import ARCHITECTURES, Dictionary
 from dictionaries.errors import RecipeError, ShapeMismatchError
 from dictionaries.recipe import Recipe
 from training.losses import LossContext, compute_loss
+from training.presets import resolve
 
 # recipe fields that change the optimisation; a resumed state must agree on all of them
 _OPTIMISATION_FIELDS = ("architecture", "d_dict", "k", "pre_encoder_bias", "penalty", "optimizer", "decoder_norm",
                         "prune_below", "resampling", "input_normalization", "mse", "seed", "dtype",
-                        "threshold_decay")
+                        "threshold_decay", "init", "decoder_init_norm", "b_dec_init")
 
 
 def _world() -> int:
@@ -55,21 +56,32 @@ def lr_at(recipe: Recipe, step: int, total_steps: int) -> float:
 
 
 def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: str | torch.device) -> Dictionary:
-    """A module of the recipe's kind with random unit decoder rows and the encoder tied to them.
+    """A module of the recipe's kind: decoder rows random directions of norm `decoder_init_norm`, encoder by `init`.
 
-    Tied init W_enc = W_dec^T follows Gao et al. 2024 and Anthropic (2024); biases start at 0, JumpReLU
-    thresholds at `penalty.initial_threshold`, gated r_mag/b_mag at 0 (Rajamanoharan et al. 2024a).
+    tied: W_enc = W_dec^T and b_enc = 0 (Gao et al. 2024; Anthropic, April 2024, with decoder norms 0.1).
+    kaiming: W_enc and b_enc drawn as PyTorch's nn.Linear(d_in, d_dict) draws them, uniform in +-1/sqrt(d_in)
+    and independent of the decoder (Bricken et al. 2023, seed 004: "the default Pytorch Kaiming Uniform
+    initialization"; dictionary_learning's AutoEncoder of 2023, whose decoder columns were normalised Gaussians).
+    b_dec starts at 0 (see `Trainer._initialise_decoder_bias`), JumpReLU thresholds at `penalty.initial_threshold`,
+    gated r_mag/b_mag at 0 (Rajamanoharan et al. 2024a).
     """
     kw = {"pre_encoder_bias": recipe.pre_encoder_bias, "dtype": dtype, "device": device}
     if recipe.k is not None:
         kw["k"] = recipe.k
     module = ARCHITECTURES[recipe.architecture](d_in, recipe.d_dict, **kw)
     gen = torch.Generator().manual_seed(recipe.seed)
-    W_dec = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)
-    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    W_dec = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)         # (F, d)
+    W_dec *= recipe.decoder_init_norm / W_dec.norm(dim=-1, keepdim=True)
+    if recipe.init == "tied":
+        W_enc, b_enc = W_dec.T, torch.zeros(recipe.d_dict, dtype=torch.float64)
+    else:  # kaiming: nn.Linear's kaiming_uniform_(a=sqrt(5)) bound and its bias bound are both 1/sqrt(fan_in)
+        bound = 1.0 / math.sqrt(d_in)
+        W_enc = (2 * torch.rand(d_in, recipe.d_dict, generator=gen, dtype=torch.float64) - 1) * bound  # (d, F)
+        b_enc = (2 * torch.rand(recipe.d_dict, generator=gen, dtype=torch.float64) - 1) * bound       # (F,)
     with torch.no_grad():
         module.W_dec.copy_(W_dec)
-        module.W_enc.copy_(W_dec.T)
+        module.W_enc.copy_(W_enc)
+        module.b_enc.copy_(b_enc)
         if recipe.architecture == "jumprelu":
             module.threshold.fill_(recipe.penalty.initial_threshold)
     return module
@@ -84,6 +96,7 @@ class Trainer:
         backward's accumulation stay in the recipe's dtype. Not part of the recipe: it is a hardware choice."""
         if total_steps <= 0:
             raise RecipeError(["tokens", "batch_size"], f"training needs at least one step, got {total_steps}")
+        recipe = resolve(recipe, d_in)  # d_in-dependent values fixed (penalty.aux_k half_d_in)
         self.recipe, self.d_in, self.total_steps, self.device = recipe, d_in, total_steps, torch.device(device)
         self.dtype = getattr(torch, recipe.dtype)
         self.autocast = autocast
@@ -112,12 +125,18 @@ class Trainer:
 
     # ---- the public step ---------------------------------------------------------------------------
     def estimate_input_scale(self, x: Tensor) -> None:
-        """Set the input scale so that scaled inputs have mean L2 norm sqrt(d_in) (Anthropic, Feb 2024)."""
-        if self.recipe.input_normalization == "none":
+        """Set the input scale from a sample x (n, d_in) so that scaled inputs have mean L2 norm sqrt(d_in)
+        (sqrt_d, Anthropic, Feb 2024) or mean squared L2 norm 1 (unit_mean_square, Rajamanoharan et al. 2024b)."""
+        mode = self.recipe.input_normalization
+        if mode == "none":
             return
         x = self._check(x)
-        mean_norm = _all_reduce(x.norm(dim=-1).mean().double().reshape(1), "mean")
-        self.input_scale = float(math.sqrt(self.d_in) / mean_norm.clamp_min(1e-12).item())
+        if mode == "sqrt_d":
+            mean_norm = _all_reduce(x.norm(dim=-1).mean().double().reshape(1), "mean")
+            self.input_scale = float(math.sqrt(self.d_in) / mean_norm.clamp_min(1e-12).item())
+        else:
+            mean_square = _all_reduce(x.double().pow(2).sum(-1).mean().reshape(1), "mean")
+            self.input_scale = float(1.0 / mean_square.clamp_min(1e-24).sqrt().item())
 
     def step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None = None) -> dict[str, float]:
         """One optimisation step on raw activations x (B, d_in); returns the step's metrics.
@@ -133,7 +152,7 @@ class Trainer:
     def _step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None,
               precision: torch.dtype | None) -> dict[str, float]:
         x = self._check(x) * self.input_scale
-        if self.step_count == 0:
+        if self.step_count == 0 and self.recipe.b_dec_init == "geometric_median":
             self._initialise_decoder_bias(x)
         lr = lr_at(self.recipe, self.step_count, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -165,7 +184,8 @@ class Trainer:
 
     @torch.no_grad()
     def _initialise_decoder_bias(self, x: Tensor, iterations: int = 20) -> None:
-        """b_dec starts at the geometric median of the first batch (Bricken et al. 2023; Gao et al. 2024).
+        """b_dec starts at the geometric median of the first batch (b_dec_init geometric_median: Gao et al. 2024,
+        who attribute it to Bricken et al. 2023); with b_dec_init zero it keeps the 0 it was built with.
 
         Weiszfeld's iteration: the median is the fixed point of a mean weighted by 1 / distance.
         """
@@ -231,8 +251,10 @@ class Trainer:
         return self.steps_since_fired >= self.recipe.resampling.dead_window
 
     def _context(self) -> LossContext:
+        warmup = self.recipe.penalty.warmup_steps  # the coefficient rises linearly from 0 (as dictionary_learning)
+        scale = min(1.0, self.step_count / warmup) if warmup else 1.0
         return LossContext(self.dead_mask(), self.density_sum if self.density_ring.shape[0] else None,
-                           min(self.density_count, self.density_ring.shape[0]))
+                           min(self.density_count, self.density_ring.shape[0]), scale)
 
     def _count_firing(self, fired: Tensor, tokens: int) -> None:
         self.steps_since_fired = torch.where(fired, 0, self.steps_since_fired + 1)
@@ -275,27 +297,47 @@ class Trainer:
             self.resample(dead, inputs)
         return n_dead
 
+    def _resampling_weights(self, inputs: Tensor) -> Tensor:
+        """(n,) unnormalised probabilities of drawing each input (n, d): its loss ||x - x_hat||^2 squared
+        (squared_loss, Bricken et al. 2023: "proportional to the square of the autoencoder's loss") or its
+        square root ||x - x_hat|| (sqrt_loss: seed 004's notes; dictionary_learning's resampler)."""
+        m = self.module
+        losses = torch.cat([(chunk - m(chunk).reconstruction).pow(2).sum(-1) for chunk in inputs.split(8192)])
+        losses = losses.double().cpu()
+        weights = losses.square() if self.recipe.resampling.weighting == "squared_loss" else losses.sqrt()
+        return weights.clamp_min(1e-30)  # an input reconstructed exactly can still be drawn, if all are
+
     @torch.no_grad()
     def resample(self, dead: Tensor, inputs: Tensor) -> None:
         """Re-initialise the `dead` (F,) features from `inputs` (n, d), already scaled (Bricken et al. 2023).
 
-        Inputs are drawn with probability proportional to their squared reconstruction loss; the decoder
-        row becomes the normalised input, the encoder column that times encoder_scale times the mean alive
-        encoder norm, the encoder bias 0, and Adam's moments for those entries are reset.
+        Inputs are drawn by `_resampling_weights`; the decoder row becomes the normalised input, the encoder
+        bias 0, and the encoder column (encoder_init) either the normalised input times encoder_scale times
+        the mean alive encoder norm (input, Bricken) or encoder_scale times the mean alive encoder column,
+        the same for every dead feature (mean_alive, dictionary_learning's training.py of Nov 2023 - Feb 2024,
+        which trained the 0_8192 and 1_32768 sets). Adam's moments of the encoder entries are reset, and of
+        the decoder rows too unless reset_decoder_moments is off (dictionary_learning 2023 kept them).
         """
-        m, n_dead = self.module, int(dead.sum())
-        losses = torch.cat([(chunk - m(chunk).reconstruction).pow(2).sum(-1) for chunk in inputs.split(8192)])
-        weights = losses.double().cpu() + 1e-12
+        m, rs, n_dead = self.module, self.recipe.resampling, int(dead.sum())
+        weights = self._resampling_weights(inputs)                                  # (n,)
         chosen = torch.multinomial(weights, n_dead, replacement=n_dead > len(weights), generator=self.rng)
-        directions = inputs[chosen.to(inputs.device)]
+        directions = inputs[chosen.to(inputs.device)]                               # (n_dead, d)
         directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         if _world():  # every rank must write the same directions
             torch.distributed.broadcast(directions, src=0)
-        alive_norm = m.W_enc[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
+        alive = ~dead
         m.W_dec[dead] = directions
-        m.W_enc[:, dead] = directions.T * (self.recipe.resampling.encoder_scale * alive_norm)
+        if rs.encoder_init == "mean_alive":
+            mean_row = m.W_enc[:, alive].mean(1) if bool(alive.any()) else torch.zeros_like(m.W_enc[:, 0])  # (d,)
+            m.W_enc[:, dead] = rs.encoder_scale * mean_row[:, None]
+        else:
+            alive_norm = m.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
+            m.W_enc[:, dead] = directions.T * (rs.encoder_scale * alive_norm)
         m.b_enc[dead] = 0.0
-        for param, index in ((m.W_dec, (dead,)), (m.W_enc, (slice(None), dead)), (m.b_enc, (dead,))):
+        reset = [(m.W_enc, (slice(None), dead)), (m.b_enc, (dead,))]
+        if rs.reset_decoder_moments:
+            reset.append((m.W_dec, (dead,)))
+        for param, index in reset:
             for moment in ("exp_avg", "exp_avg_sq"):
                 if moment in self.optimizer.state.get(param, {}):
                     self.optimizer.state[param][moment][index] = 0.0
