@@ -2,31 +2,115 @@
 start from the same weights, see the same batches, and their weights and losses are compared after STEPS steps.
 
 One row per (preset, peer[, variant]). Each comparison below names the preset, the overrides on our side, the
-peer's trainer and settings, the transforms that make the two comparable (`aligned`, each citing the peer's
-source file) and the differences kept on purpose in that row (`known`). The verdict is `equal` (every tensor
-and every step's loss within TOLERANCE of ours, float64 on both sides), `equal after <aligned>`, or
-`differs (...)`: <known>. Peers run in their own venvs (benchmarks/peers.py) through benchmarks/peer_steps.py.
-Shape: STEPS steps of BATCH activations, D_IN -> D_DICT, float64, synthetic data (conformance.make_batches).
+peer's trainer and settings, the transforms that make the two comparable (`aligned`) and the differences kept
+on purpose in that row (`known`), both as short phrases that GLOSSARY explains with the peer source file that
+shows each. The verdict is `equal` (every tensor and every step's loss within conformance.TOLERANCE, float64
+on both sides), `equal after: <aligned>`, or `differs (<tensors>): <known>`. Peers run in their own venvs
+(benchmarks/peers.py) through benchmarks/peer_steps.py. Shape: STEPS steps of BATCH activations, D_IN -> D_DICT,
+float64, synthetic data (conformance.make_batches).
 
-`python -m benchmarks conformance`, or `python -m benchmarks.bench_conformance [NAME_SUBSTRING]`.
+`python -m benchmarks conformance`; `python -m benchmarks.bench_conformance [NAME_SUBSTRING]` for some rows;
+`python -m benchmarks.bench_conformance --explain` prints the glossary.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 STEPS, BATCH, D_IN, D_DICT, K, LR, DEAD = 40, 256, 48, 192, 8, 1e-3, 16
 # Every preset is run at this lr and without warm-up (the presets' 1000 warm-up steps outlast the run);
 # a comparison's own overrides come on top.
 COMMON = {"optimizer.lr": LR, "optimizer.warmup_steps": 0}
 
-# Shared statements, each citing the peer source it comes from.
-NO_WARMUP_DL = ("lr warm-up off on both (DL ramps from 0 at step 0, trainer.py get_lr_schedule step/warmup; "
-                "ours (step+1)/warmup)")
-GIVEN_B_DEC = "peer b_dec starts at our geometric median of batch 0"
-MSE_SUM = "MSE summed over d_in (mse=sum_dims; the preset averages over elements)"
-CLIP = "grad_clip 1.0 (the preset clips nothing)"
+# Every phrase a verdict uses, explained with the source that shows it (DL = dictionary_learning 0.1.0,
+# dictionary_learning/...; SAELens 6.54 sae_lens/...; sparsify = eai-sparsify 1.3.3 sparsify/...).
+GLOSSARY = {
+    # ---- alignments: our option switched to the peer's behaviour, or the peer given ours ----
+    "mse=sum_dims": "our MSE summed over d_in, averaged over tokens, as the peer's (DL trainers/standard.py "
+                    "recon_loss, top_k.py and batch_top_k.py l2_loss, gdm.py L_recon and L_aux; SAELens "
+                    "saes/sae.py training_forward_pass); the preset averages over all elements",
+    "no sparsity warm-up": "DL sparsity_warmup_steps=None: its default 2000 ramps the penalty up from 0 "
+                           "(trainers/trainer.py get_sparsity_warmup_fn); our recipes have no such warm-up",
+    "no lr warm-up": "lr warm-up off on both: DL's get_lr_schedule (trainers/trainer.py) gives step/warmup, so "
+                     "lr 0 at step 0 while Adam's moments still move; ours (step+1)/warmup",
+    "our b_dec init": "the peer starts from our b_dec (geometric median of batch 0, 20 Weiszfeld steps): DL's "
+                      "AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder and SAELens start at 0 (dictionary.py; "
+                      "saes/sae.py initialize_weights); DL's TopK/BatchTopK take a geometric median to tol 1e-5 "
+                      "(trainers/top_k.py geometric_median; notes: its distance to ours); sparsify the batch "
+                      "mean (trainer.py)",
+    "no resampling": "resampling off on both (the rows 'resampling ...' compare it)",
+    "aux_k=d_in/2": "our penalty.aux_k = d_in // 2, DL's fixed top_k_aux (trainers/top_k.py, Gao et al. B.1); "
+                    "the topk/batchtopk presets say 512",
+    "DL dead threshold + 1 batch": "DL adds the current batch to tokens-since-fired before it tests deadness "
+                                   "(top_k.py and batch_top_k.py loss), ours tests the previous batches: DL's "
+                                   "dead_feature_threshold = ours + one batch",
+    "grad_clip=1": "our optimizer.grad_clip = 1.0, as DL's TopK/BatchTopK/JumpReLU update() and SAELens' "
+                   "_train_step (training/sae_trainer.py) clip; the presets clip nothing",
+    "exact projection": "DL's remove_gradient_parallel_to_decoder_directions (trainers/trainer.py) divides by "
+                        "||W_dec|| + 1e-6, leaving ~2e-6 of the parallel gradient; replaced by the exact "
+                        "projection (without it: ~4e-7 after 40 steps)",
+    "DL threshold from step 0": "BatchTopK threshold_start_step=-1: batch_top_k.py starts the running "
+                                "threshold only after step 1000 by default; ours from step 0",
+    "inputs x our scale": "the peer trains on our input_scale * x (sqrt(d_in) / mean ||x|| of batch 0): DL's "
+                          "trainers do not normalise (its trainSAE scales to mean ||x||^2 = 1, training.py "
+                          "get_norm_factor); SAELens' expected_average_only_in is our formula with norms summed "
+                          "in float32 (training/activation_scaler.py; notes: its own)",
+    "DL thresholds clamped at 0": "DL's JumpReLU thresholds clamped at 0 after each step as ours are: "
+                                  "trainers/jumprelu.py lets them go below 0, where they pass negative "
+                                  "pre-activations (77 of 192 did here)",
+    "no sparsity term": "both sparsity coefficients 0 (ours penalty.coefficient, DL sparsity_penalty)",
+    "DL resample at our step": "DL's StandardTrainer.resample_neurons called on the features ours replaced, "
+                               "after the same step, on the same batch (no lr re-warm)",
+    "heaviest draws": "both resamplers draw the heaviest inputs instead of sampling: DL weighs ||x - x_hat|| "
+                      "(standard.py resample_neurons), ours the square (Bricken 2023); same order (notes: the "
+                      "weights agree, squared)",
+    "DL new encoder rows / ||x||": "DL's new encoder rows divided by their input's norm: standard.py sets "
+                                   "them to the raw input * 0.2 * mean alive norm, ours to the unit input * "
+                                   "0.2 * mean alive norm",
+    "decoder free, L1 x ||W_dec||": "our decoder_norm=free and penalty.scale_by_decoder_norm: SAELens' "
+                                    "standard SAE leaves the decoder free and weights the L1 by the decoder "
+                                    "norms (saes/standard_sae.py; Anthropic, April 2024); the anthropic2024 "
+                                    "preset keeps ||W_dec|| <= 1 with a plain L1 (Feb 2024)",
+    "no pre-encoder bias in SAELens": "SAELens apply_b_dec_to_input=False (default True, saes/sae.py); the "
+                                      "preset has no pre-encoder bias",
+    "decoder free": "our decoder_norm=free: SAELens constrains no decoder norm (topk with "
+                    "rescale_acts_by_decoder_norm=False; its default True divides by the norms inside the "
+                    "forward, saes/topk_sae.py act_times_W_dec, which our recipe cannot express); the presets "
+                    "keep unit rows",
+    "no AuxK": "AuxK off on both (nothing dead within the peer's window, or auxk_alpha = 0: sparsify's "
+               "default, config.py)",
+    "dead after 3 silent steps": "dead = did not fire in the last 3 batches on both sides",
+    "final thresholds clamped": "the peer's final thresholds clamped at 0: SAELens clamps them before each "
+                                "training forward (saes/jumprelu_sae.py), ours after each step",
+    "sparsify Adam": "sparsify's optimizer='adam' branch (trainer.py); its default, signum, has no counterpart "
+                     "in our recipes",
+    "lr to 0 over the run": "our decay_fraction=1.0: sparsify's Adam decays lr linearly to 0 over all steps "
+                            "(trainer.py get_linear_schedule_with_warmup)",
+    "FVU = MSE": "sparsify's loss is sum ||e||^2 / sum ||x - mean x||^2 (sparse_coder.py forward); on batches "
+                 "of equal total variance B * d_in it is our element-mean MSE",
+    "final decoder renormalised": "the peer's final decoder renormalised: sparsify renormalises before each "
+                                  "forward (trainer.py), ours after each step",
+    # ---- differences kept in a row ----
+    "DL resampling schedule": "DL resamples after steps 10j+1 (0-based step % R == 0) and re-warms lr from 0 "
+                              "after each (standard.py update; trainer.py get_lr_schedule resample branch), "
+                              "counts dead after > R/2 silent steps, draws with p ~ ||x - x_hat|| and gives new "
+                              "encoder rows the raw input's norm; ours resamples after steps 10j, no re-warm, "
+                              "p ~ squared, unit input (row 'one resampling, same draws' isolates these)",
+    "DL target-L0 penalty": "DL's JumpReLU penalty is c * (L0 / target_l0 - 1)^2 with the step STE read on "
+                            "f rather than the pre-activation (trainers/jumprelu.py loss), not c * L0 "
+                            "(Rajamanoharan et al. 2024b); row 'no sparsity term' shows the rest agrees",
+    "SAELens AuxK": "SAELens' AuxK is aux_coefficient * min(dead / k_aux, 1) * mean ||e_hat - e||^2 on "
+                    "pre-activations without ReLU (saes/topk_sae.py calculate_topk_aux_loss); ours divides by "
+                    "||e - mean e||^2 (Gao et al. 2024)",
+    "sparsify AuxK": "sparsify's AuxK is min(dead / k_aux, 1) * ||e_hat - e||^2 / sum ||x - mean x||^2 "
+                     "(sparse_coder.py forward); ours divides by ||e - mean e||^2",
+    # ---- precision notes ----
+    "DL AuxK in float32": "DL computes AuxK in float32 (top_k.py/batch_top_k.py get_auxiliary_loss .float()): "
+                          "weights held to float32 tolerance (with nothing dead they agree to 1e-15)",
+    "threshold float32": "the peer keeps the threshold in float32 (batch_top_k.py update_threshold; "
+                         "saes/jumprelu_sae.py): held to float32 tolerance",
+}
 
 
 @dataclass(frozen=True)
@@ -36,20 +120,21 @@ class Comparison:
     trainer: str                       # the peer's trainer, as the row names it
     ours: dict                         # overrides of the preset (dotted keys), beyond the run's shape
     job: dict                          # what benchmarks/peer_steps.py needs besides weights and batches
-    aligned: tuple[str, ...]           # transforms making the sides comparable
-    known: tuple[str, ...] = ()        # differences kept on purpose in this row
+    aligned: tuple[str, ...]           # transforms making the sides comparable (GLOSSARY keys)
+    known: tuple[str, ...] = ()        # differences kept on purpose in this row (GLOSSARY keys)
     variant: str = ""
     dead: int = 0                      # features started dead (conformance.make_init)
     dead_by: str = "bias"
     scaled_inputs: bool = False        # the peer trains on our input_scale * x (its trainer does not normalise)
-    float32: tuple[str, ...] = ()      # tensors the peer keeps in float32 whatever the dtype
-    extra: dict = field(default_factory=dict)
+    float32: tuple[str, ...] = ()      # tensors held to float32 tolerance (FLOAT32_TOLERANCE) ...
+    precision: str = ""                # ... and why (GLOSSARY keys joined by "; "), shown in the notes
 
 
 def _dl(trainer: str, layout: str, **kwargs) -> dict:
     settings = kwargs.pop("set", {})
     return {"peer": "dictionary_learning", "trainer": trainer, "layout": layout, "dtype": "float64",
-            "b_dec": "given", "kwargs": {"lr": LR, "warmup_steps": 0, **kwargs}, "set": settings}
+            "b_dec": "given", "kwargs": {"lr": LR, "warmup_steps": 0, **kwargs}, "set": settings,
+            "exact_projection": trainer in ("TopKTrainer", "BatchTopKTrainer", "JumpReluTrainer")}
 
 
 def _saelens(architecture: str, layout: str, sae: dict, **trainer) -> dict:
@@ -65,122 +150,96 @@ def _sparsify(**job) -> dict:
 
 def dictionary_learning_comparisons() -> list[Comparison]:
     """dictionary_learning 0.1.0 trainers (dictionary_learning/trainers/*.py)."""
-    dl_sparsity = "DL's sparsity warm-up off (sparsity_warmup_steps=None; default 2000)"
-    topk_aux = ("aux_k = d_in/2 (top_k.py top_k_aux = activation_dim // 2; the preset says 512)",
-                "DL's dead threshold = ours + one batch (DL adds the current batch before testing, top_k.py loss)",
-                CLIP + " (top_k.py update clips at 1.0)")
+    base = ("no lr warm-up", "our b_dec init")
+    topk = {"k": K, "mse": "sum_dims", "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH,
+            "optimizer.grad_clip": 1.0}
+    topk_aligned = ("mse=sum_dims", "aux_k=d_in/2", "DL dead threshold + 1 batch", "grad_clip=1", "exact projection",
+                    *base)
     topk_set = {"dead_feature_threshold": 4 * BATCH}
-    resample = ("DL resamples after step 10j+1 and re-warms lr from 0 after each (standard.py update, "
-                "trainer.py get_lr_schedule resample branch); ours after step 10j, no re-warm",
-                "DL: dead = no firing for > R/2 steps; draws inputs with p ~ ||x - x_hat|| (ours ~ squared); "
-                "new encoder rows = raw input * 0.2 * mean alive norm (ours: the normalised input)")
+    weights = ("W_enc", "b_enc", "W_dec", "b_dec")
+    standard = {"l1_penalty": 1e-3, "sparsity_warmup_steps": None}
+    jump = {"bandwidth": 1e-3, "sparsity_warmup_steps": None, "target_l0": 20.0}
+    jump_aligned = ("grad_clip=1", "inputs x our scale", "DL thresholds clamped at 0", "exact projection", *base)
     return [
         Comparison("marks2023", "dictionary_learning", "StandardTrainer",
-                   {"mse": "sum_dims", "resampling.kind": "none"},
-                   _dl("StandardTrainer", "dl_autoencoder", l1_penalty=1e-3, sparsity_warmup_steps=None),
-                   (MSE_SUM + " (standard.py recon_loss)", dl_sparsity, NO_WARMUP_DL,
-                    GIVEN_B_DEC + " (DL's AutoEncoder starts at 0, dictionary.py)", "resampling off")),
+                   {"mse": "sum_dims", "resampling.kind": "none"}, _dl("StandardTrainer", "dl_autoencoder", **standard),
+                   ("mse=sum_dims", "no sparsity warm-up", "no resampling", *base)),
         Comparison("marks2023", "dictionary_learning", "StandardTrainer",
                    {"mse": "sum_dims", "resampling.every": 10, "resampling.dead_window": 5,
                     "resampling.inputs": BATCH},
-                   _dl("StandardTrainer", "dl_autoencoder", l1_penalty=1e-3, sparsity_warmup_steps=None,
-                       resample_steps=10, warmup_steps=1),
-                   (MSE_SUM, dl_sparsity, GIVEN_B_DEC), resample, variant="resampling every 10", dead=DEAD),
-        Comparison("topk", "dictionary_learning", "TopKTrainer",
-                   {"k": K, "mse": "sum_dims", "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH,
-                    "optimizer.grad_clip": 1.0},
+                   _dl("StandardTrainer", "dl_autoencoder", resample_steps=10, warmup_steps=1, **standard),
+                   ("mse=sum_dims", "no sparsity warm-up", "our b_dec init"), ("DL resampling schedule",),
+                   variant="resampling every 10", dead=DEAD),
+        Comparison("marks2023", "dictionary_learning", "StandardTrainer",
+                   {"mse": "sum_dims", "resampling.every": 5, "resampling.until": 5, "resampling.dead_window": 5,
+                    "resampling.inputs": BATCH},
+                   _dl("StandardTrainer", "dl_autoencoder", **standard) | {"resample": {"normalise_encoder": True}},
+                   ("mse=sum_dims", "no sparsity warm-up", *base, "DL resample at our step", "heaviest draws",
+                    "DL new encoder rows / ||x||"), variant="one resampling, same draws", dead=DEAD),
+        Comparison("topk", "dictionary_learning", "TopKTrainer", topk,
                    _dl("TopKTrainer", "dl_topk", k=K, auxk_alpha=1 / 32, threshold_start_step=10**9, set=topk_set),
-                   (MSE_SUM + " (top_k.py l2_loss)", *topk_aux, NO_WARMUP_DL,
-                    GIVEN_B_DEC + " (DL: geometric_median, <= 100 steps to tol 1e-5)"),
-                   dead=DEAD, dead_by="small"),
-        Comparison("batchtopk", "dictionary_learning", "BatchTopKTrainer",
-                   {"k": K, "mse": "sum_dims", "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH,
-                    "optimizer.grad_clip": 1.0},
-                   _dl("BatchTopKTrainer", "dl_topk", k=K, auxk_alpha=1 / 32, threshold_start_step=-1,
-                       set=topk_set),
-                   (MSE_SUM + " (batch_top_k.py l2_loss)", *topk_aux, NO_WARMUP_DL, GIVEN_B_DEC,
-                    "DL's threshold average from step 0 (threshold_start_step=-1; default 1000)"),
-                   dead=DEAD, dead_by="small", float32=("threshold",)),
+                   topk_aligned, dead=DEAD, dead_by="small", float32=weights, precision="DL AuxK in float32"),
+        Comparison("batchtopk", "dictionary_learning", "BatchTopKTrainer", topk,
+                   _dl("BatchTopKTrainer", "dl_topk", k=K, auxk_alpha=1 / 32, threshold_start_step=-1, set=topk_set),
+                   (*topk_aligned, "DL threshold from step 0"), dead=DEAD, dead_by="small",
+                   float32=(*weights, "threshold"), precision="DL AuxK in float32; threshold float32"),
         Comparison("jumprelu", "dictionary_learning", "JumpReluTrainer", {"optimizer.grad_clip": 1.0},
-                   _dl("JumpReluTrainer", "dl_jumprelu", bandwidth=1e-3, sparsity_penalty=1e-3,
-                       sparsity_warmup_steps=None, target_l0=20.0),
-                   (CLIP + " (jumprelu.py update)", NO_WARMUP_DL, GIVEN_B_DEC + " (DL starts at 0)",
-                    "DL fed our sqrt(d)-normalised inputs (DL's trainSAE scales to mean ||x||^2 = 1, training.py)"),
-                   ("DL's penalty is c * (L0/target_l0 - 1)^2, not c * L0, and its step STE reads f, not the "
-                    "pre-activation (jumprelu.py loss)",), scaled_inputs=True),
+                   _dl("JumpReluTrainer", "dl_jumprelu", sparsity_penalty=1e-3, **jump) | {"clamp_threshold": True},
+                   jump_aligned, ("DL target-L0 penalty",), scaled_inputs=True),
         Comparison("jumprelu", "dictionary_learning", "JumpReluTrainer",
                    {"optimizer.grad_clip": 1.0, "penalty.coefficient": 0.0},
-                   _dl("JumpReluTrainer", "dl_jumprelu", bandwidth=1e-3, sparsity_penalty=0.0,
-                       sparsity_warmup_steps=None, target_l0=20.0),
-                   (CLIP, NO_WARMUP_DL, GIVEN_B_DEC, "DL fed our sqrt(d)-normalised inputs",
-                    "sparsity terms off on both"), variant="no sparsity term", scaled_inputs=True),
+                   _dl("JumpReluTrainer", "dl_jumprelu", sparsity_penalty=0.0, **jump) | {"clamp_threshold": True},
+                   (*jump_aligned, "no sparsity term"), variant="no sparsity term", scaled_inputs=True),
         Comparison("gated", "dictionary_learning", "GatedSAETrainer", {"mse": "sum_dims"},
-                   _dl("GatedSAETrainer", "dl_gated", l1_penalty=1e-3, sparsity_warmup_steps=None),
-                   (MSE_SUM + " (gdm.py L_recon and L_aux)", dl_sparsity, NO_WARMUP_DL,
-                    GIVEN_B_DEC + " (DL starts at 0, dictionary.py)")),
+                   _dl("GatedSAETrainer", "dl_gated", **standard), ("mse=sum_dims", "no sparsity warm-up", *base)),
     ]
 
 
 def saelens_comparisons() -> list[Comparison]:
     """SAELens 6 TrainingSAEs driven by its SAETrainer.step (sae_lens/training/sae_trainer.py)."""
-    clip = CLIP + " (sae_trainer.py _train_step clips at 1.0)"
-    scaling = "SAELens trains with our input scale (the same sqrt(d)/mean ||x||, summed in float32 there)"
-    given = GIVEN_B_DEC + " (SAELens starts at 0, sae.py initialize_weights)"
-    no_pre_bias = "SAELens apply_b_dec_to_input=False (its default True; the preset has no pre-encoder bias)"
     norm_in = {"normalize_activations": "expected_average_only_in"}
     topk_sae = {"k": K, "rescale_acts_by_decoder_norm": False, "aux_loss_coefficient": 1 / 32}
-    topk_free = ("decoder free on both (decoder_norm=free; SAELens rescale_acts_by_decoder_norm=False, whose "
-                 "default True divides by the decoder norms inside the forward, topk_sae.py act_times_W_dec)")
+    topk = {"k": K, "decoder_norm": "free", "mse": "sum_dims", "optimizer.grad_clip": 1.0,
+            "optimizer.warmup_steps": 5}
+    jump_sae = {"jumprelu_init_threshold": 1e-3, "jumprelu_bandwidth": 1e-3, "l0_coefficient": 1e-3,
+                "jumprelu_sparsity_loss_mode": "step", "apply_b_dec_to_input": False, **norm_in}
     return [
         Comparison("anthropic2024", "saelens", "StandardTrainingSAE",
                    {"decoder_norm": "free", "prune_below": None, "penalty.scale_by_decoder_norm": True,
                     "optimizer.grad_clip": 1.0, "optimizer.warmup_steps": 5},
                    _saelens("standard", "saelens", {"l1_coefficient": 5.0, "apply_b_dec_to_input": False, **norm_in},
                             adam_beta1=0.0, lr_warm_up_steps=5, lr_decay_steps=round(0.2 * STEPS)),
-                   ("decoder free, L1 weighted by ||W_dec|| (standard_sae.py calculate_aux_loss; the preset keeps "
-                    "||W_dec|| <= 1 with a plain L1, Anthropic Feb 2024)", clip, no_pre_bias, given, scaling)),
-        Comparison("topk", "saelens", "TopKTrainingSAE",
-                   {"k": K, "decoder_norm": "free", "mse": "sum_dims", "penalty.aux_k": None,
-                    "optimizer.grad_clip": 1.0, "optimizer.warmup_steps": 5},
+                   ("decoder free, L1 x ||W_dec||", "grad_clip=1", "no pre-encoder bias in SAELens",
+                    "our b_dec init", "inputs x our scale")),
+        Comparison("topk", "saelens", "TopKTrainingSAE", {**topk, "penalty.aux_k": None},
                    _saelens("topk", "saelens", topk_sae, lr_warm_up_steps=5),
-                   (topk_free, MSE_SUM + " (sae.py training_forward_pass)", clip, given,
-                    "AuxK off on both (nothing dead within SAELens' dead_feature_window)")),
+                   ("decoder free", "mse=sum_dims", "grad_clip=1", "no AuxK", "our b_dec init")),
         Comparison("topk", "saelens", "TopKTrainingSAE",
-                   {"k": K, "decoder_norm": "free", "mse": "sum_dims", "penalty.aux_k": D_IN // 2,
-                    "penalty.aux_dead_tokens": 3 * BATCH, "optimizer.grad_clip": 1.0, "optimizer.warmup_steps": 5},
+                   {**topk, "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH},
                    _saelens("topk", "saelens", topk_sae, lr_warm_up_steps=5, dead_feature_window=2),
-                   (topk_free, MSE_SUM, clip, given, "dead after 3 silent steps on both"),
-                   ("SAELens' AuxK is coefficient * min(dead/k_aux, 1) * mean ||e_hat - e||^2 on unReLU'd "
-                    "pre-activations (topk_sae.py calculate_topk_aux_loss); ours divides by ||e - mean e||^2",),
-                   variant="AuxK", dead=DEAD, dead_by="small"),
+                   ("decoder free", "mse=sum_dims", "grad_clip=1", "dead after 3 silent steps", "our b_dec init"),
+                   ("SAELens AuxK",), variant="AuxK", dead=DEAD, dead_by="small"),
         Comparison("jumprelu", "saelens", "JumpReLUTrainingSAE",
                    {"decoder_norm": "free", "optimizer.grad_clip": 1.0, "optimizer.warmup_steps": 5},
-                   _saelens("jumprelu", "saelens_jumprelu",
-                            {"jumprelu_init_threshold": 1e-3, "jumprelu_bandwidth": 1e-3, "l0_coefficient": 1e-3,
-                             "jumprelu_sparsity_loss_mode": "step", "apply_b_dec_to_input": False, **norm_in},
-                            adam_beta1=0.0, lr_warm_up_steps=5),
-                   ("decoder free (SAELens' JumpReLU has no decoder-norm constraint; the preset keeps unit rows)",
-                    clip, no_pre_bias, given, scaling), float32=("threshold",)),
+                   _saelens("jumprelu", "saelens_jumprelu", jump_sae, adam_beta1=0.0, lr_warm_up_steps=5)
+                   | {"clamp_threshold_final": True},
+                   ("decoder free", "grad_clip=1", "no pre-encoder bias in SAELens", "final thresholds clamped",
+                    "our b_dec init", "inputs x our scale"), float32=("threshold",), precision="threshold float32"),
     ]
 
 
 def sparsify_comparisons() -> list[Comparison]:
     """EleutherAI sparsify 1.3 SparseCoder with trainer.py's step (Adam branch)."""
-    common = ("sparsify's Adam branch (optimizer='adam'; its default, signum, has no counterpart in our recipes)",
-              "lr decays linearly to 0 over the run (decay_fraction=1.0; trainer.py get_linear_schedule_with_warmup)",
-              "FVU = element-mean MSE on equal-variance batches (sparse_coder.py forward)",
-              GIVEN_B_DEC + " (sparsify: the batch mean, trainer.py)",
-              "peer's final decoder renormalised (sparsify renormalises before each forward, not after the step)")
+    aligned = ("sparsify Adam", "lr to 0 over the run", "FVU = MSE", "final decoder renormalised", "our b_dec init")
+    topk = {"k": K, "optimizer.decay_fraction": 1.0}
     return [
-        Comparison("topk", "sparsify", "SparseCoder", {"k": K, "penalty.aux_k": None, "optimizer.decay_fraction": 1.0},
-                   _sparsify(), (*common, "AuxK off on both (auxk_alpha defaults to 0, config.py)")),
+        Comparison("topk", "sparsify", "SparseCoder", {**topk, "penalty.aux_k": None}, _sparsify(),
+                   (*aligned, "no AuxK")),
         Comparison("topk", "sparsify", "SparseCoder",
-                   {"k": K, "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH,
-                    "optimizer.decay_fraction": 1.0},
+                   {**topk, "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH},
                    _sparsify(auxk_alpha=1 / 32, dead_feature_threshold=3 * BATCH - 1),
-                   (*common, "dead after 3 silent steps on both"),
-                   ("sparsify's AuxK divides by the variance of x, not of the residual, and scales by "
-                    "min(dead/k_aux, 1) (sparse_coder.py forward)",), variant="AuxK", dead=DEAD, dead_by="small"),
+                   (*aligned, "dead after 3 silent steps"), ("sparsify AuxK",), variant="AuxK", dead=DEAD,
+                   dead_by="small"),
     ]
 
 
@@ -197,5 +256,9 @@ def run(only: str = "") -> list[dict]:
 
 
 if __name__ == "__main__":
-    for row in run(" ".join(sys.argv[1:])):
-        print(row)
+    if sys.argv[1:] == ["--explain"]:
+        for phrase, meaning in GLOSSARY.items():
+            print(f"{phrase}: {meaning}")
+    else:
+        for row in run(" ".join(sys.argv[1:])):
+            print(row)

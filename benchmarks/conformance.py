@@ -9,6 +9,7 @@ training.trainer.Trainer in this process, with the starting weights set from out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.peer_steps import write_batches
+from benchmarks.peer_steps import TopDraws, write_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-9           # float64 on both sides: max |difference| relative to max(1, max |value|)
@@ -96,9 +97,10 @@ def our_recipe(preset_name: str, overrides: dict, *, steps: int, batch: int, d_d
     return validate_recipe(fields)
 
 
-def run_ours(recipe, init: dict[str, torch.Tensor], batches: torch.Tensor) -> Side:
+def run_ours(recipe, init: dict[str, torch.Tensor], batches: torch.Tensor, top_draws: bool = False) -> Side:
     """Train with training.trainer.Trainer from `init` on `batches`; b_dec after its first-batch init is kept
-    (notes['b_dec0']) so that a peer can start from it."""
+    (notes['b_dec0']) so that a peer can start from it, and so are the features each resampling replaced
+    (notes['resampled']). `top_draws`: resampling draws the heaviest inputs (peer_steps.TopDraws)."""
     from training.trainer import Trainer
 
     steps, _, d_in = batches.shape
@@ -112,13 +114,29 @@ def run_ours(recipe, init: dict[str, torch.Tensor], batches: torch.Tensor) -> Si
             init_bias(x, *args, **kwargs)
             notes["b_dec0"] = trainer.module.b_dec.detach().clone()
         trainer._initialise_decoder_bias = recording
-    losses = [trainer.step(batches[i])["loss"] for i in range(steps)]
+    _record_resampling(trainer, notes)
+    with TopDraws() if top_draws else contextlib.nullcontext() as draws:
+        losses = [trainer.step(batches[i])["loss"] for i in range(steps)]
+    if top_draws and draws.weights:
+        notes["draw_weights"] = draws.weights[0]
     weights = {k: v.detach().clone() for k, v in trainer.module.native_state().items()}
     if recipe.architecture == "batchtopk":        # the module's threshold is only set by finish()
         average = trainer.threshold_average
         weights["threshold"] = torch.tensor(float("nan") if average is None else float(average), dtype=torch.float64)
     notes.setdefault("b_dec0", init["b_dec"].clone())
     return Side(weights, losses, notes)
+
+
+def _record_resampling(trainer, notes: dict) -> None:
+    """Wrap the instance's `resample` to note which features it replaced (behaviour unchanged)."""
+    resample = getattr(trainer, "resample", None)
+    if resample is None:
+        return
+
+    def recording(dead, *args, **kwargs):
+        notes.setdefault("resampled", []).append((trainer.step_count, dead.detach().cpu().clone()))
+        return resample(dead, *args, **kwargs)
+    trainer.resample = recording
 
 
 # ---- the peer's side ------------------------------------------------------------------------------------
@@ -147,8 +165,9 @@ def _read_result(folder: Path, fallback: str) -> Side | str:
     tensors = load_file(str(folder / "result.safetensors"))
     notes = json.loads((folder / "result.json").read_text())["notes"]
     losses = tensors.pop("losses").tolist()
-    if "own_b_dec" in tensors:
-        notes["own_b_dec"] = tensors.pop("own_b_dec")
+    for name in ("own_b_dec", "draw_weights"):
+        if name in tensors:
+            notes[name] = tensors.pop(name)
     return Side(tensors, losses, notes)
 
 
@@ -184,18 +203,18 @@ def over_tolerance(diffs: dict[str, float], scale: dict[str, float], float32: tu
 
 
 def verdict(over: list[str], aligned: list[str], known: list[str]) -> str:
-    """`equal`, `equal after <alignments>`, or `differs: <known reasons>` (`differs, unexplained` if none).
+    """`equal`, `equal after: <alignments>`, `differs (<names>): <known reasons>`, or `differs, unexplained`.
 
     `aligned`: the transforms applied to make the sides comparable (a recipe option switched to the peer's
     behaviour, the peer's init replaced by ours, ...). `known`: differences kept on purpose in this row.
     """
     if not over:
-        text = "equal after " + "; ".join(aligned) if aligned else "equal"
+        text = "equal after: " + "; ".join(aligned) if aligned else "equal"
         return text + (f" (expected to differ by {'; '.join(known)}, but did not here)" if known else "")
     where = ", ".join(over)
     if known:
         return f"differs ({where}): " + "; ".join(known)
-    return f"differs, unexplained ({where})" + (" after " + "; ".join(aligned) if aligned else "")
+    return f"differs, unexplained ({where})" + (" after: " + "; ".join(aligned) if aligned else "")
 
 
 # ---- the rows ------------------------------------------------------------------------------------------
@@ -209,7 +228,7 @@ def rows_for(chosen: list, *, steps: int, batch: int, d_in: int, d_dict: int, co
     for i, c in enumerate(chosen):
         recipe = our_recipe(c.preset, {**common, **c.ours}, steps=steps, batch=batch, d_dict=d_dict)
         init = make_init(recipe.architecture, d_in, d_dict, dead=c.dead, dead_by=c.dead_by)
-        ours[i] = run_ours(recipe, init, batches)
+        ours[i] = run_ours(recipe, init, batches, top_draws="resample" in c.job)
         pending.setdefault(c.peer, []).append((i, *_peer_job(c, init, batches, ours[i])))
     results, versions = {}, {}
     for peer, items in pending.items():
@@ -231,6 +250,9 @@ def _peer_job(c, init: dict, batches: torch.Tensor, ours: Side) -> tuple[dict, d
         batches = batches * ours.notes["input_scale"]
     if job.get("sae", {}).get("normalize_activations") == "expected_average_only_in":
         job["scaling_factor"] = ours.notes["input_scale"]
+    if "resample" in job:                      # the peer replaces the features ours replaced, after the same step
+        step, dead = ours.notes["resampled"][0]
+        job["resample"] = {**job["resample"], "after_step": step - 1, "dead": dead.tolist()}
     return job, peer_init, batches
 
 
@@ -248,12 +270,12 @@ def _row(c, ours: Side, peer: Side | str, version: str, steps: int) -> dict:
     all_diffs = {**{n: row[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec") if row[n] is not None},
                  **diffs, "loss": loss}
     row["verdict"] = verdict(over_tolerance(all_diffs, scales(ours), c.float32), list(c.aligned), list(c.known))
-    row["notes"] = _notes(ours, peer, c.float32)
+    row["notes"] = "; ".join(filter(None, (_notes(ours, peer), c.precision)))
     return row
 
 
-def _notes(ours: Side, peer: Side, float32: tuple[str, ...]) -> str:
-    """What the peer would have done itself where we gave it ours (b_dec init, input scale), and dtypes."""
+def _notes(ours: Side, peer: Side) -> str:
+    """What the peer would have done itself where we gave it ours (b_dec init, input scale, resampling draws)."""
     notes = []
     if "own_b_dec" in peer.notes:
         gap = float((peer.notes["own_b_dec"].double() - ours.notes["b_dec0"].double()).abs().max())
@@ -261,5 +283,8 @@ def _notes(ours: Side, peer: Side, float32: tuple[str, ...]) -> str:
     if "own_scaling_factor" in peer.notes:
         ratio = peer.notes["own_scaling_factor"] / ours.notes["input_scale"] - 1
         notes.append(f"peer's own input scale is ours x (1 {ratio:+.1e})")
-    notes += [f"{name} is float32 in the peer" for name in float32]
+    if "draw_weights" in peer.notes and "draw_weights" in ours.notes:
+        mine, theirs = ours.notes["draw_weights"], peer.notes["draw_weights"].double() ** 2
+        gap = float((mine / mine.sum() - theirs / theirs.sum()).abs().max() / (mine / mine.sum()).max())
+        notes.append(f"resampling draw weights: ours = peer's squared to {gap:.0e}")
     return "; ".join(notes)

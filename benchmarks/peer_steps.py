@@ -69,6 +69,25 @@ def load_into(module: torch.nn.Module, native: dict[str, torch.Tensor], layout: 
             target.copy_(value.to(target.dtype))
 
 
+class TopDraws:
+    """While active, torch.multinomial returns the n heaviest indices, heaviest first, and records the weights:
+    two resamplers whose draw probabilities order the inputs alike then draw the same inputs."""
+
+    def __enter__(self) -> TopDraws:
+        self.weights: list[torch.Tensor] = []
+        self.original = torch.multinomial
+
+        def draw(weights, num_samples, *_args, **_kwargs):
+            self.weights.append(weights.detach().double().cpu().clone())
+            return torch.argsort(weights, descending=True, stable=True)[:num_samples].to(weights.device)
+
+        torch.multinomial = draw
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        torch.multinomial = self.original
+
+
 def _recording(fn, losses: list[float]):
     """`fn` that also appends the float of what it returns (a loss) to `losses`."""
     def wrapped(*args, **kwargs):
@@ -83,13 +102,17 @@ def run_dictionary_learning(job: dict, init: dict, batches: torch.Tensor) -> tup
     from dictionary_learning import trainers
     from dictionary_learning.trainers import top_k
 
+    if job.get("exact_projection"):
+        _exact_projection(trainers)
+
     steps, _, d_in = batches.shape
     cls = getattr(trainers, job["trainer"])
     trainer = cls(steps=steps, activation_dim=d_in, dict_size=init["W_dec"].shape[0], layer=0,
                   lm_name="conformance", device="cpu", **job.get("kwargs", {}))
     for name, value in job.get("set", {}).items():   # attributes the constructor does not take
         setattr(trainer, name, value)
-    ae = trainer.ae.to(getattr(torch, job["dtype"]))
+    dtype = getattr(torch, job["dtype"])
+    ae = trainer.ae.to(dtype)
     load_into(ae, init, job["layout"])
     notes, extra = {}, {}
     # TopKTrainer / BatchTopKTrainer set b_dec to a geometric median of the first batch in update(step=0)
@@ -98,16 +121,21 @@ def run_dictionary_learning(job: dict, init: dict, batches: torch.Tensor) -> tup
     original = top_k.geometric_median
     median = getattr(trainer, "geometric_median", None) or (original if cls is trainers.TopKTrainer else None)
     if median is not None:
-        extra["own_b_dec"] = median(batches[0].to(ae.b_dec.dtype)).to(ae.b_dec.dtype)
+        extra["own_b_dec"] = median(batches[0].to(dtype)).to(dtype)
         if job["b_dec"] == "given":
-            given = init["b_dec"].to(ae.b_dec.dtype)
+            given = init["b_dec"].to(dtype)
             trainer.geometric_median = lambda *_a, **_k: given.clone()
             top_k.geometric_median = trainer.geometric_median
     losses: list[float] = []
     trainer.loss = _recording(trainer.loss, losses)
     try:
         for step in range(steps):
-            trainer.update(step, batches[step].to(ae.b_dec.dtype))
+            trainer.update(step, batches[step].to(dtype))
+            if job.get("clamp_threshold"):       # JumpReluTrainer leaves thresholds free to go below 0
+                with torch.no_grad():
+                    ae.threshold.clamp_(min=0.0)
+            if job.get("resample", {}).get("after_step") == step:
+                extra["draw_weights"] = _dl_resample(trainer, job["resample"], batches[step].to(dtype))
     finally:
         top_k.geometric_median = original       # the next job in this interpreter gets the library's own
     final = from_peer(dict(ae.named_parameters()), job["layout"])
@@ -115,6 +143,33 @@ def run_dictionary_learning(job: dict, init: dict, batches: torch.Tensor) -> tup
         final["threshold"] = ae.threshold.detach().to(torch.float64).reshape(())
         notes["threshold_dtype"] = str(ae.threshold.dtype)
     return {**final, **extra}, losses, notes
+
+
+def _exact_projection(trainers) -> None:
+    """Replace trainer.py's remove_gradient_parallel_to_decoder_directions, which divides by ||W|| + 1e-6
+    and so leaves ~2e-6 of the parallel component, by the exact projection (in every module that imported it)."""
+    from dictionary_learning.trainers import batch_top_k, jumprelu, top_k
+
+    def exact(W_dec_DF, W_dec_DF_grad, activation_dim, d_sae):
+        unit = W_dec_DF / W_dec_DF.norm(dim=0, keepdim=True)
+        return W_dec_DF_grad - (W_dec_DF_grad * unit).sum(0, keepdim=True) * unit
+
+    for module in (batch_top_k, jumprelu, top_k):
+        module.remove_gradient_parallel_to_decoder_directions = exact
+
+
+def _dl_resample(trainer, probe: dict, x: torch.Tensor) -> torch.Tensor:
+    """StandardTrainer.resample_neurons on the given dead features and batch, drawing the heaviest inputs;
+    with `normalise_encoder` the new encoder rows are divided by their input's norm (standard.py sets them to
+    the raw input * 0.2 * mean alive norm). Returns the draw weights it used."""
+    dead = torch.tensor(probe["dead"], dtype=torch.bool)
+    with TopDraws() as draws:
+        trainer.resample_neurons(dead.clone(), x)
+    if probe.get("normalise_encoder"):
+        chosen = torch.argsort(draws.weights[0], descending=True, stable=True)[:int(dead.sum())]
+        with torch.no_grad():
+            trainer.ae.encoder.weight[dead] /= x[chosen].norm(dim=-1, keepdim=True)
+    return draws.weights[0]
 
 
 # ---- SAELens 6: SAETrainer.step on a TrainingSAE of the architecture ------------------------------------
@@ -142,6 +197,9 @@ def run_saelens(job: dict, init: dict, batches: torch.Tensor) -> tuple[dict, lis
         out = trainer.step(batches[step])
         losses.append(float(out.loss))
         trainer.n_training_steps += 1
+    if job.get("clamp_threshold_final"):         # JumpReLU: clamped at the start of the next training forward
+        with torch.no_grad():
+            sae.threshold.clamp_(min=0.0)
     final = from_peer(dict(sae.named_parameters()), job["layout"])
     if "threshold" in final:
         notes["threshold_dtype"] = str(sae.threshold.dtype)

@@ -49,10 +49,12 @@ PEERS: dict[str, Peer] = {
     # pandas, zstandard, datasets) serve training.py, interp.py and utils.py, which the steps do not import.
     # nnsight 0.3.7 itself is installed bare: its own list asks for torchvision and diffusers, and PyPI's
     # torchvision is a CUDA build that fails to load beside the CPU torch ("operator torchvision::nms does
-    # not exist"); `import nnsight` needs transformers (< 5, as in its time) and accelerate only.
+    # not exist"); `import nnsight` needs transformers (< 5, as in its time), accelerate, python-socketio,
+    # pillow, requests and pyyaml.
     "dictionary_learning": Peer("dictionary_learning", "dictionary-learning==0.1.0", "dictionary_learning",
                                 "DL_PYTHON", no_deps=True, extra=("einops", "transformers<5", "accelerate",
-                                                                  "pydantic", "safetensors"),
+                                                                  "pydantic", "python-socketio[client]",
+                                                                  "pillow", "requests", "pyyaml", "safetensors"),
                                 bare=("nnsight==0.3.7",)),
     # sae_lens/__init__.py imports its whole stack (transformer_lens, datasets, wandb ...): all its deps.
     "saelens": Peer("saelens", "sae-lens==6.54.12", "sae_lens", "SAELENS_PYTHON", extra=("safetensors",)),

@@ -96,10 +96,18 @@ def test_tolerance_is_relative_and_nan_counts_as_over():
 
 def test_verdicts():
     assert verdict([], [], []) == "equal"
-    assert verdict([], ["a", "b"], []) == "equal after a; b"
+    assert verdict([], ["a", "b"], []) == "equal after: a; b"
     assert verdict(["W_enc"], ["a"], ["k"]) == "differs (W_enc): k"
-    assert verdict(["loss"], ["a"], []) == "differs, unexplained (loss) after a"
+    assert verdict(["loss"], ["a"], []) == "differs, unexplained (loss) after: a"
     assert "expected to differ by k" in verdict([], [], ["k"])
+
+
+def test_every_phrase_of_a_verdict_is_explained():
+    from benchmarks.bench_conformance import GLOSSARY, comparisons
+
+    used = {p for c in comparisons() for p in (*c.aligned, *c.known, *filter(None, c.precision.split("; ")))}
+    assert used - set(GLOSSARY) == set()
+    assert set(GLOSSARY) - used == set()
 
 
 def test_differences_per_tensor_and_loss():
@@ -129,11 +137,26 @@ def test_a_failed_peer_build_is_recorded_in_one_line(tmp_path, monkeypatch):
     assert peers.python_for("sparsify", build=False) == (None, "not installed: pip install x: no matching distribution")
 
 
-def test_a_job_that_fails_in_the_child_comes_back_as_its_reason():
-    job = {"peer": "no-such-peer"}
-    init = conformance.make_init("relu", D, F)
-    [result] = conformance.run_peer(sys.executable, [(job, init, conformance.make_batches(1, 4, D))])
-    assert result == "KeyError: 'no-such-peer'"
+def _fake_interpreter(tmp_path, body: str) -> str:
+    """A stand-in for a peer's python: a shell script run as `python peer_steps.py FOLDER...`."""
+    path = tmp_path / "python"
+    path.write_text("#!/bin/sh\nshift\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_each_job_folder_reports_its_own_failure(tmp_path):
+    python = _fake_interpreter(tmp_path, 'for f in "$@"; do test -f "$f/job.json" && '
+                                         'echo "KeyError: \'no-such-peer\'" > "$f/error.txt"; done\n')
+    init, batches = conformance.make_init("relu", D, F), conformance.make_batches(1, 4, D)
+    results = conformance.run_peer(python, [({"peer": "a"}, init, batches), ({"peer": "b"}, init, batches)])
+    assert results == ["KeyError: 'no-such-peer'"] * 2
+
+
+def test_a_crashed_child_gives_its_last_error_line(tmp_path):
+    python = _fake_interpreter(tmp_path, 'echo "Traceback ..." >&2; echo "ImportError: no sparsify" >&2; exit 1\n')
+    init, batches = conformance.make_init("relu", D, F), conformance.make_batches(1, 4, D)
+    assert conformance.run_peer(python, [({"peer": "x"}, init, batches)]) == ["ImportError: no sparsify"]
 
 
 def test_peer_steps_imports_no_peer_at_module_level():
