@@ -91,6 +91,14 @@ GLOSSARY = {
                  "of equal total variance B * d_in it is our element-mean MSE",
     "final decoder renormalised": "the peer's final decoder renormalised: sparsify renormalises before each "
                                   "forward (trainer.py), ours after each step",
+    "SAELens AuxK as ours": "SAELens' calculate_topk_aux_loss replaced by the same computation normalised as "
+                            "ours: ReLU on the dead latents' top pre-activations, divided by ||e - mean e||^2, "
+                            "no min(dead / k_aux, 1) (saes/topk_sae.py)",
+    "sparsify AuxK reweighted as ours": "sparsify's AuxK term multiplied, each step, by sum ||x - mean x||^2 / "
+                                        "(min(dead / k_aux, 1) * sum ||e - mean e||^2), which makes it ours",
+    "sparsify AuxK through the encoder": "sparsify's AuxK recomputed by the same formula on the same latents "
+                                         "from pre-activations autograd differentiates, so that its gradient "
+                                         "reaches the encoder and b_dec as ours does",
     # ---- differences kept in a row ----
     "DL resampling schedule": "DL resamples after steps 10j+1 (0-based step % R == 0) and re-warms lr from 0 "
                               "after each (standard.py update; trainer.py get_lr_schedule resample branch), "
@@ -105,6 +113,10 @@ GLOSSARY = {
                     "||e - mean e||^2 (Gao et al. 2024)",
     "sparsify AuxK": "sparsify's AuxK is min(dead / k_aux, 1) * ||e_hat - e||^2 / sum ||x - mean x||^2 "
                      "(sparse_coder.py forward); ours divides by ||e - mean e||^2",
+    "sparsify AuxK stops at the encoder": "sparsify's AuxK reads the pre-activations that FusedEncoder returns, "
+                                          "whose gradient its backward drops (fused_encoder.py backward uses "
+                                          "grad_values only): AuxK trains the dead latents' decoder rows but not "
+                                          "their encoder, nor b_dec through it; ours trains both (Gao et al. 2024)",
     # ---- precision notes ----
     "DL AuxK in float32": "DL computes AuxK in float32 (top_k.py/batch_top_k.py get_auxiliary_loss .float()): "
                           "weights held to float32 tolerance (with nothing dead they agree to 1e-15)",
@@ -219,6 +231,12 @@ def saelens_comparisons() -> list[Comparison]:
                    _saelens("topk", "saelens", topk_sae, lr_warm_up_steps=5, dead_feature_window=2),
                    ("decoder free", "mse=sum_dims", "grad_clip=1", "dead after 3 silent steps", "our b_dec init"),
                    ("SAELens AuxK",), variant="AuxK", dead=DEAD, dead_by="small"),
+        Comparison("topk", "saelens", "TopKTrainingSAE",
+                   {**topk, "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH},
+                   _saelens("topk", "saelens", topk_sae, lr_warm_up_steps=5, dead_feature_window=2)
+                   | {"auxk_as_ours": True},
+                   ("decoder free", "mse=sum_dims", "grad_clip=1", "dead after 3 silent steps", "our b_dec init",
+                    "SAELens AuxK as ours"), variant="AuxK normalised as ours", dead=DEAD, dead_by="small"),
         Comparison("jumprelu", "saelens", "JumpReLUTrainingSAE",
                    {"decoder_norm": "free", "optimizer.grad_clip": 1.0, "optimizer.warmup_steps": 5},
                    _saelens("jumprelu", "saelens_jumprelu", jump_sae, adam_beta1=0.0, lr_warm_up_steps=5)
@@ -239,6 +257,19 @@ def sparsify_comparisons() -> list[Comparison]:
                    {**topk, "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH},
                    _sparsify(auxk_alpha=1 / 32, dead_feature_threshold=3 * BATCH - 1),
                    (*aligned, "dead after 3 silent steps"), ("sparsify AuxK",), variant="AuxK", dead=DEAD,
+                   dead_by="small"),
+        Comparison("topk", "sparsify", "SparseCoder",
+                   {**topk, "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH},
+                   _sparsify(auxk_alpha=1 / 32, dead_feature_threshold=3 * BATCH - 1, auxk_as_ours=True),
+                   (*aligned, "dead after 3 silent steps", "sparsify AuxK reweighted as ours"),
+                   ("sparsify AuxK stops at the encoder",), variant="AuxK normalised as ours", dead=DEAD,
+                   dead_by="small"),
+        Comparison("topk", "sparsify", "SparseCoder",
+                   {**topk, "penalty.aux_k": D_IN // 2, "penalty.aux_dead_tokens": 3 * BATCH},
+                   _sparsify(auxk_alpha=1 / 32, dead_feature_threshold=3 * BATCH - 1, auxk_as_ours=True,
+                             auxk_through_encoder=True),
+                   (*aligned, "dead after 3 silent steps", "sparsify AuxK reweighted as ours",
+                    "sparsify AuxK through the encoder"), variant="AuxK as ours, through the encoder", dead=DEAD,
                    dead_by="small"),
     ]
 

@@ -182,6 +182,8 @@ def run_saelens(job: dict, init: dict, batches: torch.Tensor) -> tuple[dict, lis
     sae_cls, cfg_cls = get_sae_training_class(job["architecture"])
     sae = sae_cls(cfg_cls(d_in=d_in, d_sae=init["W_dec"].shape[0], dtype=job["dtype"], device="cpu", **job["sae"]))
     load_into(sae, init, job["layout"])
+    if job.get("auxk_as_ours"):
+        _saelens_auxk_as_ours(sae)
     trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
                                               device="cpu", **job["trainer"]),
                          sae=sae, data_provider=iter(()))
@@ -204,6 +206,25 @@ def run_saelens(job: dict, init: dict, batches: torch.Tensor) -> tuple[dict, lis
     if "threshold" in final:
         notes["threshold_dtype"] = str(sae.threshold.dtype)
     return final, losses, notes
+
+
+def _saelens_auxk_as_ours(sae) -> None:
+    """TopKTrainingSAE.calculate_topk_aux_loss with our normalisation: the same dead latents and k_aux = d_in/2,
+    their top pre-activations ReLU'd, the decoder without bias, divided by ||e - mean e||^2 instead of scaled by
+    min(dead / k_aux, 1) (saes/topk_sae.py: 'without variance normalization')."""
+    from sae_lens.saes.topk_sae import act_times_W_dec, calculate_topk_aux_acts
+
+    def auxk(sae_in, sae_out, hidden_pre, dead_neuron_mask):
+        if dead_neuron_mask is None or not bool(dead_neuron_mask.any()):
+            return sae_out.new_tensor(0.0)
+        residual = (sae_in - sae_out).detach()
+        k_aux = min(sae_in.shape[-1] // 2, int(dead_neuron_mask.sum()))
+        acts = calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask).relu()
+        recons = act_times_W_dec(acts, sae.W_dec, sae.cfg.rescale_acts_by_decoder_norm)
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return sae.cfg.aux_loss_coefficient * (recons - residual).pow(2).sum() / variance
+
+    sae.calculate_topk_aux_loss = auxk
 
 
 # ---- EleutherAI sparsify 1.3: SparseCoder.forward inside trainer.py's step, with its Adam branch ---------
@@ -230,7 +251,9 @@ def run_sparsify(job: dict, init: dict, batches: torch.Tensor) -> tuple[dict, li
         sae.set_decoder_norm_to_unit_norm()
         dead = since_fired > job["dead_feature_threshold"] if alpha > 0 else None
         out = sae(x, dead_mask=dead)
-        loss = out.fvu + alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        auxk = _auxk_through_encoder(sae, x, out, dead) if job.get("auxk_through_encoder") else out.auxk_loss
+        auxk = auxk * _auxk_reweighting(x, out, dead) if job.get("auxk_as_ours") else auxk
+        loss = out.fvu + alpha * auxk + out.multi_topk_fvu / 8
         loss.backward()
         losses.append(float(loss))
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -244,6 +267,33 @@ def run_sparsify(job: dict, init: dict, batches: torch.Tensor) -> tuple[dict, li
     if job.get("renormalise_final"):             # what the next step (or the saved coder's user) would see
         sae.set_decoder_norm_to_unit_norm()
     return {**from_peer(dict(sae.named_parameters()), job["layout"]), **extra}, losses, {}
+
+
+def _auxk_through_encoder(sae, x: torch.Tensor, out, dead: torch.Tensor | None) -> torch.Tensor:
+    """sparse_coder.py's AuxK term, the same formula on the same latents, but from pre-activations that autograd
+    can differentiate: FusedEncoder's backward (fused_encoder.py) drops the gradient of the pre-activations it
+    returns, so sparsify's own term never reaches the encoder or b_dec."""
+    from sparsify.utils import decoder_impl
+
+    if dead is None or not bool(dead.any()):
+        return out.auxk_loss
+    pre = torch.relu(torch.nn.functional.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias))
+    k_aux = min(x.shape[-1] // 2, int(dead.sum()))
+    values, indices = torch.where(dead[None], pre, -torch.inf).topk(k_aux, sorted=False)
+    e_hat = decoder_impl(indices, values, sae.W_dec.mT)
+    scale = min(int(dead.sum()) / (x.shape[-1] // 2), 1.0)
+    e = (x - out.sae_out).detach()
+    return scale * (e_hat - e).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def _auxk_reweighting(x: torch.Tensor, out, dead: torch.Tensor | None) -> torch.Tensor:
+    """The factor that turns sparsify's AuxK, min(dead / k_aux, 1) * S / sum ||x - mean x||^2, into ours,
+    S / sum ||e - mean e||^2 (S = ||e_hat - e||^2 summed), both constants of this step."""
+    if dead is None or not bool(dead.any()):
+        return x.new_tensor(1.0)
+    scale = min(int(dead.sum()) / (x.shape[-1] // 2), 1.0)
+    e = (x - out.sae_out).detach()
+    return (x - x.mean(0)).pow(2).sum() / (scale * (e - e.mean(0)).pow(2).sum())
 
 
 RUNNERS = {"dictionary_learning": run_dictionary_learning, "saelens": run_saelens, "sparsify": run_sparsify}

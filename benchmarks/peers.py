@@ -82,11 +82,12 @@ def _recorded(folder: Path, name: str) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def python_for(name: str, build: bool = True) -> tuple[str | None, str]:
+def python_for(name: str, build: bool = True, retry: bool = False) -> tuple[str | None, str]:
     """(interpreter, note): a ready interpreter for the peer, or None and one line saying why not.
 
     The peer's environment variable wins; else the cached venv, built here when missing (unless `build` is
-    False or DICTIONARIES_BENCH_NO_INSTALL=1). A recorded failure for the same spec is not retried.
+    False or DICTIONARIES_BENCH_NO_INSTALL=1). A failure recorded for the same spec is only retried with `retry`
+    (`python -m benchmarks.peers build`), so that a benchmark run does not repeat a failing install each time.
     """
     peer = PEERS[name]
     if os.environ.get(peer.python_env):
@@ -95,7 +96,10 @@ def python_for(name: str, build: bool = True) -> tuple[str | None, str]:
     spec = json.dumps(_spec(peer), sort_keys=True)
     if _recorded(folder, SPEC_FILE) == spec and venv_python(name).exists():
         failed = _recorded(folder, FAILED_FILE)
-        return (None, f"not installed: {failed}") if failed else (str(venv_python(name)), str(folder))
+        if not failed:
+            return str(venv_python(name)), str(folder)
+        if not (build and retry):
+            return None, f"not installed: {failed}"
     if not build or os.environ.get(NO_INSTALL_ENV) == "1":
         return None, f"not installed: run `python -m benchmarks.peers build {name}` (or set {peer.python_env})"
     error = build_venv(name)
@@ -172,7 +176,7 @@ def main(argv: list[str]) -> int:
     command, names = (argv[0] if argv else "status"), (argv[1:] or list(PEERS))
     for name in names:
         if command == "build":
-            print(name, python_for(name, build=True)[1])
+            print(name, python_for(name, build=True, retry=True)[1])
         else:
             print(name, python_for(name, build=False)[1])
     return 0
