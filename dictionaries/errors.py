@@ -91,11 +91,12 @@ class HashMismatchError(DictionariesError, ValueError):
 class HubUnreachableError(DictionariesError, ConnectionError):
     """The Hub cannot be reached and the files are not in the cache."""
 
-    def __init__(self, what: str, endpoint: str, offline: bool):
+    def __init__(self, what: str, endpoint: str, offline: bool, reason: str = ""):
         self.what = what
         self.endpoint = endpoint
         self.offline = offline
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub at {endpoint} could not be reached"
+        self.reason = reason or "could not be reached"  # e.g. "answered HTTP 503", "did not answer within 10 s"
+        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub at {endpoint} {self.reason}"
         super().__init__(
             f"cannot fetch {what}: {why} and it is not in the local cache. "
             "Connect to the network (unset HF_HUB_OFFLINE), point HF_ENDPOINT at a reachable mirror, "

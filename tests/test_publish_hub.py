@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import threading
 
 import pytest
@@ -59,17 +58,33 @@ class FakeHfApi:
         return type("CommitInfo", (), {"oid": "ab" * 20})()
 
 
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """Answers 404 to every request: a server that is up (the reachability check's one request passes)."""
+
+    def do_GET(self):
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture
 def fake_hf(monkeypatch):
     """FakeHfApi in place of huggingface_hub.HfApi, HF_TOKEN set to its good token, and HF_ENDPOINT at a
-    loopback socket that accepts connections (the reachability check passes; FakeHfApi answers)."""
+    loopback http.server that answers (the reachability check passes; FakeHfApi answers the rest)."""
     FakeHfApi.calls = []
     FakeHfApi.fail_commit = None
     monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
     monkeypatch.setenv("HF_TOKEN", FakeHfApi.GOOD_TOKEN)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
-        yield FakeHfApi
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield FakeHfApi
+    server.shutdown()
+    server.server_close()
 
 
 
