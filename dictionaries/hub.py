@@ -300,12 +300,12 @@ def read_remote_file(repo: str, path: str, *, revision: str = "main", endpoint: 
         raise _auth_failure(e, repo, endpoint) from None
 
 
-def upload_commit(repo: str, files: dict[str, Path], *, branch: str = "main", private: bool = False,
+def upload_commit(repo: str, files: dict[str, Path | bytes], *, branch: str = "main", private: bool = False,
                   message: str, endpoint: str | None = None, token: str | None = None) -> str:
     """Create the repo (and branch) if needed and add every file in ONE commit; the commit's 40-hex sha.
 
-    `files` maps repo paths to local files. The Hub applies a commit whole or not at all, so a failure
-    here leaves the repo as it was.
+    `files` maps repo paths to local files or bytes. The Hub applies a commit whole or not at all, so a
+    failure here leaves the repo as it was.
     """
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
@@ -316,8 +316,8 @@ def upload_commit(repo: str, files: dict[str, Path], *, branch: str = "main", pr
     endpoint = _upload_endpoint(endpoint)
     check_reachable(endpoint, hub_path(repo, revision=branch) + " (upload)", repo, branch)
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
-    operations = [huggingface_hub.CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local))
-                  for rel, local in sorted(files.items())]
+    operations = [huggingface_hub.CommitOperationAdd(path_in_repo=rel, path_or_fileobj=local if isinstance(
+                  local, bytes) else str(local)) for rel, local in sorted(files.items())]
     try:
         api.create_repo(repo, private=private, exist_ok=True)
         if branch != "main":

@@ -5,6 +5,7 @@ commit holds exactly the staged files, and an interrupted commit registers nothi
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -53,7 +54,8 @@ class FakeHfApi:
         self._check("create_commit")
         if FakeHfApi.fail_commit is not None:
             raise FakeHfApi.fail_commit
-        ops = [(op.path_in_repo, sha256_of(op.path_or_fileobj)) for op in operations]
+        ops = [(op.path_in_repo, hashlib.sha256(op.path_or_fileobj).hexdigest() if isinstance(op.path_or_fileobj, bytes)
+                else sha256_of(op.path_or_fileobj)) for op in operations]
         FakeHfApi.calls.append(("committed", repo_id, revision, commit_message, ops))
         return type("CommitInfo", (), {"oid": "ab" * 20})()
 
