@@ -206,11 +206,11 @@ class LocalHub:
             tree = _git(path, "write-tree", env=env).strip()
             sha = _git(path, *_IDENTITY, "commit-tree", tree, *(["-p", parent] if parent else []), "-m", message,
                        env=env).strip()
-            _git(path, "update-ref", "-m", message, "refs/heads/main", sha, parent or "0" * 40)
+            _git(path, *_IDENTITY, "update-ref", "-m", message, "refs/heads/main", sha, parent or "0" * 40)
         finally:
             index.unlink(missing_ok=True)
         try:  # the working tree follows main, for people and tests; olah does not read it
-            _git(path, "reset", "-q", "--hard")
+            _git(path, *_IDENTITY, "reset", "-q", "--hard")
         except LocalHubError:
             pass  # another git process holds the index: the next commit brings the tree up to date
         return sha
