@@ -54,7 +54,7 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.RecipeMismatchError, "checkpoint of another recipe", ""),
     (errors.SharedHarvestError, "recipes cannot share a pass", ""),
     (errors.OutOfDataError, "out of data", ""),
-    (errors.NonFiniteLossError, "loss is not finite", ""),
+    (errors.NonFiniteLossError, "not finite", ""),
     (errors.EvalInputError, "cannot evaluate", ""),
     (errors.ModelLoadError, "cannot load model", ""),
     (errors.HubPathError, "bad hub path", ""),

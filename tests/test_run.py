@@ -163,7 +163,7 @@ def test_resume_refuses_a_different_recipe(tmp_path, corpus, tiny_neox, tokenize
     with pytest.raises(RecipeMismatchError) as info:
         train(other, tmp_path, tiny_neox, tokenizer, resume=True)
     fields = [f for f, _, _ in info.value.differences]
-    assert fields == ["optimizer.lr", "penalty.coefficient"]
+    assert fields == ["penalty.coefficient"]  # a new lr may change on resume (tests/test_run_faults.py)
     assert "penalty.coefficient: checkpoint 0.001, now 0.005" in str(info.value)
     assert (tmp_path / "checkpoint" / "latest").read_text() == "step-5"  # the checkpoint is untouched
 

@@ -157,7 +157,7 @@ def test_resume_refuses_another_recipe():
     other = Trainer(make_recipe("bricken2023", **{"penalty.coefficient": 0.5}), D_IN, total_steps=10)
     with pytest.raises(RecipeError) as info:
         other.load_state_dict(t.state_dict())
-    assert info.value.fields == ["penalty"]
+    assert info.value.fields == ["penalty.coefficient"]
 
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk"])

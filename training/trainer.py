@@ -21,6 +21,7 @@ from dictionaries.errors import RecipeError, ShapeMismatchError
 from dictionaries.recipe import Recipe
 from training.losses import LossContext, compute_loss
 from training.presets import resolve
+from training.resume import recipe_differences, split_changes
 
 # recipe fields that change the optimisation; a resumed state must agree on all of them
 _OPTIMISATION_FIELDS = ("architecture", "d_dict", "k", "pre_encoder_bias", "penalty", "optimizer", "decoder_norm",
@@ -209,9 +210,16 @@ class Trainer:
         with torch.no_grad():
             raw_mse = (x - out.x_hat).pow(2).mean() / self.input_scale ** 2   # element-wise, raw units
             named = {"loss": out.loss, "mse": raw_mse, "l0": l0, "dead_frac": self.dead_mask().float().mean(),
-                     **{f"loss_{k}": v for k, v in out.terms.items()}}
+                     "weight_norm": self.weight_norm(), **{f"loss_{k}": v for k, v in out.terms.items()}}
             values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
         return {**dict(zip(named, values)), "lr": lr, "resampled": float(resampled)}
+
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """The L2 norm of all parameters together, after the update, in their dtype: not finite when a weight is
+        NaN or infinite, or so large (above ~1e19 in float32) that its square overflows, as the next loss would.
+        The loss is taken before the update, so only this sees what the last update did."""
+        return torch.stack([p.pow(2).sum() for p in self.module.parameters()]).sum().sqrt()
 
     # ---- constraints on the decoder ----------------------------------------------------------------
     def _constrain_gradients(self) -> None:
@@ -358,13 +366,17 @@ class Trainer:
         })
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict`; refuses one from another recipe, width or length, naming the difference."""
+        """Restore a `state_dict`; refuses one from another recipe, width or length, naming the difference,
+        except the changes training/resume.py allows (the schedule from here on, clipping, a longer run)."""
         mine = self.recipe.model_dump(mode="json", include=set(_OPTIMISATION_FIELDS))
-        differ = [k for k in _OPTIMISATION_FIELDS if mine.get(k) != state["recipe"].get(k)]
-        differ += [k for k in ("d_in", "total_steps") if getattr(self, k) != state[k]]
-        if differ:
-            raise RecipeError(differ, "the saved trainer state comes from a different recipe; "
-                                      "resume with the recipe that wrote it or start afresh")
+        diffs = recipe_differences(state["recipe"], mine)
+        diffs += [(k, state[k], getattr(self, k)) for k in ("d_in", "total_steps") if getattr(self, k) != state[k]]
+        _, refused = split_changes(diffs, step=state["step"],
+                                   decay_fraction=state["recipe"]["optimizer"]["decay_fraction"])
+        if refused:
+            raise RecipeError([f for f, _, _ in refused], "the saved trainer state comes from a different recipe; "
+                                                          "resume with the recipe that wrote it (training/resume.py "
+                                                          "lists the changes a resume may make) or start afresh")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.input_scale = state["step"], state["input_scale"]
