@@ -1,5 +1,6 @@
 """Optimisation of one dictionary under a recipe: init, Adam and its schedule, decoder-norm rules,
-dead-feature bookkeeping, resampling, input normalisation and the final native module.
+dead-feature bookkeeping, when to resample (how: training/resampling.py), input normalisation and the
+final native module.
 
 `Trainer.step` takes raw activations (B, d_in); everything inside runs on inputs scaled by `input_scale`
 (Anthropic 2024's sqrt(d_in) normalisation) and `finish` folds that scale back into the weights. Under
@@ -21,6 +22,7 @@ from dictionaries.errors import RecipeError, ShapeMismatchError
 from dictionaries.recipe import Recipe
 from training.losses import LossContext, compute_loss
 from training.presets import resolve
+from training.resampling import resample_features
 from training.resume import recipe_differences, split_changes
 
 # recipe fields that change the optimisation; a resumed state must agree on all of them
@@ -305,50 +307,10 @@ class Trainer:
             self.resample(dead, inputs)
         return n_dead
 
-    def _resampling_weights(self, inputs: Tensor) -> Tensor:
-        """(n,) unnormalised probabilities of drawing each input (n, d): its loss ||x - x_hat||^2 squared
-        (squared_loss, Bricken et al. 2023: "proportional to the square of the autoencoder's loss") or its
-        square root ||x - x_hat|| (sqrt_loss: seed 004's notes; dictionary_learning's resampler)."""
-        m = self.module
-        losses = torch.cat([(chunk - m(chunk).reconstruction).pow(2).sum(-1) for chunk in inputs.split(8192)])
-        losses = losses.double().cpu()
-        weights = losses.square() if self.recipe.resampling.weighting == "squared_loss" else losses.sqrt()
-        return weights.clamp_min(1e-30)  # an input reconstructed exactly can still be drawn, if all are
-
-    @torch.no_grad()
     def resample(self, dead: Tensor, inputs: Tensor) -> None:
-        """Re-initialise the `dead` (F,) features from `inputs` (n, d), already scaled (Bricken et al. 2023).
-
-        Inputs are drawn by `_resampling_weights`; the decoder row becomes the normalised input, the encoder
-        bias 0, and the encoder column (encoder_init) either the normalised input times encoder_scale times
-        the mean alive encoder norm (input, Bricken) or encoder_scale times the mean alive encoder column,
-        the same for every dead feature (mean_alive, dictionary_learning's training.py of Nov 2023 - Feb 2024,
-        which trained the 0_8192 and 1_32768 sets). Adam's moments of the encoder entries are reset, and of
-        the decoder rows too unless reset_decoder_moments is off (dictionary_learning 2023 kept them).
-        """
-        m, rs, n_dead = self.module, self.recipe.resampling, int(dead.sum())
-        weights = self._resampling_weights(inputs)                                  # (n,)
-        chosen = torch.multinomial(weights, n_dead, replacement=n_dead > len(weights), generator=self.rng)
-        directions = inputs[chosen.to(inputs.device)]                               # (n_dead, d)
-        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if _world():  # every rank must write the same directions
-            torch.distributed.broadcast(directions, src=0)
-        alive = ~dead
-        m.W_dec[dead] = directions
-        if rs.encoder_init == "mean_alive":
-            mean_row = m.W_enc[:, alive].mean(1) if bool(alive.any()) else torch.zeros_like(m.W_enc[:, 0])  # (d,)
-            m.W_enc[:, dead] = rs.encoder_scale * mean_row[:, None]
-        else:
-            alive_norm = m.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
-            m.W_enc[:, dead] = directions.T * (rs.encoder_scale * alive_norm)
-        m.b_enc[dead] = 0.0
-        reset = [(m.W_enc, (slice(None), dead)), (m.b_enc, (dead,))]
-        if rs.reset_decoder_moments:
-            reset.append((m.W_dec, (dead,)))
-        for param, index in reset:
-            for moment in ("exp_avg", "exp_avg_sq"):
-                if moment in self.optimizer.state.get(param, {}):
-                    self.optimizer.state[param][moment][index] = 0.0
+        """Re-initialise the `dead` (F,) features from `inputs` (n, d), already scaled (training/resampling.py);
+        the dead-feature counters of those features start again."""
+        resample_features(self.module, self.optimizer, dead, inputs, self.recipe.resampling, self.rng)
         self.steps_since_fired[dead] = 0
         self.tokens_since_fired[dead] = 0
 
