@@ -248,3 +248,8 @@ def test_reported_figures_are_seed_003s_and_an_mse_off_the_old_rmse_is_explained
         notes = " ".join(card.provenance.notes)
         assert "RMSE" in notes, card.name
         assert ORIGINAL_RMSE[key] in notes, card.name
+
+
+def test_gated_reconstruction_is_the_squared_l2_norm_of_its_paper():
+    """Rajamanoharan et al. 2024a: ||x - x_hat||_2^2 summed over dimensions (dictionary_learning's gdm.py too)."""
+    assert _made("gated").mse == "sum_dims"

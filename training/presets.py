@@ -166,12 +166,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Rajamanoharan et al. 2024a, "Improving dictionary learning with gated sparse autoencoders": L1 on the
     # gate's ReLU'd pre-activations plus the auxiliary reconstruction from the gate through a frozen decoder;
-    # tied init with zero biases (dictionary_learning's GatedAutoEncoder).
+    # tied init with zero biases (dictionary_learning's GatedAutoEncoder). The paper's loss is the squared
+    # L2 norm ||x - x_hat||^2 (summed over dimensions, as dictionary_learning's gdm.py sums it), not a mean.
     "gated": {
         "architecture": "gated", "pre_encoder_bias": True,
         "penalty": {"kind": "l1", "coefficient": 1e-3},
         "optimizer": {"lr": 5e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "sum_dims",
         "init": "tied", "b_dec_init": "zero",
         "unknowns": ["b_dec starts at zero as in dictionary_learning's GatedAutoEncoder; the paper's own choice is "
                      "not among the sources at hand."],
