@@ -29,9 +29,15 @@ GLOSSARY = {
     # ---- alignments: our option switched to the peer's behaviour, or the peer given ours ----
     "mse=sum_dims": "our MSE summed over d_in, averaged over tokens, as the peer's (DL trainers/standard.py "
                     "recon_loss, top_k.py and batch_top_k.py l2_loss, gdm.py L_recon and L_aux; SAELens "
-                    "saes/sae.py training_forward_pass); the preset averages over all elements",
+                    "saes/sae.py training_forward_pass); marks2023 averages over all elements as DL's 2023 "
+                    "training.py (nn.MSELoss) did, topk/batchtopk normalise by the batch variance (Gao et al.)",
     "no sparsity warm-up": "DL sparsity_warmup_steps=None: its default 2000 ramps the penalty up from 0 "
                            "(trainers/trainer.py get_sparsity_warmup_fn); our recipes have no such warm-up",
+    "DL 0.1.0's resampler (marks2023 keeps 2023's mean-alive rows)": "our resampling.encoder_init input and "
+        "reset_decoder_moments on, as DL 0.1.0 resamples (trainers/standard.py resample_neurons); marks2023 itself "
+        "follows DL's training.py of Nov 2023, which trained its entries: 0.2 x the mean alive encoder row",
+    "no L0 warm-up": "our penalty.warmup_steps 0: the jumprelu preset warms the L0 coefficient up over 10,000 "
+                     "steps (Gemma Scope); SAELens' l0_warm_up_steps is 0 here",
     "no lr warm-up": "lr warm-up off on both: DL's get_lr_schedule (trainers/trainer.py) gives step/warmup, so "
                      "lr 0 at step 0 while Adam's moments still move; ours (step+1)/warmup",
     "our b_dec init": "the peer starts from our b_dec (geometric median of batch 0, 20 Weiszfeld steps): DL's "
@@ -184,10 +190,12 @@ def dictionary_learning_comparisons() -> list[Comparison]:
                    variant="resampling every 10", dead=DEAD),
         Comparison("marks2023", "dictionary_learning", "StandardTrainer",
                    {"mse": "sum_dims", "resampling.every": 5, "resampling.until": 5, "resampling.dead_window": 5,
-                    "resampling.inputs": BATCH},
+                    "resampling.inputs": BATCH, "resampling.encoder_init": "input",
+                    "resampling.reset_decoder_moments": True},
                    _dl("StandardTrainer", "dl_autoencoder", **standard) | {"resample": {"normalise_encoder": True}},
                    ("mse=sum_dims", "no sparsity warm-up", *base, "DL resample at our step", "heaviest draws",
-                    "DL new encoder rows / ||x||"), variant="one resampling, same draws", dead=DEAD),
+                    "DL new encoder rows / ||x||", "DL 0.1.0's resampler (marks2023 keeps 2023's mean-alive rows)"),
+                   variant="one resampling, same draws", dead=DEAD),
         Comparison("topk", "dictionary_learning", "TopKTrainer", topk,
                    _dl("TopKTrainer", "dl_topk", k=K, auxk_alpha=1 / 32, threshold_start_step=10**9, set=topk_set),
                    topk_aligned, dead=DEAD, dead_by="small", float32=weights, precision="DL AuxK in float32"),
@@ -238,11 +246,13 @@ def saelens_comparisons() -> list[Comparison]:
                    ("decoder free", "mse=sum_dims", "grad_clip=1", "dead after 3 silent steps", "our b_dec init",
                     "SAELens AuxK as ours"), variant="AuxK normalised as ours", dead=DEAD, dead_by="small"),
         Comparison("jumprelu", "saelens", "JumpReLUTrainingSAE",
-                   {"decoder_norm": "free", "optimizer.grad_clip": 1.0, "optimizer.warmup_steps": 5},
+                   {"decoder_norm": "free", "optimizer.grad_clip": 1.0, "optimizer.warmup_steps": 5,
+                    "penalty.warmup_steps": 0},
                    _saelens("jumprelu", "saelens_jumprelu", jump_sae, adam_beta1=0.0, lr_warm_up_steps=5)
                    | {"clamp_threshold_final": True},
                    ("decoder free", "grad_clip=1", "no pre-encoder bias in SAELens", "final thresholds clamped",
-                    "our b_dec init", "inputs x our scale"), float32=("threshold",), precision="threshold float32"),
+                    "our b_dec init", "inputs x our scale", "no L0 warm-up"), float32=("threshold",),
+                   precision="threshold float32"),
     ]
 
 
