@@ -125,6 +125,8 @@ def guess_family(model: str | None) -> Family | None:
     """A family from a model's name as libraries write it (`EleutherAI/pythia-70m`, `gemma-2-2b`), for cards
     whose model is named but not loaded; None when the name says nothing known."""
     name = (model or "").lower().rsplit("/", 1)[-1]
+    if any(other in name for other in ("distilbert", "albert", "deberta", "camembert", "modernbert")):
+        return None   # other layouts whose names contain "bert"
     for needle, fam in (("pythia", "gpt_neox"), ("neox", "gpt_neox"), ("gpt2", "gpt2"), ("gpt-j", "gptj"),
                         ("gemma-3", "gemma3_text"), ("gemma3", "gemma3_text"), ("gemma-2", "gemma2"),
                         ("gemma2", "gemma2"), ("gemma", "gemma"), ("llama", "llama"), ("mistral", "mistral"),

@@ -11,6 +11,7 @@ A site the family has no module for raises HookPointError saying why.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import nnsight
 import pytest
@@ -20,6 +21,7 @@ from dictionaries import attachment as A
 from dictionaries import hooks as H
 from dictionaries.errors import HookPointError
 from dictionaries.model_families import FAMILIES, SITES, family_of, site_path
+from dictionaries.recipe import HookPoint
 
 from helpers import batch, make_dictionary
 
@@ -153,3 +155,20 @@ def test_sequential_variants_have_resid_mid():
     hook = site_path(FAMILIES["opt"], "resid_mid", 1, config=opt350)
     assert (hook.module, hook.io) == ("model.decoder.layers.1.self_attn_layer_norm", "output")
     assert "parallel" in site_path(FAMILIES["gptj"], "resid_mid", 0)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_foreign_hook_names_land_on_the_table(name):
+    """TransformerLens, dictionary_learning and sparsify names of a family resolve to modules of its model."""
+    from dictionaries.hookpoints import dictionary_learning_hook, saelens_hook, sparsify_hook
+
+    raw, fam = tiny(name), FAMILIES[name]
+    for tl, site in (("hook_resid_pre", "resid_pre"), ("hook_mlp_out", "mlp_out"), ("hook_attn_out", "attn_out"),
+                     ("attn.hook_z", "attn_z"), ("mlp.hook_post", "mlp_post"), ("hook_resid_post", "resid_post")):
+        fields = saelens_hook(None, f"blocks.{LAYER}.{tl}", fam)
+        assert H.find_hook(raw, HookPoint(**fields)).key == H.find_hook(raw, (site, LAYER)).key, tl
+    fields, _ = dictionary_learning_hook(None, f"mlp_out_layer{LAYER}", None, "out", Path("/x/ae"), fam)
+    assert fields["module"] == H.find_hook(raw, ("mlp_out", LAYER)).path
+    fields = sparsify_hook(None, f"{fam.layers}.{LAYER}", fam)
+    assert fields["module"] == H.find_hook(raw, ("resid_post", LAYER)).path
+    H.find_hook(raw, HookPoint(**saelens_hook(None, "hook_embed", fam)))
