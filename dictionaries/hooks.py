@@ -69,16 +69,38 @@ def replace_first(value: Any, new: Tensor) -> Any:
 
 def load_model(ref: str, *, revision: str | None = None, device: torch.device | str | None = None,
                tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """A causal LM (eval mode, on `device`) and its tokenizer from a HF id or a local `save_pretrained` folder,
-    at `revision`; ModelLoadError saying why when either cannot be loaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A model (eval mode, on `device`) and its tokenizer from a HF id or a local `save_pretrained` folder, at
+    `revision`, in the class its config names (`model_class`); ModelLoadError saying why when either cannot
+    be loaded."""
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ref, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(ref, revision=revision)
+        config = AutoConfig.from_pretrained(ref, revision=revision)
+        model = model_class(config).from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(ref, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     return model.to(device or "cpu").eval(), tokenizer
+
+
+def model_class(config: Any) -> Any:
+    """The transformers class to load a checkpoint in: the first of `config.architectures` that transformers has
+    (`BertForMaskedLM`, `BertModel`, `LlamaForCausalLM`), so an encoder keeps its own head (or none) instead of
+    getting a randomly initialised causal-LM head; without one, AutoModelForCausalLM for a causal family
+    (model_families' `causal`; for types not in the table, when transformers maps the type to a causal LM,
+    which it does for BERT too, as BertLMHeadModel), else AutoModel (the bare base model)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    fam = family_of(config.model_type)
+    causal = fam.causal if fam is not None else config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return AutoModelForCausalLM if causal else AutoModel
 
 
 def torch_model(model: Any) -> nn.Module:
