@@ -1,0 +1,134 @@
+"""Feature dashboards, the site: the static files written from `dashboard.DashboardData`, and serving them.
+
+The site needs no server: index.html, dashboard.js and dashboard.css (package data under
+dictionaries/dashboard_static/) and data/*.js files that each call `DASH.put(name, value)`. They are
+loaded with <script> tags, which a page opened from disk (file://) or from a Hub repo's files may do
+where fetch() would meet CORS. data/meta.js holds the identity, data/vocab.js the decoded tokens,
+data/index.js one row per feature (density, max and mean activation, top tokens: the table that sorts,
+filters and searches), data/shard_NNNN.js the feature views of SHARD features each (contexts as token ids
+with the feature's activation on every token quantised to 0..255 of the feature's maximum, the exact
+activation of the marked token, the histogram, the logit lens, the nearest features).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dictionaries.dashboard import HIST_BINS, HIST_LO, HIST_PER_DECADE, DashboardData, Examples
+from dictionaries.files import write_atomic
+
+SHARD = 256
+"""Features per data shard."""
+STATIC = ("index.html", "dashboard.js", "dashboard.css")
+
+
+def _r(x: float, digits: int = 4) -> float:
+    """`x` to `digits` significant digits (JSON stays short)."""
+    if not math.isfinite(x) or x == 0:
+        return 0.0
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
+def _js(name: str, value: Any) -> bytes:
+    return f"DASH.put({json.dumps(name)},{json.dumps(value, separators=(',', ':'), ensure_ascii=False)});\n".encode()
+
+
+def vocab_of(tokenizer: Any) -> list[str]:
+    """Every token id decoded on its own (what a context shows)."""
+    size = len(tokenizer)
+    return [tokenizer.decode([i]) for i in range(size)]
+
+
+def _examples(e: Examples, row: int, maximum: float, before: int, *, by_value: bool) -> list[list]:
+    """[activation, index of the marked token, [ids], [acts 0..255]] per held example;
+    the reservoir sorted by activation, highest first."""
+    held = [k for k in range(e.score.shape[1]) if math.isfinite(float(e.score[row, k]))]
+    if by_value:
+        held.sort(key=lambda k: -float(e.value[row, k]))
+    scale = 255.0 / maximum if maximum > 0 else 0.0
+    out = []
+    for k in held:
+        ids = e.ids[row, k].tolist()
+        real = [i for i, t in enumerate(ids) if t >= 0]  # a window is cut at the context's ends: keep what is
+        lo, hi = real[0], real[-1] + 1
+        acts = [min(255, round(max(a, 0.0) * scale)) for a in e.acts[row, k, lo:hi].tolist()]
+        out.append([_r(float(e.value[row, k])), before - lo, ids[lo:hi], acts])
+    return out
+
+
+def feature_view(data: DashboardData, row: int) -> dict[str, Any]:
+    """One feature's view: counts, histogram (first non-empty bin and counts), examples, lens, nearest."""
+    maximum = float(data.maximum[row])
+    hist = data.hist[row].tolist()
+    nonzero = [i for i, v in enumerate(hist) if v]
+    view: dict[str, Any] = {"n": int(data.count[row]), "max": _r(maximum),
+                            "hist": [nonzero[0], *hist[nonzero[0]:nonzero[-1] + 1]] if nonzero else [0],
+                            "top": _examples(data.top, row, maximum, data.before, by_value=False),
+                            "samples": _examples(data.samples, row, maximum, data.before, by_value=True)}
+    for key, pair in (("promoted", data.promoted), ("suppressed", data.suppressed)):
+        if pair is not None:
+            view[key] = [[int(i), _r(float(s), 3)] for i, s in zip(pair[0][row], pair[1][row])]
+    if data.nearest is not None:
+        view["near"] = [[int(i), _r(float(c), 3)] for i, c in zip(data.nearest[0][row], data.nearest[1][row])]
+    return view
+
+
+def index_rows(data: DashboardData, top_tokens: int = 3) -> dict[str, list]:
+    """The feature table: density, max and mean activation, and the distinct tokens of the top examples."""
+    density = data.density.tolist()
+    mean = (data.total / data.count.clamp_min(1)).tolist()
+    tops = []
+    for row in range(data.count.shape[0]):
+        seen: list[int] = []
+        for ids in data.top.ids[row, :, data.before].tolist() if data.count[row] else []:
+            if ids >= 0 and ids not in seen:
+                seen.append(ids)
+        tops.append(seen[:top_tokens])
+    return {"density": [_r(d) for d in density], "max": [_r(float(m)) for m in data.maximum],
+            "mean": [_r(m) for m in mean], "top": tops}
+
+
+def write_site(data: DashboardData, vocab: list[str], out: str | Path) -> Path:
+    """Write the static site into `out` (created; data/ replaced); the path of its index.html."""
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for old in (out / "data").glob("*.js"):
+        old.unlink()
+    for name in STATIC:
+        with resources.as_file(resources.files("dictionaries") / "dashboard_static" / name) as src:
+            shutil.copyfile(src, out / name)
+    n = data.count.shape[0]
+    meta = {**data.identity, "first": data.lo, "features": n, "tokens": data.tokens, "shard": SHARD,
+            "before": data.before, "hist": [HIST_LO, HIST_PER_DECADE, HIST_BINS]}
+    write_atomic(out / "data" / "meta.js", _js("meta", meta))
+    write_atomic(out / "data" / "vocab.js", _js("vocab", vocab))
+    write_atomic(out / "data" / "index.js", _js("index", index_rows(data)))
+    for start in range(0, n, SHARD):
+        views = [feature_view(data, row) for row in range(start, min(start + SHARD, n))]
+        name = f"shard_{start // SHARD:04d}"  # counted from the first feature written (`--features`)
+        write_atomic(out / "data" / f"{name}.js", _js(name, {"first": data.lo + start, "features": views}))
+    return out / "index.html"
+
+
+def site_size(out: str | Path) -> int:
+    """Bytes of every file of the site."""
+    return sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+
+
+def serve(out: str | Path, port: int = 8000, *, say: Any = print) -> None:
+    """Serve the site on 127.0.0.1:`port` until Ctrl-C."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+        say(f"serving {out} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            say("stopped")
