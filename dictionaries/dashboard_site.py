@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dictionaries.dashboard import HIST_BINS, HIST_LO, HIST_PER_DECADE, DashboardData, Examples
+from dictionaries.errors import CardError, FeatureIndexError
 from dictionaries.files import write_atomic
 
 SHARD = 256
@@ -132,3 +133,44 @@ def serve(out: str | Path, port: int = 8000, *, say: Any = print) -> None:
             server.serve_forever()
         except KeyboardInterrupt:
             say("stopped")
+
+
+def parse_range(spec: str | None, d_dict: int) -> range:
+    """`--features`: "START:STOP" (either side may be empty) or "N" (the first N); all features when None."""
+    if not spec:
+        return range(d_dict)
+    start, sep, stop = spec.partition(":")
+    try:
+        lo, hi = (int(start or 0), int(stop or d_dict)) if sep else (0, int(spec))
+    except ValueError:
+        raise FeatureIndexError(spec, d_dict) from None
+    if not 0 <= lo < hi <= d_dict:
+        raise FeatureIndexError(spec, d_dict)
+    return range(lo, hi)
+
+
+def make_dashboard(ref: str | Path, out: str | Path, *, dataset: str | None = None, tokens: int = 65_536,
+                   model: str | None = None, features: str | None = None, context_length: int = 128,
+                   batch_size: int = 16, device: str | None = None, progress: bool = True) -> Path:
+    """`dictctl dashboard`: load the dictionary and its model (default the card's), read `tokens` tokens of
+    `dataset` (default the card's recipe dataset), build the data in one pass, write the site; its index.html."""
+    from dictionaries.dashboard import build_dashboard, read_source, token_batches
+    from dictionaries.hooks import load_model
+    from dictionaries.loader import load_dictionary
+
+    dictionary = load_dictionary(ref, device=device)
+    chosen = parse_range(features, dictionary.d_dict)  # every cheap check before the model loads
+    card = dictionary.card
+    model_id = model or (card.model.id if card is not None and card.model is not None else None)
+    if model_id is None:
+        raise CardError(str(ref), "model", "the card names no model; pass `--model` (HF id or folder)")
+    source = dataset or (card.recipe.dataset.path if card is not None and card.recipe is not None else None)
+    if source is None:
+        raise CardError(str(ref), "recipe.dataset", "the card names no dataset; pass `--dataset` (text file, "
+                                                    "folder of .txt or a dataset id)")
+    hf, tokenizer = load_model(model_id, device=device)
+    batches = token_batches(tokenizer, read_source(source), tokens=tokens, context_length=context_length,
+                            batch_size=batch_size)
+    data = build_dashboard(hf, dictionary, batches, features=chosen, progress=progress)
+    data.identity["dataset"] = str(source)
+    return write_site(data, vocab_of(tokenizer), out)
