@@ -48,17 +48,17 @@ def vocab_of(tokenizer: Any) -> list[str]:
 def _examples(e: Examples, row: int, maximum: float, before: int, *, by_value: bool) -> list[list]:
     """[activation, index of the marked token, [ids], [acts 0..255]] per held example;
     the reservoir sorted by activation, highest first."""
-    held = [k for k in range(e.score.shape[1]) if math.isfinite(float(e.score[row, k]))]
+    score, value, ids, acts = (t[row].tolist() for t in (e.score, e.value, e.ids, e.acts))  # lists: fast reads
+    held = [k for k, v in enumerate(score) if math.isfinite(v)]
     if by_value:
-        held.sort(key=lambda k: -float(e.value[row, k]))
+        held.sort(key=lambda k: -value[k])
     scale = 255.0 / maximum if maximum > 0 else 0.0
     out = []
     for k in held:
-        ids = e.ids[row, k].tolist()
-        real = [i for i, t in enumerate(ids) if t >= 0]  # a window is cut at the context's ends: keep what is
+        real = [i for i, t in enumerate(ids[k]) if t >= 0]  # a window is cut at the context's ends: keep what is
         lo, hi = real[0], real[-1] + 1
-        acts = [min(255, round(max(a, 0.0) * scale)) for a in e.acts[row, k, lo:hi].tolist()]
-        out.append([_r(float(e.value[row, k])), before - lo, ids[lo:hi], acts])
+        out.append([_r(value[k]), before - lo, ids[k][lo:hi], [min(255, round(max(a, 0.0) * scale))
+                                                              for a in acts[k][lo:hi]]])
     return out
 
 
@@ -73,9 +73,9 @@ def feature_view(data: DashboardData, row: int) -> dict[str, Any]:
                             "samples": _examples(data.samples, row, maximum, data.before, by_value=True)}
     for key, pair in (("promoted", data.promoted), ("suppressed", data.suppressed)):
         if pair is not None:
-            view[key] = [[int(i), _r(float(s), 3)] for i, s in zip(pair[0][row], pair[1][row])]
+            view[key] = [[i, _r(v, 3)] for i, v in zip(pair[0][row].tolist(), pair[1][row].tolist())]
     if data.nearest is not None:
-        view["near"] = [[int(i), _r(float(c), 3)] for i, c in zip(data.nearest[0][row], data.nearest[1][row])]
+        view["near"] = [[i, _r(c, 3)] for i, c in zip(data.nearest[0][row].tolist(), data.nearest[1][row].tolist())]
     return view
 
 
