@@ -182,12 +182,14 @@ def publish_(folder: str = typer.Argument(..., help="Native dictionary folder (c
              local_hub: Optional[str] = typer.Option(None, "--local-hub", help="Root of a local hub (olah mirrors) "
                                                      "to commit into instead of the Hub; default "
                                                      "$DICTIONARIES_LOCAL_HUB."),
-             staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept).")) -> None:
+             staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept)."),
+             dashboard: Optional[str] = typer.Option(None, "--dashboard", help="Site folder to add (same commit).")
+             ) -> None:
     """Validate a native folder, stage it with a model card, upload it in one commit, print its registry entry."""
     from dictionaries.publish import publish
 
     result = publish(folder, repo, subfolder=subfolder, branch=branch, private=private, dry_run=dry_run,
-                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir)
+                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir, dashboard=dashboard)
     _print_publish(result)
 
 
@@ -374,6 +376,25 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
         if scores:
             console.print(f"{label}: " + ", ".join(f"{escape(repr(s.token))} {s.score:+.2f}" for s in scores),
                           highlight=False)
+
+
+@app.command("dashboard")
+def dashboard_cmd(name: str = typer.Argument(..., help="Registry name, alias or dictionary folder."),
+                  dataset: Optional[str] = typer.Option(None, help="Text file or folder, dataset id (the card's)."),
+                  tokens: int = typer.Option(65_536, help="Tokens to read (one pass)."),
+                  model: Optional[str] = typer.Option(None, help="HF id or folder (default: the card's model)."),
+                  features: Optional[str] = typer.Option(None, help="START:STOP or N (the first N); default all."),
+                  out: str = typer.Option("dashboard", help="Folder to write the site into."),
+                  device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+                  serve: bool = typer.Option(False, "--serve", help="Then serve it on 127.0.0.1 until Ctrl-C."),
+                  port: int = typer.Option(8000, help="Port for --serve (0: any free one).")) -> None:
+    """A static web page of every feature (density, top and sampled contexts, logit lens, nearest features)."""
+    from dictionaries import dashboard_site as s
+
+    index = s.make_dashboard(name, out, dataset=dataset, tokens=tokens, model=model, features=features, device=device)
+    console.print(f"[green]wrote[/] {index} ({s.site_size(index.parent) / 1e6:.2f} MB)", soft_wrap=True)
+    if serve:
+        s.serve(index.parent, port, say=print)
 
 
 @app.command()
