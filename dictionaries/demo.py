@@ -104,20 +104,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
         result.stats = card.stats.model_dump(exclude_none=True) if card.stats else {}
         _print_stats(result.stats, folder, say)
 
-        say(f"[5/8] Publishing to the local Hub as {REPO} (one commit) and registering the entry")
-        from dictionaries.publish import publish
-
-        registry = demo_registry(run_dir / "registry")
-        os.environ[ENV_REGISTRY] = str(registry)
-        published = publish(folder, REPO, subfolder="mlp1/1024", register=True, local_hub=hub,
-                            registry_path=registry)
-        say(f"      commit {published.location.revision} -> {published.registered}")
-
-        say(f"[6/8] Loading {result.name!r} back by name: registry -> Hub (pinned commit, sha256 checked)")
-        from dictionaries.loader import load_dictionary
-
-        dictionary = load_dictionary(result.name)
-        say(f"      {dictionary}")
+        dictionary = _publish_and_load(folder, hub, run_dir, result.name, say)
 
         say("[7/8] Attaching it through nnsight: top features of a sentence and what they respond to")
         result.top_features = _show_features(model_folder, dictionary, say, progress)
@@ -132,6 +119,22 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
     say(f"\nDone in {result.seconds:.0f} s. Everything is under {run_dir}.\n")
     say(PYTHIA_COMMANDS)
     return result
+
+
+def _publish_and_load(folder: Path, hub, run_dir: Path, name: str, say: Callable[[str], None]):
+    """Steps 5 and 6: publish the folder to the local hub, register it, load it back by its name."""
+    from dictionaries.loader import load_dictionary
+    from dictionaries.publish import publish
+
+    say(f"[5/8] Publishing to the local Hub as {REPO} (one commit) and registering the entry")
+    registry = demo_registry(run_dir / "registry")
+    os.environ[ENV_REGISTRY] = str(registry)
+    published = publish(folder, REPO, subfolder="mlp1/1024", register=True, local_hub=hub, registry_path=registry)
+    say(f"      commit {published.location.revision} -> {published.registered}")
+    say(f"[6/8] Loading {name!r} back by name: registry -> Hub (pinned commit, sha256 checked)")
+    dictionary = load_dictionary(name)
+    say(f"      {dictionary}")
+    return dictionary
 
 
 def _write_dashboard(model_folder: Path, dictionary, dataset: Path, out: Path) -> Path:
