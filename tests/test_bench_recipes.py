@@ -110,6 +110,11 @@ def test_dead_feature_claims_on_hand_made_rows():
     assert paired_dead(without, with_it)["verdict"] == FAILS
     none_dead = [_row("b", v, 20, 0.2) for v in (1, 2)]
     assert paired_dead(none_dead, none_dead)["verdict"] == UNCLEAR
+    # a pair where both sides have a few dead features (under 1%) is no evidence either way
+    few = [_row("b", 1, 20, 0.2, dead=0.003), _row("b", 2, 20, 0.2, dead=0.05)]
+    more = [_row("b", 1, 20, 0.2, dead=0.003), _row("b", 2, 20, 0.2, dead=0.08)]
+    assert paired_dead(few, more)["verdict"] == HOLDS
+    assert paired_dead(few[:1], more[:1])["verdict"] == UNCLEAR
     fa = [_row("farrell2024", v, l0, 0.1, dead=0.01) for v, l0 in ((1, 10), (2, 40))]
     l1 = [_row("bricken2023", v, l0, 0.1, dead=0.3) for v, l0 in ((1, 12), (2, 50))]
     assert dead_at_matched_l0(fa, l1)["verdict"] == HOLDS
