@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expansion", type=int, default=d.expansion)
     parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
     parser.add_argument("--layer", type=int, default=d.layer)
-    parser.add_argument("--lr-factor", type=float, default=d.lr_factor)
+    parser.add_argument("--lr-factor", type=float, default=d.lr_factor,
+                        help="factor on every preset's lr (chosen at the default 512 steps; lower it for long runs)")
     parser.add_argument("--presets", default=",".join(d.presets))
     parser.add_argument("--knobs", type=int, default=d.knobs, help="knob values per preset (1-3)")
     parser.add_argument("--no-options", action="store_true", help="skip the option runs of the dead-feature claims")
