@@ -155,6 +155,12 @@ def scale_preset(name: str, base: dict[str, Any], *, steps: int, batch_size: int
 
 def option_notes(option: str, steps: int) -> list[str]:
     """What an option run's overrides mean, stated like the scalings."""
+    if option == "no resampling":
+        return ["option: resampling.kind none, so the resampling schedule above is not used"]
+    if option == "no density term":
+        return ["option: penalty.density_coefficient 0, so the density window and floor above are not used"]
+    if option == "beta1 0.9":
+        return ["option: Adam betas (0.9, 0.999) instead of the preset's (0, 0.999)"]
     if option == "ghost grads":
         return [f"ghost grads: dead after {max(1, round(DEAD_FRACTION * steps))} steps without firing "
                 f"({DEAD_FRACTION:.0%} of training; the source's window is not at hand)"]
