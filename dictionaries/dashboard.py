@@ -125,6 +125,8 @@ class DashboardBuilder:
         with torch.no_grad():
             f = self.dictionary.encode(x.to(self.device, self.dictionary.W_enc.dtype))
         f = f[..., self.features.start:self.features.stop] if len(self.features) != f.shape[-1] else f
+        if bool(attention_mask.all()):  # packed text has no padding: spare a full copy of f
+            return f.float()
         return f.float() * attention_mask.to(self.device)[..., None]
 
     @torch.no_grad()
@@ -149,6 +151,9 @@ class DashboardBuilder:
                windows: _Windows) -> Examples:
         """The table with the best of (its entries, this batch's candidates) by `score`, K per feature."""
         n, k = table.score.shape
+        enters = score > table.score[:, -1][c]  # beaten by a full table's K-th entry: cannot get in (cheap filter)
+        if not bool(enters.all()):
+            c, score, value, b, p = c[enters], score[enters], value[enters], b[enters], p[enters]
         held = (table.score > -math.inf).flatten().nonzero().squeeze(1)           # flat (feature * K + slot)
         groups = torch.cat([held // k, c])
         kept, g, rank = keep_first(groups, torch.cat([table.score.flatten()[held], score]), n, k)
@@ -180,16 +185,22 @@ class DashboardBuilder:
 
 
 class _Windows:
-    """Windows of token ids and feature activations around (row, pos) positions of one batch."""
+    """Windows of token ids and feature activations around (row, pos) positions of one batch.
+
+    Only the few candidates that enter a table are gathered, straight from f (B, T, n): padding f itself would
+    copy the whole batch's features for every batch.
+    """
 
     def __init__(self, ids: Tensor, f: Tensor, before: int, after: int) -> None:
-        self.before, self.width = before, before + 1 + after
-        self.ids = torch.nn.functional.pad(ids, (before, after), value=-1)                # (B, T + W - 1)
-        self.f = torch.nn.functional.pad(f, (0, 0, before, after))                        # (B, T + W - 1, n)
+        self.before, self.width, self.ids, self.f = before, before + 1 + after, ids, f
 
     def take(self, b: Tensor, p: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        pos = p[:, None] + torch.arange(self.width, device=p.device)                     # (m, W) padded positions
-        return self.ids[b[:, None], pos].int(), self.f[b[:, None], pos, c[:, None]]
+        pos = p[:, None] + torch.arange(-self.before, self.width - self.before, device=p.device)   # (m, W)
+        inside = (pos >= 0) & (pos < self.ids.shape[1])
+        at = pos.clamp(0, self.ids.shape[1] - 1)
+        ids = self.ids[b[:, None], at].masked_fill(~inside, -1).int()
+        acts = self.f[b[:, None], at, c[:, None]] * inside
+        return ids, acts
 
 
 def batched_logit_lens(model: Any, directions: Tensor, *, top: int = 10, block: int = 1024
