@@ -40,6 +40,8 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.NotWrappedError, "model not wrapped", ""),
     (errors.FeatureIndexError, "feature out of range", ""),
     (errors.OutsideTraceError, "outside a trace", ""),
+    (errors.CorruptCheckpointError, "corrupt checkpoint", ""),
+    (errors.NonFiniteWeightsError, "weights not finite", ""),
     (errors.FormatError, "bad format", ""),
     (errors.ArchitectureMismatchError, "card does not match the dictionary", ""),
     (errors.DtypeDeviceError, "dtype/device mismatch", ""),
@@ -59,6 +61,7 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.ModelLoadError, "cannot load model", ""),
     (errors.HubPathError, "bad hub path", ""),
     (errors.LocalHubError, "local hub", ""),
+    (errors.InvalidArgumentError, "bad argument", ""),
     (errors.DictionariesError, "error", ""),
 ]
 

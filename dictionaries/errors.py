@@ -64,6 +64,33 @@ class FormatError(DictionariesError, ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class CorruptCheckpointError(FormatError):
+    """A training checkpoint that cannot be read back (truncated or damaged), refused before a resume."""
+
+    def __init__(self, checkpoint: str, problem: str):
+        self.checkpoint = checkpoint
+        super().__init__(checkpoint, f"the checkpoint cannot be read ({problem}). Delete this checkpoint folder "
+                                     "and train again without --resume to start from scratch")
+
+
+class NonFiniteWeightsError(DictionariesError, FloatingPointError):
+    """Weights holding NaN or infinite values, refused when a folder is read, written or published."""
+
+    def __init__(self, path: str, tensors: dict[str, int]):
+        self.path, self.tensors = path, dict(tensors)  # tensor name -> how many of its values are not finite
+        listing = ", ".join(f"{name!r} ({n} values)" for name, n in self.tensors.items())
+        super().__init__(f"{path}: NaN or infinite weights in {listing}; such a dictionary computes NaN features. "
+                         "Train it again, or convert it again from its original files.")
+
+
+class InvalidArgumentError(DictionariesError, ValueError):
+    """An argument outside what it may be: a count below 1, a device this machine lacks, a file for a folder."""
+
+    def __init__(self, argument: str, value: object, expected: str):
+        self.argument, self.value, self.expected = argument, value, expected
+        super().__init__(f"{argument} {value!r} is not valid: {expected}.")
+
+
 class MissingFileError(DictionariesError, FileNotFoundError):
     """A file a dictionary needs is absent (locally or in the Hub repo)."""
 
