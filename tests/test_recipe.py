@@ -96,10 +96,10 @@ def test_bad_value_names_the_field():
 def test_recipe_for_every_registry_entry(entry):
     r = recipe_for(entry.card)
     assert r == entry.card.recipe
-    small = recipe_for(entry.card, {"tokens": 4096, "model": "tiny/model", "dataset": "local.txt",
+    small = recipe_for(entry.card, {"tokens": 65536, "model": "tiny/model", "dataset": "local.txt",
                                     "penalty.coefficient": 0.5})
     assert (small.tokens, small.model.id, small.dataset.path, small.penalty.coefficient) == (
-        4096, "tiny/model", "local.txt", 0.5)
+        65536, "tiny/model", "local.txt", 0.5)
     assert small.hook == r.hook
     assert small.d_dict == entry.card.d_dict
 
