@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from dictionaries.errors import (
     CardError,
     FeatureIndexError,
+    FormatError,
     HookPointError,
+    InvalidArgumentError,
     MissingFileError,
     NotWrappedError,
 )
@@ -171,6 +173,9 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
     """Top-activating contexts of a feature over `texts` (the activating token marked) and its logit lens."""
     if not 0 <= feature < dictionary.d_dict:
         raise FeatureIndexError(feature, dictionary.d_dict)
+    check_report_sizes(top, context)
+    if not texts:
+        raise InvalidArgumentError("texts", list(texts), "give at least one text to look for the feature in")
     acts = [f[:, feature] for f in features_of(model, dictionary, texts, batch_size=batch_size, progress=progress)]
     n = sum(a.numel() for a in acts)
     firing = sum(int((a > 0).sum()) for a in acts)
@@ -182,12 +187,27 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
                          suppressed=suppressed)
 
 
+def check_report_sizes(top: int, context: int) -> None:
+    """`top` (contexts and logit-lens tokens shown) is at least 1 and `context` (tokens before) at least 0."""
+    if top < 1:
+        raise InvalidArgumentError("top", top, "show at least 1 context and token (default 10)")
+    if context < 0:
+        raise InvalidArgumentError("context", context, "show 0 or more tokens before the activating one (default 8)")
+
+
 def read_texts(path: str | Path) -> list[str]:
-    """The non-blank lines of a text file, one text each."""
+    """The non-blank lines of a UTF-8 text file, one text each; a file with none is an error."""
     p = Path(path)
     if not p.is_file():
         raise MissingFileError(str(p), "Pass a text file with one text per line.")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(str(p), f"not UTF-8 text (byte {e.start}: {e.reason}); save the texts as UTF-8") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise InvalidArgumentError("texts", str(p), "the file holds no text: write one text per line")
+    return texts
 
 
 def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str | None = None,
@@ -196,12 +216,13 @@ def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str 
     from dictionaries.attachment import wrap_model
     from dictionaries.loader import load_dictionary
 
+    check_report_sizes(top, context)  # every cheap check before the dictionary and the model load
+    texts = read_texts(texts_file)
     dictionary = load_dictionary(ref)
-    if not 0 <= feature < dictionary.d_dict:  # every cheap check before the model loads
+    if not 0 <= feature < dictionary.d_dict:
         raise FeatureIndexError(feature, dictionary.d_dict)
     card = dictionary.card
     model_id = model or (card.model.id if card is not None and card.model is not None else None)
     if model_id is None:
         raise CardError(str(ref), "model", "the card names no model; pass `--model` (HF id or folder)")
-    texts = read_texts(texts_file)
     return inspect_feature(wrap_model(model_id), dictionary, texts, feature, top=top, context=context)
