@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dictionaries.errors import RecipeError, UnknownPresetError
+from dictionaries.errors import MissingFileError, RecipeError, UnknownPresetError
 from dictionaries.recipe import Recipe
 from dictionaries.registry import load_registry
-from training.presets import PRESETS, preset, recipe_for, validate_recipe
+from training.presets import PRESETS, preset, read_recipe_file, recipe_for, validate_recipe
 
 REQUIRED = {"model": "org/model", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0},
             "dataset": "text.txt", "tokens": 10_000, "d_dict": 64, "batch_size": 32, "buffer_contexts": 4,
@@ -140,3 +140,20 @@ def test_recipe_for_switches_preset_keeping_model_and_data():
     assert r.decoder_norm == "at_most_one"
     assert r.hook == card.recipe.hook
     assert r.dataset == card.recipe.dataset
+
+
+@pytest.mark.parametrize("content, error, words", [
+    (None, MissingFileError, "missing file"),
+    (b"tokens: [1,\n", RecipeError, "not UTF-8 YAML"),
+    (b"tokens: 1 # caf\xe9\n", RecipeError, "not UTF-8 YAML"),
+    (b"- tokens\n", RecipeError, "must hold a mapping"),
+])
+def test_a_recipe_file_that_cannot_be_read_names_itself(tmp_path, content, error, words):
+    path = tmp_path / "recipe.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match=words) as info:
+        read_recipe_file(path)
+    assert str(path) in str(info.value)
+    (tmp_path / "ok.yaml").write_text("tokens: 4096\n")
+    assert read_recipe_file(tmp_path / "ok.yaml") == {"tokens": 4096}

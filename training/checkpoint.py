@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dictionaries.errors import RecipeMismatchError
+from dictionaries.errors import CorruptCheckpointError, RecipeMismatchError
 from dictionaries.files import write_atomic
 from training.session import Session, barrier
 
@@ -72,9 +72,28 @@ def recipe_differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[s
     return diffs
 
 
+def _load(path: Path, folder: Path, **kwargs) -> dict:
+    """One checkpoint file; a truncated or damaged one (or one that is not a checkpoint's dict) is a
+    CorruptCheckpointError naming the checkpoint folder."""
+    try:
+        state = torch.load(path, weights_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - zip, unpickling, EOF and OS errors all mean "cannot be read"
+        raise CorruptCheckpointError(str(folder), f"{path.name}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(str(folder), f"{path.name} holds a {type(state).__name__}, not a checkpoint")
+    return state
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Open every file of a checkpoint without reading its tensors (memory-mapped), so that a damaged one is
+    refused before a resumed run loads its model."""
+    for path in [folder / "trainers.pt", *sorted(folder.glob("rank*.pt"))]:
+        _load(path, folder, mmap=True)
+
+
 def restore_checkpoint(s: Session, folder: Path) -> None:
     """Load a checkpoint into a fresh session; refuses one of other recipes, names or world size."""
-    saved = torch.load(folder / "trainers.pt", weights_only=True)
+    saved = _load(folder / "trainers.pt", folder)
     diffs = []
     if saved["names"] != [j.name for j in s.jobs]:
         diffs.append(("dictionaries", saved["names"], [j.name for j in s.jobs]))
@@ -85,7 +104,7 @@ def restore_checkpoint(s: Session, folder: Path) -> None:
         diffs.append(("world size (torchrun processes)", saved["world"], s.world))
     if diffs:
         raise RecipeMismatchError(str(folder), diffs)
-    mine = torch.load(folder / f"rank{s.rank}.pt", weights_only=True)
+    mine = _load(folder / f"rank{s.rank}.pt", folder)
     for job, state, gen in zip(s.jobs, saved["trainers"], saved["samplers"]):
         job.trainer.load_state_dict(state)
         job.sampler.set_state(gen)
