@@ -14,9 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
-
 from dictionaries.errors import (
     CardError,
     FeatureIndexError,
@@ -26,10 +23,12 @@ from dictionaries.errors import (
     MissingFileError,
     NotWrappedError,
 )
-from dictionaries.hooks import check_hook, collect_activations, torch_model
 from dictionaries.recipe import HookPoint, Strict
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it is used: `dictctl inspect` checks its arguments without it
+    import torch
+    from torch import Tensor, nn
+
     from dictionaries.architectures import Dictionary
 
 
@@ -100,7 +99,10 @@ def _hook_of(dictionary: Dictionary, hook: HookPoint | str | None) -> HookPoint 
 def features_of(model: Any, dictionary: Dictionary, texts: Sequence[str], *, batch_size: int = 8,
                 progress: bool = True, hook: HookPoint | str | None = None) -> list[Tensor]:
     """Features (len_i, d_dict) of each text at the dictionary's hook point (or `hook`), pad dropped."""
+    import torch
     from tqdm.auto import tqdm
+
+    from dictionaries.hooks import check_hook, collect_activations
 
     hook = _hook_of(dictionary, hook)
     check_hook(model, hook, dictionary.d_in)  # a wrong hook or width fails before any forward
@@ -120,11 +122,15 @@ def features_of(model: Any, dictionary: Dictionary, texts: Sequence[str], *, bat
 
 
 def _model_device(model: Any) -> torch.device:
+    from dictionaries.hooks import torch_model
+
     return next(torch_model(model).parameters()).device
 
 
 def _final_norm(hf: nn.Module) -> nn.Module | None:
     """The norm applied before the unembedding: GPT-NeoX `final_layer_norm`, GPT-2 `ln_f`, Llama `norm`."""
+    from torch import nn
+
     base = getattr(hf, "base_model", hf)
     for name in ("final_layer_norm", "ln_f", "norm"):
         module = getattr(base, name, None)
@@ -135,6 +141,10 @@ def _final_norm(hf: nn.Module) -> nn.Module | None:
 
 def logit_lens(model: Any, direction: Tensor, *, top: int = 10) -> tuple[list[TokenScore], list[TokenScore]]:
     """(promoted, suppressed) tokens of a residual direction (d,): unembed(final_norm(direction))."""
+    import torch
+
+    from dictionaries.hooks import torch_model
+
     hf = torch_model(model)
     unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if unembed is None or getattr(unembed, "in_features", None) != direction.shape[-1]:
@@ -213,11 +223,11 @@ def read_texts(path: str | Path) -> list[str]:
 def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str | None = None,
                   top: int = 10, context: int = 8) -> FeatureReport:
     """`dictctl inspect`: load the dictionary and the model (default: the card's model id), read the texts."""
+    check_report_sizes(top, context)  # every cheap check before torch, the dictionary and the model load
+    texts = read_texts(texts_file)
     from dictionaries.attachment import wrap_model
     from dictionaries.loader import load_dictionary
 
-    check_report_sizes(top, context)  # every cheap check before the dictionary and the model load
-    texts = read_texts(texts_file)
     dictionary = load_dictionary(ref)
     if not 0 <= feature < dictionary.d_dict:
         raise FeatureIndexError(feature, dictionary.d_dict)
