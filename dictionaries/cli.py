@@ -308,11 +308,11 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
            checkpoint_every: int = typer.Option(1000, min=1, help="Steps between checkpoints."),
            log: Optional[str] = typer.Option(None, help="Append training curves to this JSONL file.")) -> None:
     """Regenerate entries from their card recipes (or train a recipe file); writes native folders."""
+    if name is None and recipe is None:
+        raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
     from training.run import train_entries
 
     overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset)) if v is not None}
-    if name is None and recipe is None:
-        raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
     for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
                                 checkpoint_every=checkpoint_every, log_file=log):
         console.print(f"wrote {folder}", highlight=False)

@@ -225,7 +225,6 @@ def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str 
     """`dictctl inspect`: load the dictionary and the model (default: the card's model id), read the texts."""
     check_report_sizes(top, context)  # every cheap check before torch, the dictionary and the model load
     texts = read_texts(texts_file)
-    from dictionaries.attachment import wrap_model
     from dictionaries.loader import load_dictionary
 
     dictionary = load_dictionary(ref)
@@ -235,4 +234,6 @@ def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str 
     model_id = model or (card.model.id if card is not None and card.model is not None else None)
     if model_id is None:
         raise CardError(str(ref), "model", "the card names no model; pass `--model` (HF id or folder)")
+    from dictionaries.attachment import wrap_model  # nnsight, only once everything else is known to be good
+
     return inspect_feature(wrap_model(model_id), dictionary, texts, feature, top=top, context=context)
