@@ -77,8 +77,26 @@ def resolve_hook(model: Any, hook: HookPoint | str, *, d_in: int | None = None) 
     """
     found = check_hook(model, hook, d_in)
     if isinstance(model, nnsight.Envoy):
-        return model.get(found.path) if found.path else model
+        return envoy_at(model, found)
     return found.module
+
+
+def envoy_at(model: Any, found: ResolvedHook) -> Any:
+    """The envoy of a resolved hook's module, found by module identity through the envoy tree.
+
+    `model.get(path)` walks attributes, and nnsight serves a child whose name collides with its own
+    attributes under another name (BERT's `encoder.layer.L.output` becomes `E_output`), so a path alone
+    cannot reach it; the torch module found by path can, whatever it is called.
+    """
+    if not found.path:
+        return model
+    stack = [model]
+    while stack:
+        envoy = stack.pop()
+        if envoy._module is found.module:
+            return envoy
+        stack.extend(getattr(envoy, "_children", ()))
+    raise HookPointError(found.path, problem="nnsight serves no envoy for this module.")
 
 
 class _MaskRecorder:
@@ -233,7 +251,7 @@ class Attachment:
         self.dictionary = dictionary
         self.hook = hook              # hooks.ResolvedHook: path, io, module, width
         self._masks = masks           # _MaskRecorder: the latest forward's attention mask
-        self._envoy = model.get(hook.path) if hook.path else model
+        self._envoy = envoy_at(model, hook)
         self._state: _State | None = None
 
     def __repr__(self) -> str:

@@ -23,11 +23,14 @@ ENV_LOCAL_HUB = "DICTIONARIES_LOCAL_HUB"
 """Root of a local hub (olah mirrors) that publishing commits into instead of the Hub."""
 ENV_DEBUG = "DICTIONARIES_DEBUG"
 """`1` makes the CLI show tracebacks instead of one-line errors."""
+ENV_HUB_TIMEOUT = "DICTIONARIES_HUB_TIMEOUT"
+"""Seconds to wait for the Hub (or a plain HTTPS server) to connect or answer, instead of HUB_TIMEOUT."""
 
 # ---- the Hugging Face Hub -------------------------------------------------------------------------
 DEFAULT_ENDPOINT = "https://huggingface.co"
 """The Hub's endpoint when HF_ENDPOINT is unset."""
 HUB_TIMEOUT = 10.0
-"""Seconds to wait for a Hub (or plain HTTPS) server to connect or answer before saying it is unreachable."""
+"""Seconds to wait for a Hub (or plain HTTPS) server to connect or answer before saying it is unreachable
+(huggingface_hub's own default, DEFAULT_ETAG_TIMEOUT, is 10 s too)."""
 CACHE_SUBDIR = "dictionaries"
 """Folder under HF_HOME for what the HF cache cannot hold: plain-URL files, zip members, verification records."""

@@ -6,6 +6,7 @@ act on them and the CLI can turn each into one readable line (see `cli.py`'s tab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -64,15 +65,6 @@ class FormatError(DictionariesError, ValueError):
         super().__init__(f"{path}: {problem}")
 
 
-class CorruptCheckpointError(FormatError):
-    """A training checkpoint that cannot be read back (truncated or damaged), refused before a resume."""
-
-    def __init__(self, checkpoint: str, problem: str):
-        self.checkpoint = checkpoint
-        super().__init__(checkpoint, f"the checkpoint cannot be read ({problem}). Delete this checkpoint folder "
-                                     "and train again without --resume to start from scratch")
-
-
 class NonFiniteWeightsError(DictionariesError, FloatingPointError):
     """Weights holding NaN or infinite values, refused when a folder is read, written or published."""
 
@@ -118,11 +110,12 @@ class HashMismatchError(DictionariesError, ValueError):
 class HubUnreachableError(DictionariesError, ConnectionError):
     """The Hub cannot be reached and the files are not in the cache."""
 
-    def __init__(self, what: str, endpoint: str, offline: bool):
+    def __init__(self, what: str, endpoint: str, offline: bool, reason: str = ""):
         self.what = what
         self.endpoint = endpoint
         self.offline = offline
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub at {endpoint} could not be reached"
+        self.reason = reason or "could not be reached"  # e.g. "answered HTTP 503", "did not answer within 10 s"
+        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub at {endpoint} {self.reason}"
         super().__init__(
             f"cannot fetch {what}: {why} and it is not in the local cache. "
             "Connect to the network (unset HF_HUB_OFFLINE), point HF_ENDPOINT at a reachable mirror, "
@@ -279,7 +272,8 @@ class RecipeMismatchError(DictionariesError, ValueError):
         listing = "; ".join(f"{f}: checkpoint {a!r}, now {b!r}" for f, a, b in self.differences[:8])
         more = f" (and {len(self.differences) - 8} more)" if len(self.differences) > 8 else ""
         super().__init__(f"cannot resume from {checkpoint}: it was written by a different recipe ({listing}{more}). "
-                         "Resume with the same recipe, or train into a fresh --out folder.")
+                         "Resume with the same recipe (optimizer.lr, grad_clip, decay_fraction and a longer "
+                         "`tokens` may change), or train into a fresh --out folder.")
 
 
 class SharedHarvestError(DictionariesError, ValueError):
@@ -306,17 +300,22 @@ class OutOfDataError(DictionariesError, EOFError):
 
 
 class NonFiniteLossError(DictionariesError, FloatingPointError):
-    """A training step produced a NaN or infinite loss."""
+    """A training step produced a NaN or infinite loss, or left NaN or infinite weights after its update."""
 
     def __init__(self, name: str, step: int, metrics: dict, checkpoint: str | None):
         self.name = name
         self.step = step
         self.metrics = dict(metrics)
         self.checkpoint = checkpoint
-        kept = (f"the last good checkpoint ({checkpoint}) is kept; resume from it with a lower learning rate or "
-                "grad_clip" if checkpoint else
+        loss, norm = self.metrics.get("loss"), self.metrics.get("weight_norm")
+        bad_loss = not isinstance(loss, float) or not math.isfinite(loss)
+        self.what = "weights" if isinstance(norm, float) and not math.isfinite(norm) and not bad_loss else "loss"
+        found = (f"loss is {loss} at step {step}" if self.what == "loss" else
+                 f"weights are not finite after step {step} (norm {self.metrics.get('weight_norm')})")
+        kept = (f"the last good checkpoint ({checkpoint}) is kept; resume from it (--resume) with a lower "
+                "optimizer.lr or an optimizer.grad_clip (--recipe)" if checkpoint else
                 "no checkpoint was written yet; lower the learning rate or set grad_clip")
-        super().__init__(f"dictionary {name!r}: loss is {metrics.get('loss')} at step {step}; stopped, {kept}.")
+        super().__init__(f"dictionary {name!r}: {found}; stopped before writing any output, {kept}.")
 
 
 class EvalInputError(DictionariesError, ValueError):

@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dictionaries.card import FileEntry, read_card
-from dictionaries.constants import CARD_FILE, HUB_TIMEOUT
+from dictionaries.constants import CARD_FILE
 from dictionaries.errors import (
     HashMismatchError,
     HubUnreachableError,
@@ -41,6 +41,7 @@ from dictionaries.hub import (
     file_url,
     hub_path,
     hub_settings,
+    hub_timeout,
     in_subfolder,
     parse_hub_path,
 )
@@ -76,8 +77,13 @@ def fetch_hub_folder(path: str, *, force: bool = False, progress: bool = True, v
         return folder  # a foreign folder: no card, nothing to verify against
     try:
         card = read_card(folder / CARD_FILE)
-    except Exception:  # a corrupted cached card.json: fetch the folder once more, then it must read
-        folder, commit = download_hub_folder(location, force=True, progress=progress)
+    except (ValueError, OSError):  # CardError, UnicodeDecodeError: a corrupted cached card.json
+        # The card cannot list its own hash, so its cached copy is checked by reading it. Drop the snapshot
+        # link and the blob behind it, so that the copy fetched again is new bytes (not the cached blob),
+        # fetch the card alone at the commit the folder resolved to, and read it again: it must read now.
+        drop_cached_hub_file(folder / CARD_FILE)
+        download_hub_file(location.repo, in_subfolder(location.subfolder, CARD_FILE), commit,
+                          repo_type=location.repo_type, force=True, progress=progress)
         card = read_card(folder / CARD_FILE)
     pinned = location.model_copy(update={"revision": commit})
     return fetch(pinned, card.files.items, force=force, progress=progress, verify=verify)
@@ -232,7 +238,7 @@ def download_url(url: str, target: Path, *, progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.incomplete")
     try:
-        with urllib.request.urlopen(url, timeout=HUB_TIMEOUT) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=hub_timeout()) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
                       disable=not progress) as bar:

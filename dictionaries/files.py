@@ -1,7 +1,10 @@
 """Files on disk: sha256, the one atomic writer, paths that stay inside their folder, and safe reads.
 
 Everything that writes a file others may read mid-way (cards, the registry, verification records, checkpoint
-pointers) goes through `write_atomic`, so a reader sees the old content or the new one, never a mix; every
+pointers) goes through `write_atomic`, so a reader sees the old content or the new one, never a mix; files
+that must change together (a registry entry and its card) go through `write_together`, whose journal a
+later run replays, so a kill between them leaves nothing half-changed; `locked` serialises writers across
+processes; `owned_tempdir` makes work folders that a later run removes if their process was killed. Every
 path that comes from a card, a registry or a Hub listing goes through `inside`, so no `../` or absolute
 path can read or write outside the folder it belongs to. Weights are read as safetensors or, for legacy
 files, with `torch.load(weights_only=True)` only; every unreadable file is a FormatError naming it.
@@ -12,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -50,6 +56,92 @@ def write_atomic(path: str | Path, content: str | bytes, *, mode: int = 0o644) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_together(journal: str | Path, contents: dict[Path, str | None]) -> None:
+    """Change several files in the journal's folder as one: each path -> its new text (None: delete it).
+
+    The journal records every new content first (written atomically: whole or absent), then each file is
+    written atomically and the journal removed. A kill before the journal is whole leaves every file as it
+    was; a kill after it leaves a journal that `replay_journal`, run by the next reader or writer, finishes.
+    Callers hold a `locked` lock across both, so that no reader replays a journal still being applied.
+    """
+    journal = Path(journal)
+    entries = {Path(p).resolve().relative_to(journal.parent.resolve()).as_posix(): c for p, c in contents.items()}
+    write_atomic(journal, json.dumps(entries))
+    replay_journal(journal)
+
+
+def replay_journal(journal: str | Path) -> bool:
+    """Finish the change a `write_together` journal records (writing a file twice is harmless), then remove
+    the journal; False when there was none."""
+    journal = Path(journal)
+    try:
+        entries = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError as e:  # written atomically, so never half: not one of ours
+        raise FormatError(str(journal), f"not a journal of write_together ({e})") from None
+    for rel, content in entries.items():
+        target = inside(journal.parent, rel)
+        if content is None:
+            target.unlink(missing_ok=True)
+        else:
+            write_atomic(target, content)
+    journal.unlink(missing_ok=True)
+    return True
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on `path` for the block, across processes: a folder (its inode stays while files in
+    it are replaced), or a lock file, created if absent.
+
+    fcntl.flock: the kernel releases it when its holder dies, so a killed process never leaves it taken.
+    Not re-entrant: a second `locked` on the same path in one process waits for ever. No lock off POSIX.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+@contextmanager
+def owned_tempdir(prefix: str) -> Iterator[Path]:
+    """A new folder `<temp dir>/<prefix><pid>-<random>`, removed on leaving the block, however it is left.
+
+    A process killed with -9 cannot remove it, so each call first removes the folders of the same prefix
+    whose process is gone (a reused pid only keeps a folder longer)."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{prefix}*"):
+        pid = old.name[len(prefix):].split("-")[0]
+        if old.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def relative_path_problem(rel: str) -> str | None:

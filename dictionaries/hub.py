@@ -5,19 +5,28 @@ HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT and tokens all apply (read wh
 imported, so a changed environment is honoured); huggingface_hub's errors become the package's. Uploads
 add every file in ONE commit (`HfApi.create_commit`). `hf://org/repo/sub@rev` paths are parsed and written
 here, and nowhere else. Verifying what was downloaded is `fetch.py`'s work.
+
+The Hub being down costs at most one time-out. What is cached at a pinned commit is used without any request
+(a commit never changes). Before huggingface_hub is asked for anything it does not have, `check_reachable`
+sends one request, without retries, bounded by `hub_timeout()` (DICTIONARIES_HUB_TIMEOUT, default 10 s):
+huggingface_hub 2.4 retries a failed metadata request five times with back-off (`_http_backoff_base`,
+429/5xx/time-outs) and, when nothing is cached, once more with a 60 s time-out (`_ETAG_RETRY_TIMEOUT` in
+file_download.py); its HTTP client has no default time-out (`default_client_factory`: timeout=None) and the
+API calls pass none. A refused connection, a server that does not answer and an HTTP 5xx thus fail at once
+as one HubUnreachableError saying which, instead of a 24 s (503) to 395 s (silent server) stall behind
+retry warnings.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote
 
 from dictionaries.card import repo_id_problem
-from dictionaries.constants import CACHE_SUBDIR, DEFAULT_ENDPOINT, HUB_TIMEOUT
+from dictionaries.constants import CACHE_SUBDIR, DEFAULT_ENDPOINT, ENV_HUB_TIMEOUT, HUB_TIMEOUT
 from dictionaries.errors import HubPathError, HubUnreachableError, MissingFileError
 from dictionaries.registry import HubLocation
 
@@ -47,6 +56,14 @@ def hub_settings() -> HubSettings:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
     return HubSettings(endpoint, cache, home, offline)
+
+
+def hub_timeout() -> float:
+    """Seconds to wait for a Hub or plain HTTPS server: DICTIONARIES_HUB_TIMEOUT, else HUB_TIMEOUT."""
+    try:
+        return float(os.environ.get(ENV_HUB_TIMEOUT) or HUB_TIMEOUT)
+    except ValueError:
+        return HUB_TIMEOUT
 
 
 def dictionaries_cache() -> Path:
@@ -105,10 +122,11 @@ def download_hub_file(repo: str, filename: str, revision: str, *, repo_type: str
     if isinstance(cached, str) and not force and _COMMIT.fullmatch(revision):
         return Path(cached)  # what hf_hub_download returns for a cached pinned commit, without its overhead
     if not s.offline and (force or not isinstance(cached, str)):
-        check_reachable(s.endpoint, what)  # fail at once instead of after huggingface_hub's ~20 s of retries
-    try:
+        check_reachable(s.endpoint, what, repo, revision, repo_type)  # one bounded request, no retries
+    try:  # a cached file of a branch: huggingface_hub falls back to it, without retries, if the Hub is down
         return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type, cache_dir=s.cache_dir,
                                     endpoint=s.endpoint, force_download=force, local_files_only=s.offline,
+                                    etag_timeout=hub_timeout(),
                                     tqdm_class=None if progress else _silent_tqdm()))
     except Exception as exc:  # noqa: BLE001 - every huggingface_hub failure is mapped below
         raise _hub_error(exc, repo, filename, revision, repo_type) from exc
@@ -148,14 +166,28 @@ def _repo_exists(repo: str, revision: str, repo_type: str) -> bool:
         return False
 
 
-def check_reachable(endpoint: str, what: str, timeout: float = HUB_TIMEOUT) -> None:
-    """Raise HubUnreachableError unless a TCP connection to the endpoint's host opens."""
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
+def check_reachable(endpoint: str, what: str, repo: str = "", revision: str = "main", repo_type: str = "model",
+                    timeout: float | None = None) -> None:
+    """One request to the repo's revision (`/api/<type>s/<repo>/revision/<rev>`), no retries, at most `timeout`
+    (default `hub_timeout()`): HubUnreachableError saying why unless the server answers below HTTP 500 (a 401
+    or 404 is an answer: huggingface_hub's own request then says what is missing) and not 429."""
+    import urllib.error
+    import urllib.request
+
+    timeout = hub_timeout() if timeout is None else timeout
+    url = f"{endpoint.rstrip('/')}/api/{repo_type}s/{repo}/revision/{quote(revision, safe='')}" if repo else endpoint
     try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
-    except OSError:
-        raise HubUnreachableError(what, endpoint, offline=False) from None
+        urllib.request.urlopen(url, timeout=timeout).close()
+        return
+    except urllib.error.HTTPError as e:
+        if e.code < 500 and e.code != 429:
+            return
+        reason = f"answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:  # TimeoutError itself, or wrapped in a URLError
+        cause = getattr(e, "reason", e)
+        late = f"did not answer within {timeout:g} s ({ENV_HUB_TIMEOUT})"
+        reason = late if isinstance(cause, TimeoutError) else f"could not be reached ({cause})"
+    raise HubUnreachableError(what, endpoint, offline=False, reason=reason)
 
 
 def drop_cached_hub_file(path: Path) -> None:
@@ -167,18 +199,30 @@ def drop_cached_hub_file(path: Path) -> None:
 
 
 def download_hub_folder(location: HubLocation, *, force: bool = False, progress: bool = True) -> tuple[Path, str]:
-    """Every file under the location's subfolder (`snapshot_download`); (local folder, the commit it resolved to)."""
+    """Every file under the location's subfolder (`snapshot_download`); (local folder, the commit it resolved to).
+
+    A pinned commit already in the cache is used without a request; a branch is looked up on the Hub, and
+    if the Hub cannot be reached its last cached commit is used, as huggingface_hub does offline."""
     from huggingface_hub import snapshot_download
 
     s = hub_settings()
     sub = location.subfolder.strip("/")
     what = hub_path(location.repo, sub, location.revision)
+    cached = None if force else _cached_folder(location)
+    if cached is not None and (s.offline or _COMMIT.fullmatch(location.revision)):
+        return cached
     if not s.offline:
-        check_reachable(s.endpoint, what)
+        try:
+            check_reachable(s.endpoint, what, location.repo, location.revision, location.repo_type)
+        except HubUnreachableError:
+            if cached is not None:
+                return cached
+            raise
     try:
         snapshot = Path(snapshot_download(location.repo, revision=location.revision, repo_type=location.repo_type,
                                           allow_patterns=[f"{sub}/*"] if sub else None, cache_dir=s.cache_dir,
                                           endpoint=s.endpoint, force_download=force, local_files_only=s.offline,
+                                          etag_timeout=hub_timeout(),
                                           tqdm_class=None if progress else _silent_tqdm()))
     except Exception as exc:  # noqa: BLE001 - every huggingface_hub failure is mapped
         raise _hub_error(exc, location.repo, sub or ".", location.revision, location.repo_type) from exc
@@ -186,6 +230,22 @@ def download_hub_folder(location: HubLocation, *, force: bool = False, progress:
     if not folder.is_dir() or not any(folder.iterdir()):
         raise MissingFileError(what, f"The repo {location.repo} has no folder {sub!r} at {location.revision}.")
     return folder, snapshot.name
+
+
+def _cached_folder(location: HubLocation) -> tuple[Path, str] | None:
+    """(folder, commit) from the cache alone, when huggingface_hub's cached file listing of the commit says the
+    folder is complete (or has no listing); None when it is not cached."""
+    from huggingface_hub import snapshot_download
+
+    sub = location.subfolder.strip("/")
+    try:
+        snapshot = Path(snapshot_download(location.repo, revision=location.revision, repo_type=location.repo_type,
+                                          allow_patterns=[f"{sub}/*"] if sub else None,
+                                          cache_dir=hub_settings().cache_dir, local_files_only=True))
+    except (OSError, ValueError):  # LocalEntryNotFoundError, IncompleteSnapshotError: not (wholly) cached
+        return None
+    folder = snapshot / sub if sub else snapshot
+    return (folder, snapshot.name) if folder.is_dir() and any(folder.iterdir()) else None
 
 
 def _silent_tqdm() -> type:
@@ -239,7 +299,7 @@ def read_remote_file(repo: str, path: str, *, revision: str = "main", endpoint: 
     from huggingface_hub.errors import HfHubHTTPError
 
     endpoint = _upload_endpoint(endpoint)
-    check_reachable(endpoint, hub_path(repo, path, revision))  # at once, not after the client's retries
+    check_reachable(endpoint, hub_path(repo, path, revision), repo, revision)  # at once, not after retries
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     try:
         if not api.file_exists(repo, path, revision=revision):
@@ -249,12 +309,12 @@ def read_remote_file(repo: str, path: str, *, revision: str = "main", endpoint: 
         raise _auth_failure(e, repo, endpoint) from None
 
 
-def upload_commit(repo: str, files: dict[str, Path], *, branch: str = "main", private: bool = False,
+def upload_commit(repo: str, files: dict[str, Path | bytes], *, branch: str = "main", private: bool = False,
                   message: str, endpoint: str | None = None, token: str | None = None) -> str:
     """Create the repo (and branch) if needed and add every file in ONE commit; the commit's 40-hex sha.
 
-    `files` maps repo paths to local files. The Hub applies a commit whole or not at all, so a failure
-    here leaves the repo as it was.
+    `files` maps repo paths to local files or bytes. The Hub applies a commit whole or not at all, so a
+    failure here leaves the repo as it was.
     """
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
@@ -263,10 +323,10 @@ def upload_commit(repo: str, files: dict[str, Path], *, branch: str = "main", pr
 
     token = require_token(token, repo, endpoint)
     endpoint = _upload_endpoint(endpoint)
-    check_reachable(endpoint, hub_path(repo, revision=branch) + " (upload)")
+    check_reachable(endpoint, hub_path(repo, revision=branch) + " (upload)", repo, branch)
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
-    operations = [huggingface_hub.CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local))
-                  for rel, local in sorted(files.items())]
+    operations = [huggingface_hub.CommitOperationAdd(path_in_repo=rel, path_or_fileobj=local if isinstance(
+                  local, bytes) else str(local)) for rel, local in sorted(files.items())]
     try:
         api.create_repo(repo, private=private, exist_ok=True)
         if branch != "main":

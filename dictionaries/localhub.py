@@ -11,6 +11,14 @@ to 149 bytes is checked for a git-lfs pointer by decoding it as UTF-8, which fai
 that size: `commit` refuses them (pad the file or change it). Nothing here imports huggingface_hub
 (only `hub.py` does); committing is plain `git` through subprocess, with the identity given per call
 (`-c user.name=... -c user.email=...`, so no global git config is needed; olah itself only reads).
+
+A commit is all or nothing, like the Hub's. It is built with git's plumbing in a private index
+(GIT_INDEX_FILE: read-tree of main, hash-object, update-index, write-tree, commit-tree) and switched in
+with `update-ref main NEW OLD`, which fails if main moved; the shared index and working tree play no part,
+so a process killed at any point leaves main as it was (at most unreachable objects, which `git gc`
+drops), and a later commit holds only its own files. Commits to one repo take its lock in `locks/` in
+turn (fcntl: released when the holder dies). The working tree is then brought to main (`reset --hard`) for
+people and tests to read; olah serves main from the git objects, not from it.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from dictionaries.errors import LocalHubError
+from dictionaries.files import locked
 
 _IDENTITY = ("-c", "user.name=dictionaries localhub", "-c", "user.email=localhub@localhost",
              "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null")
@@ -150,44 +159,100 @@ class LocalHub:
     def create_repo(self, repo_id: str, repo_type: str = "model", exist_ok: bool = True) -> Path:
         """A git repo on branch `main` with an initial commit (like the Hub's `.gitattributes` one)."""
         path = self.repo_path(repo_id, repo_type)
-        if (path / ".git").exists():
-            if not exist_ok:
-                raise LocalHubError(f"repo {repo_id} already exists at {path}")
-            return path
-        path.mkdir(parents=True, exist_ok=True)
-        _git(path, "init", "-q", "-b", "main")
-        (path / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
-        _git(path, "add", ".gitattributes")
-        _git(path, *_IDENTITY, "commit", "-q", "-m", "initial commit")
+        with locked(self._lock(repo_id, repo_type)):
+            if _head(path) is not None:
+                if not exist_ok:
+                    raise LocalHubError(f"repo {repo_id} already exists at {path}")
+                return path
+            path.mkdir(parents=True, exist_ok=True)
+            _git(path, "init", "-q", "-b", "main")
+            self._commit_locked(path, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                                "initial commit", (), None)
         return path
 
     def commit(self, repo_id: str, files: Mapping[str, bytes | str | Path], message: str,
-               delete: Iterable[str] = (), repo_type: str = "model") -> str:
-        """Write `files` (repo path -> bytes or a local file), remove `delete`, commit to main; the 40-hex sha."""
+               delete: Iterable[str] = (), repo_type: str = "model",
+               check: Callable[[Callable[[str], bytes | None]], None] | None = None) -> str:
+        """Write `files` (repo path -> bytes or a local file), remove `delete`, commit to main in one commit,
+        all or nothing (see the module's docstring); the 40-hex sha.
+
+        `check`, if given, is called under the repo's lock with a reader of main's files (repo path -> bytes,
+        None if absent) before anything is written: what it raises stops the commit, so a check of the
+        target and the commit it allows cannot be split by another commit."""
+        for rel in [*files, *delete]:
+            _check_relative(rel)
         path = self.create_repo(repo_id, repo_type)
-        for rel in files:
-            _check_relative(rel)
-        for rel in delete:
-            _check_relative(rel)
-            target = path / rel
-            if not target.exists():
-                raise LocalHubError(f"cannot delete {rel!r} from {repo_id}: no such file")
-            _git(path, "rm", "-r", "-q", "--", rel)
-        for rel, content in files.items():
-            target = path / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, (str, Path)) and not isinstance(content, bytes):
-                shutil.copyfile(content, target)
-            else:
-                target.write_bytes(content)
-            _check_servable(target, rel)
-            _git(path, "add", "--", rel)
-        _git(path, *_IDENTITY, "commit", "-q", "--allow-empty", "-m", message)
-        return _git(path, "rev-parse", "HEAD").strip()
+        with locked(self._lock(repo_id, repo_type)):
+            if check is not None:
+                check(lambda rel: self.read(repo_id, rel, repo_type=repo_type))
+            sha = self._commit_locked(path, files, message, delete, _head(path))
+        return sha
+
+    def _commit_locked(self, path: Path, files: Mapping[str, bytes | str | Path], message: str,
+                       delete: Iterable[str], parent: str | None) -> str:
+        """The commit itself, the repo's lock held: a private index from `parent`, then update-ref."""
+        for stale in (path / ".git").glob("dictionaries-index-*"):  # a killed commit's: the lock is ours now
+            stale.unlink(missing_ok=True)
+        index = path / ".git" / f"dictionaries-index-{os.getpid()}"
+        env = {"GIT_INDEX_FILE": str(index)}
+        try:
+            _git(path, "read-tree", *([parent] if parent else ["--empty"]), env=env)
+            for rel in delete:
+                if not _git(path, "ls-files", "--", rel, env=env).strip():
+                    raise LocalHubError(f"cannot delete {rel!r} from {path.name}: no such file")
+                _git(path, "rm", "-r", "-q", "--cached", "--", rel, env=env)
+            lines = [f"100644 {_blob(path, rel, content)}\t{rel}\n" for rel, content in files.items()]
+            _git(path, "update-index", "--add", "--replace", "--index-info", env=env, stdin="".join(lines).encode())
+            tree = _git(path, "write-tree", env=env).strip()
+            sha = _git(path, *_IDENTITY, "commit-tree", tree, *(["-p", parent] if parent else []), "-m", message,
+                       env=env).strip()
+            _git(path, *_IDENTITY, "update-ref", "-m", message, "refs/heads/main", sha, parent or "0" * 40)
+        finally:
+            index.unlink(missing_ok=True)
+        try:  # the working tree follows main, for people and tests; olah does not read it
+            _git(path, *_IDENTITY, "reset", "-q", "--hard")
+        except LocalHubError:
+            pass  # another git process holds the index: the next commit brings the tree up to date
+        return sha
+
+    def read(self, repo_id: str, rel: str, revision: str = "main", repo_type: str = "model") -> bytes | None:
+        """The bytes of `rel` in the repo at `revision` (from git, not the working tree), None if absent."""
+        path = self.repo_path(repo_id, repo_type)
+        if _head(path) is None:
+            return None
+        try:
+            return _run_git(path, "cat-file", "blob", f"{revision}:{rel}")
+        except LocalHubError:
+            return None
 
     def head(self, repo_id: str, repo_type: str = "model") -> str:
         """The commit `main` points at."""
         return _git(self.repo_path(repo_id, repo_type), "rev-parse", "HEAD").strip()
+
+    def _lock(self, repo_id: str, repo_type: str) -> Path:
+        return self.root / "locks" / f"{_REPO_DIRS[repo_type]}--{repo_id.replace('/', '--')}.lock"
+
+
+def _head(path: Path) -> str | None:
+    """The commit main points at, None when the repo or main does not exist yet."""
+    if not (path / ".git").exists():
+        return None
+    try:
+        return _git(path, "rev-parse", "--verify", "-q", "refs/heads/main").strip() or None
+    except LocalHubError:
+        return None
+
+
+def _blob(path: Path, rel: str, content: bytes | str | Path) -> str:
+    """Store one file's bytes as a git blob (exactly these bytes: no filters) and return its id; a local file
+    is streamed by git, not read into memory here."""
+    if isinstance(content, bytes):
+        _check_servable(content, rel)
+        return _git(path, "hash-object", "-w", "--no-filters", "--stdin", stdin=content).strip()
+    local = Path(content).resolve()
+    if 120 < local.stat().st_size < 150:
+        _check_servable(local.read_bytes(), rel)
+    return _git(path, "hash-object", "-w", "--no-filters", "--", str(local)).strip()
 
 
 def _olah_command(config: Path) -> list[str]:
@@ -199,12 +264,16 @@ def _olah_command(config: Path) -> list[str]:
     return [exe, "-c", str(config)]
 
 
-def _git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1"}
-    result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+def _run_git(cwd: Path, *args: str, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> bytes:
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", **(env or {})}
+    result = subprocess.run(["git", *args], cwd=cwd, env=env, input=stdin, capture_output=True)
     if result.returncode != 0:
-        raise LocalHubError(f"git {' '.join(args)} failed in {cwd}: {result.stderr.strip()}")
+        raise LocalHubError(f"git {' '.join(args)} failed in {cwd}: {result.stderr.decode(errors='replace').strip()}")
     return result.stdout
+
+
+def _git(cwd: Path, *args: str, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> str:
+    return _run_git(cwd, *args, env=env, stdin=stdin).decode()
 
 
 def _check_relative(rel: str) -> None:
@@ -213,12 +282,12 @@ def _check_relative(rel: str) -> None:
         raise LocalHubError(f"repo path {rel!r} must be relative, inside the repo and not under .git")
 
 
-def _check_servable(target: Path, rel: str) -> None:
+def _check_servable(data: bytes, rel: str) -> None:
     """olah decodes 121..149-byte blobs as UTF-8 to look for git-lfs pointers; binary ones make it fail."""
-    size = target.stat().st_size
+    size = len(data)
     if 120 < size < 150:
         try:
-            target.read_bytes().decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError:
             raise LocalHubError(f"{rel}: olah cannot serve a binary file of {size} bytes (121..149 bytes "
                                 "are parsed as git-lfs pointers); make it larger or smaller") from None

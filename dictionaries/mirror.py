@@ -10,8 +10,6 @@ commit. The original files stay named in `card.provenance.original` and `card.fi
 from __future__ import annotations
 
 import datetime
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 from dictionaries import __version__
 from dictionaries.card import Card, Files, read_card
 from dictionaries.constants import CARD_FILE
+from dictionaries.files import owned_tempdir
 from dictionaries.localhub import LocalHub
 from dictionaries.publish import PublishResult, check_repo_id, publish
 from dictionaries.registry import Entry, load_registry
@@ -84,14 +83,11 @@ def mirror(name: str, repo: str, *, subfolder: str | None = None, branch: str = 
     check_repo_id(repo)
     registry = load_registry(registry_path)
     entry = registry.get(name)
-    work = Path(tempfile.mkdtemp(prefix="dictionaries-mirror-"))
-    try:
+    with owned_tempdir("dictionaries-mirror-") as work:  # removed by a later run if this one is killed
         folder = work / "native"
         convert_entry(entry, folder, progress=progress)
         evaluated = run_evaluation(folder, evaluate, why_not)
         result = publish(folder, repo, subfolder=entry.name if subfolder is None else subfolder, branch=branch,
                          force=force, register=register, endpoint=endpoint, token=token, local_hub=local_hub,
                          registry_path=registry.path if register else None)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return replace(result, notes=[*(result.notes or []), evaluated])

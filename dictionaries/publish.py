@@ -2,11 +2,13 @@
 
 `publish(folder, "org/name")` re-hashes every file the card lists and checks the weights' tensor names and
 shapes against the card before anything leaves the machine, refuses to replace a different dictionary at
-the target without `force`, stages the repo contents (the folder + a README.md model card with Hub YAML
-front matter) in a temporary folder, and uploads them in ONE commit: to the real Hub through
-`hub.upload_commit` (`HfApi.create_commit`), or to a local hub (DESIGN.md section 5) by committing into
-its git mirror. The registry entry pins the commit created; `register=True` writes it into registry.yaml
-and cards/ (`registry.register_entry`) only after the commit exists, so an interrupted publish registers nothing.
+the target without `force`, stages the repo contents (the folder's files where they are, card.json and a
+README.md model card with Hub YAML front matter as bytes: no temporary copies for a kill to leave behind)
+and uploads them in ONE commit: to the real Hub through `hub.upload_commit` (`HfApi.create_commit`), or to
+a local hub (DESIGN.md section 5) by committing into its git mirror, all or nothing, with the target
+checked again under the repo's lock (`LocalHub.commit`). The registry entry pins the commit created;
+`register=True` writes it into registry.yaml and cards/ as one change (`registry.register_entry`) only
+after the commit exists, so an interrupted publish registers nothing, or the whole entry.
 
 A local hub is chosen by passing a `LocalHub` (or its root folder) as `local_hub`, or by setting
 `DICTIONARIES_LOCAL_HUB` to its root; anything else goes to the Hub at `endpoint` (default `HF_ENDPOINT`).
@@ -14,11 +16,13 @@ A local hub is chosen by passing a `LocalHub` (or its root folder) as `local_hub
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +63,7 @@ class PublishResult:
     name: str
     card: Card
     target: str
-    staged: Path
+    staged: Path  # the staging folder (dry run, --staging-dir), else the folder the files went up from
     uploaded: list[str]
     location: HubLocation | None = None
     dry_run: bool = False
@@ -155,26 +159,35 @@ def upload_list(folder: Path, card: Card) -> list[Path]:
 
 
 # ---- staging -----------------------------------------------------------------------------------
-def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path) -> dict[str, Path]:
-    """Copy the upload into `dest/<subfolder>/` with a README.md model card; repo path -> staged file."""
+def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path | None) -> dict[str, Path | bytes]:
+    """What goes up: repo path -> a file of the folder, or bytes (card.json, read once, and a README.md model
+    card). Nothing is copied unless `dest` is given (a dry run, `--staging-dir`): then the upload is written
+    into `dest/<subfolder>/` and the mapping names those copies. Copies of large weights in a temporary
+    folder would outlive a killed publish; the files are read where they are instead."""
     from dictionaries.hub import model_card_metadata
 
-    out = dest / subfolder if subfolder else dest
-    out.mkdir(parents=True, exist_ok=True)
-    staged: dict[str, Path] = {}
+    staged: dict[str, Path | bytes] = {}
     for src in upload_list(folder, card):
         rel = src.relative_to(folder).as_posix()
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, out / rel)
-        staged[_repo_path(subfolder, rel)] = out / rel
+        staged[_repo_path(subfolder, rel)] = src.read_bytes() if rel == CARD_FILE else src
     plots = [p for p in staged if p.endswith(".png")]
     readme = model_card_text(card, repo, subfolder, [Path(p).name for p in plots])
-    meta = model_card_metadata(readme)  # parse it back the way the Hub does: a broken header fails here
+    meta = model_card_metadata(readme)  # parse it back the way the Hub parses it: a broken header fails here
     if meta.get("library_name") != "dictionaries":
         raise FormatError(README_FILE, "the staged model card lost its `library_name` front matter")
-    (out / README_FILE).write_text(readme)
-    staged[_repo_path(subfolder, README_FILE)] = out / README_FILE
-    return staged
+    staged[_repo_path(subfolder, README_FILE)] = readme.encode()
+    if dest is None:
+        return staged
+    copies: dict[str, Path | bytes] = {}
+    for rel, content in staged.items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            shutil.copyfile(content, target)
+        copies[rel] = target
+    return copies
 
 
 def _repo_path(subfolder: str, rel: str) -> str:
@@ -245,12 +258,15 @@ def existing_card(repo: str, subfolder: str, branch: str, local: LocalHub | None
     """The card.json already at the target (parsed JSON, or {} if unreadable), None if there is none."""
     rel = _repo_path(subfolder, CARD_FILE)
     if local is not None:
-        path = local.repo_path(repo) / rel
-        raw = path.read_bytes() if path.is_file() else None
+        raw = local.read(repo, rel)
     else:
         from dictionaries.hub import read_remote_file
 
         raw = read_remote_file(repo, rel, revision=branch, endpoint=endpoint, token=token)
+    return _parse_card(raw)
+
+
+def _parse_card(raw: bytes | None) -> dict | None:
     if raw is None:
         return None
     try:
@@ -277,9 +293,11 @@ def _weights_hash(card: dict) -> str | None:
     return None
 
 
-def upload(staged: dict[str, Path], repo: str, *, branch: str, private: bool, message: str,
-           local: LocalHub | None, endpoint: str | None, token: str | None) -> str:
-    """One commit holding every staged file; the 40-hex sha of the commit."""
+def upload(staged: dict[str, Path | bytes], repo: str, *, branch: str, private: bool, message: str,
+           local: LocalHub | None, endpoint: str | None, token: str | None,
+           check: Callable[[Callable[[str], bytes | None]], None] | None = None) -> str:
+    """One commit holding every staged file; the 40-hex sha. On a local hub `check` runs under the repo's
+    lock right before the commit (against the Hub it ran before the upload)."""
     if local is None:
         from dictionaries.hub import upload_commit
 
@@ -289,7 +307,7 @@ def upload(staged: dict[str, Path], repo: str, *, branch: str, private: bool, me
     if branch != "main":
         raise PublishError(target, f"a local hub serves branch main only, not {branch!r}")
     try:
-        return local.commit(repo, staged, message)
+        return local.commit(repo, staged, message, check=check)
     except LocalHubError as e:
         raise PublishError(target, str(e)) from e
 
@@ -327,27 +345,30 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
 
             token = require_token(token, repo, endpoint)  # before any request: no token, nothing sent
         check_target(card, existing_card(repo, subfolder, branch, local, endpoint, token), target, force)
-    dest = Path(staging_dir) if staging_dir else Path(tempfile.mkdtemp(prefix="dictionaries-publish-"))
-    try:
-        staged = stage(folder, card, repo, subfolder, dest)
-        card = entry_card(card, staged[_repo_path(subfolder, CARD_FILE)])
-        if dry_run:
-            return PublishResult(card.name, card, target, dest, sorted(staged), dry_run=True, notes=notes)
-        sha = upload(staged, repo, branch=branch, private=private, local=local, endpoint=endpoint, token=token,
-                     message=f"Publish {card.name} ({card.architecture}, {card.d_in}x{card.d_dict})")
-    finally:
-        if not dry_run and staging_dir is None:
-            shutil.rmtree(dest, ignore_errors=True)
+    dest = Path(staging_dir) if staging_dir else None
+    if dry_run and dest is None:
+        dest = Path(tempfile.mkdtemp(prefix="dictionaries-publish-"))  # kept: the user inspects it
+    staged = stage(folder, card, repo, subfolder, dest)
+    card = entry_card(card, staged[_repo_path(subfolder, CARD_FILE)])
+    if dry_run:
+        return PublishResult(card.name, card, target, dest, sorted(staged), dry_run=True, notes=notes)
+
+    def still_free(read: Callable[[str], bytes | None]) -> None:  # again, under the local repo's lock
+        check_target(card, _parse_card(read(_repo_path(subfolder, CARD_FILE))), target, force)
+
+    sha = upload(staged, repo, branch=branch, private=private, local=local, endpoint=endpoint, token=token,
+                 message=f"Publish {card.name} ({card.architecture}, {card.d_in}x{card.d_dict})", check=still_free)
     location = HubLocation(repo=repo, revision=sha, subfolder=subfolder)
     registered = register_entry(card, location, registry_path) if register else None
-    return PublishResult(card.name, card, target, dest, sorted(staged), location, registered=registered,
+    return PublishResult(card.name, card, target, dest or folder, sorted(staged), location, registered=registered,
                          notes=notes)
 
 
 # ---- the registry ------------------------------------------------------------------------------
-def entry_card(card: Card, card_json: Path) -> Card:
+def entry_card(card: Card, card_json: Path | bytes) -> Card:
     """The registry's card: the folder's card with card.json itself added to the files (with its hash), since
     the loader reads it from the fetched folder; card.json cannot list its own hash, the registry can."""
-    own = FileEntry(path=CARD_FILE, size=card_json.stat().st_size, sha256=sha256_of(card_json))
+    data = card_json if isinstance(card_json, bytes) else Path(card_json).read_bytes()
+    own = FileEntry(path=CARD_FILE, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     items = [own, *(i for i in card.files.items if i.path != CARD_FILE)]
     return card.model_copy(update={"files": card.files.model_copy(update={"items": items})})

@@ -86,8 +86,8 @@ class Penalty(Strict):
     """Weight of the minimum-density term (0 disables it)."""
     density_window: int = 1000
     """Steps over which feature density is averaged for the density term."""
-    aux_k: int | None = None
-    """TopK/BatchTopK: number of dead features used by the AuxK loss (Gao et al. 2024), None disables it."""
+    aux_k: int | Literal["half_d_in"] | None = None
+    """TopK/BatchTopK: dead features in the AuxK loss (Gao et al. 2024); half_d_in means d_in // 2; None: no AuxK."""
     aux_coefficient: float = 1 / 32
     """Weight of the AuxK loss."""
     aux_dead_tokens: int = Field(default=10_000_000, gt=0)
@@ -96,6 +96,8 @@ class Penalty(Strict):
     """JumpReLU: width of the rectangle kernel of the threshold's straight-through estimator."""
     initial_threshold: float = Field(default=1e-3, ge=0)
     """JumpReLU: starting value of every feature's threshold."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up of `coefficient` from 0 over this many steps (Rajamanoharan et al. 2024b); 0 for none."""
 
 
 class Optimizer(Strict):
@@ -130,6 +132,12 @@ class Resampling(Strict):
     """Size of the random subset of inputs that replacement directions are drawn from."""
     encoder_scale: float = 0.2
     """New encoder rows get this times the mean alive encoder norm."""
+    weighting: Literal["squared_loss", "sqrt_loss"] = "squared_loss"
+    """Draw inputs with probability ~ loss^2 (Bricken et al. 2023) or ~ sqrt(loss) = ||e|| (dictionary_learning)."""
+    encoder_init: Literal["input", "mean_alive"] = "input"
+    """New encoder row: the normalised input (Bricken 2023) or the mean alive row (dictionary_learning, 2023)."""
+    reset_decoder_moments: bool = True
+    """Also zero Adam's moments of resampled decoder rows (Bricken 2023; dictionary_learning 2023 did not)."""
 
 
 class Recipe(Strict):
@@ -171,10 +179,16 @@ class Recipe(Strict):
     """After training, drop features whose decoder norm is below this (0.99 in Anthropic 2024)."""
     resampling: Resampling = Field(default_factory=Resampling)
     """Dead-feature handling."""
-    input_normalization: Literal["none", "sqrt_d"] = "none"
-    """sqrt_d scales inputs to mean L2 norm sqrt(d_in) during training (folded back into the weights)."""
-    mse: Literal["mean", "sum_dims"] = "mean"
-    """MSE averaged over elements, or summed over dimensions and averaged over tokens (Anthropic 2024)."""
+    input_normalization: Literal["none", "sqrt_d", "unit_mean_square"] = "none"
+    """Scale inputs (folded back after training) to mean L2 norm sqrt(d_in), or to mean squared norm 1."""
+    mse: Literal["mean", "sum_dims", "normalized"] = "mean"
+    """MSE over elements, summed over dimensions (Anthropic 2024), or over the batch's variance (Gao 2024)."""
+    init: Literal["tied", "kaiming"] = "tied"
+    """tied: W_enc = W_dec^T, b_enc = 0 (Gao 2024); kaiming: nn.Linear's default encoder (Bricken 2023)."""
+    decoder_init_norm: float = Field(default=1.0, gt=0)
+    """Initial L2 norm of each decoder row (a random direction), then held to `decoder_norm`; 0.1 in Anthropic 2024."""
+    b_dec_init: Literal["geometric_median", "zero"] = "geometric_median"
+    """b_dec starts at the first batch's geometric median (Gao 2024) or at zero (dictionary_learning)."""
     exclude_bos: bool = True
     """Drop BOS positions from the activations (their norms are outliers)."""
     prepend_bos: bool = False

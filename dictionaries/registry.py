@@ -4,8 +4,9 @@ Loading validates every card and the index as a whole (a name listed twice is an
 style); look-ups go by name or alias, and an unknown name raises an error listing the closest names.
 `resolve` turns what a user types to mean dictionaries (a name, alias or glob, a folder or a glob of
 folders, an `hf://` path) into `Ref`s, the one resolver every command uses. `register_entry` writes an
-entry and its card atomically. Nothing here imports torch, so `dictctl list` answers at once. The registry
-read is the one shipped with the package, or the one `DICTIONARIES_REGISTRY` points to.
+entry and its card as one change (a journal that the next reader finishes if a kill cut it). Nothing here
+imports torch, so `dictctl list` answers at once. The registry read is the one shipped with the package, or
+the one `DICTIONARIES_REGISTRY` points to.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import glob
-import hashlib
 import os
 import re
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,7 +42,7 @@ from dictionaries.errors import (
     RegistryError,
     UnknownNameError,
 )
-from dictionaries.files import relative_path_problem, write_atomic
+from dictionaries.files import locked, relative_path_problem, replay_journal, write_together
 from dictionaries.recipe import Architecture, Site, Strict
 
 
@@ -283,6 +282,7 @@ def _load(path: str, mtime: float) -> Registry:
 def load_registry(path: str | Path | None = None) -> Registry:
     """The registry at `path` (default: `default_registry_path()`), validated; cached until the file changes."""
     p = Path(path) if path is not None else default_registry_path()
+    _finish_registration(p)
     mtime = p.stat().st_mtime if p.exists() else 0.0
     return _load(str(p), mtime)
 
@@ -346,51 +346,58 @@ def card_of(ref: str | Path, registry: Registry | None = None) -> Card:
 
 # ---- writing an entry ------------------------------------------------------------------------------
 def register_entry(card: Card, location: HubLocation, registry_path: str | Path | None = None) -> Path:
-    """Write (or replace) the entry in registry.yaml and its card in cards/, atomically; the registry path.
+    """Write (or replace) the entry in registry.yaml and its card in cards/ as one change; the registry path.
 
     `publish --register` and `mirror` call it only after the commit it points at exists. Comments and other
-    entries in registry.yaml are kept: only the entry's own block is replaced or appended. If the registry
-    no longer validates afterwards, both files are put back as they were.
+    entries in registry.yaml are kept: only the entry's own block is replaced or appended. Both files go
+    through one journal (`files.write_together`): a kill between the card and registry.yaml is finished by
+    the next `load_registry` or registration, so the registry never pins one commit while the card holds
+    another's hashes. If the registry no longer validates afterwards, both are put back as they were.
     """
     reg = Path(registry_path) if registry_path else default_registry_path()
     with _registry_lock(reg):
+        replay_journal(_journal(reg))  # a registration killed half-way is finished first
+        for pattern in (f".{reg.name}.*.tmp", f".{_journal(reg).name}.*.tmp"):  # a killed registration's
+            for stale in reg.parent.glob(pattern):                                # write_atomic temporaries
+                stale.unlink(missing_ok=True)
         text = reg.read_text()
         old = ((yaml.safe_load(text) or {}).get("entries") or {}).get(card.name)
         card_rel = old["card"] if old else f"{card.name}.yaml"
         card_path = reg.parent / "cards" / card_rel
-        old_card = card_path.read_bytes() if card_path.exists() else None
+        old_card = card_path.read_text() if card_path.exists() else None
         header = f"# Card of {card.name}: see DESIGN.md section 4 and `dictctl schema`.\n"
-        write_atomic(card_path, header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True),
-                                                        sort_keys=False, width=110))
+        card_text = header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True), sort_keys=False,
+                                            width=110)
+        new_text = _replace_entry(text, card.name, entry_block(card.name, card_rel, location))
+        write_together(_journal(reg), {card_path: card_text, reg: new_text})
         try:
-            write_atomic(reg, _replace_entry(text, card.name, entry_block(card.name, card_rel, location)))
-            load_registry(reg)
+            Registry(reg)  # validated as load_registry would (which would wait on the lock held here)
         except BaseException:
-            write_atomic(reg, text)
-            if old_card is None:
-                card_path.unlink(missing_ok=True)
-            else:
-                write_atomic(card_path, old_card)
+            write_together(_journal(reg), {card_path: old_card, reg: text})
             raise
     return reg
 
 
-@contextmanager
-def _registry_lock(reg: Path) -> Iterator[None]:
-    """Serialise registrations into one registry (two publishes at once would otherwise lose an entry).
-    The lock file lives in the temp folder, keyed by the registry's path, so nothing lands in the checkout."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    key = hashlib.sha256(str(reg.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"dictionaries-registry-{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def _journal(reg: Path) -> Path:
+    """The journal of a registration in progress (or killed), beside registry.yaml."""
+    return reg.parent / f".{reg.name}.journal"
+
+
+def _finish_registration(reg: Path) -> None:
+    """Replay the journal a killed registration left, before reading; under the lock, so that a registration
+    in progress is waited for instead of read half-done. A registry we may not write is read as it is."""
+    if _journal(reg).exists():
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            with _registry_lock(reg):
+                replay_journal(_journal(reg))
+        except OSError:
+            pass
+
+
+def _registry_lock(reg: Path) -> AbstractContextManager[None]:
+    """Serialise registrations into one registry (two publishes at once would otherwise lose an entry): a lock
+    on the registry's folder, the same for every process whatever its temp folder, and no file added."""
+    return locked(reg.parent)
 
 
 def entry_block(name: str, card_rel: str, location: HubLocation) -> str:

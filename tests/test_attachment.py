@@ -376,3 +376,29 @@ def test_splice_on_cuda(tiny_neox, tokenizer):
     assert torch.equal(kept, clean)
     ref = reference_logits(raw, ids, mask, {"gpt_neox.layers.1.mlp": keep_pads(mask, lambda x: d(x).reconstruction)})
     torch.testing.assert_close(spliced, ref)
+
+
+def test_a_module_named_like_an_nnsight_attribute_attaches():
+    """BERT names its MLP output `encoder.layer.L.output`; nnsight serves that child as `E_output`."""
+    import warnings
+
+    import nnsight
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nnsight's note that it renamed the colliding child
+        model = nnsight.NNsight(bert)
+    d = make_dictionary(32, 64, "encoder.layer.1.output")
+    ids = torch.randint(0, 100, (2, 7))
+    clean = bert(ids).last_hidden_state
+    with A.attach(model, d) as sae, torch.no_grad(), model.trace(ids):
+        f = sae.features.save()
+        sae.splice(error=True)
+        out = model.output.last_hidden_state.save()
+    assert f.shape == (2, 7, 64)
+    torch.testing.assert_close(out, clean)
+    [x] = H.collect_activations(bert, ["encoder.layer.1.output"], ids)
+    torch.testing.assert_close(f, d.encode(x))

@@ -24,7 +24,7 @@ def rand(*shape, seed=[0], scale=0.5):  # noqa: B006 - a counter shared by the c
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0])) * scale
 
 
-def assert_same(module, reference):
+def assert_matches_reference(module, reference):
     out = module(X)
     torch.testing.assert_close(out.reconstruction, reference[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.features, reference[1], rtol=1e-5, atol=1e-5)
@@ -64,7 +64,7 @@ def test_dictionary_learning_every_class(tmp_path, cls):
                "layer": 3, "lm_name": "EleutherAI/pythia-70m-deduped", "submodule_name": "resid_post_layer_3",
                **({"k": K} if "k" in state else {})}
     module = read_folder(write_dl(tmp_path / "trainer_0", state, trainer))
-    assert_same(module, original.DICTIONARY_LEARNING[cls](state, X))
+    assert_matches_reference(module, original.DICTIONARY_LEARNING[cls](state, X))
     card = module.card
     assert card.files.format == "dictionary_learning"
     assert {f.path for f in card.files.items} == {"ae.pt", "config.json"}
@@ -86,7 +86,7 @@ def test_dictionary_learning_legacy_pythia_folders(tmp_path, config):
         (folder / "config.json").write_text(json.dumps({"dictionary": {"activation_dim": D, "dict_size": F},
                                                         "training": {"lr": 1e-3, "l1_penalty": 1e-3}}))
     module = read_folder(folder)
-    assert_same(module, original.dl_autoencoder(state, X))
+    assert_matches_reference(module, original.dl_autoencoder(state, X))
     assert module.card.architecture == "relu"
     assert module.card.pre_encoder_bias
     assert module.card.model.id == "EleutherAI/pythia-70m-deduped"
@@ -100,7 +100,7 @@ def test_dictionary_learning_unit_norm_decoder_is_left_alone(tmp_path):
     state["decoder.weight"] = state["decoder.weight"] / state["decoder.weight"].norm(dim=0)
     module = read_folder(write_dl(tmp_path / "ae", state, None))
     torch.testing.assert_close(module.W_enc, state["encoder.weight"].T)  # no normalisation was needed
-    assert_same(module, original.dl_autoencoder(state, X))
+    assert_matches_reference(module, original.dl_autoencoder(state, X))
 
 
 def test_dictionary_learning_topk_and_batchtopk_need_the_config_or_card(tmp_path):
@@ -194,7 +194,7 @@ def test_saelens(tmp_path, case):
     arch, extra_cfg, extra_state = SAELENS_CASES[case]
     folder, cfg, state = sl_folder(tmp_path, arch, extra_cfg=extra_cfg, extra_state=extra_state)
     module = read_folder(folder)
-    assert_same(module, original.saelens(cfg, state, X))
+    assert_matches_reference(module, original.saelens(cfg, state, X))
     assert module.card.pre_encoder_bias == cfg["apply_b_dec_to_input"]
     assert module.card.model.id == "gpt2"
     assert module.card.hook.module == "transformer.h.2"
@@ -212,7 +212,7 @@ def test_saelens_pre_6_topk_config(tmp_path):
     assert module.card.architecture == "topk"
     assert module.card.k == K
     assert module.card.hook.module == "transformer.h.2.mlp"
-    assert_same(module, original.saelens(cfg, state, X))
+    assert_matches_reference(module, original.saelens(cfg, state, X))
 
 
 def test_saelens_activation_norm_scaling_folded(tmp_path):
@@ -220,7 +220,7 @@ def test_saelens_activation_norm_scaling_folded(tmp_path):
     folder, cfg, state = sl_folder(tmp_path, "topk", extra_cfg={"normalize_activations": "expected_average_only_in"})
     (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 2.5}))
     module = read_folder(folder)
-    assert_same(module, original.saelens(cfg, state, X, scaling_factor=2.5))
+    assert_matches_reference(module, original.saelens(cfg, state, X, scaling_factor=2.5))
     assert any("2.5" in n for n in module.card.provenance.notes)
 
 
@@ -265,7 +265,7 @@ def sp_folder(tmp_path: Path, extra_cfg: dict | None = None,
 def test_sparsify(tmp_path, hookpoint, module, site):
     folder, cfg, state = sp_folder(tmp_path, hookpoint=hookpoint)
     read = read_folder(folder)
-    assert_same(read, original.sparsify(cfg, state, X))
+    assert_matches_reference(read, original.sparsify(cfg, state, X))
     assert (read.card.architecture, read.card.k, read.card.model.id) == ("topk", K, "EleutherAI/pythia-70m")
     assert (read.card.hook.module, read.card.hook.site) == (module, site)
 

@@ -33,7 +33,7 @@ from dictionaries.registry import Registry, load_registry
 D_IN, D_DICT = 8, 16
 
 
-def make_dictionary(kind: str, name: str = "toy/mlp0/16", seed: int = 0):
+def small_dictionary(kind: str, name: str = "toy/mlp0/16", seed: int = 0):
     """A dictionary of `kind` with seeded random parameters (thresholds positive)."""
     card = Card(name=name, architecture=kind, d_in=D_IN, d_dict=D_DICT, k=4 if kind in ("topk", "batchtopk") else None,
                 files=Files(items=[]))
@@ -67,7 +67,7 @@ def publish(hub, repo: str, files: dict[str, bytes], sub: str = "d") -> str:
     return hub.commit(repo, {f"{sub}/{k}": v for k, v in files.items()}, f"add {sub}")
 
 
-def assert_same(a, b):
+def assert_same_weights(a, b):
     assert type(a) is type(b)
     assert a.card.name == b.card.name
     for (ka, va), (kb, vb) in zip(a.native_state().items(), b.native_state().items()):
@@ -78,7 +78,7 @@ def assert_same(a, b):
 @pytest.fixture
 def entry(hub_env, tmp_path, request):
     """A relu entry `toy/mlp0/16` committed to the local hub and registered: (registry, dictionary, sha)."""
-    d = make_dictionary("relu")
+    d = small_dictionary("relu")
     card, files = native_files(d, tmp_path)
     repo = "loadtest/" + request.node.name.replace("[", "-").replace("]", "")[:60]
     sha = publish(hub_env, repo, files)
@@ -89,13 +89,13 @@ def entry(hub_env, tmp_path, request):
 
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_load_by_registry_name_for_every_architecture(kind, hub_env, tmp_path):
-    d = make_dictionary(kind, seed=1)
+    d = small_dictionary(kind, seed=1)
     card, files = native_files(d, tmp_path)
     sha = publish(hub_env, f"loadtest/kind-{kind}", files)
     reg = make_registry(tmp_path / "reg", {card.name: (card, {"kind": "hub", "repo": f"loadtest/kind-{kind}",
                                                               "revision": sha, "subfolder": "d"})})
     loaded = load_dictionary(card.name, registry=reg)
-    assert_same(d, loaded)
+    assert_same_weights(d, loaded)
     assert loaded.card == reg.get(card.name).card
     x = torch.rand(3, D_IN)
     assert torch.allclose(loaded(x).reconstruction, d(x).reconstruction)
@@ -104,7 +104,7 @@ def test_load_by_registry_name_for_every_architecture(kind, hub_env, tmp_path):
 def test_alias_and_registry_from_environment(entry, monkeypatch):
     reg, d, _, _ = entry
     monkeypatch.setenv("DICTIONARIES_REGISTRY", str(reg.path))
-    assert_same(d, load_dictionary("toy/alias"))
+    assert_same_weights(d, load_dictionary("toy/alias"))
     assert set(download(["toy/*"])) == {"toy/mlp0/16"}
 
 
@@ -116,9 +116,9 @@ def test_unknown_name_suggests_close_names(entry):
 
 def test_pinned_revision_ignores_later_commits(entry, hub_env, tmp_path):
     reg, d, _, repo = entry
-    _, other = native_files(make_dictionary("relu", seed=9), tmp_path)
+    _, other = native_files(small_dictionary("relu", seed=9), tmp_path)
     publish(hub_env, repo, other)  # main moves on; the entry stays pinned
-    assert_same(d, load_dictionary("toy/mlp0/16", registry=reg))
+    assert_same_weights(d, load_dictionary("toy/mlp0/16", registry=reg))
 
 
 def test_warm_cache_loads_offline(entry, monkeypatch):
@@ -126,7 +126,7 @@ def test_warm_cache_loads_offline(entry, monkeypatch):
     load_dictionary("toy/mlp0/16", registry=reg)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    assert_same(d, load_dictionary("toy/mlp0/16", registry=reg))
+    assert_same_weights(d, load_dictionary("toy/mlp0/16", registry=reg))
 
 
 def test_corrupted_cache_is_fetched_again_and_loads(entry):
@@ -136,7 +136,7 @@ def test_corrupted_cache_is_fetched_again_and_loads(entry):
     data = bytearray(blob.read_bytes())
     data[-8:] = b"\x7f" * 8  # flip the last weights' bytes
     blob.write_bytes(bytes(data))
-    assert_same(d, load_dictionary("toy/mlp0/16", registry=reg))
+    assert_same_weights(d, load_dictionary("toy/mlp0/16", registry=reg))
 
 
 def test_corrupted_on_the_server_raises(entry, hub_env):
@@ -166,30 +166,30 @@ def test_missing_file(entry, tmp_path):
 
 
 def test_unverified_entry_warns_with_hashes(hub_env, tmp_path):
-    d = make_dictionary("relu", seed=3)
+    d = small_dictionary("relu", seed=3)
     card, files = native_files(d, tmp_path)
     sha = publish(hub_env, "loadtest/unverified", files)
     bare = card.model_copy(update={"files": Files(items=[{"path": "weights.safetensors"}])})
     reg = make_registry(tmp_path / "reg", {card.name: (bare, {"kind": "hub", "repo": "loadtest/unverified",
                                                               "revision": sha, "subfolder": "d"})})
     with pytest.warns(UnverifiedFilesWarning, match=hashlib.sha256(files["weights.safetensors"]).hexdigest()):
-        assert_same(d, load_dictionary(card.name, registry=reg))
+        assert_same_weights(d, load_dictionary(card.name, registry=reg))
 
 
 def test_hf_path(hub_env, tmp_path):
-    d = make_dictionary("jumprelu", seed=4)
+    d = small_dictionary("jumprelu", seed=4)
     _, files = native_files(d, tmp_path)
     sha = publish(hub_env, "loadtest/free", files, sub="some/folder")
     for path in (f"hf://loadtest/free/some/folder@{sha}", "hf://loadtest/free/some/folder"):
         loaded = load_dictionary(path)
-        assert_same(d, loaded)
+        assert_same_weights(d, loaded)
 
 
 def test_local_folder(tmp_path):
-    d = make_dictionary("gated", seed=5)
+    d = small_dictionary("gated", seed=5)
     write_native(d, tmp_path / "mine")
-    assert_same(d, load_dictionary(tmp_path / "mine"))
-    assert_same(d, load_dictionary(str(tmp_path / "mine")))
+    assert_same_weights(d, load_dictionary(tmp_path / "mine"))
+    assert_same_weights(d, load_dictionary(str(tmp_path / "mine")))
     with pytest.raises(MissingFileError, match="No such folder"):
         load_dictionary(str(tmp_path / "absent"))
 
@@ -211,7 +211,7 @@ def test_load_straight_onto_the_gpu(entry):
 
 
 def test_zip_entry_loads_its_member(hub_env, tmp_path):
-    d = make_dictionary("topk", seed=6)
+    d = small_dictionary("topk", seed=6)
     card, files = native_files(d, tmp_path)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -222,7 +222,7 @@ def test_zip_entry_loads_its_member(hub_env, tmp_path):
     location = {"kind": "hub_zip", "repo": "loadtest/zip", "revision": sha, "filename": "all.zip",
                 "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "member": "all/topk/"}
     reg = make_registry(tmp_path / "reg", {card.name: (card, location)})
-    assert_same(d, load_dictionary(card.name, registry=reg))
+    assert_same_weights(d, load_dictionary(card.name, registry=reg))
 
 
 def test_shipped_registry_names_resolve_to_their_cards():
@@ -241,7 +241,7 @@ def run_dictctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
 
 
 def test_dictctl_download_fetches_and_verifies(hub_env, tmp_path):
-    d = make_dictionary("relu", seed=7)
+    d = small_dictionary("relu", seed=7)
     card, files = native_files(d, tmp_path)
     sha = publish(hub_env, "loadtest/cli", files)
     bare = card.model_copy(update={"name": "toy/mlp1/16",
@@ -297,7 +297,7 @@ def test_dictctl_download_rehashes_and_repairs_bit_rot(entry):
 
 def test_a_card_path_leaving_its_folder_is_refused_before_any_download(tmp_path):
     """A registry card at a plain URL naming `../` would have made download write outside the cache."""
-    d = make_dictionary("relu")
+    d = small_dictionary("relu")
     card = d.card.model_copy(update={"files": Files(items=[{"path": "weights.safetensors"}])})
     reg = make_registry(tmp_path / "reg", {card.name: (card, {"kind": "url", "url": "http://127.0.0.1:9/x/"})})
     cards = tmp_path / "reg" / "cards" / "toy" / "mlp0" / "16.yaml"

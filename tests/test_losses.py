@@ -124,3 +124,43 @@ def test_gated_aux_term_leaves_decoder_frozen(gen):
     out.terms["gated_aux"].backward()
     assert m.W_dec.grad is None or torch.count_nonzero(m.W_dec.grad) == 0
     assert torch.count_nonzero(m.W_enc.grad) > 0  # the gate learns from the auxiliary reconstruction
+
+
+def _farrell_density_penalty(gen, count: int):
+    """The density term of compute_loss for one batch when `count` earlier steps put the window's mean at 0.5."""
+    from dictionaries.architectures import ReluDictionary
+    from training.presets import preset, validate_recipe
+
+    recipe = validate_recipe(preset("farrell2024", model="m", hook={"module": "a", "site": "mlp", "layer": 0},
+                                    dataset="d", tokens=100, d_dict=F, batch_size=8, buffer_contexts=1,
+                                    context_length=8, **{"penalty.density_floor": 0.9}))
+    m = ReluDictionary(D, F, pre_encoder_bias=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x = torch.randn(B, D, generator=gen)
+    s = losses.feature_density(m(x).features, recipe.penalty.l0_eps).detach()    # this batch's density, (F,)
+    past = 0.5 * (count + 1) - s              # (F,) the earlier steps' sum, in [0, count]: window mean 0.5 < 0.9
+    out = losses.compute_loss(m, x, recipe, losses.LossContext(torch.zeros(F, dtype=torch.bool), past, count))
+    term = out.terms["density_penalty"]
+    term.backward()
+    return term.detach(), m.b_enc.grad.clone()
+
+
+def test_density_term_gradient_does_not_shrink_as_the_window_fills():
+    """Farrell 2024 (seed 001): the windowed density goes inside the ReLU, "but with the gradients from the
+    original expression" (the batch's), so the gradient does not fall as 1 / (count + 1) while the window fills."""
+    early = _farrell_density_penalty(torch.Generator().manual_seed(0), count=1)
+    full = _farrell_density_penalty(torch.Generator().manual_seed(0), count=999)
+    assert early[0] == pytest.approx(F * (0.9 - 0.5) / 0.9, rel=1e-4)
+    assert full[0] == pytest.approx(early[0], rel=1e-4)
+    assert torch.count_nonzero(early[1]) > 0
+    assert torch.allclose(full[1], early[1], rtol=1e-4, atol=1e-7)
+
+
+def test_normalized_mse_is_the_batch_fvu(gen):
+    """Gao et al. 2024's normalised MSE: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, unchanged by the scale."""
+    x, x_hat = torch.randn(B, D, generator=gen) + 3.0, torch.randn(B, D, generator=gen)
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert torch.allclose(losses.reconstruction_loss(x, x_hat, "normalized"), fvu)
+    assert torch.allclose(losses.reconstruction_loss(40 * x, 40 * x_hat, "normalized"), fvu)

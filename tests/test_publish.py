@@ -258,14 +258,19 @@ def test_interrupted_local_commit_registers_nothing(tmp_path, local_hub, registr
     make_folder(tmp_path / "native")
     path = local_hub.create_repo("org/interrupted")
     head, before = local_hub.head("org/interrupted"), snapshot(registry)
-    (path / ".git" / "index.lock").write_text("")  # another git process holds the index: `git add` fails
+    # Another git process holds main's ref lock: `update-ref` fails. (A held index.lock no longer matters:
+    # commits are built in a private index.)
+    lock = path / ".git" / "refs" / "heads" / "main.lock"
+    lock.write_text("")
     try:
         with pytest.raises(PublishError, match="nothing was registered|No commit was made"):
             publish(tmp_path / "native", "org/interrupted", register=True, local_hub=local_hub)
     finally:
-        (path / ".git" / "index.lock").unlink()
+        lock.unlink()
     assert local_hub.head("org/interrupted") == head
     assert snapshot(registry) == before
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, check=True)
+    assert status.stdout == ""  # nothing left staged for the next commit to pick up
 
 
 def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, registry):

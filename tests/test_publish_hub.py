@@ -5,10 +5,10 @@ commit holds exactly the staged files, and an interrupted commit registers nothi
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
-import socket
 import threading
 
 import pytest
@@ -54,22 +54,39 @@ class FakeHfApi:
         self._check("create_commit")
         if FakeHfApi.fail_commit is not None:
             raise FakeHfApi.fail_commit
-        ops = [(op.path_in_repo, sha256_of(op.path_or_fileobj)) for op in operations]
+        ops = [(op.path_in_repo, hashlib.sha256(op.path_or_fileobj).hexdigest() if isinstance(op.path_or_fileobj, bytes)
+                else sha256_of(op.path_or_fileobj)) for op in operations]
         FakeHfApi.calls.append(("committed", repo_id, revision, commit_message, ops))
         return type("CommitInfo", (), {"oid": "ab" * 20})()
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """Answers 404 to every request: a server that is up (the reachability check's one request passes)."""
+
+    def do_GET(self):
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
 
 
 @pytest.fixture
 def fake_hf(monkeypatch):
     """FakeHfApi in place of huggingface_hub.HfApi, HF_TOKEN set to its good token, and HF_ENDPOINT at a
-    loopback socket that accepts connections (the reachability check passes; FakeHfApi answers)."""
+    loopback http.server that answers (the reachability check passes; FakeHfApi answers the rest)."""
     FakeHfApi.calls = []
     FakeHfApi.fail_commit = None
     monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
     monkeypatch.setenv("HF_TOKEN", FakeHfApi.GOOD_TOKEN)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
-        yield FakeHfApi
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield FakeHfApi
+    server.shutdown()
+    server.server_close()
 
 
 

@@ -92,3 +92,43 @@ def test_curves_are_finite_and_ordered(tiny_neox, tokenizer, tmp_path):
         assert math.isinf(median) or 0 <= median <= 3
     png = plot_sensitivity(curves, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_apollo_windows_are_ten_real_tokens_ending_on_a_counted_one():
+    from training.sensitivity import APOLLO_LENGTH, apollo_windows
+
+    ids = torch.arange(2, 2 + 2 * 40).view(2, 40)
+    ids[0, 19] = 0                                           # BOS/EOS id 0 ends window 1 of context 0
+    mask = torch.ones_like(ids)
+    mask[1, 35:] = 0                                         # padding in the last window of context 1
+    windows, per_context = apollo_windows([(ids, mask)], bos_id=0, exclude_bos=True)
+    assert windows.shape[1] == APOLLO_LENGTH == 10
+    assert per_context.tolist() == [3, 3]                   # 4 windows each, one dropped in each
+    assert bool((windows[:, -1] != 0).all())
+
+
+def test_eval_set_test_uses_one_fixed_position_and_a_pool_from_it(tiny_neox, tokenizer, monkeypatch):
+    """Seed 002: perturb and read at the last of 10 tokens; mean/covariance from activations at that position."""
+    import training.sensitivity as S
+    from dictionaries.hooks import collect_activations
+
+    seen = {}
+
+    def spy(model, hook, dicts, contexts, positions, pool, **kw):
+        seen.update(contexts=contexts, positions=positions, pool=pool, centre=kw["centre"])
+        return [None] * len(dicts)
+
+    monkeypatch.setattr(S, "measure_sensitivity", spy)
+    ids = tokenizer(["The for statement is used to iterate over the elements of a sequence. " * 8] * 3,
+                    return_tensors="pt")["input_ids"][:, :60]
+    d = build_dictionary(Card(name="toy/mlp0/8", architecture="relu", d_in=64, d_dict=8, files=Files(items=[]),
+                              hook=HOOK))
+    S.sensitivity_on_eval_set(tiny_neox, [d], [HOOK], [(ids, None)], bos_id=0, exclude_bos=True, samples=4)
+    assert seen["contexts"].shape == (4, 10)
+    assert seen["positions"].tolist() == [9, 9, 9, 9]
+    assert seen["centre"] is True                           # GPT-NeoX normalises with LayerNorm
+    windows = ids.reshape(-1, 10)
+    last = collect_activations(tiny_neox, [HOOK], windows)[0][:, -1]          # (18, d) at the fixed position
+    for row in seen["pool"]:
+        assert torch.isclose(last, row[None], atol=1e-5).all(-1).any()
+    assert seen["pool"].shape[0] == len(windows) - 4

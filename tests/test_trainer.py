@@ -11,54 +11,10 @@ import pytest
 import torch
 
 from dictionaries.errors import RecipeError, ShapeMismatchError
-from training.presets import PRESETS, preset, validate_recipe
+from training.presets import PRESETS
 from training.trainer import Trainer, lr_at
 
-D_IN, D_DICT, N_TRUE, BATCH = 24, 96, 64, 256
-COMMON = {"model": "m", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}, "dataset": "d",
-          "tokens": 10**6, "d_dict": D_DICT, "batch_size": BATCH, "buffer_contexts": 16, "context_length": 16,
-          "optimizer.lr": 3e-3, "optimizer.warmup_steps": 20}
-# per preset: what makes it sensible at this tiny size (coefficients for inputs of norm ~1-5, short windows)
-TINY = {"bricken2023": {"penalty.coefficient": 3e-3}, "marks2023": {}, "anthropic2024": {"penalty.coefficient": 0.05},
-        "farrell2024": {}, "topk": {"k": 4, "penalty.aux_k": 16, "penalty.aux_dead_tokens": 2560},
-        "batchtopk": {"k": 4, "threshold_decay": 0.9}, "jumprelu": {"penalty.coefficient": 1e-2}, "gated": {}}
-
-
-class SparseSource:
-    """Activations from a known sparse dictionary: 64 random unit directions, ~3 active per token."""
-
-    def __init__(self, seed: int = 0, scale: float = 1.0):
-        g = torch.Generator().manual_seed(1000 + seed)
-        self.directions = torch.randn(N_TRUE, D_IN, generator=g)
-        self.directions /= self.directions.norm(dim=-1, keepdim=True)
-        self.offset = 0.3 * torch.randn(D_IN, generator=g)
-        self.scale = scale
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __call__(self, n: int = BATCH) -> torch.Tensor:
-        active = torch.rand(n, N_TRUE, generator=self.gen) < 3 / N_TRUE
-        codes = active * (0.5 + torch.rand(n, N_TRUE, generator=self.gen))
-        noise = 0.01 * torch.randn(n, D_IN, generator=self.gen)
-        return self.scale * (codes @ self.directions + self.offset + noise)
-
-
-def make_recipe(name: str, **fields):
-    return validate_recipe(preset(name, **{**COMMON, **TINY[name], **fields}))
-
-
-def train(recipe, steps: int, source: SparseSource, trainer: Trainer | None = None, total: int | None = None):
-    t = trainer or Trainer(recipe, D_IN, total_steps=total or steps)
-    if trainer is None and recipe.input_normalization != "none":
-        t.estimate_input_scale(source(1024))
-    metrics = [t.step(source(), sample_inputs=source) for _ in range(steps)]
-    return t, metrics
-
-
-@torch.no_grad()
-def fvu(module, x):
-    out = module(x)
-    return float((x - out.reconstruction).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
+from synthetic import BATCH, D_DICT, D_IN, SparseSource, fvu, make_recipe, train  # noqa: F401
 
 OPTIONS = {"tanh": ("anthropic2024", {"penalty.kind": "tanh", "penalty.tanh_b": 4.0}),
            "ghost_grads": ("bricken2023", {"resampling.kind": "ghost_grads", "resampling.dead_window": 20})}
@@ -150,8 +106,11 @@ def test_input_normalisation_is_folded_back(name):
     t, _ = train(make_recipe(name, prune_below=None) if name == "anthropic2024" else make_recipe(name), 50, source)
     assert t.input_scale != pytest.approx(1.0)
     x = source(512)
-    mean_norm = (x * t.input_scale).norm(dim=-1).mean()
-    assert mean_norm == pytest.approx(D_IN ** 0.5, rel=0.05)
+    scaled = x * t.input_scale
+    if t.recipe.input_normalization == "sqrt_d":  # Anthropic, Feb 2024: mean L2 norm sqrt(d_in)
+        assert scaled.norm(dim=-1).mean() == pytest.approx(D_IN ** 0.5, rel=0.05)
+    else:  # JumpReLU: mean squared L2 norm 1
+        assert scaled.pow(2).sum(-1).mean() == pytest.approx(1.0, rel=0.05)
     folded, inner = t.finish()(x), t.module(x * t.input_scale)
     assert torch.allclose(folded.features, inner.features, atol=1e-4, rtol=1e-4)
     assert torch.allclose(folded.reconstruction, inner.reconstruction / t.input_scale, atol=1e-3, rtol=1e-4)
@@ -198,7 +157,7 @@ def test_resume_refuses_another_recipe():
     other = Trainer(make_recipe("bricken2023", **{"penalty.coefficient": 0.5}), D_IN, total_steps=10)
     with pytest.raises(RecipeError) as info:
         other.load_state_dict(t.state_dict())
-    assert info.value.fields == ["penalty"]
+    assert info.value.fields == ["penalty.coefficient"]
 
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk"])

@@ -21,8 +21,15 @@ from dictionaries.recipe import Recipe
 
 # ---- reconstruction and penalties -------------------------------------------------------------------
 def reconstruction_loss(x: Tensor, x_hat: Tensor, mode: str) -> Tensor:
-    """MSE averaged over all elements (`mean`, Bricken 2023) or summed over d, averaged over tokens (`sum_dims`)."""
+    """MSE averaged over all elements (`mean`, Bricken 2023), summed over d and averaged over tokens (`sum_dims`,
+    Anthropic 2024), or divided by the batch's variance, sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (`normalized`).
+
+    `normalized` is Gao et al. 2024's normalised MSE (their reference train.py scales the MSE by one over the
+    data's variance), so that a term next to it, such as AuxK, weighs the same whatever the activations' scale.
+    """
     err = (x - x_hat).pow(2)
+    if mode == "normalized":
+        return err.sum() / (x - x.mean(0)).detach().pow(2).sum().clamp_min(1e-12)
     return err.mean() if mode == "mean" else err.sum(-1).mean()
 
 
@@ -166,6 +173,8 @@ class LossContext:
     """(F,) sum of the detached densities of the previous steps in the window (Farrell 2024), or None."""
     density_count: int = 0
     """How many previous steps `density_sum` holds."""
+    sparsity_scale: float = 1.0
+    """Factor on the penalty coefficient: the warm-up's position (penalty.warmup_steps), 1 once warmed up."""
 
 
 @dataclass
@@ -206,20 +215,31 @@ def _decode(module: Dictionary, f: Tensor) -> Tensor:
     return torch.addmm(module.b_dec, f, module.W_dec)
 
 
+def windowed_density(s: Tensor, past: Tensor | None, count: int) -> Tensor:
+    """Farrell 2024's density for the minimum-density term: (F,) with the value of the window's mean density
+    (past + s) / (count + 1) and the gradient of this batch's s alone (straight-through).
+
+    "We can then use this more accurate value of the sparsity in the RELU function, but with the gradients from
+    the original expression" (seed 001): so the gradient does not shrink as 1 / (count + 1) while the window fills.
+    """
+    window = s.detach() if past is None else (past + s.detach()) / (count + 1)
+    return s + (window - s).detach()
+
+
 def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, out: dict) -> Tensor:
     """The relu architecture's penalty term (L1, tanh or approximate L0 with its density term)."""
     p = recipe.penalty
+    coefficient = p.coefficient * ctx.sparsity_scale
     norms = module.W_dec.norm(dim=-1) if p.scale_by_decoder_norm else None
     if p.kind == "l1":
-        return p.coefficient * l1_penalty(f, norms)
+        return coefficient * l1_penalty(f, norms)
     if p.kind == "tanh":
-        return p.coefficient * tanh_penalty(f, p.tanh_a, p.tanh_b, norms)
+        return coefficient * tanh_penalty(f, p.tanh_a, p.tanh_b, norms)
     s = feature_density(f, p.l0_eps)                                      # approx_l0, (F,)
     out["density"] = s.detach()
-    total = p.coefficient * s.sum()
+    total = coefficient * s.sum()
     if p.density_coefficient > 0:
-        past = ctx.density_sum if ctx.density_sum is not None else torch.zeros_like(s)
-        windowed = (past + s) / (ctx.density_count + 1)                  # gradient through this batch only
+        windowed = windowed_density(s, ctx.density_sum, ctx.density_count)  # (F,)
         out["terms"]["density_penalty"] = min_density_penalty(windowed, p.density_floor)
         total = total + p.density_coefficient * out["terms"]["density_penalty"]
     return total
@@ -228,7 +248,7 @@ def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, o
 def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext) -> LossOutput:
     """One training forward of `module` on x (B, d) under `recipe`: loss, reconstruction, features, parts."""
     if recipe.architecture == "gated":
-        return _gated_loss(module, x, recipe)
+        return _gated_loss(module, x, recipe, ctx)
     pre = _project(module, x, module.b_enc)                               # (B, F)
     extra: dict = {"terms": {}}
     arch, p = recipe.architecture, recipe.penalty
@@ -246,12 +266,13 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
     if arch == "relu":
         sparsity = _sparsity(recipe, module, f, ctx, extra)
     elif arch == "jumprelu":
-        sparsity = p.coefficient * l0_penalty(pre, module.threshold, p.bandwidth)
+        sparsity = p.coefficient * ctx.sparsity_scale * l0_penalty(pre, module.threshold, p.bandwidth)
     else:
         sparsity = pre.new_zeros(())
     loss = mse + sparsity
-    if p.aux_k is not None:
-        terms["auxk"] = auxk_loss(pre, x - x_hat, ctx.dead, p.aux_k, module.W_dec)
+    if p.aux_k is not None:  # half_d_in: d_in // 2, as dictionary_learning's TopK trainers (Gao et al. 2024, B.1)
+        aux_k = p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
+        terms["auxk"] = auxk_loss(pre, x - x_hat, ctx.dead, aux_k, module.W_dec)
         loss = loss + p.aux_coefficient * terms["auxk"]
     if recipe.resampling.kind == "ghost_grads":
         terms["ghost"] = ghost_grads_loss(pre, x - x_hat, ctx.dead, module.W_dec, mse)
@@ -260,7 +281,7 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
     return LossOutput(loss, x_hat, f, terms, extra.get("density"), extra.get("smallest_kept"))
 
 
-def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe) -> LossOutput:
+def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext) -> LossOutput:
     """Rajamanoharan et al. 2024a, eq. 8: MSE + lambda ||ReLU(pi_gate)||_1 + MSE of ReLU(pi_gate) decoded frozen."""
     projected = _project(module, x, None)                                 # (B, F), shared by gate and magnitude
     pi_gate = projected + module.b_enc
@@ -270,7 +291,7 @@ def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe) -> LossOutput:
     mse = reconstruction_loss(x, x_hat, recipe.mse)
     gate = torch.relu(pi_gate)
     norms = module.W_dec.norm(dim=-1) if recipe.penalty.scale_by_decoder_norm else None
-    sparsity = recipe.penalty.coefficient * l1_penalty(gate, norms)
+    sparsity = recipe.penalty.coefficient * ctx.sparsity_scale * l1_penalty(gate, norms)
     aux = reconstruction_loss(x, gate @ module.W_dec.detach() + module.b_dec.detach(), recipe.mse)
     terms = {"mse": mse, "sparsity": sparsity, "gated_aux": aux}
     return LossOutput(mse + sparsity + aux, x_hat, f, terms)

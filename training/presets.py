@@ -1,9 +1,11 @@
 """Named training recipes (DESIGN.md section 6) and the validated `Recipe` a run trains from.
 
-The `Recipe` model itself lives in `dictionaries/card.py` because it is a card's `recipe` section; here are
-the presets that fill its science fields (penalty, optimiser, decoder-norm rule, resampling, normalisation)
-and the functions that build a recipe from a preset or from a card with overrides. A preset holds only
-the fields its paper fixes; model, hook point, dataset, tokens and d_dict come from the card or the caller.
+The `Recipe` model itself lives in `dictionaries/recipe_spec.py` (re-exported by `dictionaries/card.py`) because
+it is a card's `recipe` section; here are the presets that fill its science fields (penalty, optimiser,
+initialisation, decoder-norm rule, resampling, normalisation) and the functions that build a recipe from a preset
+or from a card with overrides. A preset holds only the fields its sources fix, each cited in its comment; where a
+source is silent or ambiguous the preset says what stands in, in its `unknowns`. Model, hook point, dataset,
+tokens and d_dict come from the card or the caller.
 """
 
 from __future__ import annotations
@@ -18,37 +20,72 @@ from dictionaries.card import Card
 from dictionaries.errors import MissingFileError, RecipeError, UnknownPresetError
 from dictionaries.recipe import Optimizer, Penalty, Recipe, Resampling
 
-__all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "validate_recipe"]
+__all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "resolve",
+           "validate_recipe"]
 
-# Bricken et al. 2023, "Towards Monosemanticity": L1 (sum over features) + MSE (mean over elements),
-# pre-encoder bias, unit-norm decoder columns, resampling at 25k/50k/75k/100k of features dead for 12.5k steps.
+# Bricken et al. 2023, "Towards Monosemanticity" (seed 004's notes): L1 (sum over features) + MSE (mean over
+# elements), pre-encoder bias, unit-norm decoder columns, "the default Pytorch Kaiming Uniform initialization"
+# (init kaiming), b_dec at the geometric median (as Gao et al. 2024 attribute to Bricken). Resampling only at
+# steps 25k/50k/75k/100k (until 100k) of features dead for the previous 12.5k steps, inputs drawn from 819,200
+# with probability proportional to the square of their loss (the paper's words; seed 004's notes say its square
+# root). No LR warm-up: seed 003 lists the warm-up among dictionary_learning's departures from this recipe.
 _BRICKEN2023: dict[str, Any] = {
     "architecture": "relu",
     "pre_encoder_bias": True,
     "penalty": {"kind": "l1", "coefficient": 1e-3},
-    "optimizer": {"lr": 1e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
+    "optimizer": {"lr": 1e-4, "betas": (0.9, 0.999), "warmup_steps": 0, "decay_fraction": 0.0},
     "decoder_norm": "unit",
-    "resampling": {"kind": "anthropic", "every": 25_000, "dead_window": 12_500, "inputs": 819_200,
-                   "encoder_scale": 0.2},
+    "resampling": {"kind": "anthropic", "every": 25_000, "until": 100_000, "dead_window": 12_500,
+                   "inputs": 819_200, "encoder_scale": 0.2, "weighting": "squared_loss", "encoder_init": "input",
+                   "reset_decoder_moments": True},
     "input_normalization": "none",
     "mse": "mean",
+    "init": "kaiming", "b_dec_init": "geometric_median",
+    "unknowns": [
+        "Learning rate and Adam betas are not in the notes at hand (seed 004); 1e-4 and (0.9, 0.999) stand in.",
+        "'The square of the autoencoder's loss' is read as the square of the reconstruction loss ||x - x_hat||^2 "
+        "(the L1 term left out); seed 004's notes say the square root instead.",
+        "The geometric-median b_dec comes from Gao et al. 2024's account of Bricken et al., not from seed 004.",
+        "Kaiming-uniform decoder columns are modelled as random directions at unit norm (what the unit-norm "
+        "constraint leaves of them, up to the distribution of directions).",
+    ],
 }
+
+# Marks & Mueller 2023 (dictionary_learning sets 0_8192 / 1_32768; seed 003 and dictionary_learning's training.py
+# and dictionary.py as of December 2023): Bricken's recipe on a buffer, batch 8192, context 128, a 1k-step linear
+# LR warm-up, resampling every 30k of 100k steps for ever (also at 90k, seed 003). That code counted a feature dead
+# when it did not fire in the second half of the period (dead_window 15k); drew replacements from the current batch
+# (inputs 8192) with probability proportional to ||x - x_hat|| (sqrt_loss); set the decoder column to the
+# normalised input, every dead encoder row to 0.2 times the mean alive encoder row (mean_alive), the encoder bias
+# to 0, and reset Adam's moments of the encoder only. Its AutoEncoder was nn.Linear's default encoder (kaiming)
+# with normalised Gaussian decoder columns and a zero b_dec; trainSAE had no learning-rate default, and the README
+# example used lr 3e-4.
+_MARKS2023_UNKNOWNS = [
+    "The learning rate is not stated in the release: dictionary_learning's trainSAE had no default and its "
+    "README example used lr=3e-4, which is used; Adam betas and eps are torch's defaults, as in that code; the "
+    "1000-step warm-up is trainSAE's default.",
+    "Whether the MSE was averaged over elements or summed over dimensions in the training loss is not stated; "
+    "MSELoss (mean over elements) was the code's, with a square root added and removed around the release.",
+    "dictionary_learning drew replacement inputs from the current batch with replacement; here a fresh batch of "
+    "8192 from the buffer, without replacement unless more features are dead than inputs.",
+]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "bricken2023": _BRICKEN2023,
-    # Marks & Mueller 2023 (dictionary_learning sets 0_8192 / 1_32768): Bricken's recipe, resampling every 30k
-    # of 100k steps (dictionary_learning counts a feature dead when it did not fire in the second half of
-    # the period, hence 15k), batch 8192, context 128, lr 1e-3 with a 1k-step linear warm-up.
     "marks2023": {**_BRICKEN2023,
-                  "optimizer": {"lr": 1e-3, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-                  "resampling": {**_BRICKEN2023["resampling"], "every": 30_000, "dead_window": 15_000},
-                  "batch_size": 8192, "context_length": 128},
-    # Anthropic, "Circuits Updates - February 2024" (training SAEs): beta1 = 0, decoder norm <= 1 then prune
-    # below 0.99, no pre-encoder bias, inputs scaled to mean norm sqrt(d_in), MSE summed over dimensions,
-    # plain L1 on f (with norms free to shrink below 1, the L1 pulls the norms of used features up to 1, so
-    # those left below 0.99 are the unused ones that pruning removes; weighting the L1 by the decoder norm
-    # would make the penalty invariant to that scale and let every norm drift, see
-    # penalty.scale_by_decoder_norm), LR decays linearly to 0 over the last 20%. Ghost grads (Resampling.kind
+                  "optimizer": {"lr": 3e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
+                  "resampling": {**_BRICKEN2023["resampling"], "every": 30_000, "until": None, "dead_window": 15_000,
+                                 "inputs": 8192, "weighting": "sqrt_loss", "encoder_init": "mean_alive",
+                                 "reset_decoder_moments": False},
+                  "batch_size": 8192, "context_length": 128, "init": "kaiming", "b_dec_init": "zero",
+                  "unknowns": _MARKS2023_UNKNOWNS},
+    # Anthropic, "Circuits Updates - February 2024" (seed 000): beta1 = 0, decoder norm <= 1 then prune below
+    # 0.99, no pre-encoder bias, inputs scaled to mean norm sqrt(d_in), MSE summed over dimensions, LR decays
+    # linearly to 0 over the last 20%. Plain L1 on f: it pulls the decoder norms of used features up to 1 (weighting
+    # it by the decoder norm would make it blind to that scale and let every norm drift, see
+    # penalty.scale_by_decoder_norm). Pruning removes the unused features only if decoder rows start below 0.99 (a
+    # feature that never fires gets no gradient and keeps its initial norm), so the init is the April 2024
+    # update's: random directions of norm 0.1, W_enc = W_dec^T, zero biases. Ghost grads (Resampling.kind
     # ghost_grads) and the tanh penalty (penalty.kind tanh) are options on top of it.
     "anthropic2024": {
         "architecture": "relu", "pre_encoder_bias": False,
@@ -57,48 +94,89 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder_norm": "at_most_one", "prune_below": 0.99,
         "resampling": {"kind": "none"},
         "input_normalization": "sqrt_d", "mse": "sum_dims",
+        "init": "tied", "decoder_init_norm": 0.1, "b_dec_init": "zero",
+        "unknowns": [
+            "The February update gives no initialisation; the April 2024 update's (decoder rows of norm 0.1 in "
+            "random directions, W_enc = W_dec^T, zero biases) is used, which makes the 0.99 pruning meaningful.",
+            "The February update says its views on beta1 and pruning changed in the March 2024 update, which is "
+            "not among the sources at hand.",
+            "Learning rate, warm-up and L1 coefficient are not in the February update; 5e-5, 1000 steps and 5.0 "
+            "stand in.",
+        ],
     },
-    # Farrell 2024: approximate L0 (sum_i mean_b f/(f+eps)) plus a minimum-density term with floor 1e-5 over a
-    # window of steps; the density term takes the place of resampling.
+    # Farrell 2024 (seed 001): approximate L0 (sum_i mean_b f/(f+eps)) plus a minimum-density term with floor 1e-5
+    # on the density averaged over a window of steps, its gradient taken from the batch's density alone; the
+    # density term takes the place of resampling; no pre-encoder bias ("I had to remove the pre-encoder bias").
+    # Otherwise as Bloom's GPT-2 small reference SAEs, batch 4096 (the post's example), context 128.
     "farrell2024": {**_BRICKEN2023,
+                    "pre_encoder_bias": False,
                     "penalty": {"kind": "approx_l0", "coefficient": 1e-3, "l0_eps": 1e-3, "density_floor": 1e-5,
                                 "density_coefficient": 1e-2, "density_window": 1000},
-                    "resampling": {"kind": "none"}},
-    # Gao et al. 2024, "Scaling and evaluating sparse autoencoders": TopK, unit-norm decoder, AuxK with
-    # k_aux = 512, coefficient 1/32, a feature dead after 10M tokens without firing. `k` must be given.
+                    "optimizer": {"lr": 1e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
+                    "resampling": {"kind": "none"}, "batch_size": 4096, "context_length": 128,
+                    "unknowns": [
+                        "eps of f / (f + eps), the coefficients of the two terms and the window length n are not "
+                        "legible in the post (its formulas are images); 1e-3, 1e-3, 1e-2 and 1000 stand in.",
+                        "Learning rate, warm-up, batch size and steps were those of Bloom's GPT-2 small residual "
+                        "SAEs (SAELens, spring 2024), not given in the post; the batch of 4096 is the post's "
+                        "example, the rest stand in, as do Bricken's init and geometric-median b_dec.",
+                    ]},
+    # Gao et al. 2024, "Scaling and evaluating sparse autoencoders": TopK, unit-norm decoder, tied init, b_dec at the
+    # geometric median, AuxK over the top k_aux = d_in // 2 dead features (half_d_in: dictionary_learning's TopK
+    # trainers, after the paper's appendix B.1) with coefficient 1/32, a feature dead after 10M tokens without
+    # firing. The MSE is normalised by the data's variance (their reference train.py), as the AuxK term is by the
+    # residual's, so that 1/32 weighs the same whatever the activations' scale. `k` must be given.
     "topk": {
         "architecture": "topk", "pre_encoder_bias": True,
-        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": 512, "aux_coefficient": 1 / 32,
+        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": "half_d_in", "aux_coefficient": 1 / 32,
                     "aux_dead_tokens": 10_000_000},
         "optimizer": {"lr": 2e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "normalized",
+        "init": "tied", "b_dec_init": "geometric_median",
+        "unknowns": ["Gao et al.'s reference code normalised the MSE by a fixed sample's variance; here by the "
+                     "batch's (the same for batches of thousands of tokens)."],
     },
     # Bussmann et al. 2024, "BatchTopK sparse autoencoders": top k*batch over the batch in training, a global
-    # threshold (running average of the smallest kept activation) at inference.
+    # threshold (running average of the smallest kept activation) at inference; AuxK and losses as `topk`
+    # (dictionary_learning's BatchTopKTrainer: k_aux = d_in // 2, AuxK normalised by the residual's variance).
     "batchtopk": {
         "architecture": "batchtopk", "pre_encoder_bias": True,
-        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": 512, "aux_coefficient": 1 / 32,
+        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": "half_d_in", "aux_coefficient": 1 / 32,
                     "aux_dead_tokens": 10_000_000},
         "optimizer": {"lr": 2e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
-        "threshold_decay": 0.999,
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "normalized",
+        "init": "tied", "b_dec_init": "geometric_median", "threshold_decay": 0.999,
+        "unknowns": ["Bussmann et al.'s own code fixed k_aux at 512 (GPT-2 small, d_in 768) and left both MSEs "
+                     "unnormalised; dictionary_learning's k_aux = d_in // 2 and normalised AuxK are used."],
     },
-    # Rajamanoharan et al. 2024b, "Jumping ahead" (JumpReLU): L0 penalty through straight-through estimators
-    # with a rectangle kernel of bandwidth 1e-3, thresholds start at 1e-3, inputs normalised, beta1 = 0.
+    # Rajamanoharan et al. 2024b, "Jumping ahead" (JumpReLU): L0 penalty through straight-through estimators with a
+    # rectangle kernel of bandwidth 1e-3 and thresholds starting at 1e-3, both set for inputs normalised to unit
+    # mean squared norm with the squared error summed over dimensions (dictionary_learning's trainSAE
+    # normalize_activations, after Gemma Scope section 3.1); the L0 coefficient warms up linearly from 0; beta1 = 0;
+    # tied init with zero biases and gradient norm clipped to 1 (dictionary_learning's JumpReluTrainer).
     "jumprelu": {
         "architecture": "jumprelu", "pre_encoder_bias": False,
-        "penalty": {"kind": "l0", "coefficient": 1e-3, "bandwidth": 1e-3, "initial_threshold": 1e-3},
-        "optimizer": {"lr": 7e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "sqrt_d",
-        "mse": "sum_dims",
+        "penalty": {"kind": "l0", "coefficient": 1e-3, "bandwidth": 1e-3, "initial_threshold": 1e-3,
+                    "warmup_steps": 10_000},
+        "optimizer": {"lr": 7e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0,
+                      "grad_clip": 1.0},
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "unit_mean_square",
+        "mse": "sum_dims", "init": "tied", "b_dec_init": "zero",
+        "unknowns": ["The length of the L0-coefficient warm-up: 10,000 steps as Gemma Scope reports; "
+                     "dictionary_learning's JumpReluTrainer defaults to 2,000."],
     },
     # Rajamanoharan et al. 2024a, "Improving dictionary learning with gated sparse autoencoders": L1 on the
-    # gate's ReLU'd pre-activations plus the auxiliary reconstruction from the gate through a frozen decoder.
+    # gate's ReLU'd pre-activations plus the auxiliary reconstruction from the gate through a frozen decoder;
+    # tied init with zero biases (dictionary_learning's GatedAutoEncoder). The paper's loss is the squared
+    # L2 norm ||x - x_hat||^2 (summed over dimensions, as dictionary_learning's gdm.py sums it), not a mean.
     "gated": {
         "architecture": "gated", "pre_encoder_bias": True,
         "penalty": {"kind": "l1", "coefficient": 1e-3},
         "optimizer": {"lr": 5e-5, "betas": (0.0, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
-        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "mean",
+        "decoder_norm": "unit", "resampling": {"kind": "none"}, "input_normalization": "none", "mse": "sum_dims",
+        "init": "tied", "b_dec_init": "zero",
+        "unknowns": ["b_dec starts at zero as in dictionary_learning's GatedAutoEncoder; the paper's own choice is "
+                     "not among the sources at hand."],
     },
 }
 
@@ -185,6 +263,17 @@ def validate_recipe(fields: dict[str, Any]) -> Recipe:
         raise RecipeError(list(dict.fromkeys(return_fields)), message) from None
 
 
+def resolve(recipe: Recipe, d_in: int) -> Recipe:
+    """The recipe with the values that depend on the activations' width fixed, as a run records them.
+
+    penalty.aux_k `half_d_in` becomes d_in // 2 (dictionary_learning's TopK and BatchTopK trainers, after
+    Gao et al. 2024's appendix B.1). The trainer resolves its recipe; `recipe_for` resolves with the card's d_in.
+    """
+    if recipe.penalty.aux_k != "half_d_in":
+        return recipe
+    return recipe.model_copy(update={"penalty": recipe.penalty.model_copy(update={"aux_k": d_in // 2})})
+
+
 def recipe_for(card: Card, overrides: dict[str, Any] | None = None) -> Recipe:
     """The card's recipe with `overrides` applied (e.g. tokens, model, dataset, penalty.coefficient), validated.
 
@@ -204,4 +293,4 @@ def recipe_for(card: Card, overrides: dict[str, Any] | None = None) -> Recipe:
         if not switched and field not in update and getattr(recipe, field) != getattr(card, field):
             raise RecipeError([field], f"the card says {getattr(card, field)!r} but its recipe says "
                                        f"{getattr(recipe, field)!r}; make them agree")
-    return recipe
+    return resolve(recipe, card.d_in)

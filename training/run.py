@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from dictionaries.recipe import Recipe
 from training.checkpoint import (
     CHECKPOINT_DIR,
     check_checkpoint,
+    check_finite,
     latest_checkpoint,
     restore_checkpoint,
     save_checkpoint,
@@ -59,7 +61,8 @@ def default_name(recipe: Recipe) -> str:
 
 # ---- the loop -------------------------------------------------------------------------------------------
 def _step_all(s: Session, rows: list[torch.Tensor], checkpoint: Path | None) -> list[dict[str, float]]:
-    """One optimisation step of every dictionary on its hook's rows; a non-finite loss stops the run."""
+    """One optimisation step of every dictionary on its hook's rows; a non-finite loss (taken before the
+    update) or non-finite weights (after it: `weight_norm`) stop the run before anything is written."""
     results = []
     for job in s.jobs:
         def sample(n: int, job: Job = job) -> torch.Tensor:
@@ -68,10 +71,11 @@ def _step_all(s: Session, rows: list[torch.Tensor], checkpoint: Path | None) -> 
         if s.step == 0:  # the trainer's input scale comes from a sample before the first step
             job.trainer.estimate_input_scale(sample(min(s.buffer.unread, 8 * s.local_batch)))
         results.append(job.trainer.step(rows[job.hook_index], sample))
-    bad = [i for i, m in enumerate(results) if not math.isfinite(m["loss"])]
+    bad = [i for i, m in enumerate(results) if not (math.isfinite(m["loss"]) and math.isfinite(m["weight_norm"]))]
     if any_rank(bool(bad), s.world):  # every rank stops together (a NaN reaches all through the gradients)
         i = bad[0] if bad else 0
-        raise NonFiniteLossError(s.jobs[i].name, s.step, results[i], str(checkpoint) if checkpoint else None)
+        # the step as the curve file and the progress count it (1 = the first)
+        raise NonFiniteLossError(s.jobs[i].name, s.step + 1, results[i], str(checkpoint) if checkpoint else None)
     return results
 
 
@@ -91,6 +95,7 @@ def run_loop(s: Session, *, checkpoint_every: int, log_file: Path | None, progre
         while s.step < s.total_steps:
             rows = s.buffer.next_batch(s.local_batch)
             if any_rank(rows is None, s.world):
+                _sync_log(log)
                 checkpoint = save_checkpoint(s)
                 raise OutOfDataError(s.stream.name, s.step * batch, s.total_steps * batch, str(checkpoint))
             metrics = s.last = _step_all(s, rows, checkpoint)
@@ -103,6 +108,7 @@ def run_loop(s: Session, *, checkpoint_every: int, log_file: Path | None, progre
                 bar.set_postfix(mse=f"{m['mse']:.3g}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.2f}",
                                 refresh=False)
             if s.step % checkpoint_every == 0 and s.step < s.total_steps:
+                _sync_log(log)  # the curve up to the checkpoint survives a kill -9 (resume appends after it)
                 checkpoint = save_checkpoint(s)
     finally:
         bar.close()
@@ -110,10 +116,23 @@ def run_loop(s: Session, *, checkpoint_every: int, log_file: Path | None, progre
             log.close()
 
 
+def _sync_log(log: Any) -> None:
+    """Flush and fsync the curve file: every line up to a checkpoint is on disk before the checkpoint is."""
+    if log is not None:
+        log.flush()
+        os.fsync(log.fileno())
+
+
 def _trim_log(path: Path, step: int) -> None:
-    """Drop curve lines past `step` (written by a killed run after its last checkpoint) before resuming."""
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_atomic(path, "".join(line + "\n" for line in lines))
+    """Drop curve lines past `step` (written by a killed run after its last checkpoint) before resuming, and
+    a line a kill cut short (Python's buffer reaches the file in blocks, not in lines)."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    write_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines() if line and kept(line)))
 
 
 def _log(log: Any, s: Session, metrics: list[dict[str, float]], batch: int) -> None:
@@ -146,9 +165,9 @@ def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: di
 
     from dictionaries.card import Card, Files, Provenance
 
-    r = job.recipe
+    r = job.trainer.recipe  # resolved: d_in-dependent values (aux_k half_d_in) as trained
     notes = [f"Trained by training/run.py on {tokens:,} tokens in {seconds:.0f} s "
-             f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, {job.trainer.total_steps} steps)."]
+             f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, {job.trainer.total_steps} steps).", *job.notes]
     if metrics:
         shown = [f"{k} {metrics[k]:.4g}" for k in ("loss", "mse", "l0", "dead_frac") if k in metrics]
         notes.append("Last training step: " + ", ".join(shown) + ".")
@@ -177,6 +196,7 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
         module = job.trainer.finish()
         module.card = make_card(job, module, seconds=seconds, tokens=tokens, metrics=s.last[i] if s.last else None)
         modules.append(module)
+    check_finite(s, modules, latest_checkpoint(s.out))  # finish() rescales: check what would be written
     if s.rank != 0:
         return folders
     if eval_tokens <= 0:

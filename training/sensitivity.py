@@ -7,8 +7,14 @@ activation, or (c) along a feature direction a dictionary found, changes it soon
 x -> x + t * u at one position and record KL(p_clean || p_perturbed) of the next-token distribution at
 that same position (the final logits there), for steps t on a grid.
 
+Protocol as in seed 002: 10-token sequences, perturbed and read at their last position only; the pool that
+gives the random kind's mean and covariance and the real kind's targets holds activations at that same
+position; for LayerNorm models every vector is centred along the hidden dimension (TransformerLens does so,
+and the all-ones direction is invisible to later layers). Apollo ran it at the residual stream
+(blocks.1.hook_resid_pre); the card's figure is measured at the dictionary's own hook point.
+
 Normalisation (so that steps compare across kinds): every direction u is rescaled to the norm of its
-base activation, ||u|| = ||x||, so t = 1 means "moved by one activation norm" whatever the kind.
+(centred) base activation, so t = 1 means "moved by one activation norm" whatever the kind.
 Per base activation we interpolate linearly the first step where the KL reaches 0.5 (inf if it never
 does on the grid); the card stores the median over base activations for each kind.
 """
@@ -34,8 +40,8 @@ if TYPE_CHECKING:
 
 POOL_SIZE = 4096
 """Real activations kept per hook for the random kind's mean/covariance and the real kind's targets."""
-SENSITIVITY_PREFIX = 64
-"""Sensitivity contexts are cut to this many tokens (the perturbed position lies inside)."""
+APOLLO_LENGTH = 10
+"""Tokens per sequence, perturbed and read at the last one (Apollo 2024 used 10-token openwebtext sequences)."""
 LOGITS_BUDGET = 1 << 30
 """Bytes of float32 logits one perturbed forward may produce (Pythia-70m, 64 tokens: 83 rows)."""
 KL_THRESHOLD = 0.5
@@ -114,6 +120,11 @@ def _unit_to_norm(direction: Tensor, base: Tensor) -> Tensor:
     return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * base.norm(dim=-1, keepdim=True)
 
 
+def _centred(v: Tensor) -> Tensor:
+    """Each row of v (..., d) minus its mean over d."""
+    return v - v.mean(-1, keepdim=True)
+
+
 def dictionary_directions(dictionary: Dictionary, base: Tensor) -> Tensor:
     """(N, d) decoder direction of each base activation's most active feature (largest f_i * ||W_dec_i||)."""
     with torch.no_grad():
@@ -145,12 +156,13 @@ def _final_logprobs(model, contexts: Tensor, mask: Tensor | None, positions: Ten
 def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionary], contexts: Tensor,
                         positions: Tensor, pool: Tensor, *, attention_mask: Tensor | None = None,
                         steps: Tensor | None = None, seed: int = 0, rows_per_forward: int | None = None,
-                        progress: bool = True) -> list[SensitivityCurves]:
+                        centre: bool = False, progress: bool = True) -> list[SensitivityCurves]:
     """The test at one hook: curves for random and real directions (shared) and for each dictionary.
 
     contexts (N, P) token ids, each perturbed at positions[i]; pool (M, d) real activations at the hook (the
-    mean/covariance of the random kind and the targets of the real kind). rows_per_forward defaults to what
-    keeps one forward's logits under LOGITS_BUDGET bytes.
+    mean/covariance of the random kind and the targets of the real kind). `centre` removes each vector's mean
+    along d (pool, base and directions), as Apollo's TransformerLens activations had it. rows_per_forward
+    defaults to what keeps one forward's logits under LOGITS_BUDGET bytes.
     """
     from tqdm.auto import tqdm
 
@@ -165,11 +177,13 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
         acts = collect_activations(model, [hook], contexts, attention_mask)[0]
         base = acts[torch.arange(n), positions.to(acts.device)].float().cpu()        # (N, d)
         clean = _final_logprobs(model, contexts, attention_mask, positions, hook, None)   # (N, V)
+    c = _centred if centre else (lambda v: v)
+    pool, centred_base = c(pool.float()), c(base)
     others = torch.randint(0, pool.shape[0], (n,), generator=gen)
-    directions = {"random": _unit_to_norm(sample_like(pool.float(), n, gen) - base, base),
-                  "real": _unit_to_norm(pool[others].float() - base, base)}
+    directions = {"random": _unit_to_norm(sample_like(pool, n, gen) - centred_base, centred_base),
+                  "real": _unit_to_norm(pool[others] - centred_base, centred_base)}
     for j, d in enumerate(dictionaries):
-        directions[f"dictionary{j}"] = _unit_to_norm(dictionary_directions(d, base).float(), base)
+        directions[f"dictionary{j}"] = _unit_to_norm(c(dictionary_directions(d, base).float()), centred_base)
     kls: dict[str, Tensor] = {}
     bar = tqdm(total=len(directions) * n * len(steps), desc=f"sensitivity {hook.module}", unit="run",
                disable=not progress, leave=False)
@@ -193,42 +207,60 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
             for j in range(len(dictionaries))]
 
 
+def apollo_windows(batches, *, bos_id: int | None, exclude_bos: bool, length: int = APOLLO_LENGTH
+                   ) -> tuple[Tensor, Tensor]:
+    """Short sequences as Apollo used them: every `length`-token window of the eval contexts whose tokens are
+    all real and whose last token is counted (not BOS when `exclude_bos`); (windows (W, length), their count
+    of candidate windows per context (C,)). The perturbed and read position is each window's last one."""
+    from training.harvest import token_mask
+
+    ids = torch.cat([b[0] for b in batches])                                   # (C, P)
+    mask = torch.cat([b[1] if b[1] is not None else torch.ones_like(b[0]) for b in batches]).bool()
+    keep = token_mask(ids, mask, bos_id=bos_id, exclude_bos=exclude_bos)       # (C, P)
+    cut = ids.shape[1] // length * length
+    win = ids[:, :cut].reshape(-1, length)                                     # (C * P // length, length)
+    real = mask[:, :cut].reshape(-1, length).all(1) & keep[:, :cut].reshape(-1, length)[:, -1]
+    return win[real], real.view(ids.shape[0], -1).sum(1)
+
+
+def _centring(model) -> bool:
+    """Whether the model normalises with LayerNorm, for which the all-ones direction of the residual stream is
+    invisible to every later layer (Apollo's TransformerLens activations had that component removed)."""
+    from torch import nn
+
+    return any(isinstance(m, nn.LayerNorm) for m in model.modules())
+
+
 def sensitivity_on_eval_set(model, dicts: Sequence[Dictionary], hooks: Sequence[HookPoint], batches, *,
                             bos_id: int | None, exclude_bos: bool, samples: int = 32, seed: int = 0,
                             progress: bool = True) -> list[SensitivityCurves | None]:
-    """The test per hook on an eval set's (ids, mask) batches; random and real kinds shared at a hook.
-
-    Bases: `samples` contexts chosen with the seed, cut to SENSITIVITY_PREFIX tokens, each perturbed at its
-    last counted position; the pool (mean/covariance, real targets) is up to POOL_SIZE counted activations.
-    None for every dictionary when fewer than two contexts have a counted position.
+    """The test per hook as Apollo ran it (seed 002): short sequences (APOLLO_LENGTH tokens) cut from the eval
+    set, perturbed and read at ONE fixed position (the last); the random kind's mean and covariance, and
+    the real kind's targets, come from a pool of activations at that same position only (no BOS or early
+    positions, whose outlier norms would dominate the covariance), centred along the hidden dimension for
+    LayerNorm models. `samples` bases are drawn with the seed, the pool is the other windows (up to
+    POOL_SIZE). None for every dictionary when fewer than 2 windows qualify.
     """
     from dictionaries.hooks import collect_activations
-    from training.harvest import token_mask
 
-    ids = torch.cat([b[0] for b in batches])[:, :SENSITIVITY_PREFIX]
-    mask = torch.cat([b[1] if b[1] is not None else torch.ones_like(b[0]) for b in batches])
-    mask = mask[:, :SENSITIVITY_PREFIX]
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    keep = token_mask(ids, mask, bos_id=bos_id, exclude_bos=exclude_bos)
-    usable = keep.any(1).nonzero().flatten()
-    if len(usable) < 2:
+    windows, _ = apollo_windows(batches, bos_id=bos_id, exclude_bos=exclude_bos)
+    if len(windows) < 3:
         return [None] * len(dicts)
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    chosen = usable[torch.randperm(len(usable), generator=gen)[:samples].to(usable.device)].sort().values
-    # base position: the last counted position of each chosen context
-    positions = (keep[chosen].long() * torch.arange(keep.shape[1], device=device)).argmax(1)
+    order = torch.randperm(len(windows), generator=gen)
+    n = min(samples, len(windows) // 2)
+    bases, pool_ids = windows[order[:n]].to(device), windows[order[n:n + POOL_SIZE]].to(device)
+    positions = torch.full((n,), windows.shape[1] - 1, dtype=torch.long)
     unique_hooks = list(dict.fromkeys(hooks))
     with torch.no_grad():
-        acts = collect_activations(model, unique_hooks, ids[:max(1, POOL_SIZE // ids.shape[1] + 1)],
-                                   mask[:max(1, POOL_SIZE // ids.shape[1] + 1)])
-    pool_keep = keep[:acts[0].shape[0]]
+        pools = collect_activations(model, unique_hooks, pool_ids)            # each (M, L, d)
     out: list[SensitivityCurves | None] = [None] * len(dicts)
-    for hook, a in zip(unique_hooks, acts):
+    for hook, acts in zip(unique_hooks, pools):
         members = [j for j, h in enumerate(hooks) if h == hook]
-        curves = measure_sensitivity(model, hook, [dicts[j] for j in members], ids[chosen], positions,
-                                     a[pool_keep].float().cpu()[:POOL_SIZE], attention_mask=mask[chosen],
-                                     seed=seed, progress=progress)
+        pool = acts[:, -1].float().cpu()                                       # (M, d): the fixed position only
+        curves = measure_sensitivity(model, hook, [dicts[j] for j in members], bases, positions, pool, seed=seed,
+                                     centre=_centring(model), progress=progress)
         for j, c in zip(members, curves):
             out[j] = c
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Job:
     hook_index: int
     trainer: Trainer
     sampler: torch.Generator  # draws resampling inputs from the buffer, independent of the batch order
+    notes: list[str] = dataclass_field(default_factory=list)  # recipe changes made on resume (training/resume.py)
 
 
 @dataclass

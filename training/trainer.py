@@ -1,5 +1,6 @@
 """Optimisation of one dictionary under a recipe: init, Adam and its schedule, decoder-norm rules,
-dead-feature bookkeeping, resampling, input normalisation and the final native module.
+dead-feature bookkeeping, when to resample (how: training/resampling.py), input normalisation and the
+final native module.
 
 `Trainer.step` takes raw activations (B, d_in); everything inside runs on inputs scaled by `input_scale`
 (Anthropic 2024's sqrt(d_in) normalisation) and `finish` folds that scale back into the weights. Under
@@ -20,11 +21,14 @@ from dictionaries.architectures import ARCHITECTURES, Dictionary
 from dictionaries.errors import RecipeError, ShapeMismatchError
 from dictionaries.recipe import Recipe
 from training.losses import LossContext, compute_loss
+from training.presets import resolve
+from training.resampling import resample_features
+from training.resume import recipe_differences, split_changes
 
 # recipe fields that change the optimisation; a resumed state must agree on all of them
 _OPTIMISATION_FIELDS = ("architecture", "d_dict", "k", "pre_encoder_bias", "penalty", "optimizer", "decoder_norm",
                         "prune_below", "resampling", "input_normalization", "mse", "seed", "dtype",
-                        "threshold_decay")
+                        "threshold_decay", "init", "decoder_init_norm", "b_dec_init")
 
 
 def _world() -> int:
@@ -55,21 +59,32 @@ def lr_at(recipe: Recipe, step: int, total_steps: int) -> float:
 
 
 def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: str | torch.device) -> Dictionary:
-    """A module of the recipe's kind with random unit decoder rows and the encoder tied to them.
+    """A module of the recipe's kind: decoder rows random directions of norm `decoder_init_norm`, encoder by `init`.
 
-    Tied init W_enc = W_dec^T follows Gao et al. 2024 and Anthropic (2024); biases start at 0, JumpReLU
-    thresholds at `penalty.initial_threshold`, gated r_mag/b_mag at 0 (Rajamanoharan et al. 2024a).
+    tied: W_enc = W_dec^T and b_enc = 0 (Gao et al. 2024; Anthropic, April 2024, with decoder norms 0.1).
+    kaiming: W_enc and b_enc drawn as PyTorch's nn.Linear(d_in, d_dict) draws them, uniform in +-1/sqrt(d_in)
+    and independent of the decoder (Bricken et al. 2023, seed 004: "the default Pytorch Kaiming Uniform
+    initialization"; dictionary_learning's AutoEncoder of 2023, whose decoder columns were normalised Gaussians).
+    b_dec starts at 0 (see `Trainer._initialise_decoder_bias`), JumpReLU thresholds at `penalty.initial_threshold`,
+    gated r_mag/b_mag at 0 (Rajamanoharan et al. 2024a).
     """
     kw = {"pre_encoder_bias": recipe.pre_encoder_bias, "dtype": dtype, "device": device}
     if recipe.k is not None:
         kw["k"] = recipe.k
     module = ARCHITECTURES[recipe.architecture](d_in, recipe.d_dict, **kw)
     gen = torch.Generator().manual_seed(recipe.seed)
-    W_dec = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)
-    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    W_dec = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)         # (F, d)
+    W_dec *= recipe.decoder_init_norm / W_dec.norm(dim=-1, keepdim=True)
+    if recipe.init == "tied":
+        W_enc, b_enc = W_dec.T, torch.zeros(recipe.d_dict, dtype=torch.float64)
+    else:  # kaiming: nn.Linear's kaiming_uniform_(a=sqrt(5)) bound and its bias bound are both 1/sqrt(fan_in)
+        bound = 1.0 / math.sqrt(d_in)
+        W_enc = (2 * torch.rand(d_in, recipe.d_dict, generator=gen, dtype=torch.float64) - 1) * bound  # (d, F)
+        b_enc = (2 * torch.rand(recipe.d_dict, generator=gen, dtype=torch.float64) - 1) * bound       # (F,)
     with torch.no_grad():
         module.W_dec.copy_(W_dec)
-        module.W_enc.copy_(W_dec.T)
+        module.W_enc.copy_(W_enc)
+        module.b_enc.copy_(b_enc)
         if recipe.architecture == "jumprelu":
             module.threshold.fill_(recipe.penalty.initial_threshold)
     return module
@@ -84,6 +99,7 @@ class Trainer:
         backward's accumulation stay in the recipe's dtype. Not part of the recipe: it is a hardware choice."""
         if total_steps <= 0:
             raise RecipeError(["tokens", "batch_size"], f"training needs at least one step, got {total_steps}")
+        recipe = resolve(recipe, d_in)  # d_in-dependent values fixed (penalty.aux_k half_d_in)
         self.recipe, self.d_in, self.total_steps, self.device = recipe, d_in, total_steps, torch.device(device)
         self.dtype = getattr(torch, recipe.dtype)
         self.autocast = autocast
@@ -112,12 +128,18 @@ class Trainer:
 
     # ---- the public step ---------------------------------------------------------------------------
     def estimate_input_scale(self, x: Tensor) -> None:
-        """Set the input scale so that scaled inputs have mean L2 norm sqrt(d_in) (Anthropic, Feb 2024)."""
-        if self.recipe.input_normalization == "none":
+        """Set the input scale from a sample x (n, d_in) so that scaled inputs have mean L2 norm sqrt(d_in)
+        (sqrt_d, Anthropic, Feb 2024) or mean squared L2 norm 1 (unit_mean_square, Rajamanoharan et al. 2024b)."""
+        mode = self.recipe.input_normalization
+        if mode == "none":
             return
         x = self._check(x)
-        mean_norm = _all_reduce(x.norm(dim=-1).mean().double().reshape(1), "mean")
-        self.input_scale = float(math.sqrt(self.d_in) / mean_norm.clamp_min(1e-12).item())
+        if mode == "sqrt_d":
+            mean_norm = _all_reduce(x.norm(dim=-1).mean().double().reshape(1), "mean")
+            self.input_scale = float(math.sqrt(self.d_in) / mean_norm.clamp_min(1e-12).item())
+        else:
+            mean_square = _all_reduce(x.double().pow(2).sum(-1).mean().reshape(1), "mean")
+            self.input_scale = float(1.0 / mean_square.clamp_min(1e-24).sqrt().item())
 
     def step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None = None) -> dict[str, float]:
         """One optimisation step on raw activations x (B, d_in); returns the step's metrics.
@@ -133,7 +155,7 @@ class Trainer:
     def _step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None,
               precision: torch.dtype | None) -> dict[str, float]:
         x = self._check(x) * self.input_scale
-        if self.step_count == 0:
+        if self.step_count == 0 and self.recipe.b_dec_init == "geometric_median":
             self._initialise_decoder_bias(x)
         lr = lr_at(self.recipe, self.step_count, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -165,7 +187,8 @@ class Trainer:
 
     @torch.no_grad()
     def _initialise_decoder_bias(self, x: Tensor, iterations: int = 20) -> None:
-        """b_dec starts at the geometric median of the first batch (Bricken et al. 2023; Gao et al. 2024).
+        """b_dec starts at the geometric median of the first batch (b_dec_init geometric_median: Gao et al. 2024,
+        who attribute it to Bricken et al. 2023); with b_dec_init zero it keeps the 0 it was built with.
 
         Weiszfeld's iteration: the median is the fixed point of a mean weighted by 1 / distance.
         """
@@ -189,9 +212,16 @@ class Trainer:
         with torch.no_grad():
             raw_mse = (x - out.x_hat).pow(2).mean() / self.input_scale ** 2   # element-wise, raw units
             named = {"loss": out.loss, "mse": raw_mse, "l0": l0, "dead_frac": self.dead_mask().float().mean(),
-                     **{f"loss_{k}": v for k, v in out.terms.items()}}
+                     "weight_norm": self.weight_norm(), **{f"loss_{k}": v for k, v in out.terms.items()}}
             values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
         return {**dict(zip(named, values)), "lr": lr, "resampled": float(resampled)}
+
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """The L2 norm of all parameters together, after the update, in their dtype: not finite when a weight is
+        NaN or infinite, or so large (above ~1e19 in float32) that its square overflows, as the next loss would.
+        The loss is taken before the update, so only this sees what the last update did."""
+        return torch.stack([p.pow(2).sum() for p in self.module.parameters()]).sum().sqrt()
 
     # ---- constraints on the decoder ----------------------------------------------------------------
     def _constrain_gradients(self) -> None:
@@ -231,8 +261,10 @@ class Trainer:
         return self.steps_since_fired >= self.recipe.resampling.dead_window
 
     def _context(self) -> LossContext:
+        warmup = self.recipe.penalty.warmup_steps  # the coefficient rises linearly from 0 (as dictionary_learning)
+        scale = min(1.0, self.step_count / warmup) if warmup else 1.0
         return LossContext(self.dead_mask(), self.density_sum if self.density_ring.shape[0] else None,
-                           min(self.density_count, self.density_ring.shape[0]))
+                           min(self.density_count, self.density_ring.shape[0]), scale)
 
     def _count_firing(self, fired: Tensor, tokens: int) -> None:
         self.steps_since_fired = torch.where(fired, 0, self.steps_since_fired + 1)
@@ -275,30 +307,10 @@ class Trainer:
             self.resample(dead, inputs)
         return n_dead
 
-    @torch.no_grad()
     def resample(self, dead: Tensor, inputs: Tensor) -> None:
-        """Re-initialise the `dead` (F,) features from `inputs` (n, d), already scaled (Bricken et al. 2023).
-
-        Inputs are drawn with probability proportional to their squared reconstruction loss; the decoder
-        row becomes the normalised input, the encoder column that times encoder_scale times the mean alive
-        encoder norm, the encoder bias 0, and Adam's moments for those entries are reset.
-        """
-        m, n_dead = self.module, int(dead.sum())
-        losses = torch.cat([(chunk - m(chunk).reconstruction).pow(2).sum(-1) for chunk in inputs.split(8192)])
-        weights = losses.double().cpu() + 1e-12
-        chosen = torch.multinomial(weights, n_dead, replacement=n_dead > len(weights), generator=self.rng)
-        directions = inputs[chosen.to(inputs.device)]
-        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if _world():  # every rank must write the same directions
-            torch.distributed.broadcast(directions, src=0)
-        alive_norm = m.W_enc[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
-        m.W_dec[dead] = directions
-        m.W_enc[:, dead] = directions.T * (self.recipe.resampling.encoder_scale * alive_norm)
-        m.b_enc[dead] = 0.0
-        for param, index in ((m.W_dec, (dead,)), (m.W_enc, (slice(None), dead)), (m.b_enc, (dead,))):
-            for moment in ("exp_avg", "exp_avg_sq"):
-                if moment in self.optimizer.state.get(param, {}):
-                    self.optimizer.state[param][moment][index] = 0.0
+        """Re-initialise the `dead` (F,) features from `inputs` (n, d), already scaled (training/resampling.py);
+        the dead-feature counters of those features start again."""
+        resample_features(self.module, self.optimizer, dead, inputs, self.recipe.resampling, self.rng)
         self.steps_since_fired[dead] = 0
         self.tokens_since_fired[dead] = 0
 
@@ -316,13 +328,17 @@ class Trainer:
         })
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict`; refuses one from another recipe, width or length, naming the difference."""
+        """Restore a `state_dict`; refuses one from another recipe, width or length, naming the difference,
+        except the changes training/resume.py allows (the schedule from here on, clipping, a longer run)."""
         mine = self.recipe.model_dump(mode="json", include=set(_OPTIMISATION_FIELDS))
-        differ = [k for k in _OPTIMISATION_FIELDS if mine.get(k) != state["recipe"].get(k)]
-        differ += [k for k in ("d_in", "total_steps") if getattr(self, k) != state[k]]
-        if differ:
-            raise RecipeError(differ, "the saved trainer state comes from a different recipe; "
-                                      "resume with the recipe that wrote it or start afresh")
+        diffs = recipe_differences(state["recipe"], mine)
+        diffs += [(k, state[k], getattr(self, k)) for k in ("d_in", "total_steps") if getattr(self, k) != state[k]]
+        _, refused = split_changes(diffs, step=state["step"],
+                                   decay_fraction=state["recipe"]["optimizer"]["decay_fraction"])
+        if refused:
+            raise RecipeError([f for f, _, _ in refused], "the saved trainer state comes from a different recipe; "
+                                                          "resume with the recipe that wrote it (training/resume.py "
+                                                          "lists the changes a resume may make) or start afresh")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.input_scale = state["step"], state["input_scale"]
