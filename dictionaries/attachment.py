@@ -36,9 +36,11 @@ from dictionaries.errors import (
 )
 from dictionaries.hooks import (
     ResolvedHook,
+    as_tokens,
     check_hook,
     find_hook,
     first_tensor,
+    is_site_ref,
     load_model,
     model_name,
     replace_first,
@@ -100,10 +102,11 @@ def envoy_at(model: Any, found: ResolvedHook) -> Any:
 
 
 class _MaskRecorder:
-    """Keeps the attention mask of the model's latest forward (a torch pre-hook on the root module)."""
+    """Keeps the attention mask and (batch, pos) of the model's latest forward (a pre-hook on the root module)."""
 
     def __init__(self, hf: nn.Module):
         self.mask: Tensor | None = None
+        self.batch_shape: tuple[int, ...] | None = None   # (batch, pos) of this forward's tokens
         self.handle = hf.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, _module, args, kwargs) -> None:
@@ -111,6 +114,10 @@ class _MaskRecorder:
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             mask = args[1]
         self.mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, Tensor):
+            ids = kwargs.get("inputs_embeds")
+        self.batch_shape = tuple(ids.shape[:2]) if isinstance(ids, Tensor) and ids.dim() >= 2 else None
 
     @staticmethod
     def inside() -> bool:
@@ -175,16 +182,17 @@ def _invoke_rows(mask: Tensor, rows: int) -> Tensor | None:
 
 
 @contextmanager
-def attach(model: Any, *dictionaries: Dictionary, at: HookPoint | str | Sequence[HookPoint | str] | None = None
-           ) -> Iterator[Attachment | tuple[Attachment, ...]]:
+def attach(model: Any, *dictionaries: Dictionary, at: Any = None) -> Iterator[Attachment | tuple[Attachment, ...]]:
     """Attach dictionaries to an nnsight-wrapped model: yields an Attachment (one) or a tuple of them (several).
 
-    `at` overrides the card's hook point (one value for every dictionary, or one per dictionary). Every
-    hook point and width is checked here, before anything runs.
+    `at` overrides the card's hook point: a module path ("model.layers.3.mlp", "...:input"), a HookPoint or
+    a (site, layer) pair such as ("resid_post", 3) (model_families.SITES), one for every dictionary or a
+    list with one per dictionary. Every hook point and width is checked here, before anything runs.
     """
     if not isinstance(model, nnsight.Envoy):
         raise NotWrappedError(type(model).__name__)
-    ats = list(at) if isinstance(at, (list, tuple)) else [at] * len(dictionaries)
+    one = at is None or isinstance(at, (str, HookPoint)) or is_site_ref(at)
+    ats = [at] * len(dictionaries) if one else list(at)
     if len(ats) != len(dictionaries):
         raise HookPointError(str(at), problem=f"{len(ats)} hook points given for {len(dictionaries)} dictionaries.")
     found_hooks = []
@@ -238,6 +246,7 @@ class _State:
     x: Tensor
     real: Tensor | None
     f: Tensor
+    raw: Tensor | None = None     # the module's own tensor when x is a (batch, pos, d) view of it (OPT's MLP)
     idx: Tensor | None = None
     vals: Tensor | None = None
     written: Tensor | None = None
@@ -267,15 +276,16 @@ class Attachment:
 
     def _current(self) -> _State:
         """The state of the activation now at the hook, computing features when it is a new one."""
-        x = first_tensor(self._read())
+        raw = first_tensor(self._read())
         st = self._state
-        if st is not None and (x is st.x or x is st.written):
+        if st is not None and (raw is st.raw or raw is st.x or raw is st.written):
             return st
+        x = as_tokens(raw, self._masks.batch_shape)                    # (batch, pos, d)
         real = self._masks.real(x)
         f = self.dictionary.encode(x.to(self.dictionary.W_enc.dtype))   # (batch, pos, F), the dictionary's dtype
         if real is not None:
             f = f * real.unsqueeze(-1).to(f.dtype)
-        self._state = _State(x=x, real=real, f=f)
+        self._state = _State(x=x, real=real, f=f, raw=raw)
         return self._state
 
     @property
@@ -307,6 +317,10 @@ class Attachment:
             new = (new if delta is None else new + delta).to(st.x.dtype)
         if st.real is not None and new is not st.x:
             new = torch.where(st.real.unsqueeze(-1), new, st.x)
+        if st.raw is not None and new is st.x:
+            new = st.raw                                   # the module's own tensor, untouched
+        elif st.raw is not None:
+            new = new.reshape(st.raw.shape)
         if self.hook.io == "output":
             self._envoy.output = replace_first(self._read(), new)
         else:

@@ -40,7 +40,6 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.NotWrappedError, "model not wrapped", ""),
     (errors.FeatureIndexError, "feature out of range", ""),
     (errors.OutsideTraceError, "outside a trace", ""),
-    (errors.NonFiniteWeightsError, "weights not finite", ""),
     (errors.FormatError, "bad format", ""),
     (errors.ArchitectureMismatchError, "card does not match the dictionary", ""),
     (errors.DtypeDeviceError, "dtype/device mismatch", ""),
@@ -184,12 +183,14 @@ def publish_(folder: str = typer.Argument(..., help="Native dictionary folder (c
              local_hub: Optional[str] = typer.Option(None, "--local-hub", help="Root of a local hub (olah mirrors) "
                                                      "to commit into instead of the Hub; default "
                                                      "$DICTIONARIES_LOCAL_HUB."),
-             staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept).")) -> None:
+             staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept)."),
+             dashboard: Optional[str] = typer.Option(None, "--dashboard", help="Site folder to add (same commit).")
+             ) -> None:
     """Validate a native folder, stage it with a model card, upload it in one commit, print its registry entry."""
     from dictionaries.publish import publish
 
     result = publish(folder, repo, subfolder=subfolder, branch=branch, private=private, dry_run=dry_run,
-                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir)
+                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir, dashboard=dashboard)
     _print_publish(result)
 
 
@@ -309,8 +310,7 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
     """Regenerate entries from their card recipes (or train a recipe file); writes native folders."""
     if name is None and recipe is None:
         raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
-    from training.run import train_entries
-
+    from training.run import train_entries  # after the check: bad usage is said without waiting for torch
     overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset)) if v is not None}
     for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
                                 checkpoint_every=checkpoint_every, log_file=log):
@@ -355,11 +355,10 @@ def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported for
 def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or dictionary folder."),
                 feature: int = typer.Option(..., "--feature", min=0, help="Feature index."),
                 texts: str = typer.Option(..., "--texts", help="Text file, one text per line."),
-                top: int = typer.Option(10, "--top", min=1, help="Number of contexts and of logit-lens tokens."),
+                top: int = typer.Option(10, "--top", help="Number of contexts and of logit-lens tokens."),
                 model: Optional[str] = typer.Option(None, "--model",
                                                     help="HF id or folder (default: the card's model)."),
-                context: int = typer.Option(8, "--context", min=0,
-                                            help="Tokens shown before the activating one.")) -> None:
+                context: int = typer.Option(8, "--context", help="Tokens shown before the activating one.")) -> None:
     """A feature's top-activating contexts (activating token highlighted) and the tokens it promotes."""
     from rich.markup import escape
 
@@ -377,6 +376,25 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
         if scores:
             console.print(f"{label}: " + ", ".join(f"{escape(repr(s.token))} {s.score:+.2f}" for s in scores),
                           highlight=False)
+
+
+@app.command("dashboard")
+def dashboard_cmd(name: str = typer.Argument(..., help="Registry name, alias or dictionary folder."),
+                  dataset: Optional[str] = typer.Option(None, help="Text file or folder, dataset id (the card's)."),
+                  tokens: int = typer.Option(65_536, help="Tokens to read (one pass)."),
+                  model: Optional[str] = typer.Option(None, help="HF id or folder (default: the card's model)."),
+                  features: Optional[str] = typer.Option(None, help="START:STOP or N (the first N); default all."),
+                  out: str = typer.Option("dashboard", help="Folder to write the site into."),
+                  device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+                  serve: bool = typer.Option(False, "--serve", help="Then serve it on 127.0.0.1 until Ctrl-C."),
+                  port: int = typer.Option(8000, help="Port for --serve (0: any free one).")) -> None:
+    """A static web page of every feature (density, top and sampled contexts, logit lens, nearest features)."""
+    from dictionaries import dashboard_site as s
+
+    index = s.make_dashboard(name, out, dataset=dataset, tokens=tokens, model=model, features=features, device=device)
+    console.print(f"[green]wrote[/] {index} ({s.site_size(index.parent) / 1e6:.2f} MB)", soft_wrap=True)
+    if serve:
+        s.serve(index.parent, port, say=print)
 
 
 @app.command()

@@ -43,6 +43,7 @@ class DemoResult:
     folder: Path | None = None
     stats: dict = field(default_factory=dict)
     top_features: list[tuple[int, float, str]] = field(default_factory=list)
+    dashboard: Path | None = None
     seconds: float = 0.0
 
 
@@ -84,14 +85,14 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
     run_dir.mkdir(parents=True, exist_ok=True)
     result = DemoResult()
 
-    say("[1/7] Starting a local Hub (olah on 127.0.0.1) and pointing huggingface_hub at it")
+    say("[1/8] Starting a local Hub (olah on 127.0.0.1) and pointing huggingface_hub at it")
     hub = _start_hub(run_dir, say)
     try:
-        say("[2/7] Toy language model: a GPT-NeoX (Pythia's module names) pretrained on Python's own docs")
+        say("[2/8] Toy language model: a GPT-NeoX (Pythia's module names) pretrained on Python's own docs")
         model_folder, dataset, d_model = _prepare_model_and_text(workdir, run_dir, progress)
         say(f"      model: {model_folder}\n      text:  {dataset} ({dataset.stat().st_size:,} bytes)")
 
-        say(f"[3/7] Training a TopK dictionary (8x, k=16) on gpt_neox.layers.1.mlp for {tokens:,} tokens")
+        say(f"[3/8] Training a TopK dictionary (8x, k=16) on gpt_neox.layers.1.mlp for {tokens:,} tokens")
         from training.run import train
 
         recipe = demo_recipe(model_folder, dataset, d_model, tokens)
@@ -100,7 +101,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
                           checkpoint_every=10_000, eval_tokens=16_384)
         result.folder = folder
 
-        say("[4/7] What the run measured on the trained dictionary, in memory before writing its folder once:")
+        say("[4/8] What the run measured on the trained dictionary, in memory before writing its folder once:")
         say("      MSE, L0, FVU, loss recovered, KL, density histogram, sensitive directions")
         from dictionaries.card import read_card
 
@@ -108,23 +109,15 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
         result.stats = card.stats.model_dump(exclude_none=True) if card.stats else {}
         _print_stats(result.stats, folder, say)
 
-        say(f"[5/7] Publishing to the local Hub as {REPO} (one commit) and registering the entry")
-        from dictionaries.publish import publish
+        dictionary = _publish_and_load(folder, hub, run_dir, result.name, say)
 
-        registry = demo_registry(run_dir / "registry")
-        os.environ[ENV_REGISTRY] = str(registry)
-        published = publish(folder, REPO, subfolder="mlp1/1024", register=True, local_hub=hub,
-                            registry_path=registry)
-        say(f"      commit {published.location.revision} -> {published.registered}")
-
-        say(f"[6/7] Loading {result.name!r} back by name: registry -> Hub (pinned commit, sha256 checked)")
-        from dictionaries.loader import load_dictionary
-
-        dictionary = load_dictionary(result.name)
-        say(f"      {dictionary}")
-
-        say("[7/7] Attaching it through nnsight: top features of a sentence and what they respond to")
+        say("[7/8] Attaching it through nnsight: top features of a sentence and what they respond to")
         result.top_features = _show_features(model_folder, dictionary, say, progress)
+
+        say("[8/8] Its feature dashboard: a static page of every feature, from one pass over 8,192 tokens")
+        result.dashboard = _write_dashboard(model_folder, dictionary, dataset, run_dir / "dashboard")
+        say(f"      open {result.dashboard} in a browser (or `dictctl dashboard ... --serve`; "
+            f"`dictctl publish ... --dashboard {result.dashboard.parent}` puts it beside the weights)")
     finally:
         hub.stop()
     result.seconds = time.perf_counter() - start
@@ -141,6 +134,35 @@ def _check_arguments(workdir: Path, tokens: int) -> Path:
     if workdir.exists() and not workdir.is_dir():
         raise InvalidArgumentError("workdir", str(workdir), "a file is there; give a folder")
     return workdir
+
+
+def _publish_and_load(folder: Path, hub, run_dir: Path, name: str, say: Callable[[str], None]):
+    """Steps 5 and 6: publish the folder to the local hub, register it, load it back by its name."""
+    from dictionaries.loader import load_dictionary
+    from dictionaries.publish import publish
+
+    say(f"[5/8] Publishing to the local Hub as {REPO} (one commit) and registering the entry")
+    registry = demo_registry(run_dir / "registry")
+    os.environ[ENV_REGISTRY] = str(registry)
+    published = publish(folder, REPO, subfolder="mlp1/1024", register=True, local_hub=hub, registry_path=registry)
+    say(f"      commit {published.location.revision} -> {published.registered}")
+    say(f"[6/8] Loading {name!r} back by name: registry -> Hub (pinned commit, sha256 checked)")
+    dictionary = load_dictionary(name)
+    say(f"      {dictionary}")
+    return dictionary
+
+
+def _write_dashboard(model_folder: Path, dictionary, dataset: Path, out: Path) -> Path:
+    """The dashboard of the demo's dictionary over the first 8,192 tokens of its corpus; its index.html."""
+    from dictionaries.dashboard import build_dashboard, read_source, token_batches
+    from dictionaries.dashboard_site import vocab_of, write_site
+    from dictionaries.hooks import load_model
+
+    model, tokenizer = load_model(str(model_folder))
+    batches = token_batches(tokenizer, read_source(dataset), tokens=8192, context_length=64, batch_size=32)
+    data = build_dashboard(model, dictionary, batches, progress=False)
+    data.identity["dataset"] = dataset.name
+    return write_site(data, vocab_of(tokenizer), out)
 
 
 def _prepare_model_and_text(workdir: Path, run_dir: Path, progress: bool) -> tuple[Path, Path, int]:

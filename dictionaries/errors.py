@@ -65,14 +65,14 @@ class FormatError(DictionariesError, ValueError):
         super().__init__(f"{path}: {problem}")
 
 
-class NonFiniteWeightsError(DictionariesError, FloatingPointError):
+class NonFiniteWeightsError(FormatError, FloatingPointError):
     """Weights holding NaN or infinite values, refused when a folder is read, written or published."""
 
     def __init__(self, path: str, tensors: dict[str, int]):
-        self.path, self.tensors = path, dict(tensors)  # tensor name -> how many of its values are not finite
+        self.tensors = dict(tensors)  # tensor name -> how many of its values are not finite
         listing = ", ".join(f"{name!r} ({n} values)" for name, n in self.tensors.items())
-        super().__init__(f"{path}: NaN or infinite weights in {listing}; such a dictionary computes NaN features. "
-                         "Train it again, or convert it again from its original files.")
+        super().__init__(path, f"NaN or infinite weights in {listing}; such a dictionary computes NaN features. "
+                               "Train it again, or convert it again from its original files")
 
 
 class InvalidArgumentError(DictionariesError, ValueError):

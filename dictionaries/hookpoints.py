@@ -2,8 +2,10 @@
 
 TransformerLens (SAELens' `blocks.L.hook_mlp_out`, ...), dictionary_learning (`mlp_out_layer3`, the folder
 names of the pythia sets) and sparsify (`layers.3.mlp`, relative to the base model) each name hook points
-their own way. A name becomes a HookPoint (module, io, site, layer) only when the model family is known
-(GPT-NeoX, GPT-2, Llama-like); otherwise it is left unset. Pure strings: nothing here imports torch.
+their own way. Each name is mapped onto a site of `model_families.py` (resid_pre, mlp_out, ...) and so onto
+the module of that site in the model's family; the family comes from the model's name (a card's model) or,
+passed as `fam`, from a loaded model's config. Without a family the hook point is left unset (None). Pure
+strings: nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -12,18 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-# family -> module paths, "{L}" standing for the block index
-FAMILIES: dict[str, dict[str, str]] = {
-    "gpt_neox": {"base": "gpt_neox", "block": "gpt_neox.layers.{L}", "mlp": "gpt_neox.layers.{L}.mlp",
-                 "attn": "gpt_neox.layers.{L}.attention", "attn_z": "gpt_neox.layers.{L}.attention.dense",
-                 "mlp_post": "gpt_neox.layers.{L}.mlp.dense_4h_to_h", "embed": "gpt_neox.embed_in"},
-    "gpt2": {"base": "transformer", "block": "transformer.h.{L}", "mlp": "transformer.h.{L}.mlp",
-             "attn": "transformer.h.{L}.attn", "attn_z": "transformer.h.{L}.attn.c_proj",
-             "mlp_post": "transformer.h.{L}.mlp.c_proj", "embed": "transformer.wte"},
-    "llama": {"base": "model", "block": "model.layers.{L}", "mlp": "model.layers.{L}.mlp",
-              "attn": "model.layers.{L}.self_attn", "attn_z": "model.layers.{L}.self_attn.o_proj",
-              "mlp_post": "model.layers.{L}.mlp.down_proj", "embed": "model.embed_tokens"},
-}
+from dictionaries.model_families import CARD_SITE, SITES, Family, embed_path, guess_family, site_path
+
 _ORGS = {"pythia-": "EleutherAI/", "gemma-": "google/"}
 
 
@@ -41,48 +33,44 @@ def model_id(name: Any) -> str | None:
 
 
 def family(model: str | None) -> str | None:
-    """gpt_neox, gpt2 or llama (Llama, Mistral, Qwen, Gemma: `model.layers.L`), None when unknown."""
-    name = (model or "").lower()
-    if "pythia" in name or "neox" in name:
-        return "gpt_neox"
-    if "gpt2" in name:
-        return "gpt2"
-    if any(f in name for f in ("llama", "mistral", "qwen", "gemma")):
-        return "llama"
-    return None
+    """The model-family name (`gpt_neox`, `gpt2`, `gemma2`, ...) a model name points to, None when unknown."""
+    fam = guess_family(model)
+    return fam.name if fam else None
 
 
-def _hook(model: str | None, part: str, site: str, layer: int | None, io: str = "output") -> dict | None:
-    fam = family(model)
-    if fam is None:
-        return None
-    return {"module": FAMILIES[fam][part].replace("{L}", str(layer)), "io": io, "site": site,
-            "layer": layer if site != "embed" else None}
+def _site(model: str | None, site: str, layer: int, fam: Family | None) -> dict | None:
+    """HookPoint fields of a table site, None when the family is unknown or has no module for the site."""
+    fam = fam or guess_family(model)
+    found = site_path(fam, site, layer) if fam else None
+    return None if found is None or isinstance(found, str) else found.card_fields
 
 
-_TL = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out|attn\.hook_z|"
-                 r"mlp\.hook_post)$")
+def _embed(model: str | None, io: str, fam: Family | None) -> dict | None:
+    fam = fam or guess_family(model)
+    return fam and {"module": embed_path(fam), "io": io, "site": "embed", "layer": None}
 
 
-def saelens_hook(model: str | None, hook_name: str | None) -> dict | None:
-    """HookPoint fields for a TransformerLens hook name; None when the name or the family is unknown.
+_TL = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_in|hook_mlp_out|"
+                 r"hook_attn_out|attn\.hook_z|mlp\.hook_post|ln2\.hook_normalized)$")
+_TL_SITES = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
+             "hook_mlp_in": "resid_mid", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out",
+             "attn.hook_z": "attn_z", "mlp.hook_post": "mlp_post", "ln2.hook_normalized": "mlp_in"}
+"""TransformerLens hook -> table site. hook_mlp_in is the MLP block's input before its norm, i.e. resid_mid
+(TransformerBlock.forward); ln2.hook_normalized is what the MLP reads (mlp_in)."""
 
-    resid_pre L is the input of block L; attn.hook_z (heads flattened) is the input of the attention's
-    output projection and mlp.hook_post the input of the MLP's down projection. resid_mid has no module.
+
+def saelens_hook(model: str | None, hook_name: str | None, fam: Family | None = None) -> dict | None:
+    """HookPoint fields for a TransformerLens hook name; None when the name, the family or its module is unknown
+    (resid_mid of a parallel block has none).
+
+    resid_pre L is the input of block L, kept in the card as the resid output of block L - 1 (or embed);
+    attn.hook_z (heads flattened) is the input of the attention's output projection and mlp.hook_post the
+    input of the MLP's down projection.
     """
     if hook_name == "hook_embed":
-        return _hook(model, "embed", "embed", None)
+        return _embed(model, "output", fam)
     m = _TL.match(hook_name or "")
-    if not m:
-        return None
-    layer, what = int(m.group(1)), m.group(2)
-    if what == "hook_resid_pre":  # the input of block L is the output of block L-1 (or the embedding)
-        hook = _hook(model, "block", "resid", layer, io="input")
-        return hook and {**hook, "site": "resid" if layer else "embed", "layer": layer - 1 if layer else None}
-    part, site, io = {"hook_resid_post": ("block", "resid", "output"), "hook_mlp_out": ("mlp", "mlp", "output"),
-                      "hook_attn_out": ("attn", "attn", "output"), "attn.hook_z": ("attn_z", "attn", "input"),
-                      "mlp.hook_post": ("mlp_post", "mlp", "input")}[what]
-    return _hook(model, part, site, layer, io=io)
+    return _site(model, _TL_SITES[m.group(2)], int(m.group(1)), fam) if m else None
 
 
 _DL_SUBMODULE = re.compile(r"^(mlp|attn|resid)[a-z_]*?_?layer_?(\d+)$")
@@ -97,7 +85,7 @@ def dictionary_learning_model(folder: Path) -> str | None:
 
 
 def dictionary_learning_hook(model: str | None, submodule: Any, layer: Any, io: Any,
-                             folder: Path) -> tuple[dict | None, str]:
+                             folder: Path, fam: Family | None = None) -> tuple[dict | None, str]:
     """HookPoint fields from dictionary_learning's `submodule_name` (`mlp_out_layer3`, `resid_post_layer_3`,
     `embed`) or, without one, its folder name (the pythia sets: `.../mlp_out_layer3/0_8192/`), or `layer`
     alone (dictionary_learning's `get_submodule` then means the block's output). Also a note saying how."""
@@ -109,27 +97,40 @@ def dictionary_learning_hook(model: str | None, submodule: Any, layer: Any, io: 
             submodule, how = f"resid_layer{layer}", f"hook point: output of block {layer} (config names only layer)"
     io = "input" if io == "in" else "output"
     if submodule == "embed":
-        return _hook(model, "embed", "embed", None, io), how
+        return _embed(model, io, fam), how
     m = _DL_SUBMODULE.match(str(submodule or ""))
-    if not m:
-        return None, f"submodule {submodule!r} not mapped to a module path: set card.hook by hand" if submodule else ""
-    site, n = m.group(1), int(m.group(2))
-    return _hook(model, {"resid": "block"}.get(site, site), site, n, io), how
+    site = m and {("mlp", "output"): "mlp_out", ("mlp", "input"): "mlp_in", ("attn", "output"): "attn_out",
+                  ("resid", "output"): "resid_post", ("resid", "input"): "resid_pre"}.get((m.group(1), io))
+    if not site:
+        return None, f"submodule {submodule!r} ({io}) not mapped to a module path: set card.hook by hand" \
+            if submodule else ""
+    return _site(model, site, int(m.group(2)), fam), how
 
 
-_SPARSIFY = re.compile(r"^(?:layers|h)\.(\d+)(?:\.(mlp|attention|self_attn|attn))?$")
+def _sparsify_site(fam: Family, rel: str) -> str | None:
+    """The card site of a module path relative to block L: a table site's module read at its output, or the
+    module holding an mlp or attention site (Gemma 2's `mlp`, whose output the post-norm follows)."""
+    if rel == "":
+        return "resid"
+    paths = {site: fam.sites[site].partition(":") for site in SITES if site in fam.sites}
+    for site, (module, _, io) in paths.items():
+        if module == rel and io == "output":
+            return CARD_SITE[site]
+    for site, (module, _, _) in paths.items():
+        if CARD_SITE[site] != "resid" and (module == rel or module.startswith(rel + ".")):
+            return CARD_SITE[site]
+    return None
 
 
-def sparsify_hook(model: str | None, hookpoint: str) -> dict | None:
-    """HookPoint fields for a sparsify hookpoint (a module path under the model's base model)."""
-    fam = family(model)
+def sparsify_hook(model: str | None, hookpoint: str, fam: Family | None = None) -> dict | None:
+    """HookPoint fields for a sparsify hookpoint (a module path under the model's base model, read at its
+    output); None when the family is unknown or the module is no site of it."""
+    fam = fam or guess_family(model)
     if fam is None:
         return None
-    m = _SPARSIFY.match(hookpoint)
-    if hookpoint in ("embed_in", "wte", "embed_tokens"):
-        site, layer = "embed", None
-    elif m:
-        site, layer = ("resid" if m.group(2) is None else "mlp" if m.group(2) == "mlp" else "attn"), int(m.group(1))
-    else:
-        return None
-    return {"module": f"{FAMILIES[fam]['base']}.{hookpoint}", "io": "output", "site": site, "layer": layer}
+    module = f"{fam.base}.{hookpoint}"
+    if hookpoint == fam.embed:
+        return {"module": module, "io": "output", "site": "embed", "layer": None}
+    m = re.match(rf"^{re.escape(fam.layers)}\.(\d+)(?:\.(.+))?$", hookpoint)
+    site = m and _sparsify_site(fam, m.group(2) or "")
+    return {"module": module, "io": "output", "site": site, "layer": int(m.group(1))} if site else None

@@ -6,8 +6,13 @@ collect the activations at several hook points from one forward that stops right
 activations replaced (`run_patched`). Everything accepts a raw `PreTrainedModel` or an nnsight-wrapped one
 and is independent of the order hooks are listed in; nothing here imports nnsight (`attachment.py` does).
 
+A hook point is a module path ("gpt_neox.layers.3.mlp", "...:input") or a (site, layer) pair such as
+("resid_post", 3), mapped through the per-architecture table of `model_families.py` (`find_hook` is the one
+resolver that attachment, harvesting, evaluation and inspection use).
+
 Activations are (batch, pos, d). A module whose output is a tuple (attention in transformers 5) is read
-and written through its first element.
+and written through its first element; one that sees the tokens flattened to (batch * pos, d) (OPT's MLP)
+is viewed as (batch, pos, d) (`as_tokens`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,30 @@ from dictionaries.errors import (
     NotWrappedError,
     ShapeMismatchError,
 )
+from dictionaries.model_families import SiteHook, family_of, site_path
 from dictionaries.recipe import HookPoint
+
+SiteRef = tuple[str, int]
+"""A (site, layer) pair, e.g. ("mlp_out", 3): see model_families.SITES."""
+
+
+def is_site_ref(hook: Any) -> bool:
+    """Whether `hook` is a (site, layer) pair rather than a path, a HookPoint or a list of hook points."""
+    return isinstance(hook, tuple) and len(hook) == 2 and isinstance(hook[0], str) and isinstance(hook[1], int)
 
 
 def first_tensor(value: Any) -> Tensor:
     """The activation in a module's output: the value itself or the first element of a tuple."""
     return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def as_tokens(x: Tensor, batch_shape: Sequence[int] | None) -> Tensor:
+    """x as (batch, pos, d): a (batch * pos, d) activation of a block that flattens the tokens is viewed with
+    the forward's (batch, pos); anything else is returned as is."""
+    if batch_shape is not None and x.dim() == 2 and len(batch_shape) == 2 \
+            and x.shape[0] == batch_shape[0] * batch_shape[1]:
+        return x.view(batch_shape[0], batch_shape[1], x.shape[-1])
+    return x
 
 
 def replace_first(value: Any, new: Tensor) -> Any:
@@ -48,16 +71,18 @@ def replace_first(value: Any, new: Tensor) -> Any:
 
 def load_model(ref: str, *, revision: str | None = None, device: torch.device | str | None = None,
                tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """A causal LM (eval mode, on `device`) and its tokenizer from a HF id or a local `save_pretrained` folder,
-    at `revision`; ModelLoadError saying why when either cannot be loaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A model (eval mode, on `device`) and its tokenizer from a HF id or a local `save_pretrained` folder, at
+    `revision`, in the class its config names (`model_class`); ModelLoadError saying why when either cannot
+    be loaded."""
+    from transformers import AutoConfig, AutoTokenizer
 
     if ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().is_dir():  # a path, never a Hub id
         raise ModelLoadError(ref, "there is no folder at this path")
     device = resolve_device(device if device is not None else "cpu")
     try:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ref, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(ref, revision=revision)
+        config = AutoConfig.from_pretrained(ref, revision=revision)
+        model = model_class(config).from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(ref, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     return model.to(device).eval(), tokenizer
@@ -82,6 +107,26 @@ def resolve_device(device: torch.device | str) -> torch.device:
         raise InvalidArgumentError("device", str(device), f"this machine has {count} {dev.type} device(s), "
                                                           f"{dev.type}:0 to {dev.type}:{count - 1}")
     return dev
+
+
+def model_class(config: Any) -> Any:
+    """The transformers class to load a checkpoint in: the first of `config.architectures` that transformers has
+    (`BertForMaskedLM`, `BertModel`, `LlamaForCausalLM`), so an encoder keeps its own head (or none) instead of
+    getting a randomly initialised causal-LM head; without one, AutoModelForCausalLM for a causal family
+    (model_families' `causal`; for types not in the table, when transformers maps the type to a causal LM,
+    which it does for BERT too, as BertLMHeadModel), else AutoModel (the bare base model)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    fam = family_of(config.model_type)
+    causal = fam.causal if fam is not None else config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return AutoModelForCausalLM if causal else AutoModel
 
 
 def torch_model(model: Any) -> nn.Module:
@@ -122,6 +167,25 @@ class ResolvedHook:
         return f"{self.path}:{self.io}"
 
 
+def site_hook(model: Any, site: str, layer: int) -> SiteHook:
+    """The module path and io of (site, layer) in this model, from the table of its `config.model_type`.
+
+    HookPointError when the architecture is not in the table or has no module carrying that site (saying
+    why, e.g. a parallel block's resid_mid)."""
+    hf = torch_model(model)
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    fam = family_of(model_type)
+    where = f"{site}@{layer}"
+    if fam is None:
+        raise HookPointError(where, problem=f"model type {model_type!r} is not in the table of "
+                                            "dictionaries/model_families.py; give its module path instead.")
+    base = fam.base if isinstance(getattr(hf, fam.base, None), nn.Module) else ""   # head model or bare base
+    found = site_path(fam, site, int(layer), config=hf.config, base=base)
+    if isinstance(found, str):
+        raise HookPointError(where, problem=f"{found}.")
+    return found
+
+
 def parse_hook(hook: HookPoint | str) -> tuple[str, str]:
     """(module path, "output" | "input") of a HookPoint or a "module.path[:input|:output]" string."""
     if isinstance(hook, HookPoint):
@@ -156,9 +220,14 @@ def module_width(hf: nn.Module, module: nn.Module, io: str) -> int | None:
     return None
 
 
-def find_hook(model: Any, hook: HookPoint | str) -> ResolvedHook:
-    """The torch module and width of a hook point; HookPointError naming close module names if absent."""
-    path, io = parse_hook(hook)
+def find_hook(model: Any, hook: HookPoint | str | SiteRef) -> ResolvedHook:
+    """The torch module and width of a hook point (a path or a (site, layer) pair); HookPointError naming
+    close module names if absent."""
+    if is_site_ref(hook):
+        found = site_hook(model, *hook)
+        path, io = found.module, found.io
+    else:
+        path, io = parse_hook(hook)
     hf = torch_model(model)
     try:
         module = hf.get_submodule(path) if path else hf
@@ -169,7 +238,7 @@ def find_hook(model: Any, hook: HookPoint | str) -> ResolvedHook:
     return ResolvedHook(path, io, module, module_width(hf, module, io))
 
 
-def check_hook(model: Any, hook: HookPoint | str, d_in: int | None) -> ResolvedHook:
+def check_hook(model: Any, hook: HookPoint | str | SiteRef, d_in: int | None) -> ResolvedHook:
     """`find_hook`, then ShapeMismatchError when `d_in` is given and is not the module's width."""
     found = find_hook(model, hook)
     if d_in is not None and found.width is not None and found.width != d_in:
@@ -200,31 +269,37 @@ def _forward(hf: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) ->
     return hf(input_ids, **kwargs)
 
 
-def _register(found: ResolvedHook, fn: Callable[[Tensor], Tensor | None]) -> Any:
-    """A torch hook calling fn(activation); a returned tensor replaces the activation."""
+def _register(found: ResolvedHook, fn: Callable[[Tensor], Tensor | None], batch_shape: Sequence[int]) -> Any:
+    """A torch hook calling fn(activation as (batch, pos, d)); a returned tensor replaces the activation."""
+    def call(x: Tensor) -> Tensor | None:
+        new = fn(as_tokens(x, batch_shape))
+        return None if new is None else new.reshape(x.shape)
+
     if found.io == "output":
         def on_output(_module, _args, output):
-            new = fn(first_tensor(output))
+            new = call(first_tensor(output))
             return None if new is None else replace_first(output, new)
 
         return found.module.register_forward_hook(on_output)
 
     def on_input(_module, args, kwargs):
         if args:
-            new = fn(args[0])
+            new = call(args[0])
             return None if new is None else ((new, *args[1:]), kwargs)
         name = next(iter(kwargs))  # the activation passed by keyword (hidden_states=...)
-        new = fn(kwargs[name])
+        new = call(kwargs[name])
         return None if new is None else (args, {**kwargs, name: new})
 
     return found.module.register_forward_pre_hook(on_input, with_kwargs=True)
 
 
-def collect_activations(model: Any, hooks: Sequence[HookPoint | str], input_ids: Tensor,
+def collect_activations(model: Any, hooks: Sequence[HookPoint | str | SiteRef], input_ids: Tensor,
                         attention_mask: Tensor | None = None) -> list[Tensor]:
     """Activations (batch, pos, d) at every hook, in `hooks` order, from one no-grad forward.
 
-    The forward stops as soon as the last of the hooks has fired, so nothing deeper is computed.
+    The forward stops as soon as the last of the hooks has fired, so nothing deeper is computed. The others
+    are copied: the forward goes on past them and may change their tensor in place (Falcon adds the
+    attention output into the MLP's output, `mlp_output += attention_output`).
     """
     found = [find_hook(model, h) for h in hooks]
     keys = list(dict.fromkeys(f.key for f in found))
@@ -232,13 +307,14 @@ def collect_activations(model: Any, hooks: Sequence[HookPoint | str], input_ids:
 
     def saver(key: str) -> Callable[[Tensor], None]:
         def save(x: Tensor) -> None:
-            saved[key] = x
-            if len(saved) == len(keys):
+            last = len(saved | {key: x}) == len(keys)
+            saved[key] = x if last else x.clone()
+            if last:
                 raise _StopForward
 
         return save
 
-    handles = [_register(f, saver(f.key)) for f in {f.key: f for f in found}.values()]
+    handles = [_register(f, saver(f.key), input_ids.shape) for f in {f.key: f for f in found}.values()]
     try:
         with torch.no_grad():
             _forward(torch_model(model), input_ids, attention_mask)
@@ -254,7 +330,7 @@ def collect_activations(model: Any, hooks: Sequence[HookPoint | str], input_ids:
 
 
 def run_patched(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None,
-                patches: Mapping[HookPoint | str, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+                patches: Mapping[HookPoint | str | SiteRef, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
     """Logits (batch, pos, vocab) of one no-grad forward where each hook's x becomes patches[hook](x)."""
     handles = []
 
@@ -270,7 +346,7 @@ def run_patched(model: Any, input_ids: Tensor, attention_mask: Tensor | None = N
     try:
         for hook, fn in (patches or {}).items():
             found = find_hook(model, hook)
-            handles.append(_register(found, checked(fn, found.key)))
+            handles.append(_register(found, checked(fn, found.key), input_ids.shape))
         with torch.no_grad():
             out = _forward(torch_model(model), input_ids, attention_mask)
     finally:

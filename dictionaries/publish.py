@@ -54,6 +54,8 @@ from dictionaries.registry import HubLocation, entry_block, register_entry
 # Hub repo id parts: letters, digits, '-', '_', '.'; no '--' or '..'; not starting/ending in '-' or '.'.
 _REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?$")
 _BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./\-]{0,199}$")
+DASHBOARD_DIR = "dashboard"
+"""Where a dashboard site goes in the repo (beside the weights)."""
 
 
 @dataclass(frozen=True)
@@ -159,11 +161,13 @@ def upload_list(folder: Path, card: Card) -> list[Path]:
 
 
 # ---- staging -----------------------------------------------------------------------------------
-def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path | None) -> dict[str, Path | bytes]:
+def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path | None,
+          dashboard: Path | None = None) -> dict[str, Path | bytes]:
     """What goes up: repo path -> a file of the folder, or bytes (card.json, read once, and a README.md model
-    card). Nothing is copied unless `dest` is given (a dry run, `--staging-dir`): then the upload is written
-    into `dest/<subfolder>/` and the mapping names those copies. Copies of large weights in a temporary
-    folder would outlive a killed publish; the files are read where they are instead."""
+    card), and the files of a `dictctl dashboard` site under dashboard/, linked from the model card. Nothing
+    is copied unless `dest` is given (a dry run, `--staging-dir`): then the upload is written into
+    `dest/<subfolder>/` and the mapping names those copies. Copies of large weights in a temporary folder
+    would outlive a killed publish; the files are read where they are instead."""
     from dictionaries.hub import model_card_metadata
 
     staged: dict[str, Path | bytes] = {}
@@ -171,7 +175,9 @@ def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path | None
         rel = src.relative_to(folder).as_posix()
         staged[_repo_path(subfolder, rel)] = src.read_bytes() if rel == CARD_FILE else src
     plots = [p for p in staged if p.endswith(".png")]
-    readme = model_card_text(card, repo, subfolder, [Path(p).name for p in plots])
+    for src in dashboard_files(dashboard) if dashboard is not None else []:
+        staged[_repo_path(subfolder, f"{DASHBOARD_DIR}/{src.relative_to(dashboard).as_posix()}")] = src
+    readme = model_card_text(card, repo, subfolder, [Path(p).name for p in plots], dashboard=dashboard is not None)
     meta = model_card_metadata(readme)  # parse it back the way the Hub parses it: a broken header fails here
     if meta.get("library_name") != "dictionaries":
         raise FormatError(README_FILE, "the staged model card lost its `library_name` front matter")
@@ -190,11 +196,20 @@ def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path | None
     return copies
 
 
+def dashboard_files(site: Path) -> list[Path]:
+    """The files of a dashboard site (index.html and data/meta.js required), hidden ones left out."""
+    for needed in ("index.html", "data/meta.js"):
+        if not (site / needed).is_file():
+            raise MissingFileError(str(site / needed), "Pass a folder written by `dictctl dashboard`.")
+    return sorted(p for p in site.rglob("*") if p.is_file() and not p.is_symlink()
+                  and not any(part.startswith(".") for part in p.relative_to(site).parts))
+
+
 def _repo_path(subfolder: str, rel: str) -> str:
     return f"{subfolder}/{rel}" if subfolder else rel
 
 
-def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str]) -> str:
+def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str], dashboard: bool = False) -> str:
     """The repo README.md: Hub YAML front matter, what the dictionary is, its stats, plots and usage."""
     meta: dict = {"library_name": "dictionaries", "license": (card.license or "other").lower()}
     tags = ["sparse-autoencoder", "sae", "dictionary-learning", "interpretability", card.architecture]
@@ -219,6 +234,10 @@ def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str]) -> 
         lines += [f"Original files: {card.provenance.original}", ""]
     lines += _stats_lines(card)
     lines += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
+    if dashboard:  # the site runs from disk: the files' page, and the folder to download and open
+        lines += ["## Feature dashboard", "", f"Every feature's contexts, logit lens and neighbours: "
+                  f"[{DASHBOARD_DIR}/index.html]({DASHBOARD_DIR}/index.html) (download the `{DASHBOARD_DIR}/` "
+                  "folder and open index.html in a browser; it needs no server).", ""]
     lines += ["## Usage", "", "```python", "from dictionaries import load_dictionary, attach", "",
               f'd = load_dictionary("{path}")   # or by registry name: load_dictionary("{card.name}")',
               "with attach(model, d) as sae:", '    with model.trace("The Eiffel Tower is in"):',
@@ -316,12 +335,14 @@ def upload(staged: dict[str, Path | bytes], repo: str, *, branch: str, private: 
 def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str = "main", private: bool = False,
             dry_run: bool = False, register: bool = False, force: bool = False, endpoint: str | None = None,
             token: str | None = None, local_hub: LocalHub | str | Path | None = None,
-            staging_dir: str | Path | None = None, registry_path: str | Path | None = None) -> PublishResult:
+            staging_dir: str | Path | None = None, registry_path: str | Path | None = None,
+            dashboard: str | Path | None = None) -> PublishResult:
     """Validate `folder`, stage it with a model card, upload it in one commit and return its registry entry.
 
     `dry_run` stages into `staging_dir` (default: a new temporary folder, kept) and uploads nothing.
     `register` writes the entry into registry.yaml (`registry_path`, default the registry in use) and
-    its card into cards/ after the commit succeeded.
+    its card into cards/ after the commit succeeded. `dashboard` (a `dictctl dashboard` folder) goes up in the
+    same commit, under dashboard/.
     """
     folder = Path(folder)
     check_repo_id(repo)
@@ -329,6 +350,9 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
     if not _BRANCH.match(branch) or ".." in branch:
         raise RepoNameError(f"{repo}@{branch}", f"branch {branch!r} is not a valid git branch name")
     card = validate_folder(folder)
+    site = Path(dashboard) if dashboard is not None else None
+    if site is not None:
+        dashboard_files(site)  # a wrong folder fails before anything is sent
     if register and not NAME_PATTERN.match(card.name):
         raise CardError(str(folder / CARD_FILE), "name", f"{card.name!r} is not a registry name "
                         "(<model>/<site><layer>/<size>[-<variant>]); fix it before --register")
@@ -348,7 +372,7 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
     dest = Path(staging_dir) if staging_dir else None
     if dry_run and dest is None:
         dest = Path(tempfile.mkdtemp(prefix="dictionaries-publish-"))  # kept: the user inspects it
-    staged = stage(folder, card, repo, subfolder, dest)
+    staged = stage(folder, card, repo, subfolder, dest, site)
     card = entry_card(card, staged[_repo_path(subfolder, CARD_FILE)])
     if dry_run:
         return PublishResult(card.name, card, target, dest, sorted(staged), dry_run=True, notes=notes)

@@ -20,8 +20,8 @@ def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):
     lines: list[str] = []
     result = run_demo(tmp_path, tokens=40_960, say=lines.append, progress=False)
     text = "\n".join(lines)
-    for step in range(1, 8):
-        assert f"[{step}/7]" in text
+    for step in range(1, 9):
+        assert f"[{step}/8]" in text
     assert "dictctl train pythia70m/mlp3/8192" in lines[-1]          # ends with the Pythia commands
     card = json.loads((result.folder / "card.json").read_text())
     assert card["stats"]["source"] == "measured"
@@ -34,6 +34,8 @@ def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):
     assert len(entry.location.revision) == 40
     assert result.top_features
     assert all(peak > 0 for _, peak, _ in result.top_features)
+    assert result.dashboard.is_file() and str(result.dashboard) in text
+    assert len(list(result.dashboard.parent.glob("data/shard_*.js"))) == 1024 // 256
 
 
 def _dictctl_lines(text: str) -> list[list[str]]:

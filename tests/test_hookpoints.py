@@ -28,8 +28,10 @@ def test_model_id(name, expected):
 
 @pytest.mark.parametrize("model, fam", [("EleutherAI/pythia-70m-deduped", "gpt_neox"), ("gpt2", "gpt2"),
                                         ("openai-community/gpt2-medium", "gpt2"), ("meta-llama/Llama-3.1-8B", "llama"),
-                                        ("google/gemma-2-2b", "llama"), ("Qwen/Qwen2.5-7B", "llama"),
-                                        ("bert-base-uncased", None), (None, None)])
+                                        ("google/gemma-2-2b", "gemma2"), ("Qwen/Qwen2.5-7B", "qwen2"),
+                                        ("bert-base-uncased", "bert"), ("distilbert-base-uncased", None),
+                                        ("EleutherAI/gpt-j-6b", "gptj"), ("facebook/opt-125m", "opt"),
+                                        ("HuggingFaceTB/SmolLM2-135M", None), (None, None)])
 def test_family(model, fam):
     assert family(model) == fam
 
@@ -46,8 +48,17 @@ TL_CASES = [  # (hook name, model, module, io, site, layer)
     ("blocks.5.mlp.hook_post", "gpt2", "transformer.h.5.mlp.c_proj", "input", "mlp", 5),
     ("hook_embed", "gpt2", "transformer.wte", "output", "embed", None),
     ("blocks.7.hook_mlp_out", "meta-llama/Llama-3.1-8B", "model.layers.7.mlp", "output", "mlp", 7),
-    ("blocks.7.hook_attn_out", "google/gemma-2-2b", "model.layers.7.self_attn", "output", "attn", 7),
+    ("blocks.7.hook_attn_out", "google/gemma-2-2b", "model.layers.7.post_attention_layernorm", "output", "attn", 7),
     ("blocks.7.attn.hook_z", "meta-llama/Llama-3.1-8B", "model.layers.7.self_attn.o_proj", "input", "attn", 7),
+    # Gemma 2 adds the post-norm's output (TransformerLens' hook_attn_out / hook_mlp_out, Gemma Scope)
+    ("blocks.7.hook_mlp_out", "google/gemma-2-2b", "model.layers.7.post_feedforward_layernorm", "output", "mlp", 7),
+    ("blocks.3.hook_resid_mid", "gpt2", "transformer.h.3.ln_2", "input", "resid", 3),
+    ("blocks.3.hook_mlp_in", "gpt2", "transformer.h.3.ln_2", "input", "resid", 3),
+    ("blocks.3.ln2.hook_normalized", "gpt2", "transformer.h.3.mlp", "input", "mlp", 3),
+    ("blocks.2.hook_mlp_out", "facebook/opt-125m", "model.decoder.layers.2.fc2", "output", "mlp", 2),
+    ("blocks.2.hook_attn_out", "tiiuae/falcon-7b", "transformer.h.2.self_attention", "output", "attn", 2),
+    ("blocks.2.hook_mlp_out", "bert-base-uncased", "bert.encoder.layer.2.output.dense", "output", "mlp", 2),
+    ("hook_embed", "EleutherAI/gpt-j-6b", "transformer.wte", "output", "embed", None),
 ]
 
 
@@ -58,7 +69,8 @@ def test_transformerlens_hooks(hook, model, module, io, site, layer):
     HookPoint(**fields)  # a valid card field
 
 
-@pytest.mark.parametrize("hook, model", [("blocks.3.hook_resid_mid", "gpt2"), ("blocks.3.hook_mlp_out", "bert-base"),
+@pytest.mark.parametrize("hook, model", [("blocks.3.hook_resid_mid", "EleutherAI/pythia-70m"),  # parallel block
+                                         ("blocks.3.hook_mlp_out", "distilbert-base"),
                                          ("blocks.3.hook_mlp_out", None), ("blocks.x.hook_mlp_out", "gpt2"),
                                          (None, "gpt2")])
 def test_unknown_hooks_stay_unset(hook, model):
@@ -94,7 +106,10 @@ def test_dictionary_learning_folder_names():
     ("gpt2", "h.2.attn", "transformer.h.2.attn", "attn"),
     ("meta-llama/Llama-3.2-1B", "layers.9.self_attn", "model.layers.9.self_attn", "attn"),
     ("HuggingFaceTB/SmolLM2-135M", "layers.1", None, None),  # family unknown: left unset
-    ("gpt2", "h.2.ln_1", None, None)])
+    ("gpt2", "h.2.ln_1", None, None),
+    ("google/gemma-2-2b", "layers.4.mlp", "model.layers.4.mlp", "mlp"),
+    ("facebook/opt-125m", "decoder.layers.4", "model.decoder.layers.4", "resid"),
+    ("Qwen/Qwen3-0.6B", "embed_tokens", "model.embed_tokens", "embed")])
 def test_sparsify_hookpoints(model, hookpoint, module, site):
     fields = sparsify_hook(model, hookpoint)
     assert (fields["module"], fields["site"]) == (module, site) if module else fields is None

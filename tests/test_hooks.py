@@ -247,3 +247,28 @@ def test_every_registry_hook_point_resolves_on_pythia70m(pythia70m_skeleton, nam
     module = A.resolve_hook(pythia70m_skeleton, card.hook, d_in=card.d_in)
     assert module is pythia70m_skeleton.get_submodule(card.hook.module)
     assert H.find_hook(pythia70m_skeleton, card.hook).width == card.d_in
+
+
+@pytest.mark.parametrize("cls, saved_as", [("BertForMaskedLM", "BertForMaskedLM"), ("BertModel", "BertModel"),
+                                           ("GPT2LMHeadModel", "GPT2LMHeadModel"), ("BertModel", None)])
+def test_load_model_in_the_class_its_config_names(cls, saved_as, tokenizer, tmp_path):
+    """An encoder loads with its own head (or none), never AutoModelForCausalLM's random causal-LM head."""
+    import transformers
+
+    config_cls = transformers.BertConfig if cls.startswith("Bert") else transformers.GPT2Config
+    small = dict(vocab_size=1024, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config = config_cls(**small) if cls.startswith("Bert") else config_cls(vocab_size=1024, n_embd=32, n_layer=1,
+                                                                            n_head=2)
+    model = getattr(transformers, cls)(config)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    if saved_as is None:  # a config without `architectures`: the bare base model for an encoder
+        import json
+
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg.pop("architectures", None)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded, _ = H.load_model(str(tmp_path))
+    assert type(loaded).__name__ == (saved_as or "BertModel")
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], p)
