@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from dictionaries.errors import CardError
+from dictionaries.errors import CardError, MissingFileError
 from dictionaries.files import relative_path_problem
 from dictionaries.recipe import (
+    MAX_SIZE,
     Architecture,
     DatasetSpec,
+    Dtype,
     HookPoint,
     ModelRef,
     Recipe,
@@ -31,8 +33,19 @@ SourceFormat = Literal["native", "dictionary_learning", "saelens", "sparsify"]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.\-]*/(embed|attn|mlp|resid)(\d+)?/\d+(-[a-z0-9][a-z0-9\-]*)?$")
 REVISION_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+HUB_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?$")
 
 
+def repo_id_problem(repo: str) -> str | None:
+    """Why the Hub would refuse `repo` as a repo id `org/name` (huggingface_hub's own rules), else None."""
+    parts = repo.split("/")
+    if len(parts) != 2:
+        return "a repo id has exactly one '/' between the organisation (or user) and the name"
+    for part in parts:
+        if not HUB_NAME_PATTERN.match(part) or "--" in part or ".." in part or part.endswith(".git"):
+            return (f"{part!r} is not a Hub name (letters, digits, '-', '_' and '.', at most 96, not starting or "
+                    "ending in '-' or '.', no '--' or '..')")
+    return None
 
 
 class Links(Strict):
@@ -51,7 +64,7 @@ class FileEntry(Strict):
 
     path: str
     """Path relative to the dictionary's folder (or Hub subfolder)."""
-    size: int | None = None
+    size: int | None = Field(default=None, ge=0)
     """Size in bytes, None until first hashed."""
     sha256: str | None = None
     """Hex sha256, None until first hashed (the entry is then not verified)."""
@@ -199,15 +212,15 @@ class Card(Strict):
     """Other names the dictionary answers to."""
     architecture: Architecture
     """The kind of dictionary module."""
-    d_in: int = Field(gt=0)
+    d_in: int = Field(gt=0, le=MAX_SIZE)
     """Width of the activation it reads."""
-    d_dict: int = Field(gt=0)
+    d_dict: int = Field(gt=0, le=MAX_SIZE)
     """Number of features."""
-    k: int | None = Field(default=None, gt=0)
+    k: int | None = Field(default=None, gt=0, le=MAX_SIZE)
     """Active features per token for topk (per token on average for batchtopk)."""
     pre_encoder_bias: bool = True
     """Whether b_dec is subtracted from the input before encoding (Bricken et al. 2023)."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Dtype of the stored weights."""
     license: str | None = None
     """SPDX license id of the weights, None if unknown."""
@@ -273,12 +286,25 @@ def read_card(path: str | Path) -> Card:
     import yaml
 
     path = Path(path)
-    text = path.read_text()
+    text = _card_text(path)
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise CardError(str(path), "<root>", f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
     return parse_card(data, str(path))
+
+
+def _card_text(path: Path) -> str:
+    """A card file's text; one that is absent, not a file or not UTF-8 is an error naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingFileError(str(path), "No card there.") from None
+    except UnicodeDecodeError as e:
+        raise CardError(str(path), "<root>", f"not UTF-8 text (byte {e.start}: {e.reason}); save the card as "
+                                             "UTF-8") from None
+    except OSError as e:  # a folder, or no permission to read it
+        raise CardError(str(path), "<root>", f"cannot be read ({e.strerror or e})") from None
 
 
 def card_schema() -> dict:

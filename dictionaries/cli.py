@@ -59,6 +59,7 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
     (errors.ModelLoadError, "cannot load model", ""),
     (errors.HubPathError, "bad hub path", ""),
     (errors.LocalHubError, "local hub", ""),
+    (errors.InvalidArgumentError, "bad argument", ""),
     (errors.DictionariesError, "error", ""),
 ]
 
@@ -120,8 +121,8 @@ def _error_line(label: str, message: str) -> None:
 @app.command("list")
 def list_(model: Optional[str] = typer.Option(None, help="Model prefix (pythia70m) or HF id."),
           site: Optional[str] = typer.Option(None, help="embed, attn, mlp or resid."),
-          layer: Optional[int] = typer.Option(None, help="Block index."),
-          size: Optional[int] = typer.Option(None, help="Number of features."),
+          layer: Optional[int] = typer.Option(None, min=0, help="Block index."),
+          size: Optional[int] = typer.Option(None, min=1, help="Number of features."),
           architecture: Optional[str] = typer.Option(None, help="relu, topk, batchtopk, jumprelu, gated.")) -> None:
     """Table of registry entries with their headline stats."""
     from dictionaries.registry import load_registry
@@ -207,7 +208,7 @@ def mirror_(name: str = typer.Argument(..., help="Registry name whose original f
                                                 "default the card's."),
             dataset: Optional[str] = typer.Option(None, help="Eval text (dataset id or local file); "
                                                   "default the recipe's."),
-            tokens: int = typer.Option(16384, help="Eval tokens."),
+            tokens: int = typer.Option(16384, min=1, help="Eval tokens."),
             device: Optional[str] = typer.Option(None, help="Eval device.")) -> None:
     """Fetch an entry's original files, convert to native, evaluate if a model loads, publish, pin the entry."""
     from dictionaries.mirror import mirror
@@ -255,9 +256,9 @@ def _print_publish(result) -> None:
 def eval_(ref: str = typer.Argument(..., help="Registry name, native folder, or a glob of either (one model)."),
           dataset: Optional[str] = typer.Option(None, help="Local text file/folder or dataset id "
                                                 "(default: the card's recipe dataset)."),
-          tokens: int = typer.Option(16384, help="Eval tokens."),
-          batch_size: int = typer.Option(8, help="Contexts per forward."),
-          context_length: int = typer.Option(128, help="Tokens per context."),
+          tokens: int = typer.Option(16384, min=1, help="Eval tokens."),
+          batch_size: int = typer.Option(8, min=1, help="Contexts per forward."),
+          context_length: int = typer.Option(128, min=2, help="Tokens per context."),
           device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default cpu)."),
           model: Optional[str] = typer.Option(None, help="Model folder (save_pretrained + tokenizer) or HF id "
                                               "(default: the card's model)."),
@@ -297,21 +298,20 @@ def compare(a: str = typer.Argument(..., help="Registry name or folder (card.jso
 @app.command("train")
 def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glob (several dictionaries from one "
                                                 "pass); omit with --recipe holding a whole recipe."),
-           tokens: Optional[int] = typer.Option(None, help="Training tokens (overrides the recipe)."),
+           tokens: Optional[int] = typer.Option(None, min=1, help="Training tokens (overrides the recipe)."),
            model: Optional[str] = typer.Option(None, help="Model HF id or local folder (save_pretrained + tokenizer)."),
            dataset: Optional[str] = typer.Option(None, help="Dataset HF id, or a local .txt file / folder / .jsonl."),
            device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
            out: str = typer.Option("trained", help="Folder for the native outputs (DIR/<name>/) and checkpoints."),
            resume: bool = typer.Option(False, "--resume", help="Continue from DIR/checkpoint."),
            recipe: Optional[str] = typer.Option(None, help="YAML of recipe fields: overrides, or a whole recipe."),
-           checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints."),
+           checkpoint_every: int = typer.Option(1000, min=1, help="Steps between checkpoints."),
            log: Optional[str] = typer.Option(None, help="Append training curves to this JSONL file.")) -> None:
     """Regenerate entries from their card recipes (or train a recipe file); writes native folders."""
-    from training.run import train_entries
-
-    overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset)) if v is not None}
     if name is None and recipe is None:
         raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
+    from training.run import train_entries  # after the check: bad usage is said without waiting for torch
+    overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset)) if v is not None}
     for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
                                 checkpoint_every=checkpoint_every, log_file=log):
         console.print(f"wrote {folder}", highlight=False)
@@ -353,7 +353,7 @@ def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported for
 
 @app.command("inspect")
 def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or dictionary folder."),
-                feature: int = typer.Option(..., "--feature", help="Feature index."),
+                feature: int = typer.Option(..., "--feature", min=0, help="Feature index."),
                 texts: str = typer.Option(..., "--texts", help="Text file, one text per line."),
                 top: int = typer.Option(10, "--top", help="Number of contexts and of logit-lens tokens."),
                 model: Optional[str] = typer.Option(None, "--model",

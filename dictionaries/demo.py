@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dictionaries.constants import CACHE_SUBDIR, CARD_FILE, ENV_REGISTRY
+from dictionaries.errors import InvalidArgumentError
 
 SENTENCE = "The for statement is used to iterate over the elements of a sequence."
 REPO = "demo/toy-neox-saes"
@@ -57,13 +58,17 @@ def demo_registry(root: Path) -> Path:
     return root / "registry.yaml"
 
 
+DEMO_BATCH = 1024
+"""Activations per training step of the demo's recipe: the fewest tokens a demo can train on."""
+
+
 def demo_recipe(model_folder: Path, dataset: Path, d_model: int, tokens: int):
     """TopK (Gao et al. 2024) with AuxK, scaled down: 8x expansion, k = 16, short warm-up, dead after 200k tokens."""
     from training.presets import preset, validate_recipe
 
     fields = preset("topk", model={"id": str(model_folder)},
                     hook={"module": "gpt_neox.layers.1.mlp", "io": "output", "site": "mlp", "layer": 1},
-                    dataset={"path": str(dataset)}, context_length=64, tokens=tokens, batch_size=1024,
+                    dataset={"path": str(dataset)}, context_length=64, tokens=tokens, batch_size=DEMO_BATCH,
                     buffer_contexts=256, harvest_batch_size=32, d_dict=8 * d_model, k=16,
                     **{"optimizer.lr": 2e-3, "optimizer.warmup_steps": 20, "penalty.aux_k": 64,
                        "penalty.aux_dead_tokens": 200_000}, seed=0)
@@ -75,7 +80,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
     """Run every step; `workdir` holds the cached toy model and this run's hub, registry and outputs."""
     start = time.perf_counter()
     hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    workdir = Path(workdir or hf_home / CACHE_SUBDIR / "demo")
+    workdir = _check_arguments(Path(workdir or hf_home / CACHE_SUBDIR / "demo"), tokens)
     run_dir = workdir / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     result = DemoResult()
@@ -119,6 +124,16 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
     say(f"\nDone in {result.seconds:.0f} s. Everything is under {run_dir}.\n")
     say(PYTHIA_COMMANDS)
     return result
+
+
+def _check_arguments(workdir: Path, tokens: int) -> Path:
+    """The work folder, after refusing what the demo cannot use; before the hub starts and the toy model trains
+    (a minute of work), so bad input is said at once."""
+    if tokens < DEMO_BATCH:
+        raise InvalidArgumentError("tokens", tokens, f"the demo trains on at least one step of {DEMO_BATCH} tokens")
+    if workdir.exists() and not workdir.is_dir():
+        raise InvalidArgumentError("workdir", str(workdir), "a file is there; give a folder")
+    return workdir
 
 
 def _publish_and_load(folder: Path, hub, run_dir: Path, name: str, say: Callable[[str], None]):

@@ -65,6 +65,24 @@ class FormatError(DictionariesError, ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class NonFiniteWeightsError(FormatError, FloatingPointError):
+    """Weights holding NaN or infinite values, refused when a folder is read, written or published."""
+
+    def __init__(self, path: str, tensors: dict[str, int]):
+        self.tensors = dict(tensors)  # tensor name -> how many of its values are not finite
+        listing = ", ".join(f"{name!r} ({n} values)" for name, n in self.tensors.items())
+        super().__init__(path, f"NaN or infinite weights in {listing}; such a dictionary computes NaN features. "
+                               "Train it again, or convert it again from its original files")
+
+
+class InvalidArgumentError(DictionariesError, ValueError):
+    """An argument outside what it may be: a count below 1, a device this machine lacks, a file for a folder."""
+
+    def __init__(self, argument: str, value: object, expected: str):
+        self.argument, self.value, self.expected = argument, value, expected
+        super().__init__(f"{argument} {value!r} is not valid: {expected}.")
+
+
 class MissingFileError(DictionariesError, FileNotFoundError):
     """A file a dictionary needs is absent (locally or in the Hub repo)."""
 

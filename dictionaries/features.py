@@ -14,20 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
-
 from dictionaries.errors import (
     CardError,
     FeatureIndexError,
+    FormatError,
     HookPointError,
+    InvalidArgumentError,
     MissingFileError,
     NotWrappedError,
 )
-from dictionaries.hooks import check_hook, collect_activations, torch_model
 from dictionaries.recipe import HookPoint, Strict
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it is used: `dictctl inspect` checks its arguments without it
+    import torch
+    from torch import Tensor, nn
+
     from dictionaries.architectures import Dictionary
 
 
@@ -98,7 +99,10 @@ def _hook_of(dictionary: Dictionary, hook: HookPoint | str | None) -> HookPoint 
 def features_of(model: Any, dictionary: Dictionary, texts: Sequence[str], *, batch_size: int = 8,
                 progress: bool = True, hook: HookPoint | str | None = None) -> list[Tensor]:
     """Features (len_i, d_dict) of each text at the dictionary's hook point (or `hook`), pad dropped."""
+    import torch
     from tqdm.auto import tqdm
+
+    from dictionaries.hooks import check_hook, collect_activations
 
     hook = _hook_of(dictionary, hook)
     check_hook(model, hook, dictionary.d_in)  # a wrong hook or width fails before any forward
@@ -118,11 +122,15 @@ def features_of(model: Any, dictionary: Dictionary, texts: Sequence[str], *, bat
 
 
 def _model_device(model: Any) -> torch.device:
+    from dictionaries.hooks import torch_model
+
     return next(torch_model(model).parameters()).device
 
 
 def _final_norm(hf: nn.Module) -> nn.Module | None:
     """The norm applied before the unembedding: GPT-NeoX `final_layer_norm`, GPT-2 `ln_f`, Llama `norm`."""
+    from torch import nn
+
     base = getattr(hf, "base_model", hf)
     for name in ("final_layer_norm", "ln_f", "norm"):
         module = getattr(base, name, None)
@@ -133,6 +141,10 @@ def _final_norm(hf: nn.Module) -> nn.Module | None:
 
 def logit_lens(model: Any, direction: Tensor, *, top: int = 10) -> tuple[list[TokenScore], list[TokenScore]]:
     """(promoted, suppressed) tokens of a residual direction (d,): unembed(final_norm(direction))."""
+    import torch
+
+    from dictionaries.hooks import torch_model
+
     hf = torch_model(model)
     unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if unembed is None or getattr(unembed, "in_features", None) != direction.shape[-1]:
@@ -171,6 +183,9 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
     """Top-activating contexts of a feature over `texts` (the activating token marked) and its logit lens."""
     if not 0 <= feature < dictionary.d_dict:
         raise FeatureIndexError(feature, dictionary.d_dict)
+    check_report_sizes(top, context)
+    if not texts:
+        raise InvalidArgumentError("texts", list(texts), "give at least one text to look for the feature in")
     acts = [f[:, feature] for f in features_of(model, dictionary, texts, batch_size=batch_size, progress=progress)]
     n = sum(a.numel() for a in acts)
     firing = sum(int((a > 0).sum()) for a in acts)
@@ -182,26 +197,43 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
                          suppressed=suppressed)
 
 
+def check_report_sizes(top: int, context: int) -> None:
+    """`top` (contexts and logit-lens tokens shown) is at least 1 and `context` (tokens before) at least 0."""
+    if top < 1:
+        raise InvalidArgumentError("top", top, "show at least 1 context and token (default 10)")
+    if context < 0:
+        raise InvalidArgumentError("context", context, "show 0 or more tokens before the activating one (default 8)")
+
+
 def read_texts(path: str | Path) -> list[str]:
-    """The non-blank lines of a text file, one text each."""
+    """The non-blank lines of a UTF-8 text file, one text each; a file with none is an error."""
     p = Path(path)
     if not p.is_file():
         raise MissingFileError(str(p), "Pass a text file with one text per line.")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(str(p), f"not UTF-8 text (byte {e.start}: {e.reason}); save the texts as UTF-8") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise InvalidArgumentError("texts", str(p), "the file holds no text: write one text per line")
+    return texts
 
 
 def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str | None = None,
                   top: int = 10, context: int = 8) -> FeatureReport:
     """`dictctl inspect`: load the dictionary and the model (default: the card's model id), read the texts."""
-    from dictionaries.attachment import wrap_model
+    check_report_sizes(top, context)  # every cheap check before torch, the dictionary and the model load
+    texts = read_texts(texts_file)
     from dictionaries.loader import load_dictionary
 
     dictionary = load_dictionary(ref)
-    if not 0 <= feature < dictionary.d_dict:  # every cheap check before the model loads
+    if not 0 <= feature < dictionary.d_dict:
         raise FeatureIndexError(feature, dictionary.d_dict)
     card = dictionary.card
     model_id = model or (card.model.id if card is not None and card.model is not None else None)
     if model_id is None:
         raise CardError(str(ref), "model", "the card names no model; pass `--model` (HF id or folder)")
-    texts = read_texts(texts_file)
+    from dictionaries.attachment import wrap_model  # nnsight, only once everything else is known to be good
+
     return inspect_feature(wrap_model(model_id), dictionary, texts, feature, top=top, context=context)

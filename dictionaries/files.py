@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from dictionaries.errors import FormatError, MissingFileError
+from dictionaries.errors import FormatError, MissingFileError, NonFiniteWeightsError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -196,6 +196,20 @@ def load_safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise FormatError(str(path), f"not a readable safetensors file ({e})") from None
+
+
+def check_weight_values(state: dict[str, Tensor], source: str) -> None:
+    """Refuse weights a dictionary cannot be: tensors that are not floating point (FormatError) or that hold NaN
+    or infinite values (NonFiniteWeightsError), either of which would otherwise load and compute nonsense."""
+    import torch
+
+    for name, tensor in state.items():
+        if not torch.is_floating_point(tensor):
+            raise FormatError(source, f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; dictionary "
+                                      "weights are float32, float16, bfloat16 or float64")
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items() if not bool(torch.isfinite(t).all())}
+    if bad:
+        raise NonFiniteWeightsError(source, bad)
 
 
 def load_pickle(path: Path) -> dict[str, Tensor]:

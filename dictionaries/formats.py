@@ -9,18 +9,20 @@ tensors; this module turns either into a ready `Dictionary` with its card, and w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from dictionaries.card import Card, FileEntry, Files, Provenance, read_card
 from dictionaries.constants import CARD_FILE, WEIGHTS_FILE
 from dictionaries.errors import (
     ArchitectureMismatchError,
+    CardFilesMismatchError,
     FormatError,
+    InvalidArgumentError,
     MissingFileError,
     ShapeMismatchError,
 )
-from dictionaries.files import sha256_of, write_atomic
-from dictionaries.recipe import HookPoint, ModelRef
+from dictionaries.files import check_weight_values, sha256_of, write_atomic
+from dictionaries.recipe import Dtype, HookPoint, ModelRef
 
 if TYPE_CHECKING:
     import torch
@@ -77,11 +79,14 @@ def read_folder(folder: str | Path, *, format: str | None = None, card: Card | N
     if fmt == "native":
         own_card, state, source = _read_native(folder, need_card=card is None)
         check_card_matches(card or own_card, state, source, **_described_by(own_card))
+        check_dtype(card or own_card, state, source)
+        check_weight_values(state, source)
         card = card or own_card
     else:
         from dictionaries.foreign_formats import READERS
 
         found = READERS[fmt](folder, architecture=card.architecture if card is not None else None)
+        check_weight_values(found.state, str(found.weights))  # before a card is built from them
         card = card or _card_from_foreign(folder, fmt, found)
         state, source = found.state, str(found.weights)
         check_card_matches(card, state, source, **_described_by(found))
@@ -97,6 +102,8 @@ def _read_native(folder: Path, need_card: bool = True) -> tuple[Card | None, dic
             raise MissingFileError(str(folder / name), "A native folder holds card.json and weights.safetensors.")
     weights = folder / WEIGHTS_FILE
     own_card = read_card(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None
+    if need_card:  # a local folder is held to its own card (a registry entry's files were checked on fetch)
+        verify_files(folder, own_card)
     return own_card, load_safetensors(weights), str(weights)
 
 
@@ -106,6 +113,29 @@ def _described_by(what: Card | Foreign | None) -> dict:
         return {}
     return {"found_architecture": what.architecture, "found_k": what.k,
             "found_pre_encoder_bias": what.pre_encoder_bias}
+
+
+def verify_files(folder: Path, card: Card) -> None:
+    """Every file the card lists is in `folder` with the size and sha256 the card records (those it records)."""
+    for item in card.files.items:
+        if item.path == CARD_FILE:  # a registry card copied into the folder: card.json cannot hash itself
+            continue
+        path = folder / item.path  # FileEntry keeps the path inside the folder
+        if not path.is_file():
+            raise MissingFileError(str(path), "card.json lists it but the folder does not have it.")
+        size = path.stat().st_size
+        if item.size is not None and size != item.size:
+            raise CardFilesMismatchError(str(path), "size", f"{item.size} bytes", f"{size} bytes")
+        if item.sha256 is not None and (digest := sha256_of(path)) != item.sha256:
+            raise CardFilesMismatchError(str(path), "sha256", item.sha256, digest)
+
+
+def check_dtype(card: Card, state: dict, source: str) -> None:
+    """A native folder's tensors are stored in the dtype its card records."""
+    for name, tensor in state.items():
+        found = str(tensor.dtype).removeprefix("torch.")
+        if found != card.dtype:
+            raise CardFilesMismatchError(source, f"the dtype of {name!r}", card.dtype, found)
 
 
 def check_card_matches(card: Card, state: dict, source: str, *, found_architecture: str | None = None,
@@ -132,10 +162,13 @@ def assemble(card: Card, state: dict, source: str, *, device: torch.device | str
     import torch
 
     from dictionaries.architectures import build_dictionary
+    from dictionaries.hooks import resolve_device
 
+    if isinstance(dtype, str) and dtype not in get_args(Dtype):
+        raise InvalidArgumentError("dtype", dtype, f"expected one of {', '.join(get_args(Dtype))}")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     dtype = dtype or (state["W_enc"].dtype if "W_enc" in state else getattr(torch, card.dtype))
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device if device is not None else "cpu")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     module = build_dictionary(card, dtype=dtype, device="meta")
     module.load_native_state(state, source)  # checks names and shapes (copies nothing on meta)
@@ -166,9 +199,10 @@ def write_native(dictionary: Dictionary, folder: str | Path, *, card: Card | Non
     """
     from safetensors.torch import save
 
-    folder = Path(folder)
+    folder = target_folder(folder)
     card = card or dictionary.card or _bare_card(dictionary, folder)
     state = {k: v.to("cpu") for k, v in dictionary.native_state().items()}
+    check_weight_values(state, f"{type(dictionary).__name__} being written to {folder}")
     check_card_matches(card, state, f"{type(dictionary).__name__} being written to {folder}",
                        found_architecture=dictionary.architecture, found_k=getattr(dictionary, "k", None),
                        found_pre_encoder_bias=dictionary.pre_encoder_bias)
@@ -181,6 +215,15 @@ def write_native(dictionary: Dictionary, folder: str | Path, *, card: Card | Non
         "dtype": str(state["W_enc"].dtype).removeprefix("torch.")})
     write_atomic(folder / CARD_FILE, written.to_json())
     return written
+
+
+def target_folder(folder: str | Path) -> Path:
+    """`folder` as a Path, refused when a file is already there (a native dictionary is a folder)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InvalidArgumentError("destination", str(folder), "a file is there; give a folder (new, or holding "
+                                                               "a dictionary to replace)")
+    return folder
 
 
 def file_entry(path: Path, root: Path) -> FileEntry:
@@ -196,6 +239,7 @@ def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
 
 def convert(src: str | Path, dst: str | Path, *, format: str | None = None) -> Card:
     """Read a folder in any supported format and write it to `dst` as a native folder; the written card."""
+    target_folder(dst)  # before the source is read
     return write_native(read_folder(src, format=format), dst)
 
 

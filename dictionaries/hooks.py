@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from dictionaries.errors import (
     HookPointError,
+    InvalidArgumentError,
     ModelLoadError,
     NotWrappedError,
     ShapeMismatchError,
@@ -74,13 +76,37 @@ def load_model(ref: str, *, revision: str | None = None, device: torch.device | 
     be loaded."""
     from transformers import AutoConfig, AutoTokenizer
 
+    if ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().is_dir():  # a path, never a Hub id
+        raise ModelLoadError(ref, "there is no folder at this path")
+    device = resolve_device(device if device is not None else "cpu")
     try:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ref, revision=revision)
         config = AutoConfig.from_pretrained(ref, revision=revision)
         model = model_class(config).from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(ref, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    return model.to(device or "cpu").eval(), tokenizer
+    return model.to(device).eval(), tokenizer
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device that this machine has; InvalidArgumentError naming what it lacks otherwise
+    (torch would fail later, deep inside a model or tensor move, with a message about something else)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgumentError("device", str(device), "expected cpu, cuda, cuda:N (or another torch device "
+                                                          "type such as mps)") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu: each says what it has
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if count == 0:
+        raise InvalidArgumentError("device", str(device), f"this machine has no {dev.type} device; use cpu")
+    if dev.index is not None and dev.index >= count:
+        raise InvalidArgumentError("device", str(device), f"this machine has {count} {dev.type} device(s), "
+                                                          f"{dev.type}:0 to {dev.type}:{count - 1}")
+    return dev
 
 
 def model_class(config: Any) -> Any:

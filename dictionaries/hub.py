@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from dictionaries.card import repo_id_problem
 from dictionaries.constants import CACHE_SUBDIR, DEFAULT_ENDPOINT, ENV_HUB_TIMEOUT, HUB_TIMEOUT
 from dictionaries.errors import HubPathError, HubUnreachableError, MissingFileError
 from dictionaries.registry import HubLocation
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._\-]*"
+_BAD_REVISION = re.compile(r"[\s~^:?*\[\\]|^[-/]|/$|@\{")  # what git refuses in a ref name
 _HUB_PATH = re.compile(rf"^hf://(?:(?P<type>datasets|models)/)?(?P<org>{_NAME})/(?P<repo>{_NAME})"
                        rf"(?P<sub>(?:/[^/@]+)*)/?(?:@(?P<rev>[^@]+))?$")
 
@@ -86,6 +88,11 @@ def parse_hub_path(path: str) -> HubLocation:
     sub = m["sub"].strip("/")
     if any(part in (".", "..") for part in sub.split("/")):
         raise HubPathError(path, "the folder may not contain '.' or '..'")
+    problem = repo_id_problem(f"{m['org']}/{m['repo']}")  # the Hub's rules, here rather than in huggingface_hub
+    if problem:
+        raise HubPathError(path, problem)
+    if m["rev"] is not None and (".." in m["rev"] or _BAD_REVISION.search(m["rev"])):
+        raise HubPathError(path, f"{m['rev']!r} is not a branch, tag or commit name")
     repo_type = "dataset" if m["type"] == "datasets" else "model"
     return HubLocation(repo=f"{m['org']}/{m['repo']}", revision=m["rev"] or "main", subfolder=sub,
                        repo_type=repo_type)
@@ -144,6 +151,8 @@ def _hub_error(exc: Exception, repo: str, filename: str, revision: str, repo_typ
         return HubUnreachableError(what, s.endpoint, s.offline)
     if isinstance(exc, hf.HfHubHTTPError):
         return HubUnreachableError(f"{what} (HTTP {exc.response.status_code})", s.endpoint, s.offline)
+    if isinstance(exc, hf.HFValidationError):  # a repo id or revision huggingface_hub refuses before any request
+        return HubPathError(what, str(exc).splitlines()[0])
     return exc
 
 

@@ -56,7 +56,6 @@ _REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?$")
 _BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./\-]{0,199}$")
 DASHBOARD_DIR = "dashboard"
 """Where a dashboard site goes in the repo (beside the weights)."""
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -133,22 +132,22 @@ def validate_folder(folder: str | Path) -> Card:
 
 
 def check_weights(path: Path, card: Card) -> None:
-    """The safetensors header's tensor names, shapes and dtypes are exactly those of the card's module."""
-    from safetensors import safe_open
-
+    """The weights' tensor names, shapes and dtypes are exactly those of the card's module, every value finite."""
     from dictionaries.architectures import build_dictionary
+    from dictionaries.files import check_weight_values, load_safetensors
 
     expected = {k: tuple(p.shape) for k, p in build_dictionary(card, device="meta").named_parameters()}
-    with safe_open(str(path), framework="pt") as fh:
-        found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
+    state = load_safetensors(path)  # a file that is not safetensors is a FormatError naming it
+    found = {k: tuple(v.shape) for k, v in state.items()}
     if set(found) != set(expected):
         raise CardFilesMismatchError(str(path), "the tensor names", sorted(expected), sorted(found))
     for key, shape in expected.items():
         if found[key] != shape:
             raise CardFilesMismatchError(str(path), f"the shape of {key!r}", shape, found[key])
-        if _SAFETENSORS_DTYPES.get(dtypes[key], dtypes[key]) != card.dtype:
-            raise CardFilesMismatchError(str(path), f"the dtype of {key!r}", card.dtype, dtypes[key])
+        dtype = str(state[key].dtype).removeprefix("torch.")
+        if dtype != card.dtype:
+            raise CardFilesMismatchError(str(path), f"the dtype of {key!r}", card.dtype, dtype)
+    check_weight_values(state, str(path))
 
 
 def upload_list(folder: Path, card: Card) -> list[Path]:

@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 Site = Literal["embed", "attn", "mlp", "resid"]
+Dtype = Literal["float32", "float16", "bfloat16", "float64"]
+"""The dtypes a dictionary is stored and trained in: torch floating types that safetensors holds."""
+MAX_SIZE = 2**31 - 1
+"""Upper bound of a width, feature count or k: torch and safetensors hold shapes as int64, so a larger one (a
+typo such as 10**30) would fail deep inside them instead of at validation, and no real dictionary is near it."""
 
 
 class Strict(BaseModel):
@@ -158,9 +163,9 @@ class Recipe(Strict):
     """Contexts per model forward when filling the buffer."""
     architecture: Architecture = "relu"
     """Kind of dictionary trained."""
-    d_dict: int = Field(gt=0)
+    d_dict: int = Field(gt=0, le=MAX_SIZE)
     """Number of features."""
-    k: int | None = None
+    k: int | None = Field(default=None, gt=0, le=MAX_SIZE)
     """topk/batchtopk: active features per token."""
     pre_encoder_bias: bool = True
     """Subtract b_dec before encoding (Bricken 2023); Anthropic 2024 drops it."""
@@ -193,7 +198,7 @@ class Recipe(Strict):
     holdout_tokens: int = Field(default=16384, ge=0)
     """Tokens at the head of the seeded, shuffled stream that training skips, so the run's stats are measured
     on text it never trained on (whole documents: training starts at the first document after them)."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Training dtype of the dictionary."""
     threshold_decay: float = Field(default=0.999, ge=0, lt=1)
     """batchtopk: decay of the running average of the smallest kept activation (the inference threshold)."""
@@ -207,6 +212,9 @@ class Recipe(Strict):
             raise ValueError(problem)
         if self.buffer_contexts * self.context_length < self.batch_size:
             raise ValueError("the buffer holds fewer activations than one batch: raise `buffer_contexts`")
+        if self.tokens < self.batch_size:
+            raise ValueError("`tokens` is below `batch_size`: the run would take no step and write an untrained "
+                             "dictionary")
         return self
 
 

@@ -21,10 +21,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from dictionaries.card import (
     NAME_PATTERN,
@@ -32,16 +32,25 @@ from dictionaries.card import (
     Card,
     format_validation_error,
     read_card,
+    repo_id_problem,
 )
 from dictionaries.constants import CARD_FILE, ENV_REGISTRY
 from dictionaries.errors import (
     CardError,
+    InvalidArgumentError,
     MissingFileError,
     RegistryError,
     UnknownNameError,
 )
-from dictionaries.files import locked, replay_journal, write_together
-from dictionaries.recipe import Strict
+from dictionaries.files import locked, relative_path_problem, replay_journal, write_together
+from dictionaries.recipe import Architecture, Site, Strict
+
+
+def _valid_repo(repo: str) -> str:
+    problem = repo_id_problem(repo)  # refused here, not deep inside huggingface_hub at download time
+    if problem:
+        raise ValueError(problem)
+    return repo
 
 
 class HubLocation(Strict):
@@ -57,6 +66,8 @@ class HubLocation(Strict):
     """Folder inside the repo holding the files ('' for the root)."""
     repo_type: Literal["model", "dataset"] = "model"
     """Kind of Hub repo."""
+
+    _repo = field_validator("repo")(_valid_repo)
 
 
 class HubZipLocation(Strict):
@@ -76,6 +87,8 @@ class HubZipLocation(Strict):
     """sha256 of the whole zip."""
     member: str
     """Folder inside the zip holding the dictionary's files (ending in `/`)."""
+
+    _repo = field_validator("repo")(_valid_repo)
 
 
 class UrlLocation(Strict):
@@ -97,6 +110,14 @@ class IndexEntry(Strict):
     """Card path relative to `cards/`."""
     location: Location
     """Where the files live."""
+
+    @field_validator("card")
+    @classmethod
+    def _inside_cards(cls, v: str) -> str:
+        problem = relative_path_problem(v)  # an entry may never read a card from outside cards/
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class Index(Strict):
@@ -213,7 +234,12 @@ class Registry:
 
     def filter(self, *, model: str | None = None, site: str | None = None, layer: int | None = None,
                size: int | None = None, architecture: str | None = None) -> list[Entry]:
-        """Entries matching every given criterion; `model` matches the name prefix or the HF id."""
+        """Entries matching every given criterion; `model` matches the name prefix or the HF id. A site or
+        architecture that does not exist is an error (a typo would otherwise list nothing, as if none existed)."""
+        for what, value, known in (("site", site, get_args(Site)), ("architecture", architecture,
+                                                                     get_args(Architecture))):
+            if value is not None and value not in known:
+                raise InvalidArgumentError(what, value, f"expected one of {', '.join(known)}")
         out = []
         for e in self.entries.values():
             c = e.card

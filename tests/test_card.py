@@ -48,6 +48,11 @@ def test_minimal_card_defaults():
     ({"k": 4}, "<root>", "only for topk"),
     ({"files": {"items": [{"path": "w", "sha256": "abc"}]}}, "files.items.0.sha256", "64"),
     ({"stats": {"source": "reported", "l0": 3.0}}, "stats", "reference"),
+    ({"dtype": "float128"}, "dtype", "float32"),           # a free string would fail later, inside torch
+    ({"dtype": "int32"}, "dtype", "bfloat16"),
+    ({"d_in": 10**30}, "d_in", "less than or equal"),        # torch shapes are int64
+    ({"d_dict": 2**31}, "d_dict", "less than or equal"),
+    ({"files": {"items": [{"path": "w", "size": -1}]}}, "files.items.0.size", "greater than or equal to 0"),
 ])
 def test_invalid_card_names_file_field_problem(bad, field, words):
     with pytest.raises(CardError) as info:
@@ -70,6 +75,26 @@ def test_read_card_reports_bad_yaml(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(CardError, match="not valid YAML"):
         read_card(path)
+
+
+@pytest.mark.parametrize("content, words", [(b'{"name": "caf\xe9"}', "not UTF-8"), (None, "cannot be read")])
+def test_read_card_reports_a_file_it_cannot_read(tmp_path, content, words):
+    path = tmp_path / "card.json"
+    if content is None:
+        path.mkdir()  # a folder where the card should be
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CardError, match=words) as info:
+        read_card(path)
+    assert info.value.path == str(path)
+
+
+def test_recipe_dtype_is_one_of_the_float_types():
+    base = {"preset": "x", "model": {"id": "m"}, "hook": {"module": "a.b", "site": "mlp", "layer": 0},
+            "dataset": {"path": "d"}, "tokens": 10, "d_dict": 8, "batch_size": 8}
+    assert Recipe.model_validate({**base, "dtype": "bfloat16"}).dtype == "bfloat16"
+    with pytest.raises(ValidationError, match="dtype"):
+        Recipe.model_validate({**base, "dtype": "float8"})
 
 
 def test_json_round_trip(tmp_path):
@@ -101,8 +126,10 @@ def test_file_entry_hashes(tmp_path):
 
 def test_recipe_rejects_contradictions():
     base = {"preset": "x", "model": {"id": "m"}, "hook": {"module": "a.b", "site": "mlp", "layer": 0},
-            "dataset": {"path": "d"}, "tokens": 10, "d_dict": 8}
+            "dataset": {"path": "d"}, "tokens": 10, "d_dict": 8, "batch_size": 8}
     Recipe.model_validate(base)
+    with pytest.raises(ValueError, match="no step"):  # fewer tokens than one batch: nothing would be trained
+        Recipe.model_validate({**base, "tokens": 4})
     with pytest.raises(ValueError, match="needs `k`"):
         Recipe.model_validate({**base, "architecture": "topk"})
     with pytest.raises(ValueError, match="prune_below"):

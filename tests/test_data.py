@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from dictionaries.errors import DatasetColumnError
+from dictionaries.errors import DatasetColumnError, MissingFileError
 from dictionaries.recipe import DatasetSpec
-from training.data import TokenStream, holdout_documents, open_dataset
+from training.data import TokenStream, check_dataset, holdout_documents, open_dataset
 from training.toymodel import corpus_documents
 
 DOCS = corpus_documents()[:300]
@@ -134,3 +134,13 @@ def test_held_out_documents_never_reach_training(tmp_path, tokenizer):
     assert docs(evaluation).isdisjoint(docs(seen))
     assert len(docs(evaluation)) + len(docs(seen)) >= 399   # everything else is still trained on
 
+
+@pytest.mark.parametrize("path", ["{tmp}/nowhere.txt", "./nowhere", "~/no-such-dataset-here", "nowhere.jsonl"])
+def test_a_local_dataset_that_is_not_there_is_a_missing_file(tmp_path, path):
+    """Said at once, not as the datasets library's FileNotFoundError from inside a training run."""
+    spec = DatasetSpec(path=path.format(tmp=tmp_path))
+    with pytest.raises(MissingFileError, match="nowhere|no-such-dataset"):
+        check_dataset(spec)
+    with pytest.raises(MissingFileError):
+        open_dataset(spec)
+    check_dataset(DatasetSpec(path="org/some-hub-dataset"))  # a Hub id is looked up when opened, not here

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dictionaries.demo import run_demo
+from dictionaries.errors import InvalidArgumentError
 from dictionaries.registry import load_registry
 
 
@@ -84,3 +85,12 @@ def test_every_command_the_readme_lists_parses():
     for line in lines:
         args = shlex.split(line.replace("[", "").replace("]", ""))[1:]
         _parse([values.get(a, "x") if a.replace("/", "").replace("|", "").isupper() else a for a in args])
+
+
+@pytest.mark.parametrize("tokens, workdir, words", [(0, "dir", "tokens 0"), (-1, "dir", "tokens -1"),
+                                                   (120_000, "file", "a file is there")])
+def test_demo_refuses_bad_arguments_before_starting_anything(tmp_path, tokens, workdir, words):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidArgumentError, match=words):
+        run_demo(tmp_path / workdir, tokens=tokens, say=lambda line: None, progress=False)
+    assert not (tmp_path / "dir").exists()  # no hub started, no run folder made

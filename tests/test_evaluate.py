@@ -13,7 +13,7 @@ import torch
 
 from dictionaries.architectures import ARCHITECTURES, build_dictionary
 from dictionaries.card import Card, Files, compare_stats
-from dictionaries.errors import EvalInputError, ModelLoadError, UnknownNameError
+from dictionaries.errors import EvalInputError, InvalidArgumentError, MissingFileError, ModelLoadError, UnknownNameError
 from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.registry import card_of
 from training.evaluate import Tally, evaluate, evaluate_and_write, pack_batches
@@ -382,3 +382,17 @@ def test_cli_reports_eval_errors_in_one_line(workspace, monkeypatch, capsys):
     assert exit_info.value.code == 1
     assert "cannot load model" in err
     assert "--model" in err
+
+
+@pytest.mark.parametrize("options, error, words", [
+    ({"tokens": 0}, InvalidArgumentError, "tokens 0"), ({"tokens": -1}, InvalidArgumentError, "tokens -1"),
+    ({"batch_size": 0}, InvalidArgumentError, "batch_size 0"),          # range() with step 0 mid-eval
+    ({"context_length": 0}, InvalidArgumentError, "context_length 0"),  # a division by zero mid-eval
+    ({"device": "nonsense"}, InvalidArgumentError, "device 'nonsense'"),
+    ({"dataset": "{w}/nowhere.txt"}, MissingFileError, "nowhere.txt"),
+])
+def test_eval_arguments_are_checked_before_any_work(workspace, options, error, words):
+    options = {k: v.format(w=workspace) if isinstance(v, str) else v for k, v in options.items()}
+    options.setdefault("dataset", str(workspace / "eval.txt"))
+    with pytest.raises(error, match=words):  # "no-such-model" would fail later: these come first
+        evaluate_and_write(str(workspace / "a"), model=str(workspace / "no-such-model"), progress=False, **options)

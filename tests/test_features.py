@@ -7,7 +7,15 @@ import torch
 
 from dictionaries import attachment as A
 from dictionaries import features as F
-from dictionaries.errors import CardError, FeatureIndexError, HookPointError, MissingFileError, ShapeMismatchError
+from dictionaries.errors import (
+    CardError,
+    FeatureIndexError,
+    FormatError,
+    HookPointError,
+    InvalidArgumentError,
+    MissingFileError,
+    ShapeMismatchError,
+)
 
 from helpers import FAMILIES, make_dictionary
 
@@ -37,6 +45,19 @@ def test_features_of_errors(models):
         F.features_of(model, make_dictionary(64, 96, None), TEXTS)
     with pytest.raises(ShapeMismatchError):
         F.features_of(model, make_dictionary(32, 96, "gpt_neox.layers.0.mlp"), TEXTS)
+
+
+@pytest.mark.parametrize("texts, options, argument", [
+    ([], {}, "texts"),                     # would report a feature that fires on 0% of 0 tokens
+    (TEXTS, {"top": -1}, "top"),           # would fail inside torch.topk
+    (TEXTS, {"top": 0}, "top"),            # would report no context and no token
+    (TEXTS, {"context": -5}, "context"),   # would cut the window from the wrong end
+])
+def test_inspect_feature_refuses_what_it_cannot_show(models, texts, options, argument):
+    _, model = models["neox"]
+    with pytest.raises(InvalidArgumentError) as info:
+        F.inspect_feature(model, make_dictionary(64, 96, "gpt_neox.layers.1.mlp"), texts, 0, progress=False, **options)
+    assert info.value.argument == argument
 
 
 def test_inspect_feature_contexts_and_logit_lens(models):
@@ -85,6 +106,21 @@ def test_read_texts(tmp_path):
     assert F.read_texts(tmp_path / "t.txt") == ["one", "two"]
     with pytest.raises(MissingFileError):
         F.read_texts(tmp_path / "none.txt")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(FormatError, match="not UTF-8"):
+        F.read_texts(tmp_path / "latin1.txt")
+    (tmp_path / "blank.txt").write_text("\n   \n")
+    with pytest.raises(InvalidArgumentError, match="holds no text"):
+        F.read_texts(tmp_path / "blank.txt")
+
+
+def test_inspect_named_checks_its_arguments_before_loading_anything(tmp_path):
+    """Neither the dictionary (it does not exist) nor a model is loaded before the texts and sizes are checked."""
+    (tmp_path / "blank.txt").write_text("\n")
+    with pytest.raises(InvalidArgumentError, match="holds no text"):
+        F.inspect_named(str(tmp_path / "no-such-dictionary"), 0, tmp_path / "blank.txt")
+    with pytest.raises(InvalidArgumentError, match="context -1"):
+        F.inspect_named(str(tmp_path / "no-such-dictionary"), 0, tmp_path / "blank.txt", context=-1)
 
 
 def _folders(tmp_path, raw, tokenizer, model_id: str | None):

@@ -11,9 +11,17 @@ from safetensors.torch import load_file
 
 from dictionaries.architectures import ARCHITECTURES
 from dictionaries.card import Card, Files, read_card
-from dictionaries.errors import ArchitectureMismatchError, FormatError, MissingFileError, ShapeMismatchError
-from dictionaries.files import sha256_of
-from dictionaries.formats import convert, detect_format, read_folder, write_native
+from dictionaries.errors import (
+    ArchitectureMismatchError,
+    CardFilesMismatchError,
+    FormatError,
+    InvalidArgumentError,
+    MissingFileError,
+    NonFiniteWeightsError,
+    ShapeMismatchError,
+)
+from dictionaries.files import check_weight_values, sha256_of
+from dictionaries.formats import convert, detect_format, file_entry, read_folder, write_native
 from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.registry import load_registry
 
@@ -130,6 +138,74 @@ def test_given_card_must_match_the_files(tmp_path):
     assert shape.value.found == (D, F)
     renamed = card_for("jumprelu").model_copy(update={"name": "toy/mlp1/24-renamed"})
     assert read_folder(tmp_path / "d", card=renamed).card is renamed
+
+
+def _replace_weights(folder, state: dict, **card_changes) -> None:
+    """New weights in a native folder, its card hashing them (so only what the test breaks is wrong)."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(folder / "weights.safetensors"))
+    card = json.loads((folder / "card.json").read_text())
+    card["files"]["items"] = [file_entry(folder / "weights.safetensors", folder).model_dump(exclude_none=True)]
+    card.update(card_changes)
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("edit, what", [
+    (lambda item, card: item.update(sha256="0" * 64), "sha256"),
+    (lambda item, card: item.update(size=item["size"] + 1), "size"),
+    (lambda item, card: card.update(dtype="float16"), "the dtype of"),
+])
+def test_a_native_folder_is_held_to_its_own_card(tmp_path, edit, what):
+    """convert and load_dictionary refuse a folder whose card.json does not describe its weights."""
+    write_native(random_module("relu"), tmp_path / "d")
+    card = json.loads((tmp_path / "d" / "card.json").read_text())
+    edit(card["files"]["items"][0], card)
+    (tmp_path / "d" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CardFilesMismatchError) as info:
+        convert(tmp_path / "d", tmp_path / "out")
+    assert info.value.what.startswith(what)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_when_read_and_written(tmp_path, value):
+    module = random_module("relu")
+    state = {k: v.clone() for k, v in module.native_state().items()}
+    state["W_dec"][3, 1] = value
+    write_native(module, tmp_path / "d")
+    _replace_weights(tmp_path / "d", state)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        read_folder(tmp_path / "d")
+    assert info.value.tensors == {"W_dec": 1}
+    with torch.no_grad():
+        module.W_dec[3, 1] = value
+    with pytest.raises(NonFiniteWeightsError):
+        write_native(module, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+def test_integer_weights_are_refused_with_the_tensor_named(tmp_path):
+    module = random_module("relu")
+    ints = {k: v.to(torch.int32) for k, v in module.native_state().items()}
+    write_native(module, tmp_path / "d")
+    _replace_weights(tmp_path / "d", ints)
+    with pytest.raises(CardFilesMismatchError, match="int32"):  # the card says float32
+        read_folder(tmp_path / "d")
+    with pytest.raises(FormatError, match="'W_enc' is int32"):  # what any reader's tensors are checked with
+        check_weight_values(ints, "x.safetensors")
+
+
+def test_convert_onto_a_file_and_bad_load_arguments_are_refused(tmp_path):
+    write_native(random_module("relu"), tmp_path / "d")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(InvalidArgumentError, match="a file is there"):
+        convert(tmp_path / "d", tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(InvalidArgumentError, match="dtype 'int8'"):
+        read_folder(tmp_path / "d", dtype="int8")
+    with pytest.raises(InvalidArgumentError, match="device 'nonsense'"):
+        read_folder(tmp_path / "d", device="nonsense")
 
 
 def test_foreign_card_mismatch(tmp_path):

@@ -78,8 +78,33 @@ def test_wrap_model_errors(tmp_path):
 
     with pytest.raises(ModelLoadError, match="cannot load model"):
         A.wrap_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(ModelLoadError, match="no folder at this path"):  # not a Hub id error about its form
+        H.load_model(str(tmp_path / "no-such-model"))
     with pytest.raises(NotWrappedError):
         H.collect_activations("gpt2", ["transformer.h.0"], torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("device, words", [("nonsense", "expected cpu, cuda"), ("cuda:x", "expected cpu, cuda")])
+def test_resolve_device_refuses_what_torch_cannot_parse(device, words):
+    from dictionaries.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=words) as info:
+        H.resolve_device(device)
+    assert info.value.argument == "device"
+    assert H.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_resolve_device_refuses_a_device_this_machine_lacks():
+    from dictionaries.errors import InvalidArgumentError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(InvalidArgumentError, match="cuda"):
+        H.resolve_device(f"cuda:{count}")  # one past the last (with no GPU: any cuda device)
+    if count == 0:
+        with pytest.raises(InvalidArgumentError, match="no cuda device"):
+            H.resolve_device("cuda")
+    else:
+        assert H.resolve_device("cuda").type == "cuda"
 
 
 def test_resolve_hook_missing_module_suggests(neox):

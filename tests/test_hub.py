@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dictionaries.card import FileEntry
 from dictionaries.errors import (
@@ -60,7 +61,10 @@ def test_parse_hub_path(path, repo, sub, rev, kind):
 
 
 @pytest.mark.parametrize("bad", ["org/repo", "hf://", "hf://org", "hf://org/", "hf://org/repo/../x",
-                                 "hf://org/repo@", "hf://org/re po", "https://org/repo"])
+                                 "hf://org/repo@", "hf://org/re po", "https://org/repo",
+                                 # names and revisions the Hub refuses (huggingface_hub's errors passed through)
+                                 "hf://org/a..b", "hf://org/a--b", "hf://org/" + "a" * 97, "hf://org/repo.",
+                                 "hf://org/repo@bad rev", "hf://org/repo@..", "hf://org/repo@a:b"])
 def test_malformed_hub_paths_are_rejected(bad):
     with pytest.raises(HubPathError, match="hf://org/repo/sub/folder@revision"):
         parse_hub_path(bad)
@@ -113,6 +117,29 @@ def test_warm_cache_loads_offline(hub_repo, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     folder = fetch(loc, entries, progress=False)
     assert (folder / "weights.bin").read_bytes() == files["weights.bin"]
+
+
+@pytest.mark.parametrize("repo", ["org/a..b", "a/b/c", "org/-x"])
+def test_a_registry_location_the_hub_would_refuse_is_a_card_error(tmp_path, repo):
+    """Refused when the registry loads, not passed on to huggingface_hub (which raises its own error class)."""
+    from dictionaries.errors import CardError
+    from dictionaries.registry import Registry
+
+    loc = {"kind": "hub", "repo": repo, "revision": "0" * 40}
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump({"entries": {"toy/mlp0/16": {"card": "c.yaml",
+                                                                                      "location": loc}}}))
+    with pytest.raises(CardError, match="entries.toy/mlp0/16.location"):
+        Registry(tmp_path / "registry.yaml")
+
+
+def test_huggingface_hubs_own_validation_error_becomes_ours():
+    from huggingface_hub.errors import HFValidationError
+
+    from dictionaries.hub import _hub_error
+
+    err = _hub_error(HFValidationError("Cannot have -- or .. in repo_id"), "org/a..b", "card.json", "main", "model")
+    assert isinstance(err, HubPathError)
+    assert "Cannot have -- or .." in str(err)
 
 
 def test_offline_with_nothing_cached_names_hf_hub_offline(hub_repo, monkeypatch):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dictionaries.errors import RecipeError, UnknownPresetError
+from dictionaries.errors import MissingFileError, RecipeError, UnknownPresetError
 from dictionaries.recipe import Recipe
 from dictionaries.registry import load_registry
-from training.presets import PRESETS, preset, recipe_for, validate_recipe
+from training.presets import PRESETS, preset, read_recipe_file, recipe_for, validate_recipe
 
 REQUIRED = {"model": "org/model", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0},
             "dataset": "text.txt", "tokens": 10_000, "d_dict": 64, "batch_size": 32, "buffer_contexts": 4,
@@ -96,10 +96,10 @@ def test_bad_value_names_the_field():
 def test_recipe_for_every_registry_entry(entry):
     r = recipe_for(entry.card)
     assert r == entry.card.recipe
-    small = recipe_for(entry.card, {"tokens": 4096, "model": "tiny/model", "dataset": "local.txt",
+    small = recipe_for(entry.card, {"tokens": 65536, "model": "tiny/model", "dataset": "local.txt",
                                     "penalty.coefficient": 0.5})
     assert (small.tokens, small.model.id, small.dataset.path, small.penalty.coefficient) == (
-        4096, "tiny/model", "local.txt", 0.5)
+        65536, "tiny/model", "local.txt", 0.5)
     assert small.hook == r.hook
     assert small.d_dict == entry.card.d_dict
 
@@ -253,3 +253,20 @@ def test_reported_figures_are_seed_003s_and_an_mse_off_the_old_rmse_is_explained
 def test_gated_reconstruction_is_the_squared_l2_norm_of_its_paper():
     """Rajamanoharan et al. 2024a: ||x - x_hat||_2^2 summed over dimensions (dictionary_learning's gdm.py too)."""
     assert _made("gated").mse == "sum_dims"
+
+
+@pytest.mark.parametrize("content, error, words", [
+    (None, MissingFileError, "missing file"),
+    (b"tokens: [1,\n", RecipeError, "not UTF-8 YAML"),
+    (b"tokens: 1 # caf\xe9\n", RecipeError, "not UTF-8 YAML"),
+    (b"- tokens\n", RecipeError, "must hold a mapping"),
+])
+def test_a_recipe_file_that_cannot_be_read_names_itself(tmp_path, content, error, words):
+    path = tmp_path / "recipe.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match=words) as info:
+        read_recipe_file(path)
+    assert str(path) in str(info.value)
+    (tmp_path / "ok.yaml").write_text("tokens: 4096\n")
+    assert read_recipe_file(tmp_path / "ok.yaml") == {"tokens": 4096}

@@ -17,7 +17,9 @@ from dictionaries.architectures import ARCHITECTURES
 from dictionaries.card import FileEntry, read_card
 from dictionaries.errors import (
     CardFilesMismatchError,
+    FormatError,
     MissingFileError,
+    NonFiniteWeightsError,
     PublishError,
     RepoNameError,
     TargetOccupiedError,
@@ -168,6 +170,32 @@ def test_card_that_does_not_match_its_files_is_refused_naming_the_file(spoil, wo
         publish(tmp_path / "native", "org/spoilt", local_hub=local_hub)
     assert info.value.path == str(tmp_path / "native" / "weights.safetensors")
     assert commit_count(local_hub, "org/spoilt") == before
+
+
+def _rewrite_weights(folder: Path, content: bytes) -> None:
+    """Other weights bytes, with card.json hashing them (so the card matches and only the content is bad)."""
+    (folder / "weights.safetensors").write_bytes(content)
+    data = json.loads((folder / "card.json").read_text())
+    data["files"]["items"] = [{"path": "weights.safetensors", "size": len(content),
+                               "sha256": sha256_of(folder / "weights.safetensors")}]
+    (folder / "card.json").write_text(json.dumps(data))
+
+
+def test_weights_that_are_not_finite_or_not_safetensors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save
+
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native")
+    state = load_file(str(tmp_path / "native" / "weights.safetensors"))
+    state["b_enc"][0] = float("nan")
+    _rewrite_weights(tmp_path / "native", save(state))
+    with pytest.raises(NonFiniteWeightsError, match="'b_enc' \\(1 values\\)"):
+        publish(tmp_path / "native", "org/nan", dry_run=True, staging_dir=tmp_path / "staged")
+    _rewrite_weights(tmp_path / "native", bytes(range(256)) * 4)
+    with pytest.raises(FormatError, match="not a readable safetensors file"):
+        publish(tmp_path / "native", "org/garbage", dry_run=True, staging_dir=tmp_path / "staged")
+    assert not (tmp_path / "staged").exists()
 
 
 def test_missing_file_or_card_is_refused(tmp_path, local_hub):

@@ -11,7 +11,13 @@ import yaml
 
 from dictionaries.card import Card, Files
 from dictionaries.constants import ENV_REGISTRY
-from dictionaries.errors import CardError, MissingFileError, RegistryError, UnknownNameError
+from dictionaries.errors import (
+    CardError,
+    InvalidArgumentError,
+    MissingFileError,
+    RegistryError,
+    UnknownNameError,
+)
 from dictionaries.registry import HubLocation, Registry, default_registry_path, load_registry, register_entry
 
 REGISTRY = load_registry()
@@ -155,6 +161,34 @@ def test_duplicate_name_in_flow_style_is_refused(tmp_path):
     path.write_text(text[:text.index("entries:\n")] + hijack + rest + "}\n")
     with pytest.raises(CardError, match="listed twice"):
         Registry(path)
+
+
+@pytest.mark.parametrize("where", ["absolute", "../outside.yaml"])
+def test_an_entry_card_outside_cards_is_refused(tmp_path, where):
+    """A card path naming a file outside cards/ (absolute, or leaving it) is refused, not read."""
+    path = copy_registry(tmp_path)
+    outside = tmp_path / "outside.yaml"
+    shutil.copyfile(tmp_path / "cards" / "pythia70m" / "mlp1" / "8192.yaml", outside)
+    where = str(outside) if where == "absolute" else where
+    path.write_text(path.read_text().replace("card: pythia70m/mlp1/8192.yaml", f"card: {where}", 1))
+    with pytest.raises(CardError, match="entries.pythia70m/mlp1/8192.card"):
+        Registry(path)
+
+
+def test_a_card_that_is_not_utf8_names_its_file(tmp_path):
+    path = copy_registry(tmp_path)
+    card = tmp_path / "cards" / "pythia70m" / "mlp1" / "8192.yaml"
+    card.write_bytes(card.read_bytes() + b"# caf\xe9\n")
+    with pytest.raises(CardError, match="not UTF-8") as info:
+        Registry(path)
+    assert info.value.path == str(card)
+
+
+@pytest.mark.parametrize("criterion", [{"site": "tail"}, {"architecture": "lstm"}])
+def test_filter_refuses_a_site_or_architecture_that_does_not_exist(criterion):
+    """A typo would otherwise list nothing, as if no such dictionary existed."""
+    with pytest.raises(InvalidArgumentError, match=next(iter(criterion.values()))):
+        REGISTRY.filter(**criterion)
 
 
 def test_registry_path_that_is_a_folder(tmp_path):

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from dictionaries.errors import (
+    FormatError,
     HookPointError,
+    InvalidArgumentError,
     NonFiniteLossError,
     OutOfDataError,
     RecipeError,
@@ -397,3 +399,18 @@ def test_cuda_run_matches_the_cpu_run(tmp_path, corpus, tokenizer):
     wc, wg = weights(cpu), weights(gpu)
     for key in wc:
         torch.testing.assert_close(wg[key], wc[key], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("every", [0, -1])  # 0 divided by zero mid-run; -1 never checkpointed
+def test_checkpoint_every_below_one_is_refused_before_the_model_loads(tmp_path, corpus, every):
+    with pytest.raises(InvalidArgumentError, match="checkpoint_every"):
+        run_module.train(run_recipe(corpus), out=tmp_path, checkpoint_every=every)  # "toy-neox" is never loaded
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_it(tmp_path, corpus):
+    (tmp_path / "checkpoint" / "step-5").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "latest").write_text("step-5")
+    (tmp_path / "checkpoint" / "step-5" / "trainers.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(FormatError, match="cannot be read \\(trainers.pt.*without --resume") as info:
+        run_module.train(run_recipe(corpus), out=tmp_path, resume=True)
+    assert info.value.path == str(tmp_path / "checkpoint" / "step-5")

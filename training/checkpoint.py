@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dictionaries.errors import NonFiniteLossError, RecipeMismatchError
+from dictionaries.errors import FormatError, NonFiniteLossError, RecipeMismatchError
 from dictionaries.files import write_atomic
 from training.resume import describe_changes, recipe_differences, split_changes
 from training.session import Session, barrier
@@ -76,10 +76,31 @@ def latest_checkpoint(out: Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def _load(path: Path, folder: Path, **kwargs) -> dict:
+    """One checkpoint file; a truncated or damaged one (or one that is not a checkpoint's dict) is a FormatError
+    naming the checkpoint folder and saying what to do."""
+    try:
+        state = torch.load(path, weights_only=True, **kwargs)
+        why = None if isinstance(state, dict) else f"it holds a {type(state).__name__}"
+    except Exception as e:  # noqa: BLE001 - zip, unpickling, EOF and OS errors all mean "cannot be read"
+        why = (str(e).splitlines() or [repr(e)])[0]
+    if why is not None:
+        raise FormatError(str(folder), f"the checkpoint cannot be read ({path.name}: {why}). Delete this checkpoint "
+                                       "folder and train again without --resume to start from scratch")
+    return state
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Open every file of a checkpoint without reading its tensors (memory-mapped), so that a damaged one is
+    refused before a resumed run loads its model."""
+    for path in [folder / "trainers.pt", *sorted(folder.glob("rank*.pt"))]:
+        _load(path, folder, mmap=True)
+
+
 def restore_checkpoint(s: Session, folder: Path) -> None:
     """Load a checkpoint into a fresh session; refuses one of other recipes, names or world size, except the
     changes training/resume.py allows, which each job's provenance notes record."""
-    saved = torch.load(folder / "trainers.pt", weights_only=True)
+    saved = _load(folder / "trainers.pt", folder)
     step = int(saved["step"])
     diffs = []
     if saved["names"] != [j.name for j in s.jobs]:
@@ -95,7 +116,7 @@ def restore_checkpoint(s: Session, folder: Path) -> None:
         diffs.append(("world size (torchrun processes)", saved["world"], s.world))
     if diffs:
         raise RecipeMismatchError(str(folder), diffs)
-    mine = torch.load(folder / f"rank{s.rank}.pt", weights_only=True)
+    mine = _load(folder / f"rank{s.rank}.pt", folder)
     notes = saved.get("notes") or [[] for _ in s.jobs]  # checkpoints written before notes existed have none
     for job, state, gen, kept, changes in zip(s.jobs, saved["trainers"], saved["samplers"], notes, allowed):
         job.trainer.load_state_dict(state)

@@ -37,6 +37,16 @@ def is_local(path: str) -> bool:
     return Path(path).expanduser().exists()
 
 
+def check_dataset(spec: DatasetSpec) -> None:
+    """MissingFileError for a dataset path that means a local file or folder (a path, or a name with a data file
+    suffix) which does not exist; anything else is a Hub dataset id, looked up when it is opened."""
+    path = spec.path
+    looks_local = path.startswith(("/", "./", "../", "~")) or Path(path).suffix in (".txt", *_BUILDERS)
+    if looks_local and not is_local(path):
+        raise MissingFileError(path, "Pass an existing .txt, .jsonl, .json, .csv or .parquet file, a folder of .txt "
+                                     "files, or a Hugging Face dataset id.")
+
+
 def read_text_documents(path: str | Path) -> Iterator[str]:
     """Documents of a `.txt` file or a folder of `.txt` files (sorted): each file is cut at blank lines."""
     path = Path(path).expanduser()
@@ -51,6 +61,7 @@ def read_text_documents(path: str | Path) -> Iterator[str]:
 
 def open_dataset(spec: DatasetSpec) -> Iterator[str]:
     """The raw documents of a dataset spec, in stored order; a missing column raises DatasetColumnError."""
+    check_dataset(spec)
     path = str(Path(spec.path).expanduser()) if is_local(spec.path) else spec.path
     if is_local(path) and (Path(path).is_dir() or Path(path).suffix == ".txt"):
         return read_text_documents(path)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dictionaries.architectures import Dictionary
 from dictionaries.card import Stats
-from dictionaries.errors import EvalInputError
+from dictionaries.errors import EvalInputError, InvalidArgumentError
 from dictionaries.recipe import DatasetSpec, HookPoint
 from training.density import summarize_density
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
@@ -266,6 +266,15 @@ def _meta(data: Any, dataset_name: str | None, batches: list, *, context_length:
                 date=datetime.date.today().isoformat())
 
 
+def check_sizes(*, tokens: int, context_length: int, batch_size: int) -> None:
+    """InvalidArgumentError for an eval size that measures nothing: tokens or batch size below 1, contexts
+    shorter than 2 tokens (one prediction needs two)."""
+    for name, value, least in (("tokens", tokens, 1), ("context_length", context_length, 2),
+                               ("batch_size", batch_size, 1)):
+        if value < least:
+            raise InvalidArgumentError(name, value, f"expected a whole number >= {least}")
+
+
 def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=None, tokens: int = 16384,
              context_length: int = 128, batch_size: int = 8, exclude_bos: bool = True, device=None, seed: int = 0,
              sensitivity: bool = True, sensitivity_samples: int = 32, dataset_name: str | None = None,
@@ -282,6 +291,7 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     from dictionaries.hooks import torch_model
     from training.harvest import token_mask
 
+    check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)
     hooks = _check_dictionaries(dictionaries)
     hf = torch_model(model)                                   # a transformers model, wrapped by nnsight or not
     device = torch.device(device) if device is not None else next(hf.parameters()).device
@@ -358,10 +368,15 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     (or a foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
     Returns (folder written, new card) per dictionary.
     """
-    from dictionaries.hooks import load_model
+    from dictionaries.hooks import load_model, resolve_device
     from dictionaries.loader import load_dictionary
     from dictionaries.registry import resolve
+    from training.data import check_dataset
 
+    check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)  # bad input before any work
+    device = resolve_device(device) if device is not None else None
+    if isinstance(dataset, (str, Path)):
+        check_dataset(DatasetSpec(path=str(dataset)))
     found = resolve(refs)
     dicts = [load_dictionary(r.folder if r.folder is not None else r.text, device=device) for r in found]
     places = [_output_folder(r, d, out) for r, d in zip(found, dicts)]  # checked before any work is done

@@ -11,12 +11,13 @@ tokens and d_dict come from the card or the caller.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from dictionaries.card import Card
-from dictionaries.errors import RecipeError, UnknownPresetError
+from dictionaries.errors import MissingFileError, RecipeError, UnknownPresetError
 from dictionaries.recipe import Optimizer, Penalty, Recipe, Resampling
 
 __all__ = ["PRESETS", "Optimizer", "Penalty", "Recipe", "Resampling", "preset", "recipe_for", "resolve",
@@ -228,6 +229,24 @@ def preset(name: str, **fields: Any) -> dict[str, Any]:
     update = _nest(fields)
     _check_known(update)
     return _merge({**PRESETS[name], "preset": name}, update)
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of recipe fields in a YAML file (`dictctl train --recipe`); a file that is absent, not UTF-8
+    YAML or not a mapping is an error naming it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(str(path), "Pass --recipe a YAML file of recipe fields.")
+    try:
+        fields = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        problem = str(e).splitlines()[0]
+        raise RecipeError(["<recipe file>"], f"{path} is not UTF-8 YAML ({problem})") from None
+    if not isinstance(fields, dict):
+        raise RecipeError(["<recipe file>"], f"{path} must hold a mapping of recipe fields")
+    return fields
 
 
 def validate_recipe(fields: dict[str, Any]) -> Recipe:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dictionaries.errors import (
+    InvalidArgumentError,
     NonFiniteLossError,
     OutOfDataError,
     RecipeError,
@@ -33,11 +34,13 @@ from dictionaries.files import write_atomic
 from dictionaries.recipe import Recipe
 from training.checkpoint import (
     CHECKPOINT_DIR,
+    check_checkpoint,
     check_finite,
     latest_checkpoint,
     restore_checkpoint,
     save_checkpoint,
 )
+from training.data import check_dataset
 from training.session import (
     Job,
     Session,
@@ -233,6 +236,13 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     if eval_tokens > recipes[0].holdout_tokens:
         raise RecipeError(["holdout_tokens"], f"the run holds out {recipes[0].holdout_tokens} tokens, fewer than "
                           f"the {eval_tokens} it would evaluate on: raise holdout_tokens or lower eval_tokens")
+    if checkpoint_every < 1:
+        raise InvalidArgumentError("checkpoint_every", checkpoint_every, "write a checkpoint every N >= 1 steps")
+    check_dataset(recipes[0].dataset)  # bad input is said before the model loads
+    out = Path(out)
+    folder = latest_checkpoint(out) if resume else None
+    if folder is not None:
+        check_checkpoint(folder)
     joined = torch.distributed.is_available() and not torch.distributed.is_initialized()
     rank, world, dev = setup_distributed(device)
     if model is None or tokenizer is None:
@@ -241,9 +251,7 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
         loaded = load_model(recipes[0].model.id, revision=recipes[0].model.revision, device=dev, tokenizer=tokenizer)
         model = loaded[0] if model is None else model
         tokenizer = loaded[1]
-    out = Path(out)
     session = build_session(recipes, names, model, tokenizer, out=out, rank=rank, world=world, device=dev)
-    folder = latest_checkpoint(out) if resume else None
     if folder is not None:
         restore_checkpoint(session, folder)
     started = time.time()
@@ -267,15 +275,11 @@ def train_entries(ref: str | None, *, overrides: dict[str, Any] | None = None, r
     `ref`, a complete recipe. `overrides` (dotted keys allowed: `model.id`, `penalty.coefficient`) apply
     last. Other keyword arguments go to `train`.
     """
-    import yaml
-
     from dictionaries.errors import UnknownNameError
     from dictionaries.registry import resolve
-    from training.presets import preset, recipe_for, validate_recipe
+    from training.presets import preset, read_recipe_file, recipe_for, validate_recipe
 
-    fields = (yaml.safe_load(Path(recipe_file).read_text()) or {}) if recipe_file else {}
-    if not isinstance(fields, dict):
-        raise RecipeError(["<recipe file>"], f"{recipe_file} must hold a mapping of recipe fields")
+    fields = read_recipe_file(recipe_file) if recipe_file else {}
     update = {**fields, **(overrides or {})}
     if ref is None:  # a complete recipe: its preset's fields, then the file's, then the overrides
         if "preset" not in update:

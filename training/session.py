@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dictionaries.errors import RecipeError, SharedHarvestError
+from dictionaries.hooks import resolve_device
 from dictionaries.recipe import Recipe
 from training.buffer import ActivationBuffer
 from training.data import TokenStream, holdout_documents
@@ -72,7 +73,7 @@ def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device)  # one this machine has, or an error saying what it has
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
