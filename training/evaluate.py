@@ -359,15 +359,16 @@ def write_evaluated(folder: str | Path, dictionary: Dictionary, result: EvalResu
 def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset: Any = None, tokens: int = 16384,
                        context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
                        sensitivity: bool = True, sensitivity_samples: int = 32, exclude_bos: bool = True,
-                       seed: int = 0, progress: bool = True) -> list[tuple[str, Any]]:
+                       seed: int = 0, progress: bool = True, hook: Any = None) -> list[tuple[str, Any]]:
     """`dictctl eval`: evaluate what `refs` names (registry names, native folders, globs of either, or a list
     of them) in one pass; write stats, density and plots.
 
     `model`: a folder or HF id (default: the cards' model), or a loaded model object given with its
     `tokenizer`. A native folder (with card.json) is updated in place unless `out` is given; a registry entry
     (or a foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
-    Returns (folder written, new card) per dictionary.
+    Returns (folder written, new card) per dictionary; `hook` (hook_choice.py) supplies or replaces card hooks.
     """
+    from dictionaries.hook_choice import set_hooks
     from dictionaries.hooks import load_model, resolve_device
     from dictionaries.loader import load_dictionary
     from dictionaries.registry import resolve
@@ -393,6 +394,7 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     lm = ref
     if isinstance(ref, (str, Path)):
         lm, tokenizer = load_model(str(ref), revision=revision, device=device)
+    set_hooks(lm, dicts, hook)  # a hook given, or the foreign config's placed by the loaded model's family
     local = isinstance(data, (str, Path)) and Path(data).expanduser().exists()
     name = str(Path(data).expanduser().resolve()) if local else (data if isinstance(data, str) else None)
     results = evaluate(lm, dicts, str(data) if local else data, tokenizer=tokenizer, dataset_name=name,
