@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dictionaries import errors
-from dictionaries.cli_output import hook_options, mirror_evaluator, print_publish
+from dictionaries.cli_output import hook_options, print_publish
 from dictionaries.constants import ENV_DEBUG
 
 app = typer.Typer(help="Pretrained sparse-autoencoder dictionaries: browse, load, train, evaluate, publish.",
@@ -217,10 +217,21 @@ def mirror_(name: str = typer.Argument(..., help="Registry name whose original f
     """Fetch an entry's original files, convert to native, evaluate if a model loads, publish, pin the entry."""
     from dictionaries.mirror import mirror
 
-    evaluate, why_not = mirror_evaluator(no_eval, model=model, dataset=dataset, tokens=tokens, device=device)
+    evaluate, why_not = _mirror_evaluator(no_eval, model=model, dataset=dataset, tokens=tokens, device=device)
     result = mirror(name, repo, subfolder=subfolder, branch=branch, force=force, register=not no_register,
                     evaluate=evaluate, why_not=why_not, local_hub=local_hub)
     print_publish(console, result)
+
+
+def _mirror_evaluator(no_eval: bool, **options):
+    """training.evaluate's in-place writer for mirror (imported here: dictionaries/ never imports training/)."""
+    if no_eval:
+        return None, "--no-eval was given"
+    try:
+        from training.evaluate import evaluate_and_write
+    except ImportError as e:
+        return None, f"the evaluation code is not available ({e})"
+    return (lambda folder: evaluate_and_write(str(folder), **options)), ""
 
 
 # ---- evaluation ------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Helpers of `dictctl` (cli.py, the composition root) kept apart so that it stays one readable file: what
-`publish` and `mirror` print, mirror's evaluator, and the `--hook` / `--site` / `--layer` options' check.
+`publish` and `mirror` print and the `--hook` / `--site` / `--layer` options' check.
 """
 
 from __future__ import annotations
@@ -12,17 +12,6 @@ def hook_options(hook: str | None, site: str | None, layer: int | None) -> Any:
     from dictionaries.hook_choice import hook_spec
 
     return hook_spec(hook, site, layer)
-
-
-def mirror_evaluator(no_eval: bool, **options):
-    """training.evaluate's in-place writer for mirror (imported here: dictionaries/ never imports training/)."""
-    if no_eval:
-        return None, "--no-eval was given"
-    try:
-        from training.evaluate import evaluate_and_write
-    except ImportError as e:
-        return None, f"the evaluation code is not available ({e})"
-    return (lambda folder: evaluate_and_write(str(folder), **options)), ""
 
 
 def print_publish(console, result) -> None:
