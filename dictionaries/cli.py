@@ -263,6 +263,10 @@ def eval_(ref: str = typer.Argument(..., help="Registry name, native folder, or 
         console.print(f"[bold]{card.name}[/] -> {folder}: loss recovered {_fmt(s.frac_loss_recovered)}, "
                       f"FVU {_fmt(s.fvu)}, L0 {_fmt(s.l0)}, alive {_fmt(s.frac_alive)} ({s.tokens} tokens)",
                       highlight=False)
+        if s.hidden_change_spliced is not None:  # an encoder without an LM head: say what stands in
+            console.print(f"  no LM head, so loss recovered does not apply; final hidden state moves "
+                          f"{_fmt(s.hidden_change_spliced)} (relative) spliced, {_fmt(s.hidden_change_zero)} "
+                          "zero-ablated", highlight=False)
 
 
 @app.command()

@@ -81,7 +81,9 @@ def model_hook(model: Any, card: Any, spec: HookSpec | None = None) -> HookPoint
     from dictionaries.hooks import find_hook, parse_hook, site_hook
 
     if spec is None and card.hook is not None:
-        return card.hook
+        # A family guessed from the card's model name assumes a head model (`bert.encoder...`); a bare base
+        # model loaded from a folder lacks that prefix, so the foreign name is placed in the model itself.
+        return card.hook if _has_module(model, card.hook.module) else (_foreign_hook(model, card) or card.hook)
     if spec is None:
         found = _foreign_hook(model, card)
         if found is None:
@@ -91,6 +93,16 @@ def model_hook(model: Any, card: Any, spec: HookSpec | None = None) -> HookPoint
         find_hook(model, spec)  # HookPointError naming close module names when the path is not in the model
         return HookPoint(**_path_fields(*parse_hook(spec)))
     return HookPoint(**site_hook(model, *spec).card_fields)
+
+
+def _has_module(model: Any, path: str) -> bool:
+    from dictionaries.hooks import torch_model
+
+    try:
+        torch_model(model).get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _foreign_hook(model: Any, card: Any) -> HookPoint | None:

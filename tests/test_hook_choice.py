@@ -127,3 +127,26 @@ def test_cli_eval_and_inspect_resolve_against_the_loaded_model(world, tmp_path):
                 "--hook", "transformer.h.9", cwd=tmp_path)
     last = r.stderr.strip().splitlines()[-1]  # after transformers' own loading bar
     assert r.returncode == 1 and last.startswith("unknown hook point:") and "transformer.h.1" in last, r.stderr
+
+
+def test_cli_eval_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
+    """A BERT-family encoder loaded as BertModel: reconstruction stats, the final hidden state's relative change
+    (spliced, zero-ablated) standing in for the downstream effect, and no loss recovered."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1024, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=1, architectures=["BertModel"])
+    BertModel(config).eval().save_pretrained(tmp_path / "bert-local")
+    tokenizer.save_pretrained(tmp_path / "bert-local")
+    (tmp_path / "src").mkdir()
+    sae = saelens_folder(tmp_path / "src", model_name="my-bert", hook="blocks.0.hook_resid_post")
+    r = dictctl("eval", str(sae), "--model", str(tmp_path / "bert-local"), "--dataset", str(world / "texts.txt"),
+                "--tokens", "256", "--context-length", "32", "--out", str(tmp_path / "ev"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "loss recovered does not apply" in r.stdout
+    card = json.loads((tmp_path / "ev" / "sae" / "card.json").read_text())
+    assert card["hook"] == {"module": "encoder.layer.0", "io": "output", "site": "resid", "layer": 0}
+    s = card["stats"]
+    assert s.get("frac_loss_recovered") is None and s.get("ce_spliced") is None and s.get("kl") is None
+    assert s["fvu"] > 0 and s["l0"] > 0 and 0 < s["hidden_change_spliced"] < 10 and s["hidden_change_zero"] > 0
