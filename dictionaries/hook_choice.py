@@ -31,8 +31,8 @@ def hook_spec(hook: str | None = None, site: str | None = None, layer: int | Non
     if hook is not None and (site is not None or layer is not None):
         raise InvalidArgumentError("--hook", hook, "give either --hook or --site with --layer, not both")
     if (site is None) != (layer is None):
-        missing = "--layer" if layer is None else "--site"
-        raise InvalidArgumentError(missing, None, "--site and --layer go together")
+        given = f"--site {site}" if layer is None else f"--layer {layer}"
+        raise InvalidArgumentError("--site/--layer", given, "--site and --layer go together: give both")
     if hook is not None:
         path, _, io = hook.partition(":")
         if not path or not re.fullmatch(r"[A-Za-z0-9_.]+", path) or io not in ("", "input", "output"):
