@@ -47,13 +47,16 @@ def hook_spec(hook: str | None = None, site: str | None = None, layer: int | Non
 
 def _path_fields(path: str, io: str) -> dict[str, Any]:
     """HookPoint fields of a plain module path: its layer is the first index in it, its site guessed from its
-    names (the card's site only describes the entry for listing; the path is what is attached to)."""
+    names (the card's site only describes the entry for listing; the path is what is attached to); a block's
+    input is kept as model_families' SiteHook.card_fields keeps resid_pre (the previous block's resid)."""
     numbers = re.findall(r"\.(\d+)(?:\.|$)", path)
     layer = int(numbers[0]) if numbers else None
     tail = path.lower()
-    site = ("embed" if layer is None and "emb" in tail else
-            "mlp" if re.search(r"mlp|intermediate|ffn|feed_forward|fc\d|\.output\.dense", tail) else
-            "attn" if "attn" in tail or "attention" in tail else "resid")
+    if io == "input" and layer is not None and re.search(rf"\.{layer}$", path):  # a block's input: as resid_pre
+        return {"module": path, "io": io, "site": "resid" if layer else "embed", "layer": layer - 1 if layer else None}
+    site = ("embed" if layer is None and re.search(r"emb|wte", tail) else
+            "attn" if "attn" in tail or "attention" in tail else
+            "mlp" if re.search(r"mlp|intermediate|ffn|feed_forward|fc\d|\.output\.dense", tail) else "resid")
     return {"module": path, "io": io or "output", "site": site, "layer": layer}
 
 

@@ -77,6 +77,9 @@ def test_card_hook_without_a_model(world, tmp_path):
     assert card.hook is None and card.model.id == "my-private-model"
     hp = card_hook(card, "transformer.h.1.mlp")
     assert (hp.module, hp.io, hp.site, hp.layer) == ("transformer.h.1.mlp", "output", "mlp", 1)
+    hp = card_hook(card, "transformer.h.1:input")  # a block's input is the previous block's resid, as resid_pre
+    assert (hp.module, hp.io, hp.site, hp.layer) == ("transformer.h.1", "input", "resid", 0)
+    assert card_hook(card, "encoder.layer.0.attention.output.dense").site == "attn"
     with pytest.raises(HookPointError, match="no family"):  # a site needs the model's family
         card_hook(card, ("resid_post", 1))
     known = card.model_copy(update={"model": card.model.model_copy(update={"id": "gpt2"})})
