@@ -172,6 +172,10 @@ class Stats(Strict):
     """(CE_zero - CE_spliced) / (CE_zero - CE_clean)."""
     kl: float | None = None
     """KL divergence of spliced to clean next-token distributions, mean over tokens."""
+    hidden_change_spliced: float | None = None
+    """No LM head, so no loss to recover: mean over tokens of ||h_spliced - h_clean|| / ||h_clean|| (final state)."""
+    hidden_change_zero: float | None = None
+    """The same relative change of the final hidden state with the activation replaced by zeros."""
     density: dict[str, float] | None = None
     """Summary of the feature density histogram (dead count, count above 1e-1, median log10 density)."""
     sensitivity: Sensitivity | None = None

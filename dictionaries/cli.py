@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dictionaries import errors
+from dictionaries.cli_output import hook_options, print_publish
 from dictionaries.constants import ENV_DEBUG
 
 app = typer.Typer(help="Pretrained sparse-autoencoder dictionaries: browse, load, train, evaluate, publish.",
@@ -25,6 +26,9 @@ app = typer.Typer(help="Pretrained sparse-autoencoder dictionaries: browse, load
 # Wide enough for the `list` table even when piped (rich falls back to 80 columns without a terminal).
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+HOOK_HELP = "MODULE_PATH[:input|:output] to use instead of the card's hook point."
+SITE_HELP = "resid_pre/mid/post, mlp_in/out, attn_out, attn_z, mlp_post, with --layer (via the model's family)."
 
 # error class -> (label, advice); the first class in the table that the error is an instance of wins.
 ERROR_MESSAGES: list[tuple[type[BaseException], str, str]] = [
@@ -191,7 +195,7 @@ def publish_(folder: str = typer.Argument(..., help="Native dictionary folder (c
 
     result = publish(folder, repo, subfolder=subfolder, branch=branch, private=private, dry_run=dry_run,
                      register=register, force=force, local_hub=local_hub, staging_dir=staging_dir, dashboard=dashboard)
-    _print_publish(result)
+    print_publish(console, result)
 
 
 @app.command("mirror")
@@ -216,7 +220,7 @@ def mirror_(name: str = typer.Argument(..., help="Registry name whose original f
     evaluate, why_not = _mirror_evaluator(no_eval, model=model, dataset=dataset, tokens=tokens, device=device)
     result = mirror(name, repo, subfolder=subfolder, branch=branch, force=force, register=not no_register,
                     evaluate=evaluate, why_not=why_not, local_hub=local_hub)
-    _print_publish(result)
+    print_publish(console, result)
 
 
 def _mirror_evaluator(no_eval: bool, **options):
@@ -228,27 +232,6 @@ def _mirror_evaluator(no_eval: bool, **options):
     except ImportError as e:
         return None, f"the evaluation code is not available ({e})"
     return (lambda folder: evaluate_and_write(str(folder), **options)), ""
-
-
-def _print_publish(result) -> None:
-    def out(line: str) -> None:  # paths and hashes are long: never wrap them
-        console.print(line, highlight=False, soft_wrap=True)
-
-    if result.dry_run:
-        out(f"[bold]dry run[/]: nothing uploaded. Staged in {result.staged}; would commit to {result.target}:")
-        for rel in result.uploaded:
-            out(f"  {rel}")
-    else:
-        out(f"published [bold]{result.name}[/] to {result.target} at commit {result.location.revision}")
-        out("registry entry (registry.yaml):")
-        console.print(result.entry_yaml(), highlight=False, markup=False, end="", soft_wrap=True)
-    out("card files:")
-    for item in result.card.files.items:
-        out(f"  {item.path}  {item.size} bytes  sha256 {item.sha256}")
-    for note in result.notes or []:
-        out(f"note: {note}")
-    if result.registered:
-        out(f"registered in {result.registered} (card under {result.registered.parent / 'cards'})")
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -265,17 +248,25 @@ def eval_(ref: str = typer.Argument(..., help="Registry name, native folder, or 
           out: Optional[str] = typer.Option(None, help="Write evaluated native folders under DIR/<name> "
                                             "(registry entries default to ./evaluated)."),
           no_sensitivity: bool = typer.Option(False, "--no-sensitivity",
-                                              help="Skip the sensitive-directions test.")) -> None:
+                                              help="Skip the sensitive-directions test."),
+          hook: Optional[str] = typer.Option(None, "--hook", help=HOOK_HELP),
+          site: Optional[str] = typer.Option(None, "--site", help=SITE_HELP),
+          layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site.")) -> None:
     """Measure every stat, write it into the card, save density.safetensors, density.png and sensitivity.png."""
     from training.evaluate import evaluate_and_write
 
     for folder, card in evaluate_and_write(ref, model=model, dataset=dataset, tokens=tokens,
                                            context_length=context_length, batch_size=batch_size, device=device,
-                                           out=out, sensitivity=not no_sensitivity):
+                                           out=out, sensitivity=not no_sensitivity,
+                                           hook=hook_options(hook, site, layer)):
         s = card.stats
         console.print(f"[bold]{card.name}[/] -> {folder}: loss recovered {_fmt(s.frac_loss_recovered)}, "
                       f"FVU {_fmt(s.fvu)}, L0 {_fmt(s.l0)}, alive {_fmt(s.frac_alive)} ({s.tokens} tokens)",
                       highlight=False)
+        if s.hidden_change_spliced is not None:  # an encoder without an LM head: say what stands in
+            console.print(f"  no LM head, so loss recovered does not apply; final hidden state moves "
+                          f"{_fmt(s.hidden_change_spliced)} (relative) spliced, {_fmt(s.hidden_change_zero)} "
+                          "zero-ablated", highlight=False)
 
 
 @app.command()
@@ -341,12 +332,14 @@ def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported for
                                                     "saelens, sparsify)."),
                 dst: str = typer.Argument(..., help="Folder to write the native copy to (card.json + "
                                                     "weights.safetensors)."),
-                format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected).")
-                ) -> None:
+                format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected)."),
+                hook: Optional[str] = typer.Option(None, "--hook", help=HOOK_HELP),
+                site: Optional[str] = typer.Option(None, "--site", help=SITE_HELP),
+                layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site.")) -> None:
     """Convert a dictionary folder to the native format, with a card built from its config."""
     from dictionaries.formats import convert, summarize
 
-    card = convert(src, dst, format=format)
+    card = convert(src, dst, format=format, hook=hook_options(hook, site, layer))
     console.print(f"[green]wrote[/] {dst}", highlight=False, soft_wrap=True)
     console.print(summarize(card), highlight=False, markup=False, soft_wrap=True)
 
@@ -358,13 +351,16 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
                 top: int = typer.Option(10, "--top", help="Number of contexts and of logit-lens tokens."),
                 model: Optional[str] = typer.Option(None, "--model",
                                                     help="HF id or folder (default: the card's model)."),
-                context: int = typer.Option(8, "--context", help="Tokens shown before the activating one.")) -> None:
+                context: int = typer.Option(8, "--context", help="Tokens shown before the activating one."),
+                hook: Optional[str] = typer.Option(None, "--hook", help=HOOK_HELP),
+                site: Optional[str] = typer.Option(None, "--site", help=SITE_HELP),
+                layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site.")) -> None:
     """A feature's top-activating contexts (activating token highlighted) and the tokens it promotes."""
     from rich.markup import escape
 
     from dictionaries.features import inspect_named
 
-    r = inspect_named(name, feature, texts, model=model, top=top, context=context)
+    r = inspect_named(name, feature, texts, model=model, top=top, context=context, hook=hook_options(hook, site, layer))
     console.print(f"[bold]{escape(r.dictionary)}[/] feature {r.feature}: fires on {r.frequency:.2%} of "
                   f"{r.tokens} tokens", highlight=False)
     for ex in r.examples:

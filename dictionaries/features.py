@@ -221,8 +221,11 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str | None = None,
-                  top: int = 10, context: int = 8) -> FeatureReport:
-    """`dictctl inspect`: load the dictionary and the model (default: the card's model id), read the texts."""
+                  top: int = 10, context: int = 8, hook: Any = None) -> FeatureReport:
+    """`dictctl inspect`: load the dictionary and the model (default: the card's model id), read the texts.
+    `hook` (a module path or (site, layer), see hook_choice.py) replaces or supplies the card's hook point."""
+    from dictionaries.hook_choice import model_hook
+
     check_report_sizes(top, context)  # every cheap check before torch, the dictionary and the model load
     texts = read_texts(texts_file)
     from dictionaries.loader import load_dictionary
@@ -236,4 +239,6 @@ def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str 
         raise CardError(str(ref), "model", "the card names no model; pass `--model` (HF id or folder)")
     from dictionaries.attachment import wrap_model  # nnsight, only once everything else is known to be good
 
-    return inspect_feature(wrap_model(model_id), dictionary, texts, feature, top=top, context=context)
+    wrapped = wrap_model(model_id)
+    dictionary.card = card.model_copy(update={"hook": model_hook(wrapped, card, hook)})
+    return inspect_feature(wrapped, dictionary, texts, feature, top=top, context=context)

@@ -9,7 +9,7 @@ tensors; this module turns either into a ready `Dictionary` with its card, and w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from dictionaries.card import Card, FileEntry, Files, Provenance, read_card
 from dictionaries.constants import CARD_FILE, WEIGHTS_FILE
@@ -237,10 +237,16 @@ def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
                 pre_encoder_bias=dictionary.pre_encoder_bias, files=Files(items=[]))
 
 
-def convert(src: str | Path, dst: str | Path, *, format: str | None = None) -> Card:
-    """Read a folder in any supported format and write it to `dst` as a native folder; the written card."""
+def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook: Any = None) -> Card:
+    """Read a folder in any supported format and write it to `dst` as a native folder; the written card.
+    `hook` (a module path or (site, layer), see hook_choice.py) is recorded as the card's hook point."""
+    from dictionaries.hook_choice import card_hook
+
     target_folder(dst)  # before the source is read
-    return write_native(read_folder(src, format=format), dst)
+    dictionary = read_folder(src, format=format)
+    if hook is not None:
+        dictionary.card = dictionary.card.model_copy(update={"hook": card_hook(dictionary.card, hook)})
+    return write_native(dictionary, dst)
 
 
 def summarize(card: Card) -> str:

@@ -59,6 +59,12 @@ _TL_SITES = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook
 (TransformerBlock.forward); ln2.hook_normalized is what the MLP reads (mlp_in)."""
 
 
+def saelens_site(hook_name: str) -> tuple[str, int] | None:
+    """The (table site, layer) of a TransformerLens hook name such as `blocks.3.hook_resid_post`; None if other."""
+    m = _TL.match(hook_name or "")
+    return (_TL_SITES[m.group(2)], int(m.group(1))) if m else None
+
+
 def saelens_hook(model: str | None, hook_name: str | None, fam: Family | None = None) -> dict | None:
     """HookPoint fields for a TransformerLens hook name; None when the name, the family or its module is unknown
     (resid_mid of a parallel block has none).

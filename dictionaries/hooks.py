@@ -331,7 +331,8 @@ def collect_activations(model: Any, hooks: Sequence[HookPoint | str | SiteRef], 
 
 def run_patched(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None,
                 patches: Mapping[HookPoint | str | SiteRef, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
-    """Logits (batch, pos, vocab) of one no-grad forward where each hook's x becomes patches[hook](x)."""
+    """Logits (batch, pos, vocab) of one no-grad forward where each hook's x becomes patches[hook](x); for a
+    model without an LM head, its final hidden state (batch, pos, d)."""
     handles = []
 
     def checked(fn: Callable[[Tensor], Tensor], key: str) -> Callable[[Tensor], Tensor]:
@@ -352,4 +353,7 @@ def run_patched(model: Any, input_ids: Tensor, attention_mask: Tensor | None = N
     finally:
         for h in handles:
             h.remove()
-    return out.logits if hasattr(out, "logits") else first_tensor(out)
+    if hasattr(out, "logits"):
+        return out.logits
+    hidden = getattr(out, "last_hidden_state", None)  # a base model without a head (BertModel): its final state
+    return hidden if hidden is not None else first_tensor(out)

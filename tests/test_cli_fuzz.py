@@ -84,6 +84,13 @@ CASES = [
     Case("convert-format-unknown", "convert {w}/good {w}/out/z -f onnx"),
     Case("convert-format-wrong", "convert {w}/good {w}/out/v --format saelens"),
     Case("convert-missing-dst", "convert {w}/good"),
+    # hook points given by hand (issue 11): refused before any model loads
+    Case("eval-site-without-layer", EVAL + "h --site mlp_out"), Case("eval-hook-and-site", EVAL + "i --hook a.b "
+                                                                          "--site mlp_out --layer 0"),
+    Case("inspect-hook-io", INSPECT + " --hook gpt_neox.layers.0:sideways"),
+    Case("inspect-site-unknown", INSPECT + " --site tail --layer 0"), Case("inspect-layer-negative", INSPECT +
+                                                                             " --site mlp_out --layer -1"),
+    Case("convert-hook-empty", "convert {w}/f-saelens {w}/out/hook --hook ''"),
     # inspect
     Case("inspect-top-negative", INSPECT + " --top -1"), Case("inspect-top-zero", INSPECT + " --top 0"),
     Case("inspect-context-negative", INSPECT + " --context -5"),

@@ -14,7 +14,8 @@ training/harvest.py). Only counted positions are spliced or zeroed (the others k
 enter MSE, L1, L0, density and FVU. CE and KL are averaged over counted positions whose next token is real;
 KL is KL(clean || spliced) = sum_v p_clean (log p_clean - log p_spliced), the clean model as reference.
 Reconstruction sums are streamed in float64; FVU uses Chan et al.'s pairwise merge of the running mean and
-centred sum of squares, so no second pass and no cancellation.
+centred sum of squares, so no second pass and no cancellation (training/tally.py). A model without an LM
+head gets the final hidden state's relative change instead of CE, KL and loss recovered (tally.py says how).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import datetime
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,85 +30,13 @@ import torch
 from torch import Tensor
 
 from dictionaries.architectures import Dictionary
-from dictionaries.card import Stats
 from dictionaries.errors import EvalInputError, InvalidArgumentError
 from dictionaries.recipe import DatasetSpec, HookPoint
-from training.density import summarize_density
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
+from training.tally import EvalResult, Tally, add_hidden_changes, has_lm_head
 
 LOGITS_BUDGET = 4 << 30
 """Bytes of float32 logits one forward may produce by default (Pythia-70m, context 128: 166 rows)."""
-
-
-@dataclass
-class EvalResult:
-    """What `evaluate` measured for one dictionary."""
-
-    name: str
-    """The dictionary's card name."""
-    stats: Stats
-    """The card's stats (source "measured")."""
-    density: Tensor
-    """(F,) fraction of counted eval tokens on which each feature fired (f > 0)."""
-    sensitivity: SensitivityCurves | None
-    """KL-against-step curves of the sensitive-directions test, None when not run."""
-
-
-class Tally:
-    """Streaming float64 sums for one dictionary's stats, kept on the activations' device (no per-batch sync)."""
-
-    def __init__(self, d_in: int, d_dict: int):
-        self.tokens = 0
-        self.d_in, self.d_dict = d_in, d_dict
-        self.sums: dict[str, Tensor] | None = None   # sse, l1, l0, m2 (scalars), fired (F,), mean (d,)
-        self.ce_spliced = self.ce_zero = self.kl = 0.0
-
-    def add_reconstruction(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
-        """Counted rows only: x, x_hat (n, d), f (n, F)."""
-        n = x.shape[0]
-        if n == 0:
-            return
-        if self.sums is None:
-            z = torch.zeros((), dtype=torch.float64, device=x.device)
-            self.sums = {"sse": z, "l1": z, "l0": z, "m2": z, "mean": z.new_zeros(self.d_in),
-                         "fired": z.new_zeros(self.d_dict)}
-        acc = self.sums
-        x, x_hat = x.double(), x_hat.double()
-        active = f > 0
-        acc["sse"] = acc["sse"] + ((x - x_hat) ** 2).sum()
-        acc["l1"] = acc["l1"] + f.abs().sum(dtype=torch.float64)
-        acc["l0"] = acc["l0"] + active.sum()
-        acc["fired"] = acc["fired"] + active.sum(0)
-        # Chan et al. (1979) pairwise update of the running mean and centred sum of squares
-        batch_mean = x.mean(0)
-        delta = batch_mean - acc["mean"]
-        total = self.tokens + n
-        acc["m2"] = acc["m2"] + ((x - batch_mean) ** 2).sum() + (delta ** 2).sum() * (self.tokens * n / total)
-        acc["mean"] = acc["mean"] + delta * (n / total)
-        self.tokens = total
-
-    @property
-    def fired(self) -> Tensor:
-        """(F,) float64 count of counted tokens on which each feature fired, on the CPU."""
-        return self.sums["fired"].cpu() if self.sums is not None else torch.zeros(self.d_dict, dtype=torch.float64)
-
-    def _scalar(self, key: str) -> float:
-        return float(self.sums[key]) if self.sums is not None else 0.0
-
-    def stats(self, ce_clean_sum: float, predictions: int, d_in: int, **meta: Any) -> Stats:
-        """The Stats of this tally (CE/KL per prediction, reconstruction per token)."""
-        n = max(self.tokens, 1)
-        p = max(predictions, 1)
-        ce_clean, ce_spliced, ce_zero = ce_clean_sum / p, self.ce_spliced / p, self.ce_zero / p
-        sse, m2 = self._scalar("sse"), self._scalar("m2")
-        fvu = sse / m2 if m2 > 0 else float("nan")
-        gap = ce_zero - ce_clean
-        fired = self.fired
-        return Stats(source="measured", mse=sse / (n * d_in), l1=self._scalar("l1") / n, l0=self._scalar("l0") / n,
-                     frac_alive=float((fired > 0).double().mean()), fvu=fvu, variance_explained=1 - fvu,
-                     ce_clean=ce_clean, ce_spliced=ce_spliced, ce_zero=ce_zero,
-                     frac_loss_recovered=(ce_zero - ce_spliced) / gap if gap != 0 else float("nan"),
-                     kl=self.kl / p, density=summarize_density(fired / n), tokens=self.tokens, **meta)
 
 
 def _check_dictionaries(dictionaries: Sequence[Dictionary]) -> list[HookPoint]:
@@ -162,9 +90,9 @@ def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoi
     positions are few) and the masks select what is summed; KL(clean || spliced) per position is
     sum_v p_clean (log p_clean - log p_spliced), the direction in which the clean model is the reference.
     """
-    from dictionaries.hooks import run_patched
+    from dictionaries.hooks import run_patched, torch_model
 
-    b = input_ids.shape[0]
+    b, head = input_ids.shape[0], has_lm_head(torch_model(model))
     real = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
     predicts = (keep[:, :-1] & real[:, 1:]).double()          # (B, pos-1): position t predicts token t+1
     targets = input_ids[:, 1:]                                # (B, pos-1)
@@ -178,7 +106,11 @@ def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoi
         patches = _segment_patches(group, hooks, b, keep, captured)
         ids = input_ids.repeat(nseg, 1)
         mask = attention_mask.repeat(nseg, 1) if attention_mask is not None else None
-        logits = run_patched(model, ids, mask, patches)       # (nseg * B, pos, V)
+        logits = run_patched(model, ids, mask, patches)       # (nseg * B, pos, V), or hidden states (no head)
+        if not head:
+            add_hidden_changes(logits, b, group, tallies, keep)
+            _add_reconstructions(group, tallies, captured, keep)
+            continue
         weight = predicts.to(logits.device)
         tgt = targets.to(logits.device)
         lp_clean = torch.log_softmax(logits[:b].float(), -1)[:, :-1]                # (B, pos-1, V)
@@ -195,11 +127,16 @@ def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoi
             lp_zero = torch.log_softmax(logits[lo + b:lo + 2 * b].float(), -1)[:, :-1]
             t.ce_zero -= float((_token_log_probs(lp_zero, tgt).double() * weight).sum())
             del lp_zero
-            x, x_hat, f = captured[j]
-            k = keep.to(x.device)
-            t.add_reconstruction(x[k].to(x_hat.dtype), x_hat[k], f[k])
+        _add_reconstructions(group, tallies, captured, keep)
         del logits, lp_clean
     return ce_clean, int(predicts.sum().item())
+
+
+def _add_reconstructions(group: list, tallies: list[Tally], captured: dict, keep: Tensor) -> None:
+    for j, _ in group:
+        x, x_hat, f = captured[j]
+        k = keep.to(x.device)
+        tallies[j].add_reconstruction(x[k].to(x_hat.dtype), x_hat[k], f[k])
 
 
 def pack_batches(data: Any, *, tokenizer=None, tokens: int, context_length: int, batch_size: int,
@@ -318,7 +255,7 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     meta = _meta(data, dataset_name, batches, context_length=context_length, exclude_bos=exclude_bos, seed=seed,
                  prepend_bos=prepend_bos, held_out=held_out)
     curves: list[SensitivityCurves | None] = [None] * len(dicts)
-    if sensitivity:
+    if sensitivity and has_lm_head(hf):  # its KL is between next-token distributions
         curves = sensitivity_on_eval_set(hf, dicts, hooks, batches, bos_id=bos, exclude_bos=exclude_bos,
                                          samples=sensitivity_samples, seed=seed, progress=progress)
     results = []
@@ -359,15 +296,16 @@ def write_evaluated(folder: str | Path, dictionary: Dictionary, result: EvalResu
 def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset: Any = None, tokens: int = 16384,
                        context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
                        sensitivity: bool = True, sensitivity_samples: int = 32, exclude_bos: bool = True,
-                       seed: int = 0, progress: bool = True) -> list[tuple[str, Any]]:
+                       seed: int = 0, progress: bool = True, hook: Any = None) -> list[tuple[str, Any]]:
     """`dictctl eval`: evaluate what `refs` names (registry names, native folders, globs of either, or a list
     of them) in one pass; write stats, density and plots.
 
     `model`: a folder or HF id (default: the cards' model), or a loaded model object given with its
     `tokenizer`. A native folder (with card.json) is updated in place unless `out` is given; a registry entry
     (or a foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
-    Returns (folder written, new card) per dictionary.
+    Returns (folder written, new card) per dictionary; `hook` (hook_choice.py) supplies or replaces card hooks.
     """
+    from dictionaries.hook_choice import set_hooks
     from dictionaries.hooks import load_model, resolve_device
     from dictionaries.loader import load_dictionary
     from dictionaries.registry import resolve
@@ -393,6 +331,7 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     lm = ref
     if isinstance(ref, (str, Path)):
         lm, tokenizer = load_model(str(ref), revision=revision, device=device)
+    set_hooks(lm, dicts, hook)  # a hook given, or the foreign config's placed by the loaded model's family
     local = isinstance(data, (str, Path)) and Path(data).expanduser().exists()
     name = str(Path(data).expanduser().resolve()) if local else (data if isinstance(data, str) else None)
     results = evaluate(lm, dicts, str(data) if local else data, tokenizer=tokenizer, dataset_name=name,
