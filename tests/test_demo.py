@@ -81,10 +81,23 @@ def test_every_command_the_readme_lists_parses():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     lines = [re.split(r"\s{2,}", line)[0] for line in readme.splitlines() if line.startswith("dictctl ")]
     assert len(lines) >= 12
-    values = {"N": "100", "I": "3"}  # integer placeholders; any other upper-case word is a name or path
+    values = {"N": "100", "I": "3", "L": "3"}  # integer placeholders; other upper-case words are names or paths
     for line in lines:
-        args = shlex.split(line.replace("[", "").replace("]", ""))[1:]
-        _parse([values.get(a, "x") if a.replace("/", "").replace("|", "").isupper() else a for a in args])
+        line = re.sub(r"\[:\w+\]", "", line)                    # PATH[:input]: the optional suffix
+        for variant in _alternatives(line):
+            args = shlex.split(variant.replace("[", "").replace("]", ""))[1:]
+            _parse([values.get(a, "x") if a.replace("/", "").replace("|", "").isupper() else a for a in args])
+
+
+def _alternatives(line: str) -> list[str]:
+    """`[A | B]` groups expanded: one line per alternative (each parsed on its own)."""
+    import re
+
+    group = re.search(r"\[([^\[\]]*\|[^\[\]]*)\]", line)
+    if group is None:
+        return [line]
+    return [variant for choice in group.group(1).split("|")
+            for variant in _alternatives(line[:group.start()] + choice.strip() + line[group.end():])]
 
 
 @pytest.mark.parametrize("tokens, workdir, words", [(0, "dir", "tokens 0"), (-1, "dir", "tokens -1"),
