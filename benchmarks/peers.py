@@ -1,4 +1,5 @@
-"""The peers' own virtual environments: one per peer (dictionary_learning, SAELens, sparsify), built on demand.
+"""The peers' own virtual environments: one per peer (dictionary_learning, SAELens, sparsify, SAEDashboard),
+built on demand.
 
 The peers cannot share this package's environment: dictionary_learning 0.1.0 pins nnsight < 0.4 (this package
 needs >= 0.4), SAELens pulls transformer_lens and its own stack, and EleutherAI's sparsify (`eai-sparsify` on
@@ -11,7 +12,8 @@ below. A venv whose recorded install spec differs from the current one is rebuil
 one-line reason that the benchmark rows show instead of results.
 
 `python -m benchmarks.peers build [peer ...]` builds (or checks) the venvs; `python -m benchmarks.peers status`.
-`DL_PYTHON`, `SAELENS_PYTHON`, `SPARSIFY_PYTHON` name an existing interpreter instead (as bench_train reads them).
+`DL_PYTHON`, `SAELENS_PYTHON`, `SPARSIFY_PYTHON`, `SAEDASHBOARD_PYTHON` name an existing interpreter instead
+(as bench_train and bench_dashboard read them).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ PEERS: dict[str, Peer] = {
     # sparsify/__init__.py imports trainer.py (datasets, schedulefree, transformers) and utils.py (accelerate);
     # its metadata asks for exactly these, unpinned, so resolving them under the torch constraint is enough.
     "sparsify": Peer("sparsify", "eai-sparsify==1.3.3", "sparsify", "SPARSIFY_PYTHON", extra=("safetensors",)),
+    # SAEDashboard 0.8.0 asks for sae-lens 6 but transformer-lens < 3 and transformers < 4.57, which the
+    # saelens venv (transformer-lens 3.9) does not satisfy: its own venv, all its dependencies resolved.
+    "saedashboard": Peer("saedashboard", "sae-dashboard==0.8.0", "sae_dashboard.sae_vis_runner",
+                         "SAEDASHBOARD_PYTHON"),
 }
 
 
