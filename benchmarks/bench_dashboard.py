@@ -12,8 +12,12 @@ BENCH_DASHBOARD_TOKENS) runs the full size; `--features` changes the dictionary 
 measured for 8192 features and extrapolated per feature to 32768 (the tables are full once every feature
 has fired `top` + `samples` times; the token count no longer changes the size after that).
 
-SAEDashboard (PyPI `sae-dashboard`) would sit beside it; it pulls sae-lens and transformer-lens, so it needs
-its own venv, which was not set up when this table was written: its row says so instead of a time.
+Timing: the floor and the whole build alternate for `--rounds` rounds (default 3; the order flips each round,
+so a change in the machine's load hits both alike), and the rows give medians, the ratio being of medians,
+with the min and max of each; a last row gives os.getloadavg() before and after.
+
+SAEDashboard (PyPI `sae-dashboard`) sits beside it (benchmarks/bench_dashboard_peer.py): its own venv, the
+same dictionary and token ids, its data generation only, on a random-weight TransformerLens Pythia-70m.
 """
 
 from __future__ import annotations
