@@ -58,6 +58,7 @@ def setup(features: int, tokens: int, device: str, seed: int = 0):
     with torch.no_grad():
         for _, p in d.named_parameters():
             p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.05)
+        d.W_dec.div_(d.W_dec.norm(dim=1, keepdim=True))              # unit decoder rows, as trained TopK ones are
     rows = tokens // CONTEXT
     ids = torch.randint(0, config.vocab_size, (rows, CONTEXT), generator=gen)
     batches = [(ids[i:i + BATCH], torch.ones_like(ids[i:i + BATCH])) for i in range(0, rows, BATCH)]
@@ -135,7 +136,7 @@ def run() -> list[dict]:
         {"what": "+ logit lens + nearest (weights only)", **common, "seconds": built, "x floor": built / floor},
         {"what": "+ writing the site", **common, "seconds": total, "x floor": total / floor,
          "site MB": size / 1e6, "MB at 32768 features (extrapolated)": size / features * 32768 / 1e6},
-        {**peer, **common, **({"x floor": peer["seconds"] / floor} if "seconds" in peer else {})},
+        {**peer, **common},
         {"what": "machine load (1/5/15-min loadavg)", "note": f"before {_load(load_before)}, after "
          f"{_load(load_after)}; {os.cpu_count()} CPUs; floor and pass alternate, ratios are of medians"},
     ]

@@ -3,9 +3,12 @@
 The dictionary's tensors (native layout = SAELens' layout) and the token ids go to a folder as safetensors;
 benchmarks/peer_dashboard.py, run by the `saedashboard` venv's interpreter (benchmarks/peers.py builds it on
 first use), times SaeVisRunner.run over them at `blocks.3.hook_mlp_out` of a random-weight Pythia-70m
-HookedTransformer (TransformerLens' name for `gpt_neox.layers.3.mlp`'s output). Its feature minibatch is the
-whole dictionary by default (one forward pass over the tokens, its cheapest setting; its own default of 256
-re-runs the model once per 256 features): BENCH_DASHBOARD_PEER_FEATURE_BATCH changes it. The child's time
+HookedTransformer (TransformerLens' name for `gpt_neox.layers.3.mlp`'s output). Its cost is about linear in
+features and slow on CPU (512 features x 4096 tokens took 72 s on two busy cores), so by default it runs the
+first 256 features only (BENCH_DASHBOARD_PEER_FEATURES changes that) on all the tokens, and the row says so,
+with the linear extrapolation to all features marked as one. Its feature minibatch is all of those features
+(one forward pass over the tokens, its cheapest setting; its own default of 256 re-runs the model once per
+256 features): BENCH_DASHBOARD_PEER_FEATURE_BATCH changes it. The child's time
 limit is BENCH_DASHBOARD_PEER_TIMEOUT seconds (default 1200); BENCH_DASHBOARD_PEER=0 skips the row.
 """
 
@@ -31,7 +34,7 @@ def _job(folder: Path, d, batches, vocab: int, device: str) -> None:
              if n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     save_file(state, str(folder / "sae.safetensors"))
     save_file({"ids": torch.cat([ids for ids, _ in batches]).contiguous()}, str(folder / "tokens.safetensors"))
-    features = d.W_enc.shape[1]
+    features = min(d.W_enc.shape[1], int(os.environ.get("BENCH_DASHBOARD_PEER_FEATURES", 256)))
     job = {"hook_point": TL_HOOK, "k": int(d.k), "features": features, "vocab": vocab, "device": device,
            "minibatch_size_tokens": int(batches[0][0].shape[0]),
            "minibatch_size_features": int(os.environ.get("BENCH_DASHBOARD_PEER_FEATURE_BATCH", features))}
@@ -50,7 +53,7 @@ def saedashboard_row(d, batches, vocab: int, device: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _job(folder, d, batches, vocab, device)
-        feature_batch = json.loads((folder / "job.json").read_text())["minibatch_size_features"]
+        job = json.loads((folder / "job.json").read_text())
         try:
             proc = subprocess.run([python, str(script), str(folder)], capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -60,8 +63,11 @@ def saedashboard_row(d, batches, vocab: int, device: str) -> dict:
                 (proc.stderr.strip().splitlines() or ["no output"])[-1][:240]
             return {"what": WHAT, "note": f"failed: {error}"}
         result = json.loads((folder / "result.json").read_text())
-    return {"what": WHAT, "seconds": result["seconds"],
-            "note": f"same dictionary (TopKSAE, k={int(d.k)}) and token ids; random-weight TL Pythia-70m (not "
-                    f"our weights; same shapes, same cost); feature minibatch {feature_batch}; "
-                    f"{result['features_with_data']} features with data; sae-dashboard "
-                    f"{peer_version(python, 'saedashboard')}"}
+    every = d.W_enc.shape[1]
+    return {"what": WHAT + f", features 0..{job['features'] - 1} only", "seconds": result["seconds"],
+            "note": f"MEASURED for {job['features']} of the {every} features ({result['features_with_data']} with "
+                    f"data), same tokens; x{every / job['features']:.0f} if linear in features = "
+                    f"{result['seconds'] * every / job['features']:.0f} s for all (extrapolated, not measured); "
+                    f"same dictionary (TopKSAE, k={int(d.k)}) and token ids; random-weight TL Pythia-70m (not our "
+                    f"weights; same shapes, same cost); feature minibatch {job['minibatch_size_features']}; "
+                    f"sae-dashboard {peer_version(python, 'saedashboard')}"}

@@ -34,7 +34,10 @@ def build_sae(state: dict, job: dict):
     from sae_lens.saes.sae import SAEMetadata
 
     d_in, d_sae = state["W_enc"].shape
+    # the decoder rows are unit-norm, so rescaling by their norm changes nothing; SaeVisRunner's fold_W_dec_norm
+    # refuses a TopKSAE without it
     cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=job["k"], device=job["device"], apply_b_dec_to_input=True,
+                        rescale_acts_by_decoder_norm=True,
                         metadata=SAEMetadata(hook_name=job["hook_point"], model_name="pythia-70m-deduped"))
     sae = TopKSAE(cfg)
     sae.load_state_dict({k: v for k, v in state.items()}, strict=False)

@@ -43,6 +43,7 @@ class Peer:
     no_deps: bool = False             # install the peer itself with --no-deps ...
     extra: tuple[str, ...] = field(default_factory=tuple)    # ... and these, with their dependencies ...
     bare: tuple[str, ...] = field(default_factory=tuple)     # ... and these without theirs
+    remove: tuple[str, ...] = field(default_factory=tuple)   # uninstalled last (pulled in, unused, breaking)
 
 
 PEERS: dict[str, Peer] = {
@@ -64,9 +65,12 @@ PEERS: dict[str, Peer] = {
     # its metadata asks for exactly these, unpinned, so resolving them under the torch constraint is enough.
     "sparsify": Peer("sparsify", "eai-sparsify==1.3.3", "sparsify", "SPARSIFY_PYTHON", extra=("safetensors",)),
     # SAEDashboard 0.8.0 asks for sae-lens 6 but transformer-lens < 3 and transformers < 4.57, which the
-    # saelens venv (transformer-lens 3.9) does not satisfy: its own venv, all its dependencies resolved.
+    # saelens venv (transformer-lens 3.9) does not satisfy: its own venv, all its dependencies resolved. That
+    # resolution keeps numpy 1.26, which the newest pyarrow (via datasets) refuses: pyarrow < 20. PyPI's
+    # torchvision is a CUDA build that breaks `import transformers` beside the CPU torch
+    # ("operator torchvision::nms does not exist"); nothing here uses it or torchaudio: both are removed.
     "saedashboard": Peer("saedashboard", "sae-dashboard==0.8.0", "sae_dashboard.sae_vis_runner",
-                         "SAEDASHBOARD_PYTHON"),
+                         "SAEDASHBOARD_PYTHON", extra=("pyarrow<20",), remove=("torchvision", "torchaudio")),
 }
 
 
@@ -80,7 +84,10 @@ def venv_python(peer: str) -> Path:
 
 def _spec(peer: Peer) -> dict:
     """What a venv was built from; a different spec means a rebuild."""
-    return {"torch": TORCH, **asdict(peer), "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    spec = {"torch": TORCH, **asdict(peer), "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    if not peer.remove:
+        del spec["remove"]            # the venvs built before `remove` existed keep their spec
+    return spec
 
 
 def _recorded(folder: Path, name: str) -> str | None:
@@ -141,9 +148,12 @@ def _install(peer: Peer, folder: Path) -> str | None:
         steps.append(["-c", constraints.name, *peer.extra])
     if peer.bare:
         steps.append(["--no-deps", *peer.bare])
+    if peer.remove:
+        steps.append(["UNINSTALL", *peer.remove])
     try:
         for args in steps:
-            done = subprocess.run(pip + args, capture_output=True, text=True, timeout=1800)
+            command = pip[:-3] + ["uninstall", "-y", *args[1:]] if args[0] == "UNINSTALL" else pip + args
+            done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
             if done.returncode:
                 return f"pip install {' '.join(a for a in args if a != constraints.name)}: " + _last_line(done.stderr)
     except subprocess.TimeoutExpired:
