@@ -133,6 +133,9 @@ def run() -> list[dict]:
          "note": spread(floors)},
         {"what": "dashboard: the one pass (tables), median", **common, "seconds": passed, "x floor": passed / floor,
          "target": "<= 1.3", "note": spread([t[0] for t in dashes])},
+        {"what": "the one pass / floor, per round and of the minima", "note": "rounds " + ", ".join(
+            f"{t[0] / f:.2f}" for t, f in zip(dashes, floors))
+            + f"; min/min {min(t[0] for t in dashes) / min(floors):.2f}"},
         {"what": "+ logit lens + nearest (weights only)", **common, "seconds": built, "x floor": built / floor},
         {"what": "+ writing the site", **common, "seconds": total, "x floor": total / floor,
          "site MB": size / 1e6, "MB at 32768 features (extrapolated)": size / features * 32768 / 1e6},
