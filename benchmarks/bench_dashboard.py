@@ -14,7 +14,8 @@ has fired `top` + `samples` times; the token count no longer changes the size af
 
 Timing: the floor and the whole build alternate for `--rounds` rounds (default 3; the order flips each round,
 so a change in the machine's load hits both alike), and the rows give medians, the ratio being of medians,
-with the min and max of each; a last row gives os.getloadavg() before and after.
+with the min and max of each, then each round's ratio and the ratio of the minima (the least disturbed
+runs); a last row gives os.getloadavg() before and after.
 
 SAEDashboard (PyPI `sae-dashboard`) sits beside it (benchmarks/bench_dashboard_peer.py): its own venv, the
 same dictionary and token ids, its data generation only, on a random-weight TransformerLens Pythia-70m.
