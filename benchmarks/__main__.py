@@ -1,4 +1,5 @@
-"""`python -m benchmarks [topic ...]`: run every benchmarks/bench_<topic>.py and print one table per topic.
+"""`python -m benchmarks [topic ...] [--flag value ...]`: run benchmarks/bench_<topic>.py (all by default) and print one
+table per topic.
 
 Each bench module exposes `run() -> list[dict]` (one dict per row, columns as keys). Peers (SAELens,
 dictionary_learning, sparsify) appear as rows of the same table, measured in the same run on the same
@@ -43,6 +44,17 @@ def _cell(v: object) -> str:
     return str(v)
 
 
+def _topic_args(argv: list[str]) -> list[str]:
+    """The topics named in argv; `--flag value` pairs are the bench modules' own options (read from sys.argv)."""
+    names, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--"):
+            skip = arg.startswith("--") and "=" not in arg and not skip
+            continue
+        names.append(arg)
+    return names
+
+
 def main(argv: list[str]) -> int:
     import torch
 
@@ -51,7 +63,7 @@ def main(argv: list[str]) -> int:
     console.print(f"python {platform.python_version()}, torch {torch.__version__}, {device}, "
                   f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     failed = 0
-    for topic in argv or topics():
+    for topic in _topic_args(argv) or topics():
         start = time.perf_counter()
         try:
             rows = importlib.import_module(f"benchmarks.bench_{topic}").run()

@@ -1,4 +1,5 @@
-"""The peers' own virtual environments: one per peer (dictionary_learning, SAELens, sparsify), built on demand.
+"""The peers' own virtual environments: one per peer (dictionary_learning, SAELens, sparsify, SAEDashboard),
+built on demand.
 
 The peers cannot share this package's environment: dictionary_learning 0.1.0 pins nnsight < 0.4 (this package
 needs >= 0.4), SAELens pulls transformer_lens and its own stack, and EleutherAI's sparsify (`eai-sparsify` on
@@ -11,7 +12,8 @@ below. A venv whose recorded install spec differs from the current one is rebuil
 one-line reason that the benchmark rows show instead of results.
 
 `python -m benchmarks.peers build [peer ...]` builds (or checks) the venvs; `python -m benchmarks.peers status`.
-`DL_PYTHON`, `SAELENS_PYTHON`, `SPARSIFY_PYTHON` name an existing interpreter instead (as bench_train reads them).
+`DL_PYTHON`, `SAELENS_PYTHON`, `SPARSIFY_PYTHON`, `SAEDASHBOARD_PYTHON` name an existing interpreter instead
+(as bench_train and bench_dashboard read them).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Peer:
     no_deps: bool = False             # install the peer itself with --no-deps ...
     extra: tuple[str, ...] = field(default_factory=tuple)    # ... and these, with their dependencies ...
     bare: tuple[str, ...] = field(default_factory=tuple)     # ... and these without theirs
+    remove: tuple[str, ...] = field(default_factory=tuple)   # uninstalled last (pulled in, unused, breaking)
 
 
 PEERS: dict[str, Peer] = {
@@ -61,6 +64,13 @@ PEERS: dict[str, Peer] = {
     # sparsify/__init__.py imports trainer.py (datasets, schedulefree, transformers) and utils.py (accelerate);
     # its metadata asks for exactly these, unpinned, so resolving them under the torch constraint is enough.
     "sparsify": Peer("sparsify", "eai-sparsify==1.3.3", "sparsify", "SPARSIFY_PYTHON", extra=("safetensors",)),
+    # SAEDashboard 0.8.0 asks for sae-lens 6 but transformer-lens < 3 and transformers < 4.57, which the
+    # saelens venv (transformer-lens 3.9) does not satisfy: its own venv, all its dependencies resolved. That
+    # resolution keeps numpy 1.26, which the newest pyarrow (via datasets) refuses: pyarrow < 20. PyPI's
+    # torchvision is a CUDA build that breaks `import transformers` beside the CPU torch
+    # ("operator torchvision::nms does not exist"); nothing here uses it or torchaudio: both are removed.
+    "saedashboard": Peer("saedashboard", "sae-dashboard==0.8.0", "sae_dashboard.sae_vis_runner",
+                         "SAEDASHBOARD_PYTHON", extra=("pyarrow<20",), remove=("torchvision", "torchaudio")),
 }
 
 
@@ -74,7 +84,10 @@ def venv_python(peer: str) -> Path:
 
 def _spec(peer: Peer) -> dict:
     """What a venv was built from; a different spec means a rebuild."""
-    return {"torch": TORCH, **asdict(peer), "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    spec = {"torch": TORCH, **asdict(peer), "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    if not peer.remove:
+        del spec["remove"]            # the venvs built before `remove` existed keep their spec
+    return spec
 
 
 def _recorded(folder: Path, name: str) -> str | None:
@@ -135,9 +148,12 @@ def _install(peer: Peer, folder: Path) -> str | None:
         steps.append(["-c", constraints.name, *peer.extra])
     if peer.bare:
         steps.append(["--no-deps", *peer.bare])
+    if peer.remove:
+        steps.append(["UNINSTALL", *peer.remove])
     try:
         for args in steps:
-            done = subprocess.run(pip + args, capture_output=True, text=True, timeout=1800)
+            command = pip[:-3] + ["uninstall", "-y", *args[1:]] if args[0] == "UNINSTALL" else pip + args
+            done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
             if done.returncode:
                 return f"pip install {' '.join(a for a in args if a != constraints.name)}: " + _last_line(done.stderr)
     except subprocess.TimeoutExpired:
