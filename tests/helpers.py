@@ -91,3 +91,48 @@ def make_folder(folder: Path, arch: str = "relu", seed: int = 0, name: str = "to
 def snapshot(registry: Path) -> dict[str, bytes]:
     root = registry.parent
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+# ---- runs: weights on disk, a kill between checkpoints, dictctl in this process -----------------------
+def weights(folder: Path) -> dict:
+    """The tensors of a native folder's weights.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "weights.safetensors"))
+
+
+class Killed(BaseException):
+    """Stands for the process being killed between two checkpoints."""
+
+
+def kill_at(monkeypatch, step: int) -> None:
+    """Make the `step`-th call of Trainer.step (counting from 1, over all trainers) raise Killed."""
+    from training.trainer import Trainer
+
+    calls = {"n": 0}
+    real = Trainer.step
+
+    def step_or_die(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", step_or_die)
+
+
+def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `dictctl ARGS` in this process through cli.main (exit code, stdout, stderr)."""
+    import sys
+
+    from dictionaries import cli
+
+    monkeypatch.setattr(sys, "argv", ["dictctl", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from dictionaries.dashboard import DashboardBuilder, build_dashboard, keep_first
 from dictionaries.dashboard_site import SHARD, vocab_of, write_site
 from dictionaries.features import features_of, inspect_feature, logit_lens
 
-from helpers import make_dictionary
+from helpers import dictctl, make_dictionary
 
 HOOK = "gpt_neox.layers.0.mlp"
 SCREENSHOT = os.environ.get("DASHBOARD_SCREENSHOT")  # where a copy of the browser test's screenshot goes
@@ -149,19 +148,6 @@ def _native(tmp_path, tiny_neox, tokenizer, neuronpedia=None):
         card = card.model_copy(update={"links": card.links.model_copy(update={"neuronpedia": neuronpedia})})
     write_native(d, tmp_path / "native", card=card)
     return tmp_path / "native", model_dir
-
-
-def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from dictionaries import cli
-
-    monkeypatch.setattr(sys, "argv", ["dictctl", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_dashboard_and_publish_beside_the_weights(tmp_path, tiny_neox, tokenizer, texts, monkeypatch, capsys,

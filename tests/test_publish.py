@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from dictionaries.errors import (
 from dictionaries.files import sha256_of
 from dictionaries.registry import HubLocation, load_registry
 
-from helpers import D_DICT, D_IN, make_folder, snapshot
+from helpers import D_DICT, D_IN, dictctl, make_folder, snapshot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,20 +288,6 @@ def test_register_replaces_an_entry_and_keeps_the_rest(tmp_path, local_hub, regi
 
 
 # ---- the commands ----------------------------------------------------------------------------
-def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `dictctl ARGS` in this process through cli.main (exit code, stdout, stderr)."""
-    from dictionaries import cli
-
-    monkeypatch.setattr(sys, "argv", ["dictctl", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_publish_dry_run_and_bad_repo(tmp_path, local_hub, monkeypatch, capsys):
     make_folder(tmp_path / "native")
     code, out, err = dictctl(monkeypatch, capsys, "publish", str(tmp_path / "native"), "--repo", "org/cli",

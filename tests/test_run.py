@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dictionaries.errors import (
     FormatError,
@@ -27,6 +26,8 @@ from training import run as run_module
 from training.presets import preset
 from training.toymodel import corpus_documents
 from training.trainer import Trainer
+
+from helpers import Killed, kill_at, weights
 
 MLP0 = {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}
 RESID1 = {"module": "gpt_neox.layers.1", "site": "resid", "layer": 1}
@@ -52,28 +53,6 @@ def train(recipes, out, tiny_neox, tokenizer, **kw):
     kw = {"checkpoint_every": 5, "progress": False, **kw}
     kw.setdefault("eval_tokens", 0)  # evaluation after training is tested once, below
     return run_module.train(recipes, out=out, model=tiny_neox, tokenizer=tokenizer, **kw)
-
-
-def weights(folder):
-    return load_file(str(folder / "weights.safetensors"))
-
-
-class Killed(BaseException):
-    """Stands for the process being killed between two checkpoints."""
-
-
-def kill_at(monkeypatch, step: int) -> None:
-    """Make the `step`-th call of Trainer.step (counting from 1, over all trainers) raise Killed."""
-    calls = {"n": 0}
-    real = Trainer.step
-
-    def step_or_die(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step:
-            raise Killed
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", step_or_die)
 
 
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, corpus, tiny_neox, tokenizer, monkeypatch):

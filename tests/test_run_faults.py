@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dictionaries.errors import NonFiniteLossError, RecipeMismatchError
 from dictionaries.recipe import Recipe
@@ -25,6 +24,8 @@ from training import run as run_module
 from training.presets import preset
 from training.toymodel import corpus_documents
 from training.trainer import Trainer
+
+from helpers import Killed, kill_at, weights
 
 MLP0 = {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}
 NAME = "toy-neox/mlp0/96"
@@ -48,28 +49,6 @@ def make_recipe(corpus, *, optimizer=None, **fields) -> Recipe:
 def train(recipes, out, tiny_neox, tokenizer, **kw):
     kw = {"checkpoint_every": 5, "progress": False, "eval_tokens": 0, **kw}
     return run_module.train(recipes, out=out, model=tiny_neox, tokenizer=tokenizer, **kw)
-
-
-def weights(folder):
-    return load_file(str(folder / "weights.safetensors"))
-
-
-class Killed(BaseException):
-    """Stands for the process being killed between two checkpoints."""
-
-
-def kill_at(monkeypatch, step: int) -> None:
-    """Make the `step`-th call of Trainer.step (counting from 1) raise Killed."""
-    calls = {"n": 0}
-    real = Trainer.step
-
-    def step_or_die(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step:
-            raise Killed
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", step_or_die)
 
 
 # ---- finding 1: non-finite weights are never written ----------------------------------------------------
