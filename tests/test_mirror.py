@@ -175,7 +175,7 @@ def test_mirror_with_a_reachable_model_publishes_measured_stats_and_plots(served
                                                                           tiny_neox, tokenizer):
     """The CLI's evaluator (training.evaluate) on a tiny GPT-NeoX saved to a folder: stats become measured and
     the density file and plot go up with the dictionary."""
-    from dictionaries.cli import _mirror_evaluator
+    from dictionaries.cli_hub import _mirror_evaluator
     from dictionaries.mirror import mirror
     from training.toymodel import corpus_documents
 
