@@ -2,7 +2,7 @@
 
 Native (DESIGN.md section 5): `card.json` (the card) + `weights.safetensors` with the native tensor names
 (`W_enc [d_in, d_dict]`, `b_enc [d_dict]`, `W_dec [d_dict, d_in]`, `b_dec [d_in]`, and the kind's extras).
-Foreign folders (dictionary_learning, SAELens, sparsify) are read by `foreign_formats.py` into native
+Foreign folders (dictionary_learning, SAELens, sparsify) are read by `<library>_format.py` into native
 tensors; this module turns either into a ready `Dictionary` with its card, and writes native folders.
 """
 
@@ -83,9 +83,7 @@ def read_folder(folder: str | Path, *, format: str | None = None, card: Card | N
         check_weight_values(state, source)
         card = card or own_card
     else:
-        from dictionaries.foreign_formats import READERS
-
-        found = READERS[fmt](folder, architecture=card.architecture if card is not None else None)
+        found = foreign_reader(fmt)(folder, architecture=card.architecture if card is not None else None)
         check_weight_values(found.state, str(found.weights))  # before a card is built from them
         card = card or _card_from_foreign(folder, fmt, found)
         state, source = found.state, str(found.weights)
@@ -260,3 +258,16 @@ def summarize(card: Card) -> str:
         lines.append(f"converted from: {card.files.source}")
     lines += [f"note: {n}" for n in card.provenance.notes]
     return "\n".join(lines)
+
+
+def foreign_reader(fmt: str):
+    """The reader function of a foreign format (imported on demand: each pulls in only its own library's rules)."""
+    if fmt == "dictionary_learning":
+        from dictionaries.dictionary_learning_format import read_dictionary_learning as reader
+    elif fmt == "saelens":
+        from dictionaries.saelens_format import read_saelens as reader
+    elif fmt == "sparsify":
+        from dictionaries.sparsify_format import read_sparsify as reader
+    else:
+        raise FormatError(fmt, f"no reader for format {fmt!r}")
+    return reader

@@ -1,7 +1,7 @@
 """The house rules of the package's layout, checked on the source itself.
 
 Imports run one way (a walk of every import, module level and lazy alike, finds no cycle); `dictionaries/`
-reaches `training/` only from the composition root (cli_models.py, cli_hub.py, demo.py) and only inside functions; one module
+reaches `training/` only from the composition root (cli_models.py, cli_hub.py, demo.py), inside functions; one module
 each talks to huggingface_hub (hub.py) and to nnsight (attachment.py); no file grows past ~400 lines; the
 commands that only read cards load neither torch nor `training/`; no function is longer than 60 lines.
 """
