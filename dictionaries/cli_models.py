@@ -60,15 +60,21 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
            resume: bool = typer.Option(False, "--resume", help="Continue from DIR/checkpoint."),
            recipe: Optional[str] = typer.Option(None, help="YAML of recipe fields: overrides, or a whole recipe."),
            checkpoint_every: int = typer.Option(1000, min=1, help="Steps between checkpoints."),
-           log: Optional[str] = typer.Option(None, help="Append training curves to this JSONL file.")) -> None:
+           log: Optional[str] = typer.Option(None, help="Append training curves to this JSONL file."),
+           eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", min=0,
+                                                     help="Held-out tokens the end-of-run evaluation reads (default: "
+                                                          "the recipe's holdout_tokens); 0 skips it.")) -> None:
     """Regenerate entries from their card recipes (or train a recipe file); writes native folders."""
     if name is None and recipe is None:
         raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
     from training.run import train_entries  # after the check: bad usage is said without waiting for torch
     overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset)) if v is not None}
     for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
-                                checkpoint_every=checkpoint_every, log_file=log):
+                                checkpoint_every=checkpoint_every, log_file=log, eval_tokens=eval_tokens):
         console.print(f"wrote {folder}", highlight=False)
+    if eval_tokens == 0:
+        console.print("stats not measured (--eval-tokens 0): `dictctl eval FOLDER` measures them later",
+                      highlight=False)
 
 
 @app.command("convert")

@@ -248,8 +248,9 @@ def test_cli_trains_a_glob_of_entries_from_one_pass(tmp_path, corpus, toy_folder
     (tmp_path / "small.yaml").write_text(SMALL)
     code, out, err = dictctl(monkeypatch, capsys, "train", "pythia70m/mlp[01]/8192", "--model", str(toy_folder),
                              "--dataset", str(corpus), "--tokens", "1536", "--recipe", str(tmp_path / "small.yaml"),
-                             "--out", str(tmp_path / "out"), "--device", "cpu")
+                             "--out", str(tmp_path / "out"), "--device", "cpu", "--eval-tokens", "0")
     assert code == 0, err
+    assert "stats not measured (--eval-tokens 0)" in out
     for layer in (0, 1):
         folder = tmp_path / "out" / "pythia70m" / f"mlp{layer}" / "8192"
         assert f"wrote {folder}" in out
@@ -261,6 +262,7 @@ def test_cli_trains_a_glob_of_entries_from_one_pass(tmp_path, corpus, toy_folder
         assert r["hook"]["module"] == f"gpt_neox.layers.{layer}.mlp"
         assert card["name"] == f"pythia70m/mlp{layer}/8192"
         assert card["d_in"] == 64
+        assert "stats" not in card                                      # --eval-tokens 0 skipped the evaluation
 
 
 def test_cli_trains_a_whole_recipe_file(tmp_path, corpus, toy_folder, monkeypatch, capsys):
@@ -273,6 +275,7 @@ def test_cli_trains_a_whole_recipe_file(tmp_path, corpus, toy_folder, monkeypatc
     card = json.loads((tmp_path / "out" / toy_folder.name / "resid1" / "64" / "card.json").read_text())
     assert card["architecture"] == "topk"
     assert card["k"] == 8
+    assert card["stats"]["sensitivity"]["samples"] > 0                 # evaluated by default, sensitivity too
 
 
 @pytest.mark.parametrize("yaml_text, field", [("learning_rate: 0.1\n", "learning_rate"),

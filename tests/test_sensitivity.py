@@ -132,3 +132,31 @@ def test_eval_set_test_uses_one_fixed_position_and_a_pool_from_it(tiny_neox, tok
     for row in seen["pool"]:
         assert torch.isclose(last, row[None], atol=1e-5).all(-1).any()
     assert seen["pool"].shape[0] == len(windows) - 4
+
+
+@pytest.mark.parametrize("family,hook", [("neox", "gpt_neox.layers.0.mlp"), ("neox", "gpt_neox.layers.1:input"),
+                                         ("gpt2", "transformer.h.0"), ("llama", "model.layers.1.mlp")])
+def test_last_token_over_the_prefix_cache_equals_whole_context_forwards(tiny_neox, family, hook, monkeypatch):
+    """The cheap path (prefix cached once per base, the last token alone perturbed, all steps of a kind in one
+    forward) gives the KLs of the whole-context forwards, for rotary (NeoX, Llama) and learned positions (GPT-2),
+    at a module's output and at a block's input."""
+    import training.sensitivity as S
+    from dictionaries.hooks import collect_activations
+
+    from helpers import gpt2_model, llama_model, make_dictionary
+
+    model = {"neox": lambda: tiny_neox, "gpt2": gpt2_model, "llama": llama_model}[family]()
+    module, _, io = hook.partition(":")
+    point = HookPoint(module=module, io=io or "output", site="mlp", layer=0)  # site: a label here
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 1024, (5, 10), generator=g)
+    pool = collect_activations(model, [point], torch.randint(2, 1024, (40, 10), generator=g))[0][:, -1]
+    d = make_dictionary(pool.shape[-1], 32, None, kind="topk")
+    steps = torch.tensor([0.0, 0.5, 4.0, 32.0])
+    kw = dict(steps=steps, progress=False, centre=True, rows_per_forward=7)   # 7: several forwards per kind
+    [full] = measure_sensitivity(model, point, [d], ids, torch.full((5,), 9), pool, reuse_prefix=False, **kw)
+    monkeypatch.setattr(S, "_curves_full", None)                            # the cheap path must not fall back
+    [cheap] = measure_sensitivity(model, point, [d], ids, torch.full((5,), 9), pool, **kw)
+    for kind in ("random", "real", "dictionary"):
+        assert full.kl[kind][:, -1].min() > 1e-4, kind                   # the perturbations do move the output
+        torch.testing.assert_close(cheap.kl[kind], full.kl[kind], rtol=1e-4, atol=1e-6)

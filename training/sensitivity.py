@@ -153,40 +153,107 @@ def _final_logprobs(model, contexts: Tensor, mask: Tensor | None, positions: Ten
     return torch.log_softmax(logits[rows, positions.to(logits.device)].float(), -1).cpu()
 
 
-def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionary], contexts: Tensor,
-                        positions: Tensor, pool: Tensor, *, attention_mask: Tensor | None = None,
-                        steps: Tensor | None = None, seed: int = 0, rows_per_forward: int | None = None,
-                        centre: bool = False, progress: bool = True) -> list[SensitivityCurves]:
-    """The test at one hook: curves for random and real directions (shared) and for each dictionary.
+def _add_at_last(model, hook: HookPoint, deltas: Tensor, shape: tuple[int, ...]):
+    """A torch hook adding deltas (R, d) to the hook's activation at the last position of a forward of token
+    ids `shape` (R, P); returns its handle. Here rather than hooks.run_patched, which runs without a KV cache."""
+    from dictionaries.hooks import as_tokens, find_hook, first_tensor, replace_first
 
-    contexts (N, P) token ids, each perturbed at positions[i]; pool (M, d) real activations at the hook (the
-    mean/covariance of the random kind and the targets of the real kind). `centre` removes each vector's mean
-    along d (pool, base and directions), as Apollo's TransformerLens activations had it. rows_per_forward
-    defaults to what keeps one forward's logits under LOGITS_BUDGET bytes.
-    """
-    from tqdm.auto import tqdm
+    found = find_hook(model, hook)
 
-    from dictionaries.hooks import collect_activations
+    def shifted(x: Tensor) -> Tensor:
+        t = as_tokens(x, shape)                                          # (R, P, d)
+        out = t.clone()
+        out[:, -1] += deltas.to(t.dtype).to(t.device)
+        return out.reshape(x.shape)
 
-    steps = torch.linspace(0, 4, 21) if steps is None else steps.float()
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50304
-    rows_per_forward = rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab * contexts.shape[1]))
-    gen = torch.Generator().manual_seed(seed)
+    if found.io == "output":
+        return found.module.register_forward_hook(
+            lambda _m, args, output: replace_first(output, shifted(first_tensor(output))))
+
+    def on_input(_m, args, kwargs):
+        if args:
+            return (shifted(args[0]), *args[1:]), kwargs
+        name = next(iter(kwargs))
+        return args, {**kwargs, name: shifted(kwargs[name])}
+
+    return found.module.register_forward_pre_hook(on_input, with_kwargs=True)
+
+
+def _prefix_cache(hf, contexts: Tensor):
+    """The KV cache of every context's first P - 1 tokens (N rows), or None for a model that keeps none."""
+    with torch.no_grad():
+        out = hf(contexts[:, :-1], use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # transformers >= 5.24: `cache`
+    needed = ("batch_repeat_interleave", "batch_select_indices")
+    return cache if all(hasattr(cache, m) for m in needed) else None
+
+
+def _cache_argument(hf, cache) -> dict:
+    """The forward's keyword for a KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values": cache}
+
+
+def _last_logprobs(hf, hook: HookPoint, cache, last: Tensor, bases: Tensor, repeats: int,
+                   deltas: Tensor | None) -> Tensor:
+    """Log-probs (len(bases) * repeats, V) at the last position, each base's row repeated `repeats` times
+    (ordered base, then repeat) with deltas (rows, d) added to the hook's activation there.
+
+    Causal attention: the P - 1 earlier positions do not see the last one, so their keys and values come
+    from `cache` (computed once per base) and only the last token runs through the model, which also
+    computes the LM head at one position instead of P (the head dominates Pythia-70m's cost per token)."""
+    import copy
+
+    c = copy.deepcopy(cache)                                             # the forward appends to its cache
+    c.batch_select_indices(bases.to(last.device))
+    if repeats > 1:
+        c.batch_repeat_interleave(repeats)
+    ids = last[bases].repeat_interleave(repeats)[:, None]                # (R, 1)
+    handle = _add_at_last(hf, hook, deltas, tuple(ids.shape)) if deltas is not None else None
+    try:
+        with torch.no_grad():
+            logits = hf(ids, **_cache_argument(hf, c), use_cache=True).logits[:, -1]   # (R, V)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.log_softmax(logits.float(), -1).cpu()
+
+
+def _kl(ref: Tensor, lp: Tensor) -> Tensor:
+    """KL(ref || lp) per row of log-probs (R, V), clamped at 0 (rounding)."""
+    return (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
+
+
+def _curves_from_prefix(hf, hook: HookPoint, contexts: Tensor, cache, directions: dict[str, Tensor],
+                        steps: Tensor, rows_per_forward: int, bar) -> dict[str, Tensor]:
+    """kind -> (N, S) KL, every step and base of a kind in one forward of the last token over `cache`
+    (more forwards only when N * S rows of logits exceed the budget)."""
+    n, s = contexts.shape[0], len(steps)
+    last = contexts[:, -1]
+    everyone = torch.arange(n)
+    clean = _last_logprobs(hf, hook, cache, last, everyone, 1, None)            # (N, V)
+    per = max(1, rows_per_forward // s)                                          # bases per forward
+    kls = {}
+    for kind, u in directions.items():
+        out = torch.empty(n, s)
+        for lo in range(0, n, per):
+            bases = everyone[lo:lo + per]
+            deltas = (steps[None, :, None] * u[bases, None, :]).reshape(-1, u.shape[1])   # (b*S, d)
+            lp = _last_logprobs(hf, hook, cache, last, bases, s, deltas)
+            out[bases] = _kl(clean[bases].repeat_interleave(s, 0), lp).view(len(bases), s)
+            bar.update(len(bases) * s)
+        kls[kind] = out
+    return kls
+
+
+def _curves_full(model, hook: HookPoint, contexts: Tensor, mask: Tensor | None, positions: Tensor,
+                 directions: dict[str, Tensor], steps: Tensor, rows_per_forward: int, bar) -> dict[str, Tensor]:
+    """kind -> (N, S) KL from whole-context forwards (any positions, padding): the reference path."""
     n = contexts.shape[0]
     with torch.no_grad():
-        acts = collect_activations(model, [hook], contexts, attention_mask)[0]
-        base = acts[torch.arange(n), positions.to(acts.device)].float().cpu()        # (N, d)
-        clean = _final_logprobs(model, contexts, attention_mask, positions, hook, None)   # (N, V)
-    c = _centred if centre else (lambda v: v)
-    pool, centred_base = c(pool.float()), c(base)
-    others = torch.randint(0, pool.shape[0], (n,), generator=gen)
-    directions = {"random": _unit_to_norm(sample_like(pool, n, gen) - centred_base, centred_base),
-                  "real": _unit_to_norm(pool[others] - centred_base, centred_base)}
-    for j, d in enumerate(dictionaries):
-        directions[f"dictionary{j}"] = _unit_to_norm(c(dictionary_directions(d, base).float()), centred_base)
-    kls: dict[str, Tensor] = {}
-    bar = tqdm(total=len(directions) * n * len(steps), desc=f"sensitivity {hook.module}", unit="run",
-               disable=not progress, leave=False)
+        clean = _final_logprobs(model, contexts, mask, positions, hook, None)          # (N, V)
+    kls = {}
     for kind, u in directions.items():
         # rows ordered (base, step): delta = t * u
         deltas = (steps[None, :, None] * u[:, None, :]).reshape(-1, u.shape[1])          # (N*S, d)
@@ -194,13 +261,60 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
         out = torch.empty(n * len(steps))
         for lo in range(0, len(which), rows_per_forward):
             idx = which[lo:lo + rows_per_forward]
-            mask = attention_mask[idx] if attention_mask is not None else None
+            m = mask[idx] if mask is not None else None
             with torch.no_grad():
-                lp = _final_logprobs(model, contexts[idx], mask, positions[idx], hook, deltas[lo:lo + len(idx)])
-            ref = clean[idx]
-            out[lo:lo + len(idx)] = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
+                lp = _final_logprobs(model, contexts[idx], m, positions[idx], hook, deltas[lo:lo + len(idx)])
+            out[lo:lo + len(idx)] = _kl(clean[idx], lp)
             bar.update(len(idx))
         kls[kind] = out.view(n, len(steps))
+    return kls
+
+
+def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionary], contexts: Tensor,
+                        positions: Tensor, pool: Tensor, *, attention_mask: Tensor | None = None,
+                        steps: Tensor | None = None, seed: int = 0, rows_per_forward: int | None = None,
+                        centre: bool = False, progress: bool = True, reuse_prefix: bool = True
+                        ) -> list[SensitivityCurves]:
+    """The test at one hook: curves for random and real directions (shared) and for each dictionary.
+
+    contexts (N, P) token ids, each perturbed at positions[i]; pool (M, d) real activations at the hook (the
+    mean/covariance of the random kind and the targets of the real kind). `centre` removes each vector's mean
+    along d (pool, base and directions), as Apollo's TransformerLens activations had it. rows_per_forward
+    defaults to what keeps one forward's logits under LOGITS_BUDGET bytes. `reuse_prefix` (where every
+    position is the last and nothing is padded, as in Apollo's protocol): the unperturbed prefix runs once
+    per base and each perturbed forward runs the last token alone over its KV cache; otherwise (or for a
+    model without a cache) every perturbed forward runs the whole context. Both give the same KLs.
+    """
+    from tqdm.auto import tqdm
+
+    from dictionaries.hooks import collect_activations, torch_model
+
+    steps = torch.linspace(0, 4, 21) if steps is None else steps.float()
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50304
+    gen = torch.Generator().manual_seed(seed)
+    n, length = contexts.shape
+    with torch.no_grad():
+        acts = collect_activations(model, [hook], contexts, attention_mask)[0]
+        base = acts[torch.arange(n), positions.to(acts.device)].float().cpu()        # (N, d)
+    c = _centred if centre else (lambda v: v)
+    pool, centred_base = c(pool.float()), c(base)
+    others = torch.randint(0, pool.shape[0], (n,), generator=gen)
+    directions = {"random": _unit_to_norm(sample_like(pool, n, gen) - centred_base, centred_base),
+                  "real": _unit_to_norm(pool[others] - centred_base, centred_base)}
+    for j, d in enumerate(dictionaries):
+        directions[f"dictionary{j}"] = _unit_to_norm(c(dictionary_directions(d, base).float()), centred_base)
+    bar = tqdm(total=len(directions) * n * len(steps), desc=f"sensitivity {hook.module}", unit="run",
+               disable=not progress, leave=False)
+    unpadded = attention_mask is None or bool(attention_mask.all())
+    hf = torch_model(model)
+    cache = _prefix_cache(hf, contexts) if (reuse_prefix and unpadded and length > 1
+                                            and bool((positions == length - 1).all())) else None
+    if cache is not None:
+        kls = _curves_from_prefix(hf, hook, contexts, cache, directions, steps,
+                                  rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab)), bar)
+    else:
+        kls = _curves_full(model, hook, contexts, attention_mask, positions, directions, steps,
+                           rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab * length)), bar)
     bar.close()
     shared = {"random": kls["random"], "real": kls["real"]}
     return [SensitivityCurves(steps, {**shared, "dictionary": kls[f"dictionary{j}"]})
