@@ -14,9 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from dictionaries.errors import DtypeDeviceError, FormatError, ShapeMismatchError
+from dictionaries.sparse_decoding import decode_dense
 
 if TYPE_CHECKING:
     from dictionaries.card import Card
+
+
+SPARSE_DECODE_DENSITY = 1 / 16
+"""Below this fraction of non-zero features (TopK at k / F, a trained ReLU at L0 / F: under 1%), `decode` sums the
+active decoder rows (B * L0 * d work) instead of the dense (B, F) @ (F, d) matmul; without a gradient to f only,
+as the zeros of f get none that way."""
+
+
+def _mostly_zero(f: Tensor) -> bool:
+    return f.numel() > 0 and int(torch.count_nonzero(f)) <= SPARSE_DECODE_DENSITY * f.numel()
 
 
 class DictionaryOutput(NamedTuple):
@@ -67,6 +78,8 @@ class Dictionary(nn.Module):
         if f.shape[-1] != self.d_dict:
             raise ShapeMismatchError("features", f"(..., {self.d_dict})", tuple(f.shape))
         self._check_dtype_device(f)
+        if not (f.requires_grad and torch.is_grad_enabled()) and _mostly_zero(f):
+            return decode_dense(self.W_dec, self.b_dec, f)  # through the active rows only (sparse_decoding.py)
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> DictionaryOutput:

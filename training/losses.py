@@ -17,6 +17,7 @@ from torch import Tensor
 
 from dictionaries.architectures import Dictionary
 from dictionaries.recipe import Recipe
+from dictionaries.sparse_decoding import decode_code, flat_code, gathered_pre_activations, topk_code
 
 
 # ---- reconstruction and penalties -------------------------------------------------------------------
@@ -193,6 +194,8 @@ class LossOutput:
     """(F,) this batch's differentiable density, detached (approx_l0), for the density window."""
     smallest_kept: Tensor | None = None
     """batchtopk: smallest positive activation kept in this batch."""
+    code: tuple[Tensor, Tensor, Tensor] | None = None
+    """Sparse decoding: the kept entries as (rows, features, values), each (n,), values detached."""
 
 
 def _project(module: Dictionary, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -245,10 +248,16 @@ def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, o
     return total
 
 
-def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext) -> LossOutput:
-    """One training forward of `module` on x (B, d) under `recipe`: loss, reconstruction, features, parts."""
+def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext, *,
+                 sparse: bool = True) -> LossOutput:
+    """One training forward of `module` on x (B, d) under `recipe`: loss, reconstruction, features, parts.
+
+    `sparse`: TopK and BatchTopK decode, and take their gradients, through the kept features only
+    (`_sparse_topk_loss`); False runs the dense (B, F) products (the reference, and every other kind)."""
     if recipe.architecture == "gated":
         return _gated_loss(module, x, recipe, ctx)
+    if sparse and recipe.architecture in ("topk", "batchtopk"):
+        return _sparse_topk_loss(module, x, recipe, ctx)
     pre = _project(module, x, module.b_enc)                               # (B, F)
     extra: dict = {"terms": {}}
     arch, p = recipe.architecture, recipe.penalty
@@ -295,3 +304,47 @@ def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext)
     aux = reconstruction_loss(x, gate @ module.W_dec.detach() + module.b_dec.detach(), recipe.mse)
     terms = {"mse": mse, "sparsity": sparsity, "gated_aux": aux}
     return LossOutput(mse + sparsity + aux, x_hat, f, terms)
+
+
+def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext) -> LossOutput:
+    """TopK / BatchTopK (with AuxK) whose decode and backward touch the kept features only
+    (dictionaries/sparse_decoding.py): the (B, F) pre-activations are computed once without a graph to choose
+    the kept entries (the same choice as the dense path: same `_project`), then the kept values are recomputed
+    as differentiable dot products and decoded by an embedding bag. Of the dense step's five (B, d) x (d, F)
+    sized products one remains (the choosing forward). Same loss and gradients as `compute_loss(sparse=False)`."""
+    with torch.no_grad():
+        pre = _project(module, x, module.b_enc)                             # (B, F), no graph
+    b, n_features = pre.shape
+    smallest = None
+    if recipe.architecture == "topk":
+        rows, feats = topk_code(pre.topk(recipe.k, dim=-1, sorted=False).indices)
+    else:
+        kept = pre.relu().view(-1).topk(min(recipe.k * b, pre.numel()), sorted=False)
+        rows, feats = flat_code(kept.indices, n_features)
+        positive = kept.values[kept.values > 0]
+        smallest = positive.min() if positive.numel() else torch.tensor(float("inf"), device=pre.device)
+    xc = x - module.b_dec if module.pre_encoder_bias else x                # carries b_dec's encoder gradient
+    values = torch.relu(gathered_pre_activations(xc, module.W_enc, module.b_enc, rows, feats))     # (n,)
+    x_hat = decode_code(module.W_dec, module.b_dec, rows, feats, values, b)
+    mse = reconstruction_loss(x, x_hat, recipe.mse)
+    terms, loss, p = {}, mse, recipe.penalty
+    if p.aux_k is not None:  # Gao et al. 2024 AuxK, as auxk_loss, through the dead features' code
+        aux_k = p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
+        terms["auxk"] = _sparse_auxk(module, xc, pre, x - x_hat, ctx.dead, aux_k)
+        loss = loss + p.aux_coefficient * terms["auxk"]
+    terms.update(mse=mse, sparsity=pre.new_zeros(()))
+    f = pre.zero_().index_put_((rows, feats), values.detach())              # the (B, F) buffer reused, no graph
+    return LossOutput(loss, x_hat, f, terms, None, smallest, (rows, feats, values.detach()))
+
+
+def _sparse_auxk(module: Dictionary, xc: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+    """`auxk_loss` through the top aux_k dead features' code: e_hat decoded by an embedding bag."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    chosen = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
+    rows, feats = topk_code(chosen)
+    values = torch.relu(gathered_pre_activations(xc, module.W_enc, module.b_enc, rows, feats))
+    e_hat = decode_code(module.W_dec, torch.zeros_like(module.b_dec), rows, feats, values, pre.shape[0])
+    e = residual.detach()
+    return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)

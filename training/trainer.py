@@ -90,6 +90,18 @@ def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: st
     return module
 
 
+def _firing(out, batch: int) -> tuple[Tensor, Tensor]:
+    """(mean L0, (F,) whether each feature fired) of a step: from the sparse code's n entries where the loss
+    kept one, else from one pass over the (B, F) features."""
+    if out.code is not None:
+        _, features, values = out.code
+        active = values > 0
+        fired = torch.zeros(out.features.shape[-1], dtype=torch.bool, device=values.device)
+        return active.sum() / batch, fired.index_fill_(0, features[active], True)
+    active = out.features > 0                                              # (B, F), one pass for both uses
+    return active.sum() / batch, active.any(0)
+
+
 class Trainer:
     """Trains one dictionary under `recipe` on activations of width d_in, for `total_steps` steps."""
 
@@ -103,6 +115,7 @@ class Trainer:
         self.recipe, self.d_in, self.total_steps, self.device = recipe, d_in, total_steps, torch.device(device)
         self.dtype = getattr(torch, recipe.dtype)
         self.autocast = autocast
+        self.sparse_decoding = True  # TopK/BatchTopK through their kept features (losses._sparse_topk_loss)
         self.module = init_dictionary(recipe, d_in, dtype=self.dtype, device=self.device)
         frozen = {"threshold"} if recipe.architecture == "batchtopk" else set()  # set from statistics, not trained
         for name in frozen:
@@ -164,7 +177,7 @@ class Trainer:
         # optimiser updates them in place: drop the cache before this forward and after the update.
         torch.clear_autocast_cache()
         with torch.autocast(self.device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
-            out = compute_loss(self.module, x, self.recipe, self._context())
+            out = compute_loss(self.module, x, self.recipe, self._context(), sparse=self.sparse_decoding)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self._all_reduce_grads()
@@ -174,9 +187,8 @@ class Trainer:
         self.optimizer.step()
         self._constrain_weights()
         with torch.no_grad():
-            active = out.features > 0                                       # (B, F), one pass for both uses
-            l0 = active.sum() / x.shape[0]
-            fired = _all_reduce(active.any(0).to(torch.uint8), "max").bool()
+            l0, fired = _firing(out, x.shape[0])
+            fired = _all_reduce(fired.to(torch.uint8), "max").bool()
             self._count_firing(fired, x.shape[0] * max(_world(), 1))
             self._update_density(out.density)
             self._update_threshold(out.smallest_kept)

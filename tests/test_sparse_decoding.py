@@ -1,0 +1,137 @@
+"""dictionaries/sparse_decoding.py and the paths that use it: decoding (and its gradients) through the active
+features only equals the dense (B, F) @ (F, d) product, in the module's decode, in the TopK / BatchTopK training
+loss (AuxK included) and over whole Trainer runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dictionaries.architectures import BatchTopKDictionary, TopKDictionary
+from dictionaries.sparse_decoding import decode_code, decode_dense, flat_code, gathered_pre_activations, topk_code
+from training import losses
+from training.trainer import Trainer
+
+from synthetic import D_IN, SparseSource, make_recipe
+
+B, D, F, K = 40, 12, 96, 5
+
+
+def _params(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=dtype).requires_grad_() for shape in ((F, D), (D,), (D, F), (F,))]
+
+
+def test_decode_code_and_its_gradients_equal_the_dense_product():
+    W_dec, b_dec, _, _ = _params()
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(B, F, generator=g, dtype=torch.float64)
+    pre[3] = -1.0                                                     # a token with no positive entry
+    rows, feats = flat_code(pre.flatten().topk(K * B).indices, F)     # BatchTopK-like: uneven counts per row
+    values = pre[rows, feats].relu().requires_grad_()
+    dense_f = torch.zeros(B, F, dtype=torch.float64).index_put((rows, feats), values)
+    target = torch.randn(B, D, generator=g, dtype=torch.float64)
+    sparse = decode_code(W_dec, b_dec, rows, feats, values, B)
+    grads = torch.autograd.grad((sparse - target).pow(2).sum(), (W_dec, b_dec, values))
+    dense = dense_f @ W_dec + b_dec
+    expected = torch.autograd.grad((dense - target).pow(2).sum(), (W_dec, b_dec, values))
+    torch.testing.assert_close(sparse, dense)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(topk_code(torch.tensor([[2, 0], [1, 3]]))[0], torch.tensor([0, 0, 1, 1]))
+
+
+def test_gathered_pre_activations_and_their_gradients_equal_the_dense_projection():
+    _, _, W_enc, b_enc = _params()
+    x = torch.randn(B, D, dtype=torch.float64)
+    indices = torch.randn(B, F).topk(K, -1).indices
+    rows, feats = topk_code(indices)
+    got = gathered_pre_activations(x, W_enc, b_enc, rows, feats)
+    weights = torch.randn(got.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((got * weights).sum(), (W_enc, b_enc))
+    dense = (x @ W_enc + b_enc)[rows, feats]
+    expected = torch.autograd.grad((dense * weights).sum(), (W_enc, b_enc))
+    torch.testing.assert_close(got, dense)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name, dead", [("topk", 0), ("topk", 30), ("batchtopk", 0)])
+def test_sparse_training_loss_equals_the_dense_one_with_its_gradients(name, dead, dtype):
+    """Loss, reconstruction, features and every parameter's gradient; AuxK over `dead` dead features."""
+    recipe = make_recipe(name, d_dict=F, k=K)
+    module = (TopKDictionary if name == "topk" else BatchTopKDictionary)(D, F, k=K, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.3)
+    x = torch.randn(B, D, generator=g, dtype=dtype)
+    mask = torch.zeros(F, dtype=torch.bool)
+    mask[torch.randperm(F, generator=g)[:dead]] = True
+    outs, grads = [], []
+    for sparse in (False, True):
+        module.zero_grad(set_to_none=True)
+        out = losses.compute_loss(module, x, recipe, losses.LossContext(mask), sparse=sparse)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    dense, sparse = outs
+    assert sparse.code is not None and dense.code is None              # the sparse path did run
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(sparse.loss, dense.loss, **tol)
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat, **tol)
+    torch.testing.assert_close(sparse.features, dense.features, **tol)
+    if dead:
+        assert float(dense.terms["auxk"].detach()) > 0
+        torch.testing.assert_close(sparse.terms["auxk"], dense.terms["auxk"], **tol)
+    if name == "batchtopk":
+        torch.testing.assert_close(sparse.smallest_kept, dense.smallest_kept, **tol)
+    assert grads[0].keys() == grads[1].keys() and "W_enc" in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], **tol, msg=n)
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_trainer_runs_with_sparse_decoding_track_the_dense_ones(name):
+    """60 float64 steps (AuxK's dead features appear on the way): the same weights and metrics."""
+    recipe = make_recipe(name, dtype="float64", d_dict=512, k=2,     # 512 features, 512 picks a step: some die
+                         **({"penalty.aux_dead_tokens": 512} if name == "topk" else {}))
+    runs = []
+    for sparse in (False, True):
+        source = SparseSource()
+        t = Trainer(recipe, D_IN, total_steps=60)
+        t.sparse_decoding = sparse
+        t.estimate_input_scale(source(1024))
+        metrics = [t.step(source().double()) for _ in range(60)]
+        runs.append((t, metrics))
+    (dense, m_dense), (sparse, m_sparse) = runs
+    if name == "topk":
+        assert max(m["loss_auxk"] for m in m_dense) > 0                   # AuxK was exercised
+    for a, b in zip(m_dense, m_sparse):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+    for (n, p), q in zip(dense.module.named_parameters(), sparse.module.parameters()):
+        torch.testing.assert_close(q, p, msg=n)
+
+
+def test_module_decode_takes_the_sparse_path_without_a_gradient_and_matches_dense(monkeypatch):
+    import dictionaries.architectures as A
+
+    W_dec, b_dec, W_enc, b_enc = (p.detach().float() for p in _params())
+    d = TopKDictionary(D, F, k=K)
+    with torch.no_grad():
+        for p, v in zip((d.W_dec, d.b_dec, d.W_enc, d.b_enc), (W_dec, b_dec, W_enc, b_enc)):
+            p.copy_(v)
+    calls = []
+    monkeypatch.setattr(A, "decode_dense", lambda *a: calls.append(1) or decode_dense(*a))
+    x = torch.randn(3, 7, D)
+    with torch.no_grad():
+        f = d.encode(x)                                                  # (3, 7, F), K of F non-zero
+        got = d.decode(f)
+    assert calls == [1]
+    torch.testing.assert_close(got, f @ W_dec + b_dec, rtol=1e-5, atol=1e-5)
+    f.requires_grad_()
+    d.decode(f).sum().backward()                                        # a gradient to f: the dense product
+    assert calls == [1] and torch.count_nonzero(f.grad) == f.numel()
