@@ -1,4 +1,5 @@
-"""The optimisation step alone (training/trainer.py) against this machine's matmul roofline.
+"""The optimisation step alone (training/trainer.py) against this machine's matmul roofline, and TopK's step
+with dense against sparse decoding (k 32 of 32768 features, batch 4096: `sparse_vs_dense`).
 
 A Pythia-70m-MLP-shaped dictionary (d_in 512, 8192 features) steps on random activations for each named
 recipe family, in fp32 and under bf16 autocast. The roofline is the rate of the step's own matmul shape,
@@ -59,9 +60,40 @@ def step_time(name: str, extra: dict, precision: str) -> float:
     return statistics.median(times)
 
 
+SPARSE_SHAPE = {"k": 32, "d_dict": 32768, "batch": 4096}
+"""Issue 12's sparse-decoding row: TopK at k 32 of 32768 features, d_in 512, batch 4096."""
+
+
+def sparse_vs_dense(precision: str = "fp32") -> list[dict]:
+    """Median seconds of one TopK Trainer.step with dense and with sparse decoding (losses._sparse_topk_loss),
+    the two trainers stepping alternately so that a busy machine slows both alike; gain = dense / sparse."""
+    from training.trainer import Trainer
+
+    k, d_dict, batch = SPARSE_SHAPE["k"], SPARSE_SHAPE["d_dict"], SPARSE_SHAPE["batch"]
+    recipe = _recipe("topk", {"k": k}).model_copy(update={"d_dict": d_dict, "batch_size": batch})
+    x = torch.randn(batch, D_IN, generator=torch.Generator().manual_seed(0))
+    trainers = {}
+    for sparse in (False, True):
+        t = Trainer(recipe, D_IN, total_steps=1000, autocast=torch.bfloat16 if precision == "bf16" else None)
+        t.sparse_decoding = sparse
+        t.estimate_input_scale(x)
+        trainers["sparse" if sparse else "dense"] = t
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for i in range(REPEATS + 1):
+        for name, t in trainers.items():
+            start = time.perf_counter()
+            t.step(x)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(v) for name, v in times.items()}
+    return [{"benchmark": "trainer.step decode", "recipe": f"topk k={k}", "precision": precision,
+             "shape": f"{batch}x{D_IN}->{d_dict}", "decode": name, "ms/step": round(s * 1e3, 1),
+             "tokens/s": round(batch / s), "gain": round(seconds["dense"] / s, 2)} for name, s in seconds.items()]
+
+
 def run() -> list[dict]:
-    """One row per recipe and precision."""
-    rows = []
+    """One row per recipe and precision, then the sparse-decoding rows."""
+    rows = sparse_vs_dense()
     for precision in ("fp32", "bf16"):
         rate = matmul_rate(precision)
         for name, extra in RECIPES.items():

@@ -67,9 +67,31 @@ def decode_dense(W_dec: Tensor, b_dec: Tensor, f: Tensor) -> Tensor:
     return x.view(*f.shape[:-1], W_dec.shape[1])
 
 
-def gathered_pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, features: Tensor) -> Tensor:
-    """(n,) pre-activations x[rows] . W_enc[:, features] + b_enc[features], differentiable, for the kept
-    entries only: W_enc's gradient is an index-add of n rows instead of a (d, B) @ (B, F) matmul. x (B, d)
-    already has b_dec subtracted where the architecture does (the subtraction carries b_dec's gradient)."""
-    columns = torch.nn.functional.embedding(features, W_enc.t())                # (n, d): W_enc's kept columns
-    return (columns * x.index_select(0, rows)).sum(-1) + b_enc[features]
+class _GatherDot(torch.autograd.Function):
+    """(n,) dots x[rows] . W_enc[:, features], kept in W_enc's (d, F) layout: the kept columns gathered as a
+    (d, n) block (each of the d rows gathers from one contiguous row of F, cache-friendly where gathering W_enc^T's
+    rows would stride by F), and W_enc's gradient index-added back into its columns."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, rows: Tensor, features: Tensor) -> Tensor:
+        x_cols = x.t().contiguous().index_select(1, rows)                       # (d, n)
+        w_cols = W_enc.index_select(1, features)                                # (d, n)
+        ctx.save_for_backward(x_cols, w_cols, rows, features)
+        ctx.batch, ctx.width = x.shape[0], W_enc.shape[1]
+        return (x_cols * w_cols).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_cols, w_cols, rows, features = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = w_cols.new_zeros(w_cols.shape[0], ctx.batch).index_add_(1, rows, w_cols * grad).t()
+        if ctx.needs_input_grad[1]:
+            grad_w = x_cols.new_zeros(x_cols.shape[0], ctx.width).index_add_(1, features, x_cols * grad)
+        return grad_x, grad_w, None, None
+
+
+def gathered_pre_activations(x: Tensor, W_enc: Tensor, bias: Tensor, rows: Tensor, features: Tensor) -> Tensor:
+    """(n,) pre-activations x[rows] . W_enc[:, features] + bias[features], differentiable, for the kept
+    entries only: W_enc's gradient is an index-add of n columns instead of a (d, B) @ (B, F) matmul."""
+    return _GatherDot.apply(x, W_enc, rows, features) + bias[features]

@@ -43,14 +43,14 @@ def test_decode_code_and_its_gradients_equal_the_dense_product():
 
 def test_gathered_pre_activations_and_their_gradients_equal_the_dense_projection():
     _, _, W_enc, b_enc = _params()
-    x = torch.randn(B, D, dtype=torch.float64)
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     indices = torch.randn(B, F).topk(K, -1).indices
     rows, feats = topk_code(indices)
     got = gathered_pre_activations(x, W_enc, b_enc, rows, feats)
     weights = torch.randn(got.shape, dtype=torch.float64)
-    grads = torch.autograd.grad((got * weights).sum(), (W_enc, b_enc))
+    grads = torch.autograd.grad((got * weights).sum(), (x, W_enc, b_enc))
     dense = (x @ W_enc + b_enc)[rows, feats]
-    expected = torch.autograd.grad((dense * weights).sum(), (W_enc, b_enc))
+    expected = torch.autograd.grad((dense * weights).sum(), (x, W_enc, b_enc))
     torch.testing.assert_close(got, dense)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b)

@@ -323,28 +323,30 @@ def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossCo
         rows, feats = flat_code(kept.indices, n_features)
         positive = kept.values[kept.values > 0]
         smallest = positive.min() if positive.numel() else torch.tensor(float("inf"), device=pre.device)
-    xc = x - module.b_dec if module.pre_encoder_bias else x                # carries b_dec's encoder gradient
-    values = torch.relu(gathered_pre_activations(xc, module.W_enc, module.b_enc, rows, feats))     # (n,)
+    # the encoder bias as `_project` has it, b_enc - b_dec @ W_enc (F,): b_dec's gradient by one vector product
+    bias = module.b_enc - module.b_dec @ module.W_enc if module.pre_encoder_bias else module.b_enc
+    values = torch.relu(gathered_pre_activations(x, module.W_enc, bias, rows, feats))            # (n,)
     x_hat = decode_code(module.W_dec, module.b_dec, rows, feats, values, b)
     mse = reconstruction_loss(x, x_hat, recipe.mse)
     terms, loss, p = {}, mse, recipe.penalty
     if p.aux_k is not None:  # Gao et al. 2024 AuxK, as auxk_loss, through the dead features' code
         aux_k = p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
-        terms["auxk"] = _sparse_auxk(module, xc, pre, x - x_hat, ctx.dead, aux_k)
+        terms["auxk"] = _sparse_auxk(module, x, bias, pre, x - x_hat, ctx.dead, aux_k)
         loss = loss + p.aux_coefficient * terms["auxk"]
     terms.update(mse=mse, sparsity=pre.new_zeros(()))
     f = pre.zero_().index_put_((rows, feats), values.detach())              # the (B, F) buffer reused, no graph
     return LossOutput(loss, x_hat, f, terms, None, smallest, (rows, feats, values.detach()))
 
 
-def _sparse_auxk(module: Dictionary, xc: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+def _sparse_auxk(module: Dictionary, x: Tensor, bias: Tensor, pre: Tensor, residual: Tensor, dead: Tensor,
+                 aux_k: int) -> Tensor:
     """`auxk_loss` through the top aux_k dead features' code: e_hat decoded by an embedding bag."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
     chosen = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
     rows, feats = topk_code(chosen)
-    values = torch.relu(gathered_pre_activations(xc, module.W_enc, module.b_enc, rows, feats))
+    values = torch.relu(gathered_pre_activations(x, module.W_enc, bias, rows, feats))
     e_hat = decode_code(module.W_dec, torch.zeros_like(module.b_dec), rows, feats, values, pre.shape[0])
     e = residual.detach()
     return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
