@@ -6,10 +6,11 @@ dictionary at `gpt_neox.layers.3.mlp`, training batch 4096. Measured in one run:
   plus one `Trainer.step`, median of repeats after warm-up. The real loop adds tokenisation and the buffer's
   shuffle, so this step is a lower bound and the fractions below upper bounds;
 - the end-of-run `evaluate` on the default 16,384 held-out tokens: its stats part (one forward of the tripled
-  batch), and the sensitivity test (Apollo's protocol, 32 samples, 21 steps, 3 direction kinds) by the
-  whole-context forwards (the path before issue 12) and by the last token over the cached prefix (now).
+  batch), and its sensitivity test (`sensitivity_on_eval_set`: Apollo's protocol, 32 samples, 21 steps,
+  3 direction kinds, the 4096-window pool) by whole-context forwards (the path before issue 12) and by the
+  last token over the cached prefix (now).
 The eval's cost is reported as a fraction of a 10M-token run's training time extrapolated from the step.
-`python -m benchmarks end_eval` (about 6 minutes on two busy cores, most of it the old path).
+`python -m benchmarks end_eval` (minutes, most of them the old path).
 """
 
 from __future__ import annotations
@@ -47,18 +48,25 @@ def step_seconds(model, contexts: torch.Tensor) -> float:
 HOOK_WIDTH = 512
 
 
-def eval_seconds(model, d, batches, *, sensitivity: bool, reuse_prefix: bool = True) -> float:
-    """Seconds of one `evaluate` on the eval tokens, with or without the sensitivity test (and which path)."""
-    import training.sensitivity as S
+def eval_seconds(model, d, batches) -> float:
+    """Seconds of one `evaluate` on the eval tokens without the sensitivity test (the stats part)."""
     from training.evaluate import evaluate
 
+    start = time.perf_counter()
+    evaluate(model, [d], batches, tokens=EVAL_TOKENS, context_length=CONTEXT, sensitivity=False, progress=False)
+    return time.perf_counter() - start
+
+
+def sensitivity_seconds(model, d, batches, *, reuse_prefix: bool) -> float:
+    """Seconds of the sensitivity test as `evaluate` runs it (`sensitivity_on_eval_set`, 32 samples), by the
+    cached prefix or by whole-context forwards (the path before issue 12, kept as the reference)."""
+    import training.sensitivity as S
+
     cheap = S.measure_sensitivity
-    if not reuse_prefix:  # the whole-context forwards, still there as the reference path
-        S.measure_sensitivity = functools.partial(cheap, reuse_prefix=False)
+    S.measure_sensitivity = functools.partial(cheap, reuse_prefix=reuse_prefix)
     try:
         start = time.perf_counter()
-        evaluate(model, [d], batches, tokens=EVAL_TOKENS, context_length=CONTEXT, sensitivity=sensitivity,
-                 progress=False)
+        S.sensitivity_on_eval_set(model, [d], [HOOK], batches, bos_id=0, exclude_bos=True, progress=False)
         return time.perf_counter() - start
     finally:
         S.measure_sensitivity = cheap
@@ -74,17 +82,20 @@ def run() -> list[dict]:
     contexts = torch.cat([b[0] for b in batches])[:BATCH // CONTEXT]
     step = step_seconds(model, contexts)
     train = RUN_TOKENS / BATCH * step
-    stats = eval_seconds(model, d, batches, sensitivity=False)
-    now = eval_seconds(model, d, batches, sensitivity=True)
-    before = eval_seconds(model, d, batches, sensitivity=True, reuse_prefix=False)
+    print(f"step {step:.2f} s; 10M-token run {train:.0f} s", flush=True)
+    stats = eval_seconds(model, d, batches)
+    print(f"eval stats {stats:.1f} s", flush=True)
+    now = sensitivity_seconds(model, d, batches, reuse_prefix=True)
+    print(f"sensitivity cached prefix {now:.1f} s", flush=True)
+    before = sensitivity_seconds(model, d, batches, reuse_prefix=False)
+    print(f"sensitivity whole contexts {before:.1f} s", flush=True)
     rows = [{"what": "training step (harvest 4096 tokens + Trainer.step)", "seconds": step,
-             "note": f"10M tokens = {RUN_TOKENS // BATCH} steps = {train / 3600:.2f} h"}]
-    for name, seconds in (("eval: stats only", stats), ("eval + sensitivity, whole contexts (before)", before),
-                          ("eval + sensitivity, cached prefix (now)", now)):
-        rows.append({"what": name, "seconds": seconds, "of a 10M-token run": seconds / train,
-                     "sensitivity s": seconds - stats if seconds is not stats else None})
-    rows.append({"what": "sensitivity speed-up", "seconds": None,
-                 "note": f"{(before - stats) / max(now - stats, 1e-9):.1f}x"})
+             "note": f"10M tokens = {RUN_TOKENS // BATCH} steps = {train / 3600:.2f} h"},
+            {"what": "eval stats (16,384 tokens)", "seconds": stats, "of a 10M-token run": stats / train}]
+    for name, sens in (("before: whole-context sensitivity", before), ("now: cached-prefix sensitivity", now)):
+        rows.append({"what": f"end-of-run eval, {name}", "seconds": stats + sens,
+                     "of a 10M-token run": (stats + sens) / train, "sensitivity s": sens})
+    rows.append({"what": "sensitivity speed-up", "note": f"{before / now:.1f}x"})
     return rows
 
 

@@ -164,3 +164,32 @@ def test_normalized_mse_is_the_batch_fvu(gen):
     fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert torch.allclose(losses.reconstruction_loss(x, x_hat, "normalized"), fvu)
     assert torch.allclose(losses.reconstruction_loss(40 * x, 40 * x_hat, "normalized"), fvu)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_relu_l1_equals_relu_then_l1_with_gradients(gen, weighted):
+    """relu_l1's one-pass backward gives the gradients of relu followed by l1_penalty (to pre and the norms)."""
+    pre = torch.randn(B, F, generator=gen, dtype=torch.float64, requires_grad=True)
+    norms = (torch.rand(F, generator=gen, dtype=torch.float64) + 0.5).requires_grad_() if weighted else None
+    probe = torch.randn(B, F, generator=gen, dtype=torch.float64)       # a downstream use of f (the decoder's)
+    inputs = (pre, norms) if weighted else (pre,)
+    f, penalty = losses.relu_l1(pre, norms)
+    got = torch.autograd.grad((f * probe).sum() + 3 * penalty, inputs)
+    f_ref = torch.relu(pre)
+    ref_penalty = losses.l1_penalty(f_ref, norms)
+    want = torch.autograd.grad((f_ref * probe).sum() + 3 * ref_penalty, inputs)
+    torch.testing.assert_close(f, f_ref)
+    torch.testing.assert_close(penalty, ref_penalty)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    [only_penalty] = torch.autograd.grad(losses.relu_l1(pre, norms)[1], pre)   # f unused: grad_f is None
+    torch.testing.assert_close(only_penalty, torch.autograd.grad(losses.l1_penalty(torch.relu(pre), norms), pre)[0])
+
+
+def test_fused_relu_l1_keeps_a_bf16_gradient_in_bf16(gen):
+    pre = torch.randn(B, F, generator=gen).bfloat16().requires_grad_()
+    f, penalty = losses.relu_l1(pre)
+    (f.float().pow(2).sum() + penalty).backward()
+    assert pre.grad.dtype == torch.bfloat16 and penalty.dtype == torch.float32
+    ref = torch.where(pre.detach().float() > 0, 2 * pre.detach().float() + 1 / B, 0)
+    torch.testing.assert_close(pre.grad.float(), ref, rtol=2e-2, atol=1e-2)

@@ -44,6 +44,40 @@ def l1_penalty(f: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
     return (f @ decoder_norms).mean()
 
 
+class _ReluL1(torch.autograd.Function):
+    """f = ReLU(pre) (B, F) and its L1 penalty sum_bi w_i f_bi / B (w: decoder norms, or 1), fused.
+
+    The backward is one pass over (B, F) in pre's own dtype: grad_pre = (grad_f + g w / B) where pre > 0. Built
+    from ops, the penalty's gradient is a broadcast float32 (B, F) tensor added to grad_f, which under bf16
+    autocast promotes the whole (B, F) gradient to float32 and casts it back for the encoder's matmul backward:
+    three extra passes that kept a bf16 step near the float32 one (issue 12)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, weights: Tensor | None):
+        f = torch.relu(pre)
+        per_feature = f.sum(0, dtype=torch.promote_types(pre.dtype, torch.float32))   # (F,), bf16 summed in fp32
+        # elementwise, not @: under autocast a matmul would round this sum to bf16
+        penalty = ((per_feature * weights.to(per_feature.dtype)).sum() if weights is not None
+                   else per_feature.sum()) / f.shape[0]
+        ctx.save_for_backward(f, weights, per_feature)
+        return f, penalty
+
+    @staticmethod
+    def backward(ctx, grad_f: Tensor | None, grad_penalty: Tensor):
+        f, weights, per_feature = ctx.saved_tensors
+        scale = grad_penalty / f.shape[0]
+        add = (scale * weights.to(scale.dtype)).to(f.dtype) if weights is not None else scale.to(f.dtype)
+        grad = add.expand_as(f) if grad_f is None else grad_f + add
+        grad_pre = torch.ops.aten.threshold_backward(grad, f, 0)              # grad where f > 0: one pass
+        grad_w = per_feature * scale if weights is not None and ctx.needs_input_grad[1] else None
+        return grad_pre, None if grad_w is None else grad_w.to(weights.dtype)
+
+
+def relu_l1(pre: Tensor, decoder_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(ReLU(pre), l1_penalty(ReLU(pre), decoder_norms)) with one fused backward pass (`_ReluL1`)."""
+    return _ReluL1.apply(pre, decoder_norms)
+
+
 def tanh_penalty(f: Tensor, a: float, b: float, decoder_norms: Tensor | None = None) -> Tensor:
     """Mean over tokens of sum_i (A/B) tanh(B f_i ||W_dec,i||) (Anthropic, Feb 2024)."""
     scaled = f if decoder_norms is None else f * decoder_norms
@@ -233,6 +267,8 @@ def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, o
     """The relu architecture's penalty term (L1, tanh or approximate L0 with its density term)."""
     p = recipe.penalty
     coefficient = p.coefficient * ctx.sparsity_scale
+    if "l1" in out:  # computed with the features (relu_l1)
+        return coefficient * out["l1"]
     norms = module.W_dec.norm(dim=-1) if p.scale_by_decoder_norm else None
     if p.kind == "l1":
         return coefficient * l1_penalty(f, norms)
@@ -261,7 +297,9 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
     pre = _project(module, x, module.b_enc)                               # (B, F)
     extra: dict = {"terms": {}}
     arch, p = recipe.architecture, recipe.penalty
-    if arch == "relu":
+    if arch == "relu" and p.kind == "l1":  # ReLU and its L1 with one backward pass (bf16 stays bf16)
+        f, extra["l1"] = relu_l1(pre, module.W_dec.norm(dim=-1) if p.scale_by_decoder_norm else None)
+    elif arch == "relu":
         f = torch.relu(pre)
     elif arch == "topk":
         f = topk_features(pre, recipe.k)

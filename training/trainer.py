@@ -98,8 +98,8 @@ def _firing(out, batch: int) -> tuple[Tensor, Tensor]:
         active = values > 0
         fired = torch.zeros(out.features.shape[-1], dtype=torch.bool, device=values.device)
         return active.sum() / batch, fired.index_fill_(0, features[active], True)
-    active = out.features > 0                                              # (B, F), one pass for both uses
-    return active.sum() / batch, active.any(0)
+    # every architecture's features are >= 0, so non-zero is active: no (B, F) bool mask, no int64 sum of it
+    return torch.count_nonzero(out.features) / batch, out.features.any(0)
 
 
 class Trainer:
