@@ -294,3 +294,26 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     single, _ = train(make_recipe("marks2023", input_normalization="sqrt_d"), steps, SparseSource())
     for key, value in single.module.state_dict().items():
         assert torch.allclose(value, parallel[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("name", ["marks2023", "topk", "batchtopk", "jumprelu"])
+def test_a_bf16_autocast_run_ends_within_the_stated_tolerance_of_float32(name):
+    """BF16_TOLERANCE: the same 200 steps in bf16 autocast and float32, judged on held-out activations."""
+    from training.trainer import BF16_TOLERANCE
+
+    ends = []
+    for precision in (None, torch.bfloat16):
+        source = SparseSource()
+        t = Trainer(make_recipe(name), D_IN, total_steps=200, autocast=precision)
+        if t.recipe.input_normalization != "none":
+            t.estimate_input_scale(source(1024))
+        for _ in range(200):
+            t.step(source())
+        x = source(2048)
+        module = t.finish()
+        with torch.no_grad():
+            ends.append((fvu(module, x), float((module(x).features > 0).sum(-1).float().mean())))
+    (fvu32, l0_32), (fvu16, l0_16) = ends
+    assert fvu32 < 0.5                                                  # a trained dictionary, not noise
+    assert abs(fvu16 - fvu32) <= BF16_TOLERANCE["fvu"], (fvu32, fvu16)
+    assert abs(l0_16 - l0_32) <= BF16_TOLERANCE["l0_relative"] * l0_32, (l0_32, l0_16)
