@@ -30,23 +30,26 @@ if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
     from dictionaries.foreign_formats import Foreign
 
-FORMATS = ("native", "dictionary_learning", "saelens", "sparsify")
+FORMATS = ("native", "dictionary_learning", "saelens", "sparsify", "gemma_scope", "llama_scope", "goodfire")
 
-# format -> the files that identify it (all must be present), in the order detection tries them.
+# format -> the files that identify it (all must be present; names or globs), in the order detection tries them.
 SIGNATURES: dict[str, tuple[str, ...]] = {
     "native": (CARD_FILE, WEIGHTS_FILE),
     "saelens": ("cfg.json", "sae_weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
     "dictionary_learning": ("ae.pt",),
+    "gemma_scope": ("params.npz",),
+    "llama_scope": ("hyperparams.json", "checkpoints/final.safetensors"),
+    "goodfire": ("*-SAE-l*.pt*",),  # a glob: the file is named after the model and layer
 }
 
 
 # ---- detection ------------------------------------------------------------------------------------
 def detect_format(folder: str | Path) -> str:
-    """"native" | "dictionary_learning" | "saelens" | "sparsify": the format whose files the folder holds."""
+    """One of FORMATS: the format whose files the folder holds."""
     folder = _existing_folder(folder)
     for name, files in SIGNATURES.items():
-        if all((folder / f).is_file() for f in files):
+        if all(any(p.is_file() for p in folder.glob(f)) for f in files):
             return name
     looked = "; ".join(f"{name}: {' + '.join(files)}" for name, files in SIGNATURES.items())
     present = sorted(p.name for p in folder.iterdir())[:20]
@@ -268,6 +271,12 @@ def foreign_reader(fmt: str):
         from dictionaries.saelens_format import read_saelens as reader
     elif fmt == "sparsify":
         from dictionaries.sparsify_format import read_sparsify as reader
+    elif fmt == "gemma_scope":
+        from dictionaries.gemma_scope_format import read_gemma_scope as reader
+    elif fmt == "llama_scope":
+        from dictionaries.llama_scope_format import read_llama_scope as reader
+    elif fmt == "goodfire":
+        from dictionaries.goodfire_format import read_goodfire as reader
     else:
         raise FormatError(fmt, f"no reader for format {fmt!r}")
     return reader
