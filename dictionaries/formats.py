@@ -238,15 +238,26 @@ def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
                 pre_encoder_bias=dictionary.pre_encoder_bias, files=Files(items=[]))
 
 
-def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook: Any = None) -> Card:
-    """Read a folder in any supported format and write it to `dst` as a native folder; the written card.
-    `hook` (a module path or (site, layer), see hook_choice.py) is recorded as the card's hook point."""
+def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook: Any = None,
+            to: str = "native") -> Card:
+    """Read a folder in any supported format and write it to `dst` as a native folder (or, `to`, in another
+    library's layout: foreign_writers.py); the written card. `hook` (a module path or (site, layer), see
+    hook_choice.py) is recorded as the card's hook point."""
     from dictionaries.hook_choice import card_hook
 
+    if to != "native":
+        from dictionaries.foreign_writers import WRITABLE
+
+        if to not in WRITABLE:
+            raise InvalidArgumentError("--to", to, f"expected one of native, {', '.join(WRITABLE)}")
     target_folder(dst)  # before the source is read
     dictionary = read_folder(src, format=format)
     if hook is not None:
         dictionary.card = dictionary.card.model_copy(update={"hook": card_hook(dictionary.card, hook)})
+    if to != "native":
+        from dictionaries.foreign_writers import write_layout
+
+        return write_layout(dictionary, dst, to)
     return write_native(dictionary, dst)
 
 
