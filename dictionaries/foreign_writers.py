@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dictionaries.errors import FormatError
@@ -156,32 +155,16 @@ def _dl_submodule(card: Card) -> str:
 WRITERS = {"saelens": saelens_files, "sparsify": sparsify_files, "dictionary_learning": dictionary_learning_files}
 
 
-def layout_files(d: Dictionary, to: str, card: Card | None = None) -> dict[str, bytes]:
-    """The files of `d` in library `to`'s layout, as bytes."""
+def layout_files(d: Dictionary, to: str, card: Card) -> dict[str, bytes]:
+    """The files of `d` (described by `card`) in library `to`'s layout, as bytes."""
     if to not in WRITERS:
         raise FormatError(to, f"no writer for format {to!r}; writable: native, {', '.join(WRITABLE)}")
-    from dictionaries.formats import _bare_card
-
-    return WRITERS[to](d, card or d.card or _bare_card(d, Path("dictionary")))
+    return WRITERS[to](d, card)
 
 
-def write_layout(d: Dictionary, folder: str | Path, to: str) -> Card:
-    """Write `d` into `folder` in library `to`'s layout (each file atomically); the card describing the written
-    files (format `to`, each file hashed)."""
-    from dictionaries.card import Files
-    from dictionaries.files import write_atomic
-    from dictionaries.formats import _bare_card, file_entry, target_folder
-
-    folder = target_folder(folder)
-    card = d.card or _bare_card(d, folder)
-    files = layout_files(d, to, card)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        write_atomic(folder / name, data)
-    if to == "sparsify":  # sparsify keeps the model in the run's config.json and the hookpoint as the folder name
-        hookpoint = card.hook.module.split(".", 1)[-1] if card.hook and card.hook.io == "output" else None
-        card = card.model_copy(update={"provenance": card.provenance.model_copy(update={"notes": [
-            *card.provenance.notes, "sparsify reads the hookpoint from the folder's name"
-            + (f" (here {hookpoint!r})" if hookpoint else "") + " and the model from ../config.json"]})})
-    return card.model_copy(update={"files": Files(format=to, items=[file_entry(folder / n, folder) for n in files],
-                                                  source=card.files.source or card.provenance.original)})
+def sparsify_note(card: Card) -> str:
+    """What a sparsify folder cannot say itself: sparsify keeps the model in the run's config.json and the hookpoint
+    as the folder's name (the module path under the base model, read at its output)."""
+    hookpoint = card.hook.module.split(".", 1)[-1] if card.hook and card.hook.io == "output" else None
+    return ("sparsify reads the hookpoint from the folder's name" + (f" (here {hookpoint!r})" if hookpoint else "")
+            + " and the model from ../config.json")

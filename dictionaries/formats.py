@@ -254,11 +254,25 @@ def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook
     dictionary = read_folder(src, format=format)
     if hook is not None:
         dictionary.card = dictionary.card.model_copy(update={"hook": card_hook(dictionary.card, hook)})
-    if to != "native":
-        from dictionaries.foreign_writers import write_layout
+    return write_native(dictionary, dst) if to == "native" else write_foreign(dictionary, dst, to)
 
-        return write_layout(dictionary, dst, to)
-    return write_native(dictionary, dst)
+
+def write_foreign(dictionary: Dictionary, folder: str | Path, to: str) -> Card:
+    """Write `dictionary` into `folder` in library `to`'s layout (foreign_writers.py; each file atomically); the card
+    describing the written files (format `to`, each file hashed)."""
+    from dictionaries.foreign_writers import layout_files, sparsify_note
+
+    folder = target_folder(folder)
+    card = dictionary.card or _bare_card(dictionary, folder)
+    files = layout_files(dictionary, to, card)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_atomic(folder / name, data)
+    notes = [*card.provenance.notes, *([sparsify_note(card)] if to == "sparsify" else [])]
+    return card.model_copy(update={
+        "files": Files(format=to, items=[file_entry(folder / n, folder) for n in files],
+                       source=card.files.source or card.provenance.original),
+        "provenance": card.provenance.model_copy(update={"notes": notes})})
 
 
 def summarize(card: Card) -> str:

@@ -62,7 +62,7 @@ def test_round_trip_gives_the_same_outputs(tmp_path, to, kind, pre_encoder_bias)
 def test_saelens_config_carries_what_saelens_and_neuronpedia_read(tmp_path):
     d = native_folder(tmp_path / "n", "topk")
     d.card = d.card.model_copy(update={"links": d.card.links.model_copy(update={"neuronpedia": "toy/0-mlp"})})
-    cfg = json.loads(layout_files(d, "saelens")["cfg.json"])
+    cfg = json.loads(layout_files(d, "saelens", d.card)["cfg.json"])
     assert (cfg["architecture"], cfg["k"], cfg["d_in"], cfg["d_sae"], cfg["apply_b_dec_to_input"]) == (
         "topk", 4, 8, 16, True)
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_mlp_out"
