@@ -1,7 +1,8 @@
 """Publishing layouts: what a published repo folder holds besides (or instead of) the native files.
 
 `native` (publish.py alone): card.json + weights.safetensors. `saelens`: SAELens' `cfg.json` +
-`sae_weights.safetensors` (foreign_writers.saelens_files) and a card.json describing those files (format
+`sae_weights.safetensors` (foreign_writers.saelens_files; `sparsity.safetensors` too when the folder holds
+`dictctl eval`'s density) and a card.json describing those files (format
 saelens), so that both SAELens (`SAE.from_pretrained(repo, subfolder)`, `SAE.load_from_disk`) and this package
 (by folder, hf:// path or registry entry) load it. `both`: the native files and the SAELens pair side by side in
 one commit (this package reads the native pair first, SAELens its own). The model card's front matter then says
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 from dictionaries.card import Card, FileEntry, Files
-from dictionaries.constants import CARD_FILE, WEIGHTS_FILE
+from dictionaries.constants import CARD_FILE, DENSITY_FILE, WEIGHTS_FILE
 from dictionaries.errors import InvalidArgumentError
 
 LAYOUTS = ("native", "saelens", "both")
@@ -45,6 +46,8 @@ def stage_layout(staged: dict[str, Path | bytes], folder: Path, card: Card, subf
     if layout == "native":
         return staged
     files = saelens_files(read_folder(folder, format="native", card=card), card)
+    if (folder / DENSITY_FILE).is_file():
+        files["sparsity.safetensors"] = saelens_sparsity(folder / DENSITY_FILE)
     staged = {**staged, **{f"{subfolder}/{name}": data for name, data in files.items()}}  # a subfolder is required
     if layout == "saelens":
         del staged[f"{subfolder}/{WEIGHTS_FILE}"]
@@ -52,6 +55,19 @@ def stage_layout(staged: dict[str, Path | bytes], folder: Path, card: Card, subf
         own = card.model_copy(update={"files": Files(format="saelens", items=items, source=card.files.source)})
         staged[f"{subfolder}/{CARD_FILE}"] = own.to_json().encode()
     return staged
+
+
+def saelens_sparsity(density: Path) -> bytes:
+    """SAELens' `sparsity.safetensors` from `dictctl eval`'s density.safetensors: `sparsity` = log10(frequency +
+    1e-10), [F], as SAELens' trainer saves it (training/sae_trainer.py _log_feature_sparsity) and its
+    `from_pretrained` returns beside the SAE (the feature density SAEDashboard and Neuronpedia show)."""
+    import torch
+    from safetensors.torch import save
+
+    from dictionaries.files import load_safetensors
+
+    frequency = load_safetensors(density)["frequency"].float()
+    return save({"sparsity": torch.log10(frequency + 1e-10).contiguous()})
 
 
 def staged_card(content: Path | bytes) -> Card:

@@ -75,3 +75,18 @@ def test_saelens_layout_needs_a_subfolder_and_a_known_name(tmp_path, local_hub):
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert "native, saelens, both" in done.stderr
+
+
+def test_eval_density_goes_up_as_saelens_sparsity(tmp_path, local_hub):
+    from safetensors.torch import load_file, save_file
+
+    from dictionaries.publish import publish
+
+    make_folder(tmp_path / "native", "topk")
+    frequency = torch.linspace(0, 0.5, 16)
+    save_file({"frequency": frequency}, tmp_path / "native" / "density.safetensors")
+    result = publish(tmp_path / "native", "org/sp", subfolder="a", layout="saelens", dry_run=True,
+                     local_hub=local_hub, staging_dir=tmp_path / "stage")
+    assert "a/sparsity.safetensors" in result.uploaded and "a/density.safetensors" in result.uploaded
+    sparsity = load_file(tmp_path / "stage" / "a" / "sparsity.safetensors")["sparsity"]
+    torch.testing.assert_close(sparsity, torch.log10(frequency + 1e-10))   # SAELens' log feature sparsity
