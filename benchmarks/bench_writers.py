@@ -146,10 +146,10 @@ def row(peer: str, item: dict, ours, theirs: dict | str) -> dict:
     if isinstance(theirs, str):
         return {**base, "verdict": f"not run: {theirs}"}
     diffs = {}
-    for key, mine in (("features", ours.features), ("reconstruction", ours.reconstruction)):
+    for key, mine in (("features", ours.features.detach()), ("reconstruction", ours.reconstruction.detach())):
         got = theirs[key]
         diffs[key] = float((got - mine).abs().max()) if got.shape == mine.shape else float("inf")
-    scale = max(1.0, float(ours.features.abs().max()), float(ours.reconstruction.abs().max()))
+    scale = max(1.0, float(ours.features.detach().abs().max()), float(ours.reconstruction.detach().abs().max()))
     verdict = "equal" if max(diffs.values()) <= TOLERANCE * scale else "differs"
     return {**base, "features max |diff|": diffs["features"], "reconstruction max |diff|": diffs["reconstruction"],
             "active features (ours)": float((ours.features > 0).float().sum(-1).mean()), "verdict": verdict}

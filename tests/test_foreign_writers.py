@@ -17,7 +17,7 @@ from dictionaries.errors import FormatError, InvalidArgumentError
 from dictionaries.foreign_writers import layout_files
 from dictionaries.formats import convert, detect_format, read_folder, write_native
 
-from helpers import make_card
+from helpers import dictctl, make_card
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 CAN_HOLD = {"saelens": KINDS, "dictionary_learning": KINDS, "sparsify": ("topk",)}
@@ -74,16 +74,21 @@ def test_convert_rejects_an_unknown_layout_before_reading(tmp_path):
         convert(tmp_path / "nowhere", tmp_path / "out", to="parquet")
 
 
-def run_dictctl(*args):
-    return subprocess.run([sys.executable, "-m", "dictionaries.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120)
-
-
-def test_dictctl_convert_to_saelens_and_back(tmp_path):
+def test_dictctl_convert_to_saelens_and_back(tmp_path, monkeypatch, capsys):
     native_folder(tmp_path / "native", "jumprelu")
-    done = run_dictctl("convert", str(tmp_path / "native"), str(tmp_path / "sl"), "--to", "saelens")
-    assert done.returncode == 0, done.stderr
-    assert "cfg.json" in done.stdout and "sae_weights.safetensors" in done.stdout
-    bad = run_dictctl("convert", str(tmp_path / "native"), str(tmp_path / "sp"), "--to", "sparsify")
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
-    assert "sparsify holds TopK sparse coders only" in bad.stderr
+    code, out, err = dictctl(monkeypatch, capsys, "convert", str(tmp_path / "native"), str(tmp_path / "sl"),
+                             "--to", "saelens")
+    assert code == 0, err
+    assert "cfg.json" in out and "sae_weights.safetensors" in out
+    code, out, err = dictctl(monkeypatch, capsys, "convert", str(tmp_path / "native"), str(tmp_path / "sp"),
+                             "--to", "sparsify")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "sparsify holds TopK sparse coders only" in err
+
+
+def test_real_dictctl_refuses_an_unknown_layout_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dictionaries.cli", "convert", str(tmp_path), str(tmp_path / "o"),
+                           "--to", "parquet"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+    assert "native, saelens, sparsify, dictionary_learning" in done.stderr
