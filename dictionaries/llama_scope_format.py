@@ -18,9 +18,11 @@ The forward, from `lm_saes` `SparseAutoEncoder.compute_norm_factor`, `encode`, `
 Represented exactly as a native jumprelu (relu for act_fn relu) without pre-encoder bias: W_enc = s_in *
 encoder.weight.T, b_enc = encoder.bias (- decoder.bias @ encoder.weight.T when the pre-encoder subtraction is
 on), threshold_i = theta_i / ||decoder column i||, W_dec = decoder.weight.T / s_out, b_dec = decoder.bias / s_out:
-the features are the original's f and the reconstruction its x_hat. Refused with a FormatError saying why:
-token- or batch-wise normalisation (a different rescaling per input), TopK / BatchTopK (the original keeps
-every pre-activation at least the k-th largest clamped score, so it passes negative ones when fewer than k are
+the features are the original's f and the reconstruction its x_hat. Missing fields take lm_saes' defaults
+(`SAEConfig`: sparsity_include_decoder_norm True, use_decoder_bias True, apply_decoder_bias_to_pre_encoder False,
+norm_activation dataset-wise, act_fn relu, jump_relu_threshold 0). Refused with a FormatError saying why: token-
+or batch-wise normalisation (a different rescaling per input), TopK / BatchTopK (the original keeps every
+pre-activation at least the k-th largest clamped score, so it passes negative ones when fewer than k are
 positive, and BatchTopK depends on the batch), GLU encoders and transcoders (hook_point_in != hook_point_out).
 
 SAELens' `get_llama_scope_config_from_hf` reads the same files differently (its threshold is the scalar
@@ -71,11 +73,14 @@ def read_llama_scope(folder: Path, *, architecture: str | None = None) -> Foreig
     found = Foreign("jumprelu" if act == "jumprelu" else "relu", native, None, False, weights, [cfg_path, weights])
     if act == "jumprelu":
         theta = _threshold(cfg, state, dims["F"], cfg_path)
-        if cfg.get("sparsity_include_decoder_norm"):
+        if cfg.get("sparsity_include_decoder_norm", True):
             # score > theta with score = h * n_i (n_i > 0) is h > theta / n_i: a per-feature native threshold
             theta = theta / D.norm(dim=0).clamp(min=1e-12)
         native["threshold"] = theta.to(W.dtype)
     found.notes.append(f"Llama Scope ({act}); {how}")
+    if act == "jumprelu" and s_in != 1.0:
+        found.notes.append(f"read as lm_saes computes it; SAELens' loader would compare with the threshold times "
+                           f"{s_in:.6g} instead")
     found.model, found.hook = _model_and_hook(cfg, folder)
     return found
 
@@ -120,7 +125,7 @@ def _norm_factors(cfg: dict, raw: dict, d: int, path: Path) -> tuple[float, floa
 def _threshold(cfg: dict, state: dict, n: int, path: Path) -> torch.Tensor:
     if "log_jumprelu_threshold" in state:
         return state["log_jumprelu_threshold"].exp()
-    theta = cfg.get("jump_relu_threshold")
+    theta = cfg.get("jump_relu_threshold", 0.0)
     if theta is None or not math.isfinite(float(theta)) or float(theta) < 0:
         raise FormatError(str(path), f"a jumprelu SAE needs jump_relu_threshold >= 0 (or log_jumprelu_threshold "
                                      f"in the weights); found {theta!r}")

@@ -137,9 +137,12 @@ def llama_scope(cfg: dict, s: dict, x: Tensor) -> tuple[Tensor, Tensor]:
     if cfg.get("apply_decoder_bias_to_pre_encoder"):
         x = x - b_dec
     hidden_pre = x @ s["encoder.weight"].T + s["encoder.bias"]
-    scores = hidden_pre * s["decoder.weight"].norm(dim=0) if cfg.get("sparsity_include_decoder_norm") else hidden_pre
-    if cfg["act_fn"] == "jumprelu":
-        theta = s["log_jumprelu_threshold"].exp() if "log_jumprelu_threshold" in s else cfg["jump_relu_threshold"]
+    # defaults of lm_saes' SAEConfig where the hyperparams leave a field out
+    include_norm = cfg.get("sparsity_include_decoder_norm", True)
+    scores = hidden_pre * s["decoder.weight"].norm(dim=0) if include_norm else hidden_pre
+    if cfg.get("act_fn", "relu") == "jumprelu":
+        theta = s["log_jumprelu_threshold"].exp() if "log_jumprelu_threshold" in s else \
+            cfg.get("jump_relu_threshold", 0)
         mask = scores > theta
     else:  # relu: the activation function returns the mask scores > 0
         mask = scores > 0

@@ -48,9 +48,12 @@ def write(folder, cfg, s):
     ({"dataset_average_activation_norm": {"in": 4.0, "out": 12.0}, "apply_decoder_bias_to_pre_encoder": True}, True),
     ({"sparsity_include_decoder_norm": False}, False),
     ({"norm_activation": "inference"}, False),
-    ({"act_fn": "relu"}, False)])
+    ({"act_fn": "relu"}, False),
+    ({"drop": ["sparsity_include_decoder_norm", "apply_decoder_bias_to_pre_encoder", "use_decoder_bias"]}, False)])
 def test_llama_scope_matches_lm_saes_forward(tmp_path, changes, threshold):
-    cfg, s = hyperparams(**changes), weights(threshold=threshold)
+    cfg, s = hyperparams(**{k: v for k, v in changes.items() if k != "drop"}), weights(threshold=threshold)
+    for field in changes.get("drop", []):  # absent: lm_saes' defaults apply
+        del cfg[field]
     folder = write(tmp_path / "Llama3_1-8B-Base-L7R-8x", cfg, s)
     assert detect_format(folder) == "llama_scope"
     d = read_folder(folder)
