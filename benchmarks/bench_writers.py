@@ -97,8 +97,9 @@ def write_all(tmp: Path, hub) -> tuple[dict, dict[str, list[dict]]]:
     return ours, jobs
 
 
-def run_peer(peer: str, items: list[dict], tmp: Path, env: dict) -> dict[str, dict | str]:
-    """The peer's features and reconstructions per item name, or one line saying why not."""
+def run_peer(peer: str, items: list[dict], tmp: Path, env: dict, loader: str | None = None) -> dict[str, dict | str]:
+    """The peer's features and reconstructions per item name, or one line saying why not (`loader`: which of
+    peer_loads.LOADERS runs, default the peer's own)."""
     from safetensors.torch import load_file, save_file
 
     from benchmarks import peers
@@ -106,10 +107,10 @@ def run_peer(peer: str, items: list[dict], tmp: Path, env: dict) -> dict[str, di
     python, why = peers.python_for(peer)
     if python is None:
         return {item["name"]: why for item in items}
-    job = tmp / f"job-{peer}"
+    job = tmp / f"job-{loader or peer}"
     job.mkdir()
     save_file({"x": inputs()}, job / "x.safetensors")
-    (job / "job.json").write_text(json.dumps({"peer": peer, "items": items}))
+    (job / "job.json").write_text(json.dumps({"peer": loader or peer, "items": items}))
     done = subprocess.run([python, str(ROOT / "benchmarks" / "peer_loads.py"), str(job)], capture_output=True,
                           text=True, timeout=900, env=env, cwd=job)
     crash = ([line for line in done.stderr.splitlines() if line.strip()] or ["no output"])[-1][:200]

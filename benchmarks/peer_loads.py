@@ -3,7 +3,8 @@ own loader, and its features and reconstructions of given inputs.
 
 Run in the peer's virtual environment (benchmarks/peers.py) as `python benchmarks/peer_loads.py JOB_FOLDER`:
 `job.json` = {"peer", "items": [{"name", "path" | "repo" + "sae_id"}]} and `x.safetensors` (`x`, (n, d)).
-For each item it writes `<name>.safetensors` (`features` (n, F) dense, `reconstruction` (n, d)) or
+(`saelens_converter`: SAELens' loaders of foreign releases, for bench_readers.py.) For each item it writes
+`<name>.safetensors` (`features` (n, F) dense, `reconstruction` (n, d)) or
 `<name>.error` (one line). Loaders, as each library documents them:
 - SAELens 6: `SAE.load_from_disk(path)`, `SAE.from_pretrained(repo_id, sae_id)` (a repo id that is no release
   of its directory is read as a Hub repo, the sae_id its folder; HF_ENDPOINT is honoured); `encode`, `decode`.
@@ -60,7 +61,31 @@ def dictionary_learning(item: dict, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return f, ae.decode(f)
 
 
-LOADERS = {"saelens": saelens, "sparsify": sparsify, "dictionary_learning": dictionary_learning}
+def saelens_converter(item: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens' own converter of a foreign release (`converter`: gemma_2, goodfire, llama_scope) through
+    `SAE.from_pretrained(repo, folder, converter=...)`. The converters write each release's sizes as constants
+    (Gemma 2 2B's d_in 2304, the folder's width): they are set from the tensors so that tiny copies load. The
+    release's norm_scaling_factor, which from_pretrained looks up in its directory by release name, is folded
+    after loading as it would be (`item["norm_scaling_factor"]`, sqrt(d) / the dataset's average norm)."""
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
+
+    real = NAMED_PRETRAINED_SAE_LOADERS[item["converter"]]
+
+    def sized(**kw):
+        cfg, state, sparsity = real(**kw)
+        cfg["d_in"], cfg["d_sae"] = state["W_enc"].shape
+        return cfg, state, sparsity
+
+    sae = SAE.from_pretrained(item["repo"], item["sae_id"], device="cpu", converter=sized)
+    if item.get("norm_scaling_factor"):
+        sae.fold_activation_norm_scaling_factor(item["norm_scaling_factor"])
+    f = sae.encode(x)
+    return f, sae.decode(f)
+
+
+LOADERS = {"saelens": saelens, "sparsify": sparsify, "dictionary_learning": dictionary_learning,
+           "saelens_converter": saelens_converter}
 
 
 def main(folder: Path) -> None:
