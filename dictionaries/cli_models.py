@@ -73,7 +73,7 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
 
 @app.command("convert")
 def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported format (native, dictionary_learning, "
-                                                    "saelens, sparsify)."),
+                                                    "saelens, sparsify, gemma_scope, llama_scope, goodfire)."),
                 dst: str = typer.Argument(..., help="Folder to write the copy to (native: card.json + "
                                                     "weights.safetensors)."),
                 format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected)."),
