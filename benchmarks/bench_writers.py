@@ -148,7 +148,7 @@ def row(peer: str, item: dict, ours, theirs: dict | str) -> dict:
         return {**base, "verdict": f"not run: {theirs}"}
     diffs = {}
     for key, mine in (("features", ours.features.detach()), ("reconstruction", ours.reconstruction.detach())):
-        got = theirs[key]
+        got = theirs[key].detach()
         diffs[key] = float((got - mine).abs().max()) if got.shape == mine.shape else float("inf")
     scale = max(1.0, float(ours.features.detach().abs().max()), float(ours.reconstruction.detach().abs().max()))
     verdict = "equal" if max(diffs.values()) <= TOLERANCE * scale else "differs"
