@@ -61,6 +61,9 @@ def read_gemma_scope(folder: Path, *, architecture: str | None = None) -> Foreig
     if width and dims["F"] != int(width.group(1)) * {"k": 1024, "m": 1024 ** 2}[width.group(2)]:
         found.notes.append(f"folder says {width.group(0)} but the archive holds {dims['F']} features")
     layer = next((int(p[6:]) for p in folder.resolve().parts if re.fullmatch(r"layer_\d+", p)), None)
+    l0 = next((p[11:] for p in folder.resolve().parts if re.fullmatch(r"average_l0_\d+", p)), None)
+    if l0:  # the release names each folder by the average L0 its authors measured
+        found.notes.append(f"average L0 {l0} as reported by the release (folder name)")
     if repo:
         size, tuned, site = repo.groups()
         found.model = f"google/gemma-2-{size}" + ("-it" if tuned == "it" else "")

@@ -48,6 +48,7 @@ def test_gemma_scope_matches_the_tutorial_forward(tmp_path, repo, hook, module, 
     assert card.model.id == "google/gemma-2-" + repo.split("-")[2] + ("-it" if "-it-" in repo else "")
     assert (card.hook.module, card.hook.site, card.hook.layer) == (module, site, layer)
     assert any("width_16k but the archive holds 40" in n for n in card.provenance.notes)
+    assert "average L0 82 as reported by the release (folder name)" in card.provenance.notes
 
 
 def test_gemma_scope_w_prefixed_names_and_unknown_path(tmp_path):
