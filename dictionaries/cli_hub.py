@@ -25,13 +25,16 @@ def publish_(folder: str = typer.Argument(..., help="Native dictionary folder (c
                                                      "to commit into instead of the Hub; default "
                                                      "$DICTIONARIES_LOCAL_HUB."),
              staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept)."),
-             dashboard: Optional[str] = typer.Option(None, "--dashboard", help="Site folder to add (same commit).")
+             dashboard: Optional[str] = typer.Option(None, "--dashboard", help="Site folder to add (same commit)."),
+             layout: str = typer.Option("native", "--layout", help="native, saelens (SAELens' cfg.json + "
+                                        "sae_weights.safetensors) or both, in one commit; saelens needs --subfolder.")
              ) -> None:
     """Validate a native folder, stage it with a model card, upload it in one commit, print its registry entry."""
     from dictionaries.publish import publish
 
     result = publish(folder, repo, subfolder=subfolder, branch=branch, private=private, dry_run=dry_run,
-                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir, dashboard=dashboard)
+                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir, dashboard=dashboard,
+                     layout=layout)
     print_publish(console, result)
 
 

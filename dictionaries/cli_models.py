@@ -73,17 +73,19 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
 
 @app.command("convert")
 def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported format (native, dictionary_learning, "
-                                                    "saelens, sparsify)."),
-                dst: str = typer.Argument(..., help="Folder to write the native copy to (card.json + "
+                                                    "saelens, sparsify, gemma_scope, llama_scope, goodfire)."),
+                dst: str = typer.Argument(..., help="Folder to write the copy to (native: card.json + "
                                                     "weights.safetensors)."),
                 format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected)."),
+                to: str = typer.Option("native", "--to", help="Layout to write: native, saelens, sparsify or "
+                                                              "dictionary_learning."),
                 hook: Optional[str] = typer.Option(None, "--hook", help=HOOK_HELP),
                 site: Optional[str] = typer.Option(None, "--site", help=SITE_HELP),
                 layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site.")) -> None:
-    """Convert a dictionary folder to the native format, with a card built from its config."""
+    """Convert a dictionary folder to native (or --to another library's layout), with a card built from its config."""
     from dictionaries.formats import convert, summarize
 
-    card = convert(src, dst, format=format, hook=hook_options(hook, site, layer))
+    card = convert(src, dst, format=format, hook=hook_options(hook, site, layer), to=to)
     console.print(f"[green]wrote[/] {dst}", highlight=False, soft_wrap=True)
     console.print(summarize(card), highlight=False, markup=False, soft_wrap=True)
 
