@@ -88,17 +88,25 @@ def parse_device_map(value: Any) -> str | dict[str, Any] | None:
         placed: str | dict[str, Any] = value
     elif isinstance(value, str) and value.strip() in MAP_STRATEGIES:
         placed = value.strip()
-    elif isinstance(value, (str, torch.device)):
-        placed = str(resolve_device(value))
+    elif isinstance(value, (str, torch.device)) and _is_device(value):
+        placed = str(resolve_device(value))  # a device this machine has
     else:
         raise InvalidArgumentError("device_map", str(value), f"expected {', '.join(MAP_STRATEGIES)}, a device "
-                                                             "or a JSON object of module name -> device")
+                                                             "(cpu, cuda:0) or a JSON object of module -> device")
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:
         raise InvalidArgumentError("device_map", str(value), "a device map needs the `accelerate` package: "
                                                              "pip install accelerate")
     return placed
+
+
+def _is_device(value: Any) -> bool:
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def input_device(hf: nn.Module) -> torch.device:

@@ -4,6 +4,9 @@ boundary). CPU bf16 is real bf16 arithmetic, so these run anywhere."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,74 @@ def test_wrap_model_dtype_and_device_map_of_objects(tokenizer):
     assert next(raw.parameters()).dtype is torch.float16 and wrapped.tokenizer is tokenizer
     with pytest.raises(InvalidArgumentError, match="HF id or folder"):
         wrap_model(build_model(), tokenizer, device_map="auto")
+
+
+def test_bf16_model_in_inspect_and_dashboard(folder, tokenizer):
+    """inspect (contexts, frequency, logit lens through a bf16 unembedding) and a dashboard pass on a bf16 model
+    agree with the fp32 model to bf16 precision."""
+    from dictionaries.dashboard import build_dashboard, token_batches
+    from dictionaries.features import inspect_feature
+    from training.toymodel import corpus_documents
+
+    d = make_dictionary(64, 96, HOOK)
+    texts = [t[:300] for t in corpus_documents()[:6]]
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        model = wrap_model(str(folder), dtype=dtype)
+        report = inspect_feature(model, d, texts, 5, top=5, progress=False)
+        data = build_dashboard(model, d, token_batches(tokenizer, texts, tokens=512, context_length=32),
+                               progress=False)
+        runs[dtype] = report, data
+    (r32, d32), (r16, d16) = runs["fp32"], runs["bf16"]
+    assert r32.tokens == r16.tokens and 0 < r32.frequency < 1 and abs(r32.frequency - r16.frequency) < 0.03
+    assert r16.no_lens is None and len({s.id for s in r16.promoted} & {s.id for s in r32.promoted}) >= 3
+    assert d16.tokens == d32.tokens and int(d32.count.sum()) > 0
+    assert (d16.count - d32.count).abs().sum() <= 0.03 * d32.count.sum()
+
+
+def test_train_and_eval_with_a_bf16_model(tmp_path, folder, tokenizer):
+    """A recipe with model_dtype bfloat16 loads its model so (here through a device map), trains an fp32
+    dictionary on the bf16 activations, evaluates it on the held-out tokens (loss recovered, sensitivity) and
+    records the dtype; `dictctl eval`'s library call then defaults to the recipe's model dtype."""
+    from dictionaries.errors import RecipeError
+    from dictionaries.loader import load_dictionary
+    from dictionaries.recipe import Recipe
+    from training.evaluate import evaluate_and_write
+    from training.presets import preset
+    from training.run import train
+    from training.toymodel import build_model, corpus_documents
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(corpus_documents()[:60]))
+    fields = dict(model={"id": str(folder)}, hook={"module": HOOK, "site": "mlp", "layer": 1},
+                  dataset={"path": str(corpus)}, context_length=32, tokens=128 * 12, batch_size=128,
+                  buffer_contexts=16, harvest_batch_size=8, d_dict=96, k=8, holdout_tokens=1024)
+    recipe = Recipe.model_validate(preset("topk", **fields, model_dtype="bfloat16"))
+    [out] = train(recipe, out=tmp_path / "run", device="cpu", device_map="auto", progress=False)
+    trained = load_dictionary(str(out))
+    card = trained.card
+    assert card.recipe.model_dtype == "bfloat16" and card.dtype == "float32"
+    assert trained.W_enc.dtype is torch.float32
+    s = card.stats
+    assert s.tokens > 0 and 0 < s.fvu < 1 and s.l0 <= 8 and s.frac_loss_recovered is not None
+    assert s.sensitivity is not None
+    with pytest.raises(RecipeError, match="model_dtype"):  # a model object in another dtype than the recipe's
+        train(recipe, out=tmp_path / "other", model=build_model(), tokenizer=tokenizer, progress=False)
+    evaluated = {}
+    for dtype in (None, "fp32"):
+        [(_, c)] = evaluate_and_write(str(out), dataset=str(corpus), tokens=512, context_length=32, progress=False,
+                                      sensitivity=False, out=str(tmp_path / f"ev-{dtype}"), model_dtype=dtype)
+        evaluated[dtype] = c.stats
+    bf16, fp32 = evaluated[None], evaluated["fp32"]
+    assert bf16.ce_clean != fp32.ce_clean  # the default is the recipe's bf16, not fp32
+    assert abs(bf16.ce_clean - fp32.ce_clean) < 0.02 * fp32.ce_clean and abs(bf16.fvu - fp32.fvu) < 0.05
+
+
+def test_cli_bad_model_dtype_and_device_map_are_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["eval", str(tmp_path), "--model-dtype", "int8"],
+                 ["train", "pythia70m/mlp3/8192", "--device-map", "everywhere"]):
+        r = subprocess.run([sys.executable, "-m", "dictionaries.cli", *args], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=120)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("bad argument:") and ("fp32, bf16 or fp16" in r.stderr or "auto" in r.stderr)
