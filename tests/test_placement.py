@@ -75,6 +75,8 @@ def test_load_model_dtype_and_device_map(folder, tokenizer):
         assert input_device(placed) == torch.device("cpu")
         with torch.no_grad():
             assert torch.equal(placed(ids, attention_mask=mask).logits, ref)
+    meta, _ = load_model(str(folder), device_map={"": "meta"})  # the map reaches transformers: placed on meta
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
 
 
 def test_bf16_model_fp32_dictionary_attach(folder, tokenizer):
