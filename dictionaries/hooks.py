@@ -33,7 +33,14 @@ from dictionaries.errors import (
     ShapeMismatchError,
 )
 from dictionaries.model_families import SiteHook, family_of, site_path
-from dictionaries.placement import input_device, model_dtype, parse_device_map, resolve_device
+from dictionaries.placement import (
+    input_device,
+    may_offload,
+    model_dtype,
+    offload_folder,
+    parse_device_map,
+    resolve_device,
+)
 from dictionaries.recipe import HookPoint
 
 SiteRef = tuple[str, int]
@@ -82,7 +89,9 @@ def load_model(ref: str, *, revision: str | None = None, device: torch.device | 
         raise ModelLoadError(ref, "there is no folder at this path")
     torch_dtype, placed = model_dtype(dtype), parse_device_map(device_map)  # bad values before any loading
     device = resolve_device(device if device is not None else "cpu")
-    where = {"device_map": placed} if placed is not None else {}
+    where: dict[str, Any] = {"device_map": placed} if placed is not None else {}
+    if may_offload(placed):
+        where["offload_folder"] = offload_folder()
     try:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ref, revision=revision)
         config = AutoConfig.from_pretrained(ref, revision=revision)

@@ -101,6 +101,28 @@ def parse_device_map(value: Any) -> str | dict[str, Any] | None:
     return placed
 
 
+_OFFLOAD: list[str] = []
+
+
+def offload_folder() -> str:
+    """This process's folder for weights a device map sends to "disk" (transformers reads a safetensors
+    checkpoint in place and writes there only what it converts, e.g. to another dtype); removed at exit."""
+    if not _OFFLOAD:
+        import atexit
+        import shutil
+        import tempfile
+
+        _OFFLOAD.append(tempfile.mkdtemp(prefix="dictionaries-offload-"))
+        atexit.register(shutil.rmtree, _OFFLOAD[0], ignore_errors=True)
+    return _OFFLOAD[0]
+
+
+def may_offload(device_map: str | dict[str, Any] | None) -> bool:
+    """Whether a parsed device map may put weights on disk: a strategy (when the devices' memory runs out)
+    or a mapping that names "disk"."""
+    return device_map in MAP_STRATEGIES or (isinstance(device_map, dict) and "disk" in device_map.values())
+
+
 def _is_device(value: Any) -> bool:
     try:
         torch.device(value)

@@ -4,6 +4,7 @@ boundary). CPU bf16 is real bf16 arithmetic, so these run anywhere."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,6 +108,40 @@ def test_bf16_model_fp32_dictionary_attach(folder, tokenizer):
     assert not torch.allclose(ablated[real], clean[real], atol=1e-2)
     [x] = collect_activations(model, [HOOK], ids, mask)  # harvest stays in the model's dtype
     assert x.dtype is torch.bfloat16 and x.shape == (*ids.shape, 64)
+
+
+DISK_MAP = {"gpt_neox.embed_in": "cpu", "gpt_neox.emb_dropout": "cpu", "gpt_neox.rotary_emb": "cpu",
+            "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk", "gpt_neox.final_layer_norm": "cpu",
+            "lm_head": "cpu"}
+"""Block 1 offloaded to disk: accelerate dispatches the model with hooks that bring its weights in for each
+forward, as for a model bigger than the devices' memory (on a CPU-only machine, the one multi-place map)."""
+
+
+def test_a_dispatched_model_with_offloaded_weights(folder, tokenizer):
+    """A model spread by a device map (accelerate's hooks, weights loaded from disk at their block) works in
+    harvest, attach and evaluation exactly as the same model loaded whole."""
+    from training.evaluate import evaluate
+
+    whole = wrap_model(str(folder))
+    spread = wrap_model(str(folder), device_map=json.dumps(DISK_MAP))
+    hf = spread._module
+    assert is_dispatched(hf) and hf.hf_device_map["gpt_neox.layers.1"] == "disk"
+    assert "meta" in {p.device.type for p in hf.gpt_neox.layers[1].parameters()}  # not in memory between forwards
+    ids, mask = batch(tokenizer)
+    d = make_dictionary(64, 96, HOOK)
+    outputs = []
+    for model in (whole, spread):
+        [x] = collect_activations(model, [HOOK], ids, mask)
+        with attach(model, d) as sae:
+            with model.trace({"input_ids": ids, "attention_mask": mask}):
+                sae.splice(error=False)
+                spliced = model.output.logits.save()
+        [r] = evaluate(model, [d], [(ids, mask)], tokens=ids.numel(), context_length=ids.shape[1],
+                       sensitivity=False, progress=False)
+        outputs.append((x, spliced, r.stats))
+    (x1, s1, st1), (x2, s2, st2) = outputs
+    assert torch.equal(x1, x2) and torch.allclose(s1, s2, atol=1e-5)
+    assert st1.fvu == pytest.approx(st2.fvu, rel=1e-5) and st1.ce_spliced == pytest.approx(st2.ce_spliced, rel=1e-5)
 
 
 def test_wrap_model_dtype_and_device_map_of_objects(tokenizer):
