@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from dictionaries.errors import (
     FeatureIndexError,
     HookPointError,
+    InvalidArgumentError,
     ModelMismatchError,
     NotWrappedError,
     OutsideTraceError,
@@ -46,6 +47,7 @@ from dictionaries.hooks import (
     replace_first,
     torch_model,
 )
+from dictionaries.placement import model_dtype
 from dictionaries.recipe import HookPoint
 
 if TYPE_CHECKING:
@@ -56,20 +58,29 @@ class ModelMismatchWarning(UserWarning):
     """A dictionary whose card names another model, attached where the width still matches."""
 
 
-def wrap_model(model: Any, tokenizer: Any = None) -> Any:
+def wrap_model(model: Any, tokenizer: Any = None, *, dtype: Any = None, device_map: Any = None) -> Any:
     """An nnsight-wrapped model from a wrapped model (returned as is), a transformers model or a HF id/folder.
 
     `TransformersModel` (nnsight 0.8's successor of `LanguageModel`) needs a tokenizer for text inputs and
     `generate`; a model object without one is wrapped with plain `NNsight` (token-id traces only). nnsight
-    sets the tokenizer's padding side to left (and pad = eos where it has no pad token).
+    sets the tokenizer's padding side to left (and pad = eos where it has no pad token). A model that cannot
+    generate (a `BertModel`, a masked LM) is wrapped for feature extraction. `dtype` (fp32, bf16, fp16) and
+    `device_map` load a HF id/folder so (hooks.load_model); `dtype` casts a model object in place, and a
+    device map, which places weights as they load, needs an id or folder.
     """
+    if isinstance(model, str):
+        model, tokenizer = load_model(model, tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+    elif device_map is not None:
+        raise InvalidArgumentError("device_map", str(device_map), "a device map places weights as they load: "
+                                                                  "give a HF id or folder, not a loaded model")
+    elif dtype is not None:
+        torch_model(model).to(model_dtype(dtype))
     if isinstance(model, nnsight.Envoy):
         return model
-    if isinstance(model, str):
-        model, tokenizer = load_model(model, tokenizer=tokenizer)
     if tokenizer is None:
         return nnsight.NNsight(model)
-    return nnsight.TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+    task = "text-generation" if getattr(model, "can_generate", lambda: False)() else "feature-extraction"
+    return nnsight.TransformersModel(model, tokenizer=tokenizer, task=task)
 
 
 def resolve_hook(model: Any, hook: HookPoint | str, *, d_in: int | None = None) -> Any:
@@ -282,9 +293,10 @@ class Attachment:
             return st
         x = as_tokens(raw, self._masks.batch_shape)                    # (batch, pos, d)
         real = self._masks.real(x)
-        f = self.dictionary.encode(x.to(self.dictionary.W_enc.dtype))   # (batch, pos, F), the dictionary's dtype
+        W = self.dictionary.W_enc  # cast at the boundary: a bf16 model (or a device map) and an fp32 dictionary
+        f = self.dictionary.encode(x.to(W.device, W.dtype))             # (batch, pos, F), the dictionary's dtype
         if real is not None:
-            f = f * real.unsqueeze(-1).to(f.dtype)
+            f = f * real.unsqueeze(-1).to(f.device, f.dtype)
         self._state = _State(x=x, real=real, f=f, raw=raw)
         return self._state
 
@@ -297,7 +309,7 @@ class Attachment:
     def reconstruction(self) -> Tensor:
         """decode(f) (batch, pos, d_in); pad positions hold the activation itself."""
         st = self._current()
-        x_hat = decode(self.dictionary, st.f).to(st.x.dtype)
+        x_hat = decode(self.dictionary, st.f).to(st.x.device, st.x.dtype)
         return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, st.x)
 
     @property
@@ -311,10 +323,10 @@ class Attachment:
         W_dec = self.dictionary.W_dec
         delta = None if st.idx is None else (st.vals - st.f[..., st.idx]) @ W_dec[st.idx]   # (batch, pos, d)
         if error:
-            new = st.x if delta is None else st.x + delta.to(st.x.dtype)   # exactly x when nothing was edited
+            new = st.x if delta is None else st.x + delta.to(st.x.device, st.x.dtype)   # x when nothing was edited
         else:
             new = decode(self.dictionary, st.f)
-            new = (new if delta is None else new + delta).to(st.x.dtype)
+            new = (new if delta is None else new + delta).to(st.x.device, st.x.dtype)
         if st.real is not None and new is not st.x:
             new = torch.where(st.real.unsqueeze(-1), new, st.x)
         if st.raw is not None and new is st.x:

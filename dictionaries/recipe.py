@@ -17,6 +17,8 @@ Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 Site = Literal["embed", "attn", "mlp", "resid"]
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 """The dtypes a dictionary is stored and trained in: torch floating types that safetensors holds."""
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+"""The dtypes a model's weights (and so its activations) may be loaded in (placement.MODEL_DTYPES: fp32, bf16...)."""
 MAX_SIZE = 2**31 - 1
 """Upper bound of a width, feature count or k: torch and safetensors hold shapes as int64, so a larger one (a
 typo such as 10**30) would fail deep inside them instead of at validation, and no real dictionary is near it."""
@@ -200,6 +202,9 @@ class Recipe(Strict):
     on text it never trained on (whole documents: training starts at the first document after them)."""
     dtype: Dtype = "float32"
     """Training dtype of the dictionary."""
+    model_dtype: ModelDtype = "float32"
+    """Dtype the model is loaded and run in while harvesting: its activations are those of this precision (cast
+    to `dtype` in the buffer). bfloat16 or float16 halve a big model's memory; float32 for the existing entries."""
     threshold_decay: float = Field(default=0.999, ge=0, lt=1)
     """batchtopk: decay of the running average of the smallest kept activation (the inference threshold)."""
     unknowns: list[str] = Field(default_factory=list)

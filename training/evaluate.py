@@ -65,10 +65,11 @@ def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint]
             clean = x[:b]
             mask = keep.to(x.device)[..., None]              # (B, pos, 1)
             for s, j, d in items:
-                x_hat, f = d(clean.to(d.W_dec.dtype))
-                captured[j] = (clean, x_hat, f)
+                x_d = clean.to(d.W_dec.device, d.W_dec.dtype)      # the dictionary's dtype and device (bf16 model)
+                x_hat, f = d(x_d)
+                captured[j] = (x_d, x_hat, f)
                 lo = (1 + 2 * s) * b
-                out[lo:lo + b] = torch.where(mask, x_hat.to(x.dtype), clean)
+                out[lo:lo + b] = torch.where(mask, x_hat.to(x.device, x.dtype), clean)
                 out[lo + b:lo + 2 * b] = torch.where(mask, torch.zeros_like(clean), clean)
             return out
         return patch
@@ -226,13 +227,15 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     from tqdm.auto import tqdm
 
     from dictionaries.hooks import torch_model
+    from dictionaries.placement import input_device, is_dispatched
     from training.harvest import token_mask
 
     check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)
     hooks = _check_dictionaries(dictionaries)
     hf = torch_model(model)                                   # a transformers model, wrapped by nnsight or not
-    device = torch.device(device) if device is not None else next(hf.parameters()).device
-    hf.to(device)
+    device = torch.device(device) if device is not None else input_device(hf)
+    if not is_dispatched(hf):  # a model spread by a device map stays where the map put it
+        hf.to(device)
     dicts = [d.to(device) for d in dictionaries]
     batches = pack_batches(data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
                            batch_size=batch_size, seed=seed, prepend_bos=prepend_bos)
@@ -296,7 +299,8 @@ def write_evaluated(folder: str | Path, dictionary: Dictionary, result: EvalResu
 def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset: Any = None, tokens: int = 16384,
                        context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
                        sensitivity: bool = True, sensitivity_samples: int = 32, exclude_bos: bool = True,
-                       seed: int = 0, progress: bool = True, hook: Any = None) -> list[tuple[str, Any]]:
+                       seed: int = 0, progress: bool = True, hook: Any = None, model_dtype: Any = None,
+                       device_map: Any = None) -> list[tuple[str, Any]]:
     """`dictctl eval`: evaluate what `refs` names (registry names, native folders, globs of either, or a list
     of them) in one pass; write stats, density and plots.
 
@@ -304,15 +308,20 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     `tokenizer`. A native folder (with card.json) is updated in place unless `out` is given; a registry entry
     (or a foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
     Returns (folder written, new card) per dictionary; `hook` (hook_choice.py) supplies or replaces card hooks.
+    A model loaded here is in `model_dtype` (default: the cards' recipe `model_dtype`, else float32) and placed
+    by `device_map` (placement.py) when one is given; each dictionary keeps its own dtype.
     """
     from dictionaries.hook_choice import set_hooks
     from dictionaries.hooks import load_model, resolve_device
     from dictionaries.loader import load_dictionary
+    from dictionaries.placement import model_dtype as as_dtype
+    from dictionaries.placement import parse_device_map
     from dictionaries.registry import resolve
     from training.data import check_dataset
 
     check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)  # bad input before any work
     device = resolve_device(device) if device is not None else None
+    model_dtype, device_map = as_dtype(model_dtype) if model_dtype is not None else None, parse_device_map(device_map)
     if isinstance(dataset, (str, Path)):
         check_dataset(DatasetSpec(path=str(dataset)))
     found = resolve(refs)
@@ -330,7 +339,9 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
                              "Pass --dataset (a local text file or a dataset id).")
     lm = ref
     if isinstance(ref, (str, Path)):
-        lm, tokenizer = load_model(str(ref), revision=revision, device=device)
+        trained_in = {d.card.recipe.model_dtype for d in dicts if d.card.recipe is not None}
+        dtype = model_dtype or (trained_in.pop() if len(trained_in) == 1 else None)
+        lm, tokenizer = load_model(str(ref), revision=revision, device=device, dtype=dtype, device_map=device_map)
     set_hooks(lm, dicts, hook)  # a hook given, or the foreign config's placed by the loaded model's family
     local = isinstance(data, (str, Path)) and Path(data).expanduser().exists()
     name = str(Path(data).expanduser().resolve()) if local else (data if isinstance(data, str) else None)

@@ -218,14 +218,16 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
 def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None = None, resume: bool = False,
           checkpoint_every: int = 1000, log_file: str | Path | None = None, progress: bool = True,
           names: list[str] | None = None, model: Any = None, tokenizer: Any = None,
-          eval_tokens: int | None = None) -> list[Path]:
+          eval_tokens: int | None = None, device_map: Any = None) -> list[Path]:
     """Train every recipe's dictionary from one pass over their shared model and data.
 
     Each output is then evaluated on `eval_tokens` tokens (default: all of the recipe's `holdout_tokens`, the
     head of the stream training skipped; 0 skips evaluation), so its card holds measured, held-out stats.
     Returns the native folders written (`<out>/<name>/`). `model`/`tokenizer` may be given as objects
     (in-process models); otherwise they load from the recipe's model id (a Hub id or a local folder).
-    `resume=True` continues from `<out>/checkpoint` when there is one.
+    `resume=True` continues from `<out>/checkpoint` when there is one. The model is loaded in the recipe's
+    `model_dtype` (a model object must already be in it) and placed by `device_map` when one is given
+    (placement.parse_device_map; the dictionaries train on `device`).
     """
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     names = list(names) if names is not None else [default_name(r) for r in recipes]
@@ -248,9 +250,11 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     if model is None or tokenizer is None:
         from dictionaries.hooks import load_model
 
-        loaded = load_model(recipes[0].model.id, revision=recipes[0].model.revision, device=dev, tokenizer=tokenizer)
+        loaded = load_model(recipes[0].model.id, revision=recipes[0].model.revision, device=dev, tokenizer=tokenizer,
+                            dtype=recipes[0].model_dtype, device_map=device_map)
         model = loaded[0] if model is None else model
         tokenizer = loaded[1]
+    check_model_dtype(model, recipes[0])
     session = build_session(recipes, names, model, tokenizer, out=out, rank=rank, world=world, device=dev)
     if folder is not None:
         restore_checkpoint(session, folder)
@@ -265,6 +269,17 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     if world > 1 and joined:  # leave the process group as we found it
         torch.distributed.destroy_process_group()
     return paths
+
+
+def check_model_dtype(model: Any, recipe: Recipe) -> None:
+    """RecipeError when a model object given to `train` runs in another dtype than the recipe's `model_dtype`
+    (the card would record a precision its activations did not have)."""
+    from dictionaries.hooks import torch_model
+
+    found = next(torch_model(model).parameters()).dtype
+    if found != getattr(torch, recipe.model_dtype):
+        raise RecipeError(["model_dtype"], f"the model given runs in {str(found).removeprefix('torch.')}, the recipe "
+                                           f"says {recipe.model_dtype}: set model_dtype or cast the model")
 
 
 def train_entries(ref: str | None, *, overrides: dict[str, Any] | None = None, recipe_file: str | Path | None = None,

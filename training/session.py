@@ -25,7 +25,7 @@ from training.harvest import Harvester, harvest_chunks
 from training.trainer import Trainer
 
 # fields every dictionary of one pass shares: they fix the tokens, the batches and the step count
-SHARED_FIELDS = ("model", "dataset", "context_length", "prepend_bos", "exclude_bos", "buffer_contexts",
+SHARED_FIELDS = ("model", "model_dtype", "dataset", "context_length", "prepend_bos", "exclude_bos", "buffer_contexts",
                  "harvest_batch_size", "batch_size", "tokens", "seed", "holdout_tokens")
 
 
