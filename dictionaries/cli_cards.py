@@ -72,7 +72,7 @@ def compare(a: str = typer.Argument(..., help="Registry name or folder (card.jso
             b: str = typer.Argument(..., help="Registry name or folder (card.json).")) -> None:
     """Two cards' stats side by side."""
     from dictionaries.card import compare_stats
-    from dictionaries.registry import card_of
+    from dictionaries.references import card_of
 
     (name_a, name_b), rows = compare_stats(card_of(a), card_of(b))
     table = Table(title="stats")

@@ -1,6 +1,6 @@
 """`load_dictionary`: a ready torch module from a registry name, a local folder or an `hf://` Hub folder.
 
-A reference is resolved once (`registry.resolve_one`). A registry name (or alias) is fetched at its pinned
+A reference is resolved once (`references.resolve_one`). A registry name (or alias) is fetched at its pinned
 revision with every file checked against the card (`fetch.fetch`), then read in the format the card names
 (`formats.read_folder`). A local folder or an unregistered Hub folder is read from its own `card.json`
 (native) or foreign config (detected).
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dictionaries.errors import UnknownNameError
-from dictionaries.registry import Entry, Registry, load_registry, resolve, resolve_one
+from dictionaries.references import resolve, resolve_one
+from dictionaries.registry import Entry, Registry, load_registry
 
 if TYPE_CHECKING:
     import torch

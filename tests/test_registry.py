@@ -18,7 +18,8 @@ from dictionaries.errors import (
     RegistryError,
     UnknownNameError,
 )
-from dictionaries.registry import HubLocation, Registry, default_registry_path, load_registry, register_entry
+from dictionaries.registration import register_entry
+from dictionaries.registry import HubLocation, Registry, default_registry_path, load_registry
 
 REGISTRY = load_registry()
 ENTRIES = sorted(REGISTRY.entries)
@@ -203,7 +204,7 @@ def test_missing_registry(tmp_path):
 
 # ---- references ---------------------------------------------------------------------------------
 def test_resolve_every_kind_of_reference(tmp_path, monkeypatch):
-    from dictionaries.registry import card_of, resolve, resolve_one
+    from dictionaries.references import card_of, resolve, resolve_one
 
     for sub in ("a1", "a2"):
         (tmp_path / sub).mkdir()

@@ -308,7 +308,7 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     from dictionaries.hook_choice import set_hooks
     from dictionaries.hooks import load_model, resolve_device
     from dictionaries.loader import load_dictionary
-    from dictionaries.registry import resolve
+    from dictionaries.references import resolve
     from training.data import check_dataset
 
     check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)  # bad input before any work
