@@ -22,19 +22,30 @@ def list_(model: Optional[str] = typer.Option(None, help="Model prefix (pythia70
           size: Optional[int] = typer.Option(None, min=1, help="Number of features."),
           architecture: Optional[str] = typer.Option(None, help="relu, topk, batchtopk, jumprelu, gated.")) -> None:
     """Table of registry entries with their headline stats."""
+    from dictionaries.pinning import local_pin, pin_state
     from dictionaries.registry import load_registry
 
     entries = load_registry().filter(model=model, site=site, layer=layer, size=size, architecture=architecture)
     table = Table(show_lines=False)
-    for col in ("name", "model", "site", "layer", "size", "arch", "L0", "loss rec.", "stats", "verified"):
+    for col in ("name", "model", "site", "layer", "size", "arch", "L0", "loss rec.", "stats", "pin"):
         table.add_column(col, justify="right" if col in ("layer", "size", "L0", "loss rec.") else "left")
     for e in entries:
         c, s = e.card, e.card.stats
         table.add_row(e.name, c.model.id if c.model else "?", e.site or "?", _fmt(e.layer), str(c.d_dict),
                       c.architecture, _fmt(s.l0 if s else None), _fmt(s.frac_loss_recovered if s else None),
-                      s.source if s else "-", "yes" if c.verified else "[yellow]no[/]")
+                      s.source if s else "-", _pin_label(e, pin_state(e), local_pin))
     console.print(table)
     console.print(f"{len(entries)} entries")
+
+
+def _pin_label(entry, state: str, local_pin) -> str:
+    """The pin column: pinned; unhashed (commit or URL known, no sha256 yet); unpinned, or pinned on this
+    machine only (by a first load: `dictctl pin` puts it in the card)."""
+    if state == "pinned":
+        return "pinned"
+    if state == "unhashed":
+        return "[yellow]unhashed[/]"
+    return "[yellow]local[/]" if local_pin(entry) is not None else "[red]unpinned[/]"
 
 
 @app.command()

@@ -46,8 +46,10 @@ def load_dictionary(ref: str | Path, *, device: torch.device | str | None = None
 def fetch_entry(entry: Entry, *, force: bool = False, progress: bool = True, verify: bool = False) -> Path:
     """Download a registry entry's files into the cache (verified) and return their folder."""
     from dictionaries.fetch import fetch
+    from dictionaries.pinning import files_to_load
 
-    return fetch(entry.location, entry.card.files.items, force=force, progress=progress, verify=verify)
+    location, files = files_to_load(entry, progress=progress)  # an unpinned entry: this machine's pin
+    return fetch(location, files, force=force, progress=progress, verify=verify)
 
 
 def download(refs: list[str], *, force: bool = False, progress: bool = True,

@@ -28,8 +28,9 @@ class HubLocation(Strict):
     """Discriminator."""
     repo: str
     """Hub repo id `org/name`."""
-    revision: str
-    """The 40-hex commit the files are pinned to."""
+    revision: str | None
+    """The 40-hex commit the files are pinned to; null: unpinned (a release no one has fetched from here yet:
+    `dictctl pin` records its commit, and a load pins it in the local cache meanwhile)."""
     subfolder: str = ""
     """Folder inside the repo holding the files ('' for the root)."""
     repo_type: Literal["model", "dataset"] = "model"

@@ -13,11 +13,11 @@ import yaml
 
 from dictionaries.card import Card
 from dictionaries.files import replay_journal, write_together
-from dictionaries.locations import HubLocation
+from dictionaries.locations import Location
 from dictionaries.registry import Registry, _journal, _registry_lock, default_registry_path
 
 
-def register_entry(card: Card, location: HubLocation, registry_path: str | Path | None = None) -> Path:
+def register_entry(card: Card, location: Location, registry_path: str | Path | None = None) -> Path:
     """Write (or replace) the entry in registry.yaml and its card in cards/ as one change; the registry path.
 
     `publish --register` and `mirror` call it only after the commit it points at exists. Comments and other
@@ -51,7 +51,7 @@ def register_entry(card: Card, location: HubLocation, registry_path: str | Path 
 
 
 
-def entry_block(name: str, card_rel: str, location: HubLocation) -> str:
+def entry_block(name: str, card_rel: str, location: Location) -> str:
     """The lines of registry.yaml for one entry."""
     body = {name: {"card": card_rel, "location": location.model_dump(mode="json")}}
     return "\n".join("  " + line for line in yaml.safe_dump(body, sort_keys=False).splitlines()) + "\n"
