@@ -29,7 +29,7 @@ from dictionaries.recipe import (
     k_problem,
 )
 
-SourceFormat = Literal["native", "dictionary_learning", "saelens", "sparsify"]
+SourceFormat = Literal["native", "dictionary_learning", "saelens", "sparsify", "gemma_scope", "llama_scope"]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.\-]*/(embed|attn|mlp|resid)(\d+)?/\d+(-[a-z0-9][a-z0-9\-]*)?$")
 REVISION_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")

@@ -37,11 +37,8 @@ def register_entry(card: Card, location: Location, registry_path: str | Path | N
         card_rel = old["card"] if old else f"{card.name}.yaml"
         card_path = reg.parent / "cards" / card_rel
         old_card = card_path.read_text() if card_path.exists() else None
-        header = f"# Card of {card.name}: see DESIGN.md section 4 and `dictctl schema`.\n"
-        card_text = header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True), sort_keys=False,
-                                            width=110)
         new_text = _replace_entry(text, card.name, entry_block(card.name, card_rel, location))
-        write_together(_journal(reg), {card_path: card_text, reg: new_text})
+        write_together(_journal(reg), {card_path: card_text(card), reg: new_text})
         try:
             Registry(reg)  # validated as load_registry would (which would wait on the lock held here)
         except BaseException:
@@ -49,6 +46,12 @@ def register_entry(card: Card, location: Location, registry_path: str | Path | N
             raise
     return reg
 
+
+
+def card_text(card: Card) -> str:
+    """A card as the YAML file under cards/ (a header line, then the fields in schema order)."""
+    header = f"# Card of {card.name}: see DESIGN.md section 4 and `dictctl schema`.\n"
+    return header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True), sort_keys=False, width=110)
 
 
 def entry_block(name: str, card_rel: str, location: Location) -> str:
