@@ -50,13 +50,19 @@ def _pin_label(entry, state: str, local_pin) -> str:
 
 @app.command()
 def show(name: str = typer.Argument(..., help="Registry name or alias."),
-         as_json: bool = typer.Option(False, "--json", help="Print the card as JSON.")) -> None:
-    """The whole card of an entry."""
+         as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
+         feature: Optional[int] = typer.Option(None, "--feature", min=0, help="Also this feature's Neuronpedia URL.")
+         ) -> None:
+    """The whole card of an entry (and its Neuronpedia page, where it has one)."""
+    from dictionaries.neuronpedia import neuronpedia_url
     from dictionaries.registry import load_registry
 
     entry = load_registry().get(name)
+    url = neuronpedia_url(entry.card, feature)
     data = entry.card.model_dump(mode="json", exclude_none=True)
     data["location"] = entry.location.model_dump(mode="json")
+    if url:
+        data["neuronpedia_url"] = url
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -68,6 +74,8 @@ def show(name: str = typer.Argument(..., help="Registry name or alias."),
         console.print(f"feature density: {int(d.get('dead', 0))} dead of {int(d.get('features', 0))}, "
                       f"{int(d.get('above_1e-1', 0))} above 1e-1, median log10 {_fmt(d.get('median_log10'))}",
                       highlight=False)
+    if url:
+        console.print(f"neuronpedia: {url}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -111,3 +119,24 @@ def download_cmd(names: list[str] = typer.Argument(..., help="Registry names, al
         err_console.print(f"[yellow]{label}:[/] {w.message}", highlight=False, soft_wrap=True)
     for name, folder in folders.items():
         console.print(f"[green]ok[/] {name}  {folder}", highlight=False, soft_wrap=True)
+
+
+@app.command("export")
+def export_cmd(kind: str = typer.Argument(..., help="What to export for: neuronpedia."),
+               name: str = typer.Argument(..., help="Registry name, alias or native folder."),
+               out: str = typer.Option(..., "--out", help="Folder to write into (<out>/<model>/<source>/)."),
+               dashboard: Optional[str] = typer.Option(None, "--dashboard", help="A `dictctl dashboard` site: its "
+                                                       "features and top contexts are exported too."),
+               model: Optional[str] = typer.Option(None, "--model", help="Neuronpedia model id (default: the "
+                                                   "card's Neuronpedia id, else its model's name)."),
+               source_set: Optional[str] = typer.Option(None, "--source-set", help="Neuronpedia source set "
+                                                        "(default: the card's, else <site>-<features>)."),
+               creator: Optional[str] = typer.Option(None, "--creator", help="Creator name (default: authors).")
+               ) -> None:
+    """The files a Neuronpedia upload takes, in the layout of Neuronpedia's own export converter."""
+    from dictionaries.neuronpedia import export_neuronpedia
+
+    if kind != "neuronpedia":
+        raise errors.InvalidArgumentError("kind", kind, "the one export is `neuronpedia`")
+    folder = export_neuronpedia(name, out, dashboard=dashboard, model=model, source_set=source_set, creator=creator)
+    console.print(f"[green]written[/] {folder}", highlight=False, soft_wrap=True)

@@ -116,6 +116,8 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
         if scores:
             console.print(f"{label}: " + ", ".join(f"{escape(repr(s.token))} {s.score:+.2f}" for s in scores),
                           highlight=False)
+    if r.neuronpedia:
+        console.print(f"neuronpedia: {r.neuronpedia}", highlight=False, soft_wrap=True)
 
 
 @app.command("dashboard")

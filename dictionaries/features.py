@@ -79,6 +79,8 @@ class FeatureReport(Strict):
     """Tokens the decoder direction promotes most; empty where the model has no unembedding of that width."""
     suppressed: list[TokenScore]
     """Tokens it suppresses most."""
+    neuronpedia: str | None = None
+    """The feature's Neuronpedia page, where the card has a Neuronpedia id."""
 
 
 def _tokenizer(model: Any) -> Any:
@@ -191,10 +193,12 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
     firing = sum(int((a > 0).sum()) for a in acts)
     promoted, suppressed = logit_lens(model, dictionary.W_dec[feature].detach(), top=top)
     card = getattr(dictionary, "card", None)
+    from dictionaries.neuronpedia import neuronpedia_url
+
     return FeatureReport(dictionary=card.name if card is not None else type(dictionary).__name__,
                          feature=feature, tokens=n, frequency=firing / n if n else 0.0,
                          examples=_examples(model, texts, acts, top, context), promoted=promoted,
-                         suppressed=suppressed)
+                         suppressed=suppressed, neuronpedia=neuronpedia_url(card, feature))
 
 
 def check_report_sizes(top: int, context: int) -> None:
