@@ -58,6 +58,11 @@ LLAMA_SCOPE_LAYERS, LLAMA_SCOPE_L0 = 32, 50.0
 # ---- EleutherAI sae-llama-3-8b-32x: cfg.json of layers 0, 9, 16, 19, 21 and 30 read on the Hub (d_in 4096,
 # expansion_factor 32, k 192); folders layers.L after the repo's commit 3292654 ("Replace underscore with dot").
 ELEUTHER_LLAMA_LAYERS, ELEUTHER_LLAMA_K = 32, 192
+# ---- EleutherAI sae-pythia-70m-deduped-32k: folders layers.N (block outputs), layers.N.mlp and
+# layers.N.attention; 32768 latents, TopK 16 (stated for layers.3 at the repo's commit 7a64bad).
+ELEUTHER_PYTHIA = "https://huggingface.co/EleutherAI/sae-pythia-70m-deduped-32k/tree/" \
+                  "7a64bade597212176dfe0782f9d839b94f0addaf/layers.3"
+ELEUTHER_PYTHIA_LAYERS, ELEUTHER_PYTHIA_K = 6, 16
 # ---- Pythia-70m Sparse Feature Circuits sets: Neuronpedia ids (SAELENS_YAML, releases pythia-70m-deduped-*-sm)
 SFC_NEURONPEDIA = {"mlp": "mlp-sm", "attn": "att-sm", "resid": "res-sm"}
 
@@ -173,6 +178,28 @@ def eleuther_llama3() -> list[tuple[Card, HubLocation]]:
     return out
 
 
+def eleuther_pythia() -> list[tuple[Card, HubLocation]]:
+    """EleutherAI's sparsify TopK SAEs on Pythia-70m-deduped's block outputs, 32768 latents, all 6 layers."""
+    repo, out = "EleutherAI/sae-pythia-70m-deduped-32k", []
+    for layer in range(ELEUTHER_PYTHIA_LAYERS):
+        folder = f"layers.{layer}"
+        out.append(_entry(
+            f"pythia70m/resid{layer}/32768-eleuther", aliases=[f"{repo}/{folder}"], architecture="topk",
+            k=ELEUTHER_PYTHIA_K, d_in=512, d_dict=32768, model="EleutherAI/pythia-70m-deduped",
+            hook=sparsify_hook("EleutherAI/pythia-70m-deduped", folder),
+            files={"format": "sparsify", "items": [{"path": "cfg.json"}, {"path": "sae.safetensors"}],
+                   "source": f"hf://{repo}/{folder}"},
+            location=HubLocation(repo=repo, revision=None, subfolder=folder),
+            links={"code": "https://github.com/EleutherAI/sparsify"}, authors=["EleutherAI"],
+            provenance={"trained_by": "EleutherAI", "original": f"hf://{repo}/{folder}", "notes": [
+                f"{ELEUTHER_PYTHIA}: 32768 latents, TopK 16 (seen for layers.3; the other layers assumed alike, "
+                "and the reader checks each cfg.json against this card on load). The repo's commit 7a64bade5972"
+                "12176dfe0782f9d839b94f0addaf uploaded the folders (Aug 2024); `dictctl pin` records the current one.",
+                "The repo also holds layers.N.mlp and layers.N.attention (MLP and attention outputs), not listed "
+                "here: no source at hand states their k."]}))
+    return out
+
+
 def sfc_links(registry: Registry) -> int:
     """Add the Neuronpedia id (link and alias) to the Pythia-70m Sparse Feature Circuits cards, editing their
     text so that nothing else in them changes; not the embedding's: SAELens lists `e-att-sm` for its
@@ -216,7 +243,7 @@ def write(entries: list[tuple[Card, HubLocation]], registry_path: Path) -> None:
 
 def main() -> None:
     registry_path = ROOT / "registry.yaml"
-    entries = [*gpt2_res_jb(), *gemma_scope(), *llama_scope(), *eleuther_llama3()]
+    entries = [*gpt2_res_jb(), *gemma_scope(), *llama_scope(), *eleuther_llama3(), *eleuther_pythia()]
     write(entries, registry_path)
     linked = sfc_links(Registry(registry_path))
     Registry(registry_path)

@@ -56,8 +56,10 @@ def moving(hub_env, tmp_path, monkeypatch):
 
 
 def test_packaged_registry_pin_states():
-    states = {e.name: pin_state(e) for e in load_registry().entries.values()}
-    assert {states[n] for n in states if n.startswith("pythia70m/")} == {"unhashed"}  # URLs or zip, no hashes
+    entries = load_registry().entries.values()
+    assert {pin_state(e) for e in entries if e.card.files.format == "dictionary_learning"} == {"unhashed"}  # URL/zip
+    unpinned = [e for e in entries if pin_state(e) == "unpinned"]
+    assert len(unpinned) == 135 and all(e.location.revision is None for e in unpinned)
 
 
 def test_first_load_pins_locally_and_the_load_does_not_move(moving, hub_env):
