@@ -146,13 +146,15 @@ def llama_scope() -> list[tuple[Card, HubLocation]]:
                    "source": f"hf://{repo}/{folder}"},
             location=HubLocation(repo=repo, revision=None, subfolder=folder), pre_encoder_bias=False,
             dtype="bfloat16", links={"paper": "https://arxiv.org/abs/2410.20526", "neuronpedia": np_id},
-            authors=["fnlp (Llama Scope)"],
+            authors=["Fudan NLP (fnlp), Llama Scope"],
             stats={"source": "reported", "reference": SAELENS_YAML, "l0": LLAMA_SCOPE_L0},
-            provenance={"trained_by": "fnlp (Llama Scope)", "original": f"hf://{repo}/{folder}", "notes": [
+            provenance={"trained_by": "Fudan NLP (fnlp), Llama Scope", "original": f"hf://{repo}/{folder}", "notes": [
                 f"SAELens release llama_scope_lxr_8x, SAE id l{layer}r_8x ({SAELENS_YAML}); LXR is the residual "
                 "stream leaving block L. JumpReLU with one threshold for all features, bfloat16, inputs scaled "
                 "by sqrt(d_model) / the dataset's average input norm (hyperparams.json), as SAELens' loader "
-                f"reads them ({SAELENS_LOADERS})."]}))
+                f"reads them ({SAELENS_LOADERS}). bfloat16 agrees with the file's size: 537 MB for two "
+                "32768 x 4096 matrices (https://huggingface.co/fnlp/Llama3_1-8B-Base-LXR-8x/tree/"
+                "d8e0a6a0c8aa0489a7ebde75c86427de91ab8f86/Llama3_1-8B-Base-L1R-8x/checkpoints)."]}))
     return out
 
 
