@@ -58,6 +58,7 @@ LLAMA_SCOPE_LAYERS, LLAMA_SCOPE_L0 = 32, 50.0
 # ---- EleutherAI sae-llama-3-8b-32x: cfg.json of layers 0, 9, 16, 19, 21 and 30 read on the Hub (d_in 4096,
 # expansion_factor 32, k 192); folders layers.L after the repo's commit 3292654 ("Replace underscore with dot").
 ELEUTHER_LLAMA_LAYERS, ELEUTHER_LLAMA_K = 32, 192
+ELEUTHER_LLAMA_BF16 = {3}
 # ---- EleutherAI sae-pythia-70m-deduped-32k: folders layers.N (block outputs), layers.N.mlp and
 # layers.N.attention; 32768 latents, TopK 16 (stated for layers.3 at the repo's commit 7a64bad).
 ELEUTHER_PYTHIA = "https://huggingface.co/EleutherAI/sae-pythia-70m-deduped-32k/tree/" \
@@ -170,11 +171,15 @@ def eleuther_llama3() -> list[tuple[Card, HubLocation]]:
             files={"format": "sparsify", "items": [{"path": "cfg.json"}, {"path": "sae.safetensors"}],
                    "source": f"hf://{repo}/{folder}"},
             location=HubLocation(repo=repo, revision=None, subfolder=folder), license="MIT",
+            dtype="bfloat16" if layer in ELEUTHER_LLAMA_BF16 else "float32",
             links={"code": "https://github.com/EleutherAI/sparsify"}, authors=["EleutherAI"],
             provenance={"trained_by": "EleutherAI", "original": f"hf://{repo}/{folder}", "notes": [
                 f"https://huggingface.co/{repo}: MIT, trained on togethercomputer/RedPajama-Data-1T-Sample; "
                 "cfg.json of layers 0, 9, 16, 19, 21 and 30 read (expansion_factor 32, k 192, d_in 4096), the "
                 "others assumed alike (the reader checks each cfg.json against this card on load).",
+                "dtype from the file sizes the Hub lists: sae.safetensors is 4.3 GB (float32: two 131072 x 4096 "
+                "matrices) for each layer seen, except layer 3, 2.15 GB after the commit e8d1ac4 'Convert layer "
+                "3 to bf16'.",
                 "The repo names its model only as llama-3-8b; meta-llama/Meta-Llama-3-8B is the model public "
                 "code loading this release pairs it with."]}))
     return out
