@@ -72,3 +72,14 @@ def _mirror_evaluator(no_eval: bool, **options):
     except ImportError as e:
         return None, f"the evaluation code is not available ({e})"
     return (lambda folder: evaluate_and_write(str(folder), **options)), ""
+
+
+@app.command("pin")
+def pin_(names: list[str] = typer.Argument(..., help="Registry names, aliases or globs ('gpt2/*')."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+    """Resolve each unpinned entry's current commit, download and hash its files, and rewrite its card pinned."""
+    from dictionaries.pinning import pin
+
+    for name, where, before in pin(names, progress=not quiet):
+        state = "already pinned" if before == "pinned" else f"pinned (was {before})"
+        console.print(f"[green]{state}[/] {name}  {where}", highlight=False, soft_wrap=True)

@@ -133,6 +133,8 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
                           highlight=False)
     if r.no_lens:
         console.print(f"logit lens: none; {escape(r.no_lens)}", highlight=False)
+    if r.neuronpedia:
+        console.print(f"neuronpedia: {r.neuronpedia}", highlight=False, soft_wrap=True)
 
 
 @app.command("dashboard")

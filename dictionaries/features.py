@@ -82,6 +82,8 @@ class FeatureReport(Strict):
     no_lens: str | None = None
     """Why there is no logit lens (promoted and suppressed empty), e.g. a model without an unembedding (a BERT
     encoder loaded as BertModel); None when there is one."""
+    neuronpedia: str | None = None
+    """The feature's Neuronpedia page, where the card has a Neuronpedia id."""
 
 
 def _tokenizer(model: Any) -> Any:
@@ -209,10 +211,13 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
     firing = sum(int((a > 0).sum()) for a in acts)
     promoted, suppressed = logit_lens(model, dictionary.W_dec[feature].detach(), top=top)
     card = getattr(dictionary, "card", None)
+    from dictionaries.neuronpedia import neuronpedia_url
+
     return FeatureReport(dictionary=card.name if card is not None else type(dictionary).__name__,
                          feature=feature, tokens=n, frequency=firing / n if n else 0.0,
                          examples=_examples(model, texts, acts, top, context), promoted=promoted,
-                         suppressed=suppressed, no_lens=lens_problem(model, dictionary.d_in))
+                         suppressed=suppressed, no_lens=lens_problem(model, dictionary.d_in),
+                         neuronpedia=neuronpedia_url(card, feature))
 
 
 def check_report_sizes(top: int, context: int) -> None:

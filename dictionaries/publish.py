@@ -7,7 +7,7 @@ README.md model card with Hub YAML front matter as bytes: no temporary copies fo
 and uploads them in ONE commit: to the real Hub through `hub.upload_commit` (`HfApi.create_commit`), or to
 a local hub (DESIGN.md section 5) by committing into its git mirror, all or nothing, with the target
 checked again under the repo's lock (`LocalHub.commit`). The registry entry pins the commit created;
-`register=True` writes it into registry.yaml and cards/ as one change (`registry.register_entry`) only
+`register=True` writes it into registry.yaml and cards/ as one change (`registration.register_entry`) only
 after the commit exists, so an interrupted publish registers nothing, or the whole entry.
 
 A local hub is chosen by passing a `LocalHub` (or its root folder) as `local_hub`, or by setting
@@ -49,7 +49,8 @@ from dictionaries.errors import (
 )
 from dictionaries.files import sha256_of
 from dictionaries.localhub import LocalHub
-from dictionaries.registry import HubLocation, entry_block, register_entry
+from dictionaries.registration import entry_block, register_entry
+from dictionaries.registry import HubLocation
 
 # Hub repo id parts: letters, digits, '-', '_', '.'; no '--' or '..'; not starting/ending in '-' or '.'.
 _REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?$")

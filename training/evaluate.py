@@ -316,7 +316,7 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     from dictionaries.loader import load_dictionary
     from dictionaries.placement import model_dtype as as_dtype
     from dictionaries.placement import parse_device_map
-    from dictionaries.registry import resolve
+    from dictionaries.references import resolve
     from training.data import check_dataset
 
     check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)  # bad input before any work

@@ -291,7 +291,7 @@ def train_entries(ref: str | None, *, overrides: dict[str, Any] | None = None, r
     last. Other keyword arguments go to `train`.
     """
     from dictionaries.errors import UnknownNameError
-    from dictionaries.registry import resolve
+    from dictionaries.references import resolve
     from training.presets import preset, read_recipe_file, recipe_for, validate_recipe
 
     fields = read_recipe_file(recipe_file) if recipe_file else {}
