@@ -91,3 +91,110 @@ def test_a_card_that_disagrees_with_the_tensors_is_refused(tmp_path):
         write_native(d, tmp_path / "a", card=d.card.model_copy(update={"skip": False}))
     with pytest.raises(Exception, match="W_dec"):
         write_native(d, tmp_path / "b", card=d.card.model_copy(update={"d_out": 12}))
+
+
+# ---- attach -------------------------------------------------------------------------------------------
+def _spliced_by_hand(raw, path, d, ids, mask=None, edit=None):
+    """Logits with the MLP's output replaced, by plain torch hooks (hooks.run_patched), by d's prediction from
+    the MLP's input (pad positions keep the true output); `edit(f)` changes the features first."""
+    from dictionaries.hooks import run_patched
+
+    seen = {}
+
+    def read(x):
+        seen["x"] = x
+        return x
+
+    def write(y):
+        x = seen["x"]
+        f = d.encode(x)
+        pred = d.predict(x, f if edit is None else edit(f.clone()))
+        return pred if mask is None else torch.where(mask.bool()[..., None], pred, y)
+
+    return run_patched(raw, ids, mask, {f"{path}:input": read, path: write})
+
+
+def _traced(model, ids, mask, body):
+    with torch.no_grad(), model.trace(ids, attention_mask=mask):
+        body()
+        logits = model.output.logits.save()
+    return logits
+
+
+@pytest.mark.parametrize(("family", "kind", "skip"), [("neox", "relu", False), ("neox", "topk", True),
+                                                      ("gpt2", "jumprelu", True), ("llama", "gated", False)])
+def test_splice_replaces_the_mlp_output_by_the_prediction(models, tokenizer, family, kind, skip):
+    from dictionaries import attachment as A
+    from dictionaries import hooks as H
+
+    from helpers import FAMILIES, batch
+
+    raw, model = models[family]
+    prefix, d_model = FAMILIES[family]
+    path = f"{prefix}.0.mlp"
+    d = make_transcoder(d_model, d_model, 48, f"{path}:input", path, kind=kind, skip=skip)
+    ids, mask = batch(tokenizer)
+    clean = H.run_patched(model, ids, mask)
+    x, = H.collect_activations(raw, [f"{path}:input"], ids, mask)                  # the MLP's input
+    with A.attach(model, d) as tc:
+        with torch.no_grad(), model.trace(ids, attention_mask=mask):
+            f = tc.features.save()
+            tc.splice(error=True)
+            kept = model.output.logits.save()
+        spliced = _traced(model, ids, mask, lambda: tc.splice(error=False))
+        ablated = _traced(model, ids, mask, lambda: tc.ablate([0, 5], error=False))
+        steered = _traced(model, ids, mask, lambda: tc.steer(3, 2.0))
+    real = mask.bool()[..., None]
+    torch.testing.assert_close(f, torch.where(real, d.encode(x), 0.0))             # features from the input hook
+    assert bool((f != 0).any())
+    assert torch.equal(kept, clean)                                                # the error term added back
+    torch.testing.assert_close(spliced, _spliced_by_hand(raw, path, d, ids, mask))
+    assert not torch.allclose(spliced, clean)
+
+    def zero(f):
+        f[..., [0, 5]] = 0
+        return f
+
+    torch.testing.assert_close(ablated, _spliced_by_hand(raw, path, d, ids, mask, zero))
+
+    def plus(y):   # steering with the error term moves the true output by 2 W_dec[3] at real positions
+        return y + torch.where(mask.bool()[..., None], 2.0 * d.W_dec[3], 0.0)
+
+    torch.testing.assert_close(steered, H.run_patched(raw, ids, mask, {path: plus}))
+
+
+@pytest.mark.parametrize("family", ["neox", "llama"])
+def test_splice_inside_generate(models, tokenizer, family):
+    from dictionaries import attachment as A
+
+    from helpers import FAMILIES
+
+    raw, model = models[family]
+    prefix, d_model = FAMILIES[family]
+    path = f"{prefix}.1.mlp"
+    d = make_transcoder(d_model, d_model, 48, f"{path}:input", path, kind="topk", skip=True, layer=1)
+    prompt = tokenizer(["The Eiffel Tower is in"], return_tensors="pt")["input_ids"]
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=1)
+    outs = []
+    for error in (True, False):
+        with A.attach(model, d) as tc, torch.no_grad(), model.generate(prompt, **kw) as tr:
+            for _ in tr.iter[0:3]:
+                tc.splice(error=error)
+            outs.append(tr.result.save())
+    with torch.no_grad():
+        clean = raw.generate(prompt, **kw)
+        handle = raw.get_submodule(path).register_forward_hook(lambda m, a, o: d.predict(a[0], d.encode(a[0])))
+        ref = raw.generate(prompt, **kw)
+        handle.remove()
+    assert torch.equal(outs[0], clean)
+    assert torch.equal(outs[1], ref)
+
+
+def test_an_output_hook_of_the_wrong_width_is_refused(models):
+    from dictionaries import attachment as A
+    from dictionaries.errors import ShapeMismatchError
+
+    _, model = models["neox"]
+    d = make_transcoder(64, 32, 48, "gpt_neox.layers.0.mlp:input", "gpt_neox.layers.0.mlp")
+    with pytest.raises(ShapeMismatchError, match="32"), A.attach(model, d):
+        pass
