@@ -221,6 +221,5 @@ def build_dictionary(card: Card, *, dtype: torch.dtype | None = None,
           "dtype": dtype or getattr(torch, card.dtype), "device": device}
     if card.k is not None:
         kw["k"] = card.k
-    if card.output_hook is not None:
-        kw.update(d_out=card.d_out, skip=card.skip)
+    kw.update(d_out=card.d_out, skip=card.skip)
     return cls(card.d_in, card.d_dict, **kw)

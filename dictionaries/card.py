@@ -243,7 +243,8 @@ class Card(Strict):
     d_out: int | None = Field(default=None, gt=0, le=MAX_SIZE)
     """Transcoders: width of the output hook's activation where it differs from d_in; None: d_in."""
     skip: bool = False
-    """Skip-transcoder: the prediction adds a linear term x @ W_skip [d_in, d_out] (Paulo et al. 2025)."""
+    """The output adds a linear term x @ W_skip [d_in, d_out] (Paulo et al. 2025's skip-transcoders; sparsify's
+    skip_connection on an SAE)."""
     files: Files
     """Its files."""
     stats: Stats | None = None

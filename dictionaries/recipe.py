@@ -152,7 +152,7 @@ class Recipe(Strict):
     output_hook: HookPoint | None = None
     """Transcoders: where the target is read (e.g. the MLP's output); None: an SAE reconstructing `hook`."""
     skip: bool = False
-    """Skip-transcoder: add a trained linear term x @ W_skip (Paulo et al. 2025); needs `output_hook`."""
+    """Add a trained linear term x @ W_skip (Paulo et al. 2025's skip-transcoders; sparsify's skip_connection)."""
     dataset: DatasetSpec
     """Training text."""
     context_length: int = Field(default=128, gt=1)
@@ -253,9 +253,8 @@ def transcoder_defaults(data: Any) -> Any:
 def transcoder_problem(output_hook: HookPoint | None, pre_encoder_bias: bool, skip: bool,
                        d_out: int | None = None) -> str | None:
     """Why the transcoder fields contradict each other or the rest (naming them in backticks), else None."""
-    if output_hook is None and (skip or d_out is not None):
-        return (f"`{'skip' if skip else 'd_out'}` is for transcoders: give `output_hook`, the hook point the "
-                "prediction is written to")
+    if output_hook is None and d_out is not None:
+        return "`d_out` is for transcoders: give `output_hook`, the hook point the prediction is written to"
     if output_hook is not None and pre_encoder_bias:
         return ("`pre_encoder_bias` contradicts `output_hook`: a transcoder's b_dec lives in the output space, "
                 "so it is not subtracted from the input (set pre_encoder_bias: false)")
