@@ -185,9 +185,9 @@ def _card_from_foreign(folder: Path, fmt: str, found: Foreign) -> Card:
     w_enc, d_out = found.state["W_enc"], found.state["W_dec"].shape[1]
     original = str(folder.resolve())
     transcoder = {"output_hook": HookPoint(**found.output_hook) if found.output_hook else None,
-                  "d_out": d_out if d_out != w_enc.shape[0] else None, "skip": "W_skip" in found.state}
+                  "d_out": d_out if d_out != w_enc.shape[0] else None}
     return Card(
-        **(transcoder if found.transcoder else {}),
+        **(transcoder if found.transcoder else {}), skip="W_skip" in found.state,
         name=folder.resolve().name, architecture=found.architecture, d_in=w_enc.shape[0], d_dict=w_enc.shape[1],
         k=found.k, pre_encoder_bias=found.pre_encoder_bias, dtype=str(w_enc.dtype).removeprefix("torch."),
         model=ModelRef(id=found.model) if found.model else None,
@@ -241,7 +241,8 @@ def file_entry(path: Path, root: Path) -> FileEntry:
 def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
     return Card(name=folder.resolve().name or "dictionary", architecture=dictionary.architecture, d_in=dictionary.d_in,
                 d_dict=dictionary.d_dict, k=getattr(dictionary, "k", None),
-                pre_encoder_bias=dictionary.pre_encoder_bias, files=Files(items=[]))  # an SAE: no output hook known
+                pre_encoder_bias=dictionary.pre_encoder_bias, skip=dictionary.W_skip is not None,
+                files=Files(items=[]))  # no output hook known: an SAE
 
 
 def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook: Any = None) -> Card:
