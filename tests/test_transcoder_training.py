@@ -148,3 +148,39 @@ def test_evaluate_measures_the_prediction_against_the_mlp_output(tiny_neox, toke
     assert tc.ce_spliced == pytest.approx(ce["spliced"] / predictions, rel=1e-4)
     assert tc.ce_zero == pytest.approx(ce["zero"] / predictions, rel=1e-4)
     assert tc.frac_loss_recovered == pytest.approx((tc.ce_zero - tc.ce_spliced) / (tc.ce_zero - tc.ce_clean))
+
+
+def test_a_transcoder_and_an_sae_train_together_and_resume_bit_identically(tmp_path, corpus, tiny_neox, tokenizer,
+                                                                           monkeypatch):
+    """One pass feeds both (the SAE reads the transcoder's output hook, so two hook points are harvested, and
+    the transcoder takes rows from both); a kill between checkpoints and a resume end where an uninterrupted
+    run does."""
+    from dictionaries.recipe import Recipe
+    from training import run as run_module
+    from training.presets import preset
+
+    from helpers import Killed, kill_at, weights
+
+    common = dict(model={"id": "toy-neox"}, dataset={"path": str(corpus)}, context_length=32, tokens=128 * 12,
+                  batch_size=128, buffer_contexts=16, harvest_batch_size=8, d_dict=64, holdout_tokens=512,
+                  optimizer={"lr": 1e-3, "warmup_steps": 2})
+    tc = Recipe.model_validate(preset("paulo2025", k=4, hook=IN, output_hook=OUT, **common))
+    sae = Recipe.model_validate(preset("topk", k=4, hook=OUT, **common))
+    names = ["toy/mlp0/64-tc", "toy/mlp0/64"]
+
+    def train(out, **kw):
+        return run_module.train([tc, sae], out=out, model=tiny_neox, tokenizer=tokenizer, names=names,
+                                checkpoint_every=5, progress=False, eval_tokens=0, **kw)
+
+    expected = train(tmp_path / "whole")
+    kill_at(monkeypatch, 2 * 7 + 1)                    # during step 8 of 12: the checkpoint at step 5 is kept
+    with pytest.raises(Killed):
+        train(tmp_path / "cut")
+    monkeypatch.undo()
+    resumed = train(tmp_path / "cut", resume=True)
+    for a, b in zip(expected, resumed):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "W_skip" in weights(expected[0]) and "W_skip" not in weights(expected[1])
+    card = json.loads((expected[0] / "card.json").read_text())
+    assert card["output_hook"] == OUT and card["hook"] == IN
