@@ -198,3 +198,31 @@ def test_an_output_hook_of_the_wrong_width_is_refused(models):
     d = make_transcoder(64, 32, 48, "gpt_neox.layers.0.mlp:input", "gpt_neox.layers.0.mlp")
     with pytest.raises(ShapeMismatchError, match="32"), A.attach(model, d):
         pass
+
+
+def _dictctl(*args: str, env: dict) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "dictionaries.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_dictctl_show_prints_the_transcoder_fields_and_a_contradiction_in_one_line(registry):
+    import yaml
+
+    card = _card(name="toy/mlp0/16-tc", output_hook=OUT, skip=True).model_dump(mode="json", exclude_none=True)
+    (registry.parent / "cards" / "toy" / "mlp0").mkdir(parents=True)
+    (registry.parent / "cards" / "toy" / "mlp0" / "16-tc.yaml").write_text(yaml.safe_dump(card))
+    index = yaml.safe_load(registry.read_text())
+    index["entries"]["toy/mlp0/16-tc"] = {"card": "toy/mlp0/16-tc.yaml",
+                                          "location": {"kind": "url", "url": "https://example.org/tc/"}}
+    registry.write_text(yaml.safe_dump(index))
+    env = {"DICTIONARIES_REGISTRY": str(registry)}
+    shown = json.loads(_dictctl("show", "toy/mlp0/16-tc", "--json", env=env).stdout)
+    assert shown["output_hook"]["module"] == "gpt_neox.layers.0.mlp" and shown["hook"]["io"] == "input"
+    assert shown["skip"] is True and shown["pre_encoder_bias"] is False
+    (registry.parent / "cards" / "toy" / "mlp0" / "16-tc.yaml").write_text(
+        yaml.safe_dump({**card, "pre_encoder_bias": True}))
+    bad = _dictctl("show", "toy/mlp0/16-tc", env=env)
+    lines = [line for line in (bad.stdout + bad.stderr).splitlines() if line.strip()]
+    assert bad.returncode == 1 and len(lines) == 1 and "pre_encoder_bias" in lines[0], lines
