@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from dictionaries.errors import FormatError
-from dictionaries.formats import convert, read_folder
+from dictionaries.formats import convert, read_folder, summarize
 
 D, D_OUT, F, K = 12, 20, 40, 4
 X = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(5))
@@ -65,6 +65,8 @@ def test_saelens_transcoders(tmp_path, arch):
     assert (card.output_hook.module, card.output_hook.io) == ("transformer.h.2.mlp", "output")
     assert card.pre_encoder_bias is False
     native = convert(folder, tmp_path / "native")                  # and on to a native folder, unchanged
+    assert f"-> transformer.h.2.mlp (output), {'skip-' if 'skip' in arch else ''}transcoder, d_out={D_OUT}" \
+        in summarize(native)                                       # what `dictctl convert` prints
     check(read_folder(tmp_path / "native"), original.saelens_transcoder(cfg, state, X))
     assert native.output_hook == card.output_hook
 
