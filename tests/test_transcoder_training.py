@@ -97,7 +97,7 @@ def test_dictctl_trains_a_skip_transcoder_from_a_recipe_file(tmp_path, corpus, t
     code, out, err = dictctl(monkeypatch, capsys, "train", "--recipe", str(tmp_path / "tc.yaml"),
                              "--out", str(tmp_path / "out"), "--device", "cpu")
     assert code == 0, err
-    folder = tmp_path / "out" / toy_folder.name / "mlp1" / "128"
+    folder = tmp_path / "out" / toy_folder.name / "mlp1" / "128-transcoder"   # not the name of an SAE there
     card = json.loads((folder / "card.json").read_text())
     assert card["output_hook"]["io"] == "output" and card["hook"]["io"] == "input" and card["skip"] is True
     assert card["pre_encoder_bias"] is False and "d_out" not in card          # d_out = d_in = 64

@@ -53,10 +53,12 @@ from training.session import (
 
 
 def default_name(recipe: Recipe) -> str:
-    """`<model>/<site><layer>/<d_dict>` from the recipe, e.g. `pythia-70m-deduped/mlp3/8192`."""
+    """`<model>/<site><layer>/<d_dict>` from the recipe, e.g. `pythia-70m-deduped/mlp3/8192`; a transcoder's ends
+    in `-transcoder`, so that it and an SAE at the same site get different names."""
     model = Path(recipe.model.id.rstrip("/")).name.lower()
     layer = "" if recipe.hook.layer is None else str(recipe.hook.layer)
-    return f"{model}/{recipe.hook.site}{layer}/{recipe.d_dict}"
+    variant = "-transcoder" if recipe.output_hook is not None else ""
+    return f"{model}/{recipe.hook.site}{layer}/{recipe.d_dict}{variant}"
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
