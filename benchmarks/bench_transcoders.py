@@ -6,7 +6,12 @@ One row per kind: the largest |difference| of the prediction and of the features
 SAELens: Transcoder, SkipTranscoder, JumpReLUTranscoder, JumpReLUSkipTranscoder (saes/transcoder.py);
 sparsify: SparseCoder with `transcode` (with and without `skip_connection`) and an SAE with `skip_connection`.
 
-`python -m benchmarks transcoders`
+Then, on the pretrained stand-in (training/toymodel.py), one pass trains an SAE at the MLP's output, a
+transcoder and a skip-transcoder (MLP input -> output) of the same width and k, and each is evaluated on held-out
+text: FVU against the MLP output, L0, and loss recovered with the MLP output replaced (zero-ablation baseline).
+Paulo et al. 2025 report skip-transcoders at lower reconstruction error than transcoders at equal k.
+
+`python -m benchmarks transcoders` (BENCH_TRANSCODER_TOKENS, default 393216 training tokens per dictionary)
 """
 
 from __future__ import annotations
@@ -95,10 +100,54 @@ def _compare(peer: str, kind: str, python: str, version: str) -> dict:
             "max |dy|": dy, "max |df|": df, "verdict": "equal" if max(dy, df) <= TOLERANCE else "differs"}
 
 
+def compare_training(tokens: int, layer: int = 2, d_dict: int = 1024, k: int = 16) -> list[dict]:
+    """SAE vs transcoder vs skip-transcoder at one MLP of the stand-in, trained from one pass, held-out stats."""
+    import json
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dictionaries.recipe import Recipe
+    from training import run as run_module
+    from training.presets import preset
+    from training.toymodel import standin_model_folder
+
+    folder = standin_model_folder(progress=False)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    mlp = {"module": f"gpt_neox.layers.{layer}.mlp", "site": "mlp", "layer": layer}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train.txt"
+        data.write_text("\n\n".join(json.loads((folder / "documents.json").read_text())["train"]))
+        common = dict(model={"id": str(folder)}, dataset={"path": str(data)}, context_length=64, tokens=tokens,
+                      batch_size=1024, buffer_contexts=256, harvest_batch_size=32, d_dict=d_dict, k=k,
+                      holdout_tokens=16384, optimizer={"lr": 1e-3, "warmup_steps": 20},
+                      penalty={"aux_dead_tokens": tokens // 8})
+        recipes = {"sae (topk, mlp_out)": preset("topk", hook={**mlp, "io": "output"}, **common),
+                   "transcoder (topk)": preset("topk", hook={**mlp, "io": "input"}, output_hook=mlp,
+                                               pre_encoder_bias=False, **common),
+                   "skip-transcoder (paulo2025)": preset("paulo2025", hook={**mlp, "io": "input"}, output_hook=mlp,
+                                                         **common)}
+        start = time.perf_counter()
+        folders = run_module.train([Recipe.model_validate(r) for r in recipes.values()], out=Path(tmp) / "out",
+                                   model=model, tokenizer=tokenizer, names=[f"s/mlp{layer}/{i}" for i in range(3)],
+                                   progress=False, checkpoint_every=10**9)
+        seconds = time.perf_counter() - start
+        rows = []
+        for name, out in zip(recipes, folders):
+            st = json.loads((out / "card.json").read_text())["stats"]
+            rows.append({"peer": "dictionaries", "kind": name, "tokens": tokens, "fvu": st["fvu"], "l0": st["l0"],
+                         "frac_alive": st["frac_alive"], "loss recovered": st["frac_loss_recovered"],
+                         "ce clean/spliced/zero": f"{st['ce_clean']:.3f}/{st['ce_spliced']:.3f}/{st['ce_zero']:.3f}",
+                         "seconds (all three)": round(seconds, 1)})
+    return rows
+
+
 def run() -> list[dict]:
+    import os
+
     from benchmarks.peers import peer_version, python_for
 
-    rows = []
+    rows = compare_training(int(os.environ.get("BENCH_TRANSCODER_TOKENS", 393216)))
     for peer, kind in CASES:
         python, note = python_for(peer, build=False)
         if python is None:
