@@ -41,7 +41,8 @@ def _fvu(module, x, y) -> float:
 
 
 @pytest.mark.parametrize(("name", "fields"), [("paulo2025", {}), ("dunefsky2024", {}),
-                                              ("paulo2025", {"input_normalization": "sqrt_d"})])
+                                              ("paulo2025", {"input_normalization": "sqrt_d"}),
+                                              ("topk", {"pre_encoder_bias": False})])   # tied init, d_out != d_in
 def test_the_trainer_learns_to_predict_the_target(name, fields):
     recipe = make_recipe(name, hook=IN, output_hook=OUT, **fields)
     assert recipe.pre_encoder_bias is False

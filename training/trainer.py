@@ -81,8 +81,10 @@ def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: st
     W_dec = torch.randn(recipe.d_dict, d_out, generator=gen, dtype=torch.float64)        # (F, d_out)
     W_dec *= recipe.decoder_init_norm / W_dec.norm(dim=-1, keepdim=True)
     if recipe.init == "tied":
-        rows = W_dec if d_out == d_in else torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)
-        rows = rows * (recipe.decoder_init_norm / rows.norm(dim=-1, keepdim=True))
+        rows = W_dec
+        if d_out != d_in:  # the encoder's own directions, of the same norm
+            rows = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)
+            rows *= recipe.decoder_init_norm / rows.norm(dim=-1, keepdim=True)
         W_enc, b_enc = rows.T, torch.zeros(recipe.d_dict, dtype=torch.float64)
     else:  # kaiming: nn.Linear's kaiming_uniform_(a=sqrt(5)) bound and its bias bound are both 1/sqrt(fan_in)
         bound = 1.0 / math.sqrt(d_in)
