@@ -181,7 +181,9 @@ def _read_transcoder(cfg: dict, cfg_path: Path, weights: Path) -> Foreign:
     found = Foreign(kind, state, None, False, weights, [cfg_path, weights], transcoder=True)
     found.notes.append(f"SAELens architecture {arch}")
     found.model = model_id(cfg.get("model_name"))
-    names = {"hook_name": cfg.get("hook_name"), "hook_name_out": cfg.get("hook_name_out")}
+    names = {"hook_name": cfg.get("hook_name"), "hook_name_out": cfg.get("hook_name_out") or cfg.get("hook_name")}
+    if not cfg.get("hook_name_out"):  # SAELens then writes at the input hook (HookedSAETransformer, SAE bridge)
+        found.notes.append("no hook_name_out: the prediction is written at the hook it reads, as SAELens does")
     found.hook, found.output_hook = (saelens_hook(found.model, n) for n in names.values())
     for key, name in names.items():
         if not name or (found.hook if key == "hook_name" else found.output_hook) is None:

@@ -72,7 +72,6 @@ def test_saelens_transcoders(tmp_path, arch):
 
 
 @pytest.mark.parametrize("problem, match", [({"apply_b_dec_to_input": True}, "apply_b_dec_to_input"),
-                                            ({"hook_name_out": None}, "hook_name_out None"),
                                             ({"model_name": "mystery-model"}, "no known module path"),
                                             ({"d_out": D_OUT + 1}, "'W_dec'.*found")])
 def test_saelens_transcoder_bad_input(tmp_path, problem, match):
@@ -85,14 +84,22 @@ def test_saelens_transcoder_bad_input(tmp_path, problem, match):
     assert isinstance(e.value, (FormatError, ValueError))
 
 
+def test_without_hook_name_out_the_prediction_is_written_where_it_reads_as_in_saelens(tmp_path):
+    folder, cfg, state = sl_transcoder(tmp_path, "transcoder", hook_name_out=None)
+    read = read_folder(folder)
+    check(read, original.saelens_transcoder(cfg, state, X))
+    assert read.card.output_hook == read.card.hook                 # SAELens splices at hook_name_out or hook_name
+    assert any("hook_name_out" in n for n in read.card.provenance.notes)
+
+
 def test_dictctl_convert_says_what_is_wrong_in_one_line(tmp_path):
     folder, cfg, _ = sl_transcoder(tmp_path, "transcoder")
-    (folder / "cfg.json").write_text(json.dumps({**cfg, "metadata": {**cfg["metadata"], "hook_name_out": None}}))
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": True}))
     run = subprocess.run([sys.executable, "-m", "dictionaries.cli", "convert", str(folder), str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert run.returncode == 1
     lines = [line for line in run.stderr.splitlines() + run.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1 and "hook_name_out" in lines[0], lines
+    assert len(lines) == 1 and "apply_b_dec_to_input" in lines[0], lines
 
 
 # ---- sparsify: <run>/<hookpoint>/{cfg.json, sae.safetensors}, W_skip [d_in, d_in] ------------------------
