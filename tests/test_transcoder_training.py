@@ -185,3 +185,20 @@ def test_a_transcoder_and_an_sae_train_together_and_resume_bit_identically(tmp_p
     assert "W_skip" in weights(expected[0]) and "W_skip" not in weights(expected[1])
     card = json.loads((expected[0] / "card.json").read_text())
     assert card["output_hook"] == OUT and card["hook"] == IN
+
+
+def test_dictctl_eval_writes_a_transcoders_stats_into_its_card(tmp_path, corpus, toy_folder, monkeypatch, capsys):
+    from dictionaries.formats import write_native
+    from dictionaries.recipe import ModelRef
+
+    d = make_transcoder(64, 64, 96, "gpt_neox.layers.1.mlp:input", "gpt_neox.layers.1.mlp", kind="jumprelu",
+                        skip=True, layer=1)
+    write_native(d, tmp_path / "tc", card=d.card.model_copy(update={"model": ModelRef(id=str(toy_folder))}))
+    code, out, err = dictctl(monkeypatch, capsys, "eval", str(tmp_path / "tc"), "--dataset", str(corpus),
+                             "--tokens", "256", "--context-length", "32", "--device", "cpu")
+    assert code == 0, err
+    assert "loss recovered" in out and "FVU" in out
+    stats = json.loads((tmp_path / "tc" / "card.json").read_text())["stats"]
+    assert stats["tokens"] > 0 and stats["fvu"] > 0 and "sensitivity" not in stats
+    assert stats["frac_loss_recovered"] == pytest.approx((stats["ce_zero"] - stats["ce_spliced"])
+                                                         / (stats["ce_zero"] - stats["ce_clean"]))
