@@ -151,6 +151,12 @@ def check_card_matches(card: Card, state: dict, source: str, *, found_architectu
                                  (card.d_in, card.d_dict), tuple(state["W_enc"].shape),
                                  hint=f"The card of {card.name!r} says d_in={card.d_in}, d_dict={card.d_dict}; "
                                       "is it the card of another dictionary?")
+    d_out = card.d_out or card.d_in
+    if "W_dec" in state and tuple(state["W_dec"].shape) != (card.d_dict, d_out):
+        raise ShapeMismatchError(f"{source}: tensor 'W_dec' (native layout [d_dict, d_out])", (card.d_dict, d_out),
+                                 tuple(state["W_dec"].shape), hint=f"The card of {card.name!r} says d_out={d_out}.")
+    if "W_enc" in state and ("W_skip" in state) != card.skip:
+        raise ArchitectureMismatchError(source, card.name, "skip", card.skip, "W_skip" in state)
 
 
 def assemble(card: Card, state: dict, source: str, *, device: torch.device | str | None = None,
@@ -179,9 +185,12 @@ def assemble(card: Card, state: dict, source: str, *, device: torch.device | str
 
 def _card_from_foreign(folder: Path, fmt: str, found: Foreign) -> Card:
     """A card for an unregistered foreign folder: what its files and config say, nothing more."""
-    w_enc = found.state["W_enc"]
+    w_enc, d_out = found.state["W_enc"], found.state["W_dec"].shape[1]
     original = str(folder.resolve())
+    transcoder = {"output_hook": HookPoint(**found.output_hook) if found.output_hook else None,
+                  "d_out": d_out if d_out != w_enc.shape[0] else None}
     return Card(
+        **(transcoder if found.transcoder else {}), skip="W_skip" in found.state,
         name=folder.resolve().name, architecture=found.architecture, d_in=w_enc.shape[0], d_dict=w_enc.shape[1],
         k=found.k, pre_encoder_bias=found.pre_encoder_bias, dtype=str(w_enc.dtype).removeprefix("torch."),
         model=ModelRef(id=found.model) if found.model else None,
@@ -235,7 +244,8 @@ def file_entry(path: Path, root: Path) -> FileEntry:
 def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
     return Card(name=folder.resolve().name or "dictionary", architecture=dictionary.architecture, d_in=dictionary.d_in,
                 d_dict=dictionary.d_dict, k=getattr(dictionary, "k", None),
-                pre_encoder_bias=dictionary.pre_encoder_bias, files=Files(items=[]))
+                pre_encoder_bias=dictionary.pre_encoder_bias, skip=dictionary.W_skip is not None,
+                files=Files(items=[]))  # no output hook known: an SAE
 
 
 def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook: Any = None,
@@ -278,6 +288,9 @@ def write_foreign(dictionary: Dictionary, folder: str | Path, to: str) -> Card:
 def summarize(card: Card) -> str:
     """A few lines saying what a card describes (what `dictctl convert` prints)."""
     hook = f"{card.hook.module} ({card.hook.io})" if card.hook else "unknown (set it in card.json)"
+    if card.output_hook is not None:
+        hook += (f" -> {card.output_hook.module} ({card.output_hook.io}), "
+                 f"{'skip-' if card.skip else ''}transcoder, d_out={card.d_out or card.d_in}")
     lines = [f"{card.name}: {card.architecture} dictionary, d_in={card.d_in}, d_dict={card.d_dict}"
              + (f", k={card.k}" if card.k is not None else "") + f", {card.dtype}",
              f"model: {card.model.id if card.model else 'unknown (set it in card.json)'}; hook: {hook}",

@@ -171,3 +171,24 @@ def chromium_page(errors: list[str]):
             yield page
         finally:
             browser.close()
+
+
+# ---- transcoders ---------------------------------------------------------------------------------------
+def make_transcoder(d_in: int, d_out: int, d_dict: int, hook: str, output_hook: str, kind: str = "relu",
+                    skip: bool = False, seed: int = 0, layer: int = 0):
+    """A (skip-)transcoder of `kind` reading `hook` and predicting `output_hook` ("path[:io]"), seeded weights."""
+    def point(ref: str) -> HookPoint:
+        path, _, io = ref.partition(":")
+        return HookPoint(module=path, io=io or "output", site="mlp", layer=layer)
+
+    card = Card(name=f"test/mlp{layer}/{d_dict}-transcoder", architecture=kind, d_in=d_in, d_dict=d_dict,
+                k=4 if kind in ("topk", "batchtopk") else None, files=Files(items=[]), hook=point(hook),
+                output_hook=point(output_hook), d_out=d_out if d_out != d_in else None, skip=skip)
+    d = build_dictionary(card)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.05))
+        if kind in ("jumprelu", "batchtopk"):
+            d.threshold.fill_(0.01)
+    return d

@@ -54,10 +54,26 @@ def _check_dictionaries(dictionaries: Sequence[Dictionary]) -> list[HookPoint]:
 
 def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint], b: int, keep: Tensor,
                      captured: dict[int, tuple[Tensor, Tensor, Tensor]]) -> dict[HookPoint, Any]:
-    """One patch per hook: segment 1+2s gets dictionary s's x_hat, segment 2+2s zeros (counted positions)."""
+    """One patch per hook: segment 1+2s gets dictionary s's x_hat, segment 2+2s zeros (counted positions).
+
+    A transcoder writes at its output hook (the MLP's output: its prediction, or zeros, the zero-ablation
+    baseline) from the clean rows of its input hook, read by a patch there that changes nothing; its
+    reconstruction stats compare the prediction with the output hook's clean rows.
+    """
     by_hook: dict[HookPoint, list[tuple[int, int, Dictionary]]] = defaultdict(list)
+    reads: dict[HookPoint, list[int]] = defaultdict(list)
+    inputs: dict[int, Tensor] = {}                           # transcoder j's clean input rows (B, pos, d_in)
     for s, (j, d) in enumerate(group):
-        by_hook[hooks[j]].append((s, j, d))
+        out_hook = d.card.output_hook if d.card is not None else None
+        by_hook[out_hook or hooks[j]].append((s, j, d))
+        if out_hook is not None:
+            reads[hooks[j]].append(j)
+
+    def read(js: list[int], then: Any = None):
+        def patch(x: Tensor) -> Tensor:
+            inputs.update({j: x[:b] for j in js})           # segment 0 is never patched: clean everywhere
+            return x if then is None else then(x)
+        return patch
 
     def make(items: list[tuple[int, int, Dictionary]]):
         def patch(x: Tensor) -> Tensor:                      # x (nseg * B, pos, d)
@@ -65,16 +81,19 @@ def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint]
             clean = x[:b]
             mask = keep.to(x.device)[..., None]              # (B, pos, 1)
             for s, j, d in items:
-                x_d = clean.to(d.W_dec.device, d.W_dec.dtype)      # the dictionary's dtype and device (bf16 model)
+                x_d = inputs.get(j, clean).to(d.W_dec.device, d.W_dec.dtype)   # the dictionary's dtype, device
                 x_hat, f = d(x_d)
-                captured[j] = (x_d, x_hat, f)
+                captured[j] = (clean.to(d.W_dec.device, d.W_dec.dtype), x_hat, f)
                 lo = (1 + 2 * s) * b
                 out[lo:lo + b] = torch.where(mask, x_hat.to(x.device, x.dtype), clean)
                 out[lo + b:lo + 2 * b] = torch.where(mask, torch.zeros_like(clean), clean)
             return out
         return patch
 
-    return {hook: make(items) for hook, items in by_hook.items()}
+    patches = {hook: make(items) for hook, items in by_hook.items()}
+    for hook, js in reads.items():  # reading first where a transcoder reads what another dictionary writes
+        patches[hook] = read(js, patches.get(hook))
+    return patches
 
 
 def _token_log_probs(lp: Tensor, targets: Tensor) -> Tensor:
@@ -241,7 +260,7 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
                            batch_size=batch_size, seed=seed, prepend_bos=prepend_bos)
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     bos = bos if bos is not None else getattr(hf.config, "bos_token_id", None)
-    tallies = [Tally(d.d_in, d.d_dict) for d in dicts]
+    tallies = [Tally(d.d_out, d.d_dict) for d in dicts]   # a transcoder's stats are of its output hook
     ce_clean, predictions = 0.0, 0
     bar = tqdm(total=sum(ids.numel() for ids, _ in batches), desc="eval", unit="tok", unit_scale=True,
                disable=not progress)
@@ -258,12 +277,16 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     meta = _meta(data, dataset_name, batches, context_length=context_length, exclude_bos=exclude_bos, seed=seed,
                  prepend_bos=prepend_bos, held_out=held_out)
     curves: list[SensitivityCurves | None] = [None] * len(dicts)
-    if sensitivity and has_lm_head(hf):  # its KL is between next-token distributions
-        curves = sensitivity_on_eval_set(hf, dicts, hooks, batches, bos_id=bos, exclude_bos=exclude_bos,
-                                         samples=sensitivity_samples, seed=seed, progress=progress)
+    saes = [i for i, d in enumerate(dicts) if d.card.output_hook is None]  # Apollo's test perturbs x along the
+    if sensitivity and has_lm_head(hf) and saes:  # decoder at the hook read; KL between next-token distributions
+        found = sensitivity_on_eval_set(hf, [dicts[i] for i in saes], [hooks[i] for i in saes], batches, bos_id=bos,
+                                        exclude_bos=exclude_bos, samples=sensitivity_samples, seed=seed,
+                                        progress=progress)
+        for i, c in zip(saes, found):
+            curves[i] = c
     results = []
     for d, t, c in zip(dicts, tallies, curves):
-        stats = t.stats(ce_clean, predictions, d.d_in, **meta)
+        stats = t.stats(ce_clean, predictions, d.d_out, **meta)
         if c is not None:
             stats = stats.model_copy(update={"sensitivity": c.to_card()})
         results.append(EvalResult(d.card.name, stats, (t.fired / max(t.tokens, 1)).float(), c))

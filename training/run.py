@@ -53,10 +53,12 @@ from training.session import (
 
 
 def default_name(recipe: Recipe) -> str:
-    """`<model>/<site><layer>/<d_dict>` from the recipe, e.g. `pythia-70m-deduped/mlp3/8192`."""
+    """`<model>/<site><layer>/<d_dict>` from the recipe, e.g. `pythia-70m-deduped/mlp3/8192`; a transcoder's ends
+    in `-transcoder`, so that it and an SAE at the same site get different names."""
     model = Path(recipe.model.id.rstrip("/")).name.lower()
     layer = "" if recipe.hook.layer is None else str(recipe.hook.layer)
-    return f"{model}/{recipe.hook.site}{layer}/{recipe.d_dict}"
+    variant = "-transcoder" if recipe.output_hook is not None else ""
+    return f"{model}/{recipe.hook.site}{layer}/{recipe.d_dict}{variant}"
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -70,7 +72,8 @@ def _step_all(s: Session, rows: list[torch.Tensor], checkpoint: Path | None) -> 
 
         if s.step == 0:  # the trainer's input scale comes from a sample before the first step
             job.trainer.estimate_input_scale(sample(min(s.buffer.unread, 8 * s.local_batch)))
-        results.append(job.trainer.step(rows[job.hook_index], sample))
+        target = rows[job.target_index] if job.target_index is not None else None   # a transcoder's (B, d_out)
+        results.append(job.trainer.step(rows[job.hook_index], sample, target=target))
     bad = [i for i, m in enumerate(results) if not (math.isfinite(m["loss"]) and math.isfinite(m["weight_norm"]))]
     if any_rank(bool(bad), s.world):  # every rank stops together (a NaN reaches all through the gradients)
         i = bad[0] if bad else 0
@@ -176,6 +179,8 @@ def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: di
     return Card(name=job.name, architecture=r.architecture, d_in=module.d_in, d_dict=module.d_dict,
                 k=getattr(module, "k", None), pre_encoder_bias=r.pre_encoder_bias, dtype=r.dtype,
                 model=r.model, hook=r.hook, files=Files(items=[]), recipe=r,
+                skip=r.skip, output_hook=r.output_hook,
+                d_out=module.d_out if module.d_out != module.d_in else None,
                 provenance=Provenance(date=datetime.date.today().isoformat(), code=_code_version(), notes=notes))
 
 
