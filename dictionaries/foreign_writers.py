@@ -159,6 +159,9 @@ def layout_files(d: Dictionary, to: str, card: Card) -> dict[str, bytes]:
     """The files of `d` (described by `card`) in library `to`'s layout, as bytes."""
     if to not in WRITERS:
         raise FormatError(to, f"no writer for format {to!r}; writable: native, {', '.join(WRITABLE)}")
+    if card.output_hook is not None:  # the writers know SAE layouts only: a transcoder would lose W_skip / its out hook
+        raise FormatError(card.name, f"{card.name} is a transcoder; writing transcoders in {to}'s layout is not "
+                                     "supported yet (its readers are): keep it native (--to native)")
     return WRITERS[to](d, card)
 
 

@@ -92,3 +92,12 @@ def test_real_dictctl_refuses_an_unknown_layout_in_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert "native, saelens, sparsify, dictionary_learning" in done.stderr
+
+
+@pytest.mark.parametrize("to", ["saelens", "sparsify", "dictionary_learning"])
+def test_a_transcoder_is_refused_rather_than_written_as_an_sae(to):
+    from helpers import make_transcoder
+
+    d = make_transcoder(8, 8, 16, "gpt_neox.layers.0.mlp:input", "gpt_neox.layers.0.mlp", kind="topk", skip=True)
+    with pytest.raises(FormatError, match="transcoder"):
+        layout_files(d, to, d.card)
