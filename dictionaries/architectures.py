@@ -4,6 +4,12 @@ Native parameter names and shapes (DESIGN.md section 5), d = d_in, F = d_dict:
 `W_enc [d, F]`, `b_enc [F]`, `W_dec [F, d]`, `b_dec [d]`, plus `threshold [F]` (jumprelu),
 `threshold []` (batchtopk's global inference threshold) and `r_mag [F]`, `b_mag [F]` (gated).
 Every module takes any leading shape `(..., d)` and returns features `(..., F)`.
+
+Transcoders (Dunefsky, Chlenski & Nanda 2024, arXiv:2406.11944) read one hook point and predict another of
+width d_out (the card's `output_hook`, `d_out`): then `W_dec [F, d_out]`, `b_dec [d_out]`, no pre-encoder
+bias (b_dec lives in the output space, as in SAELens' Transcoder and sparsify's `transcode`), and every
+architecture's encoder is unchanged. Skip-transcoders (Paulo, Shabalin & Belrose 2025, arXiv:2501.18823) add
+`W_skip [d_in, d_out]`: prediction = decode(f) + x @ W_skip (SAELens and sparsify store its transpose).
 """
 
 from __future__ import annotations
@@ -46,16 +52,19 @@ class Dictionary(nn.Module):
     extra_parameters: ClassVar[dict[str, str]] = {}  # name -> "F" or "" (scalar), beyond the four shared
 
     def __init__(self, d_in: int, d_dict: int, *, pre_encoder_bias: bool = True, card: Card | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 d_out: int | None = None, skip: bool = False):
         super().__init__()
         self.d_in, self.d_dict = d_in, d_dict
+        self.d_out = d_out or d_in    # the decoder's width: d_in for an SAE, the output hook's for a transcoder
         self.pre_encoder_bias = pre_encoder_bias
         self.card = card
         kw = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_dict, **kw))
         self.b_enc = nn.Parameter(torch.zeros(d_dict, **kw))
-        self.W_dec = nn.Parameter(torch.zeros(d_dict, d_in, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(d_dict, self.d_out, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out, **kw)) if skip else None
         for name, dim in self.extra_parameters.items():
             shape = (d_dict,) if dim == "F" else ()
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
@@ -82,10 +91,15 @@ class Dictionary(nn.Module):
             return decode_dense(self.W_dec, self.b_dec, f)  # through the active rows only (sparse_decoding.py)
         return f @ self.W_dec + self.b_dec
 
+    def predict(self, x: Tensor, f: Tensor) -> Tensor:
+        """decode(f) plus, for a skip-transcoder, the skip term x @ W_skip: (..., d_out)."""
+        out = self.decode(f)
+        return out if self.W_skip is None else out + x @ self.W_skip
+
     def forward(self, x: Tensor) -> DictionaryOutput:
-        """Reconstruction and features of x."""
+        """Reconstruction (a transcoder: prediction of the output hook) and features of x."""
         f = self.encode(x)
-        return DictionaryOutput(self.decode(f), f)
+        return DictionaryOutput(self.predict(x, f), f)
 
     # ---- state ---------------------------------------------------------------------------------
     def load_native_state(self, state: dict[str, Tensor], source: str = "state") -> Dictionary:
@@ -121,7 +135,9 @@ class Dictionary(nn.Module):
 
     def extra_repr(self) -> str:
         name = f", name={self.card.name!r}" if self.card is not None else ""
-        return f"d_in={self.d_in}, d_dict={self.d_dict}{name}"
+        out = f", d_out={self.d_out}" if self.d_out != self.d_in else ""
+        skip = ", skip=True" if self.W_skip is not None else ""
+        return f"d_in={self.d_in}, d_dict={self.d_dict}{out}{skip}{name}"
 
 
 class ReluDictionary(Dictionary):
@@ -218,4 +234,5 @@ def build_dictionary(card: Card, *, dtype: torch.dtype | None = None,
           "dtype": dtype or getattr(torch, card.dtype), "device": device}
     if card.k is not None:
         kw["k"] = card.k
+    kw.update(d_out=card.d_out, skip=card.skip)
     return cls(card.d_in, card.d_dict, **kw)

@@ -12,6 +12,11 @@ splice writes x back exactly and an edit changes x by exactly the decoder contri
 (Marks et al. 2024, *Sparse Feature Circuits*, keep the error term the same way). With `error=False` the
 activation becomes the reconstruction decode(f_edited). Pad positions (attention mask 0) are never changed
 and their features read as 0. Plain-torch hooks (what training uses) are in `hooks.py`.
+
+A transcoder (a card with `output_hook`; Dunefsky et al. 2024) reads its features at its input hook and
+writes at its output hook: there the written activation is y + (f_edited - f) W_dec with the error term
+(y the output hook's true value, so an unedited splice leaves the model unchanged), and the prediction
+decode(f_edited) + x W_skip without it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import Tensor, nn
 from dictionaries.errors import (
     FeatureIndexError,
     HookPointError,
+    InvalidArgumentError,
     ModelMismatchError,
     NotWrappedError,
     OutsideTraceError,
@@ -46,6 +52,7 @@ from dictionaries.hooks import (
     replace_first,
     torch_model,
 )
+from dictionaries.placement import model_dtype
 from dictionaries.recipe import HookPoint
 
 if TYPE_CHECKING:
@@ -56,20 +63,29 @@ class ModelMismatchWarning(UserWarning):
     """A dictionary whose card names another model, attached where the width still matches."""
 
 
-def wrap_model(model: Any, tokenizer: Any = None) -> Any:
+def wrap_model(model: Any, tokenizer: Any = None, *, dtype: Any = None, device_map: Any = None) -> Any:
     """An nnsight-wrapped model from a wrapped model (returned as is), a transformers model or a HF id/folder.
 
     `TransformersModel` (nnsight 0.8's successor of `LanguageModel`) needs a tokenizer for text inputs and
     `generate`; a model object without one is wrapped with plain `NNsight` (token-id traces only). nnsight
-    sets the tokenizer's padding side to left (and pad = eos where it has no pad token).
+    sets the tokenizer's padding side to left (and pad = eos where it has no pad token). A model that cannot
+    generate (a `BertModel`, a masked LM) is wrapped for feature extraction. `dtype` (fp32, bf16, fp16) and
+    `device_map` load a HF id/folder so (hooks.load_model); `dtype` casts a model object in place, and a
+    device map, which places weights as they load, needs an id or folder.
     """
+    if isinstance(model, str):
+        model, tokenizer = load_model(model, tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+    elif device_map is not None:
+        raise InvalidArgumentError("device_map", str(device_map), "a device map places weights as they load: "
+                                                                  "give a HF id or folder, not a loaded model")
+    elif dtype is not None:
+        torch_model(model).to(model_dtype(dtype))
     if isinstance(model, nnsight.Envoy):
         return model
-    if isinstance(model, str):
-        model, tokenizer = load_model(model, tokenizer=tokenizer)
     if tokenizer is None:
         return nnsight.NNsight(model)
-    return nnsight.TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+    task = "text-generation" if getattr(model, "can_generate", lambda: False)() else "feature-extraction"
+    return nnsight.TransformersModel(model, tokenizer=tokenizer, task=task)
 
 
 def resolve_hook(model: Any, hook: HookPoint | str, *, d_in: int | None = None) -> Any:
@@ -170,6 +186,14 @@ def _check_fit(model: Any, dictionary: Dictionary, found: ResolvedHook) -> None:
                       ModelMismatchWarning, stacklevel=4)
 
 
+def _output_hook(model: Any, dictionary: Dictionary) -> ResolvedHook | None:
+    """A transcoder's output hook, found and checked against d_out; None for an SAE."""
+    card = getattr(dictionary, "card", None)
+    if card is None or card.output_hook is None:
+        return None
+    return check_hook(model, card.output_hook, dictionary.d_out)
+
+
 def _invoke_rows(mask: Tensor, rows: int) -> Tensor | None:
     """The mask rows of the invoke running now (nnsight's batch group [start, size]); None if unknown."""
     try:
@@ -204,10 +228,10 @@ def attach(model: Any, *dictionaries: Dictionary, at: Any = None) -> Iterator[At
             raise HookPointError("<none>", problem=f"the card of {name!r} names no hook point.")
         found = find_hook(model, hook)
         _check_fit(model, dictionary, found)
-        found_hooks.append(found)
+        found_hooks.append((found, _output_hook(model, dictionary)))
     recorder = _MaskRecorder(torch_model(model))
     try:
-        made = tuple(Attachment(model, d, f, recorder) for d, f in zip(dictionaries, found_hooks))
+        made = tuple(Attachment(model, d, f, recorder, output=o) for d, (f, o) in zip(dictionaries, found_hooks))
         yield made[0] if len(made) == 1 else made
     finally:
         recorder.handle.remove()
@@ -255,24 +279,43 @@ class _State:
 class Attachment:
     """A dictionary at a hook point of a traced model: read features, splice, ablate, steer, set."""
 
-    def __init__(self, model: Any, dictionary: Dictionary, hook: Any, masks: Any):
+    def __init__(self, model: Any, dictionary: Dictionary, hook: Any, masks: Any, output: Any = None):
         self.model = model
         self.dictionary = dictionary
         self.hook = hook              # hooks.ResolvedHook: path, io, module, width
+        self.output_hook = output     # a transcoder's ResolvedHook where it writes; None: it writes at `hook`
         self._masks = masks           # _MaskRecorder: the latest forward's attention mask
         self._envoy = envoy_at(model, hook)
+        self._out_envoy = envoy_at(model, output) if output is not None else self._envoy
         self._state: _State | None = None
 
     def __repr__(self) -> str:
         card = getattr(self.dictionary, "card", None)
         name = card.name if card is not None else type(self.dictionary).__name__
-        return f"Attachment({name!r} at {self.hook.path}:{self.hook.io})"
+        out = "" if self.output_hook is None else f" -> {self.output_hook.key}"
+        return f"Attachment({name!r} at {self.hook.path}:{self.hook.io}{out})"
 
     # ---- reading ---------------------------------------------------------------------------------
-    def _read(self) -> Any:
+    def _read(self, output_side: bool = False) -> Any:
         if not self._masks.inside():
             raise OutsideTraceError(f"{self!r}")
-        return self._envoy.output if self.hook.io == "output" else self._envoy.input
+        hook, envoy = (self.output_hook, self._out_envoy) if output_side and self.output_hook else \
+            (self.hook, self._envoy)
+        return envoy.output if hook.io == "output" else envoy.input
+
+    def _target(self, st: _State) -> tuple[Tensor, Tensor | None]:
+        """What edits are written over, (batch, pos, d_out), and the module's own tensor: x for an SAE; for a
+        transcoder the output hook's current value y (read after the input: the order the model runs them)."""
+        if self.output_hook is None:
+            return st.x, st.raw
+        raw = first_tensor(self._read(output_side=True))
+        return as_tokens(raw, self._masks.batch_shape), raw
+
+    def _prediction(self, st: _State) -> Tensor:
+        """decode(f), plus x W_skip for a skip-transcoder (Paulo et al. 2025): (batch, pos, d_out)."""
+        out = decode(self.dictionary, st.f)
+        W_skip = self.dictionary.W_skip
+        return out if W_skip is None else out + st.x.to(W_skip.device, W_skip.dtype) @ W_skip
 
     def _current(self) -> _State:
         """The state of the activation now at the hook, computing features when it is a new one."""
@@ -282,9 +325,10 @@ class Attachment:
             return st
         x = as_tokens(raw, self._masks.batch_shape)                    # (batch, pos, d)
         real = self._masks.real(x)
-        f = self.dictionary.encode(x.to(self.dictionary.W_enc.dtype))   # (batch, pos, F), the dictionary's dtype
+        W = self.dictionary.W_enc  # cast at the boundary: a bf16 model (or a device map) and an fp32 dictionary
+        f = self.dictionary.encode(x.to(W.device, W.dtype))             # (batch, pos, F), the dictionary's dtype
         if real is not None:
-            f = f * real.unsqueeze(-1).to(f.dtype)
+            f = f * real.unsqueeze(-1).to(f.device, f.dtype)
         self._state = _State(x=x, real=real, f=f, raw=raw)
         return self._state
 
@@ -295,36 +339,41 @@ class Attachment:
 
     @property
     def reconstruction(self) -> Tensor:
-        """decode(f) (batch, pos, d_in); pad positions hold the activation itself."""
+        """decode(f) (batch, pos, d_in), a transcoder's prediction (batch, pos, d_out); pad positions hold the
+        activation itself (a transcoder's: its output hook's)."""
         st = self._current()
-        x_hat = decode(self.dictionary, st.f).to(st.x.dtype)
-        return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, st.x)
+        y = self._target(st)[0] if self.output_hook is not None else st.x
+        x_hat = self._prediction(st).to(y.device, y.dtype)
+        return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, y)
 
     @property
     def error(self) -> Tensor:
-        """x - reconstruction (batch, pos, d_in): what the dictionary misses (0 at pad positions)."""
+        """x - reconstruction (batch, pos, d_in), for a transcoder y - prediction at the output hook: what the
+        dictionary misses (0 at pad positions)."""
         st = self._current()
-        return st.x - self.reconstruction
+        return self._target(st)[0] - self.reconstruction
 
     # ---- writing ---------------------------------------------------------------------------------
     def _write(self, st: _State, error: bool) -> None:
         W_dec = self.dictionary.W_dec
-        delta = None if st.idx is None else (st.vals - st.f[..., st.idx]) @ W_dec[st.idx]   # (batch, pos, d)
+        y, raw = self._target(st)                          # x, or a transcoder's output y: (batch, pos, d_out)
+        delta = None if st.idx is None else (st.vals - st.f[..., st.idx]) @ W_dec[st.idx]   # (batch, pos, d_out)
         if error:
-            new = st.x if delta is None else st.x + delta.to(st.x.dtype)   # exactly x when nothing was edited
+            new = y if delta is None else y + delta.to(y.device, y.dtype)   # exactly y when nothing was edited
         else:
-            new = decode(self.dictionary, st.f)
-            new = (new if delta is None else new + delta).to(st.x.dtype)
-        if st.real is not None and new is not st.x:
-            new = torch.where(st.real.unsqueeze(-1), new, st.x)
-        if st.raw is not None and new is st.x:
-            new = st.raw                                   # the module's own tensor, untouched
-        elif st.raw is not None:
-            new = new.reshape(st.raw.shape)
-        if self.hook.io == "output":
-            self._envoy.output = replace_first(self._read(), new)
+            new = self._prediction(st)
+            new = (new if delta is None else new + delta).to(y.device, y.dtype)
+        if st.real is not None and new is not y:
+            new = torch.where(st.real.unsqueeze(-1), new, y)
+        if raw is not None and new is y:
+            new = raw                                      # the module's own tensor, untouched
+        elif raw is not None:
+            new = new.reshape(raw.shape)
+        hook, envoy = (self.output_hook, self._out_envoy) if self.output_hook is not None else (self.hook, self._envoy)
+        if hook.io == "output":
+            envoy.output = replace_first(self._read(output_side=True), new)
         else:
-            self._envoy.input = new
+            envoy.input = new
         st.written = new
 
     def _edit(self, features: int | Sequence[int] | Tensor, value: float | None, add: float | None,

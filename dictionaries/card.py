@@ -27,9 +27,12 @@ from dictionaries.recipe import (
     Recipe,
     Strict,
     k_problem,
+    transcoder_defaults,
+    transcoder_problem,
 )
 
-SourceFormat = Literal["native", "dictionary_learning", "saelens", "sparsify"]
+SourceFormat = Literal["native", "dictionary_learning", "saelens", "sparsify", "gemma_scope", "llama_scope",
+                       "goodfire"]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.\-]*/(embed|attn|mlp|resid)(\d+)?/\d+(-[a-z0-9][a-z0-9\-]*)?$")
 REVISION_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -235,7 +238,14 @@ class Card(Strict):
     model: ModelRef | None = None
     """The model the dictionary belongs to, None when unknown (some foreign folders)."""
     hook: HookPoint | None = None
-    """Where it attaches, None when unknown."""
+    """Where it attaches (a transcoder: where it reads), None when unknown."""
+    output_hook: HookPoint | None = None
+    """Transcoders: where the prediction is written (e.g. the MLP's output); None: an SAE reconstructing `hook`."""
+    d_out: int | None = Field(default=None, gt=0, le=MAX_SIZE)
+    """Transcoders: width of the output hook's activation where it differs from d_in; None: d_in."""
+    skip: bool = False
+    """The output adds a linear term x @ W_skip [d_in, d_out] (Paulo et al. 2025's skip-transcoders; sparsify's
+    skip_connection on an SAE)."""
     files: Files
     """Its files."""
     stats: Stats | None = None
@@ -245,9 +255,15 @@ class Card(Strict):
     provenance: Provenance = Field(default_factory=Provenance)
     """Where it came from."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _transcoder_bias(cls, data: Any) -> Any:
+        return transcoder_defaults(data)
+
     @model_validator(mode="after")
     def _consistent(self) -> Card:
-        problem = k_problem(self.architecture, self.k)
+        problem = k_problem(self.architecture, self.k) or transcoder_problem(
+            self.output_hook, self.pre_encoder_bias, self.skip, self.d_out)
         if problem:
             raise ValueError(problem)
         return self

@@ -17,6 +17,9 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 HOOK_HELP = "MODULE_PATH[:input|:output] to use instead of the card's hook point."
+MODEL_DTYPE_HELP = "Model weights' dtype: fp32, bf16 or fp16 (the dictionary keeps its own; activations are cast)."
+DEVICE_MAP_HELP = ("Place the model as it loads (needs accelerate): auto, balanced, sequential, a device, or a JSON "
+                   "object of module -> device.")
 SITE_HELP = "resid_pre/mid/post, mlp_in/out, attn_out, attn_z, mlp_post, with --layer (via the model's family)."
 
 

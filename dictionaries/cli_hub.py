@@ -25,13 +25,16 @@ def publish_(folder: str = typer.Argument(..., help="Native dictionary folder (c
                                                      "to commit into instead of the Hub; default "
                                                      "$DICTIONARIES_LOCAL_HUB."),
              staging_dir: Optional[str] = typer.Option(None, "--staging-dir", help="Where to stage (kept)."),
-             dashboard: Optional[str] = typer.Option(None, "--dashboard", help="Site folder to add (same commit).")
+             dashboard: Optional[str] = typer.Option(None, "--dashboard", help="Site folder to add (same commit)."),
+             layout: str = typer.Option("native", "--layout", help="native, saelens (SAELens' cfg.json + "
+                                        "sae_weights.safetensors) or both, in one commit; saelens needs --subfolder.")
              ) -> None:
     """Validate a native folder, stage it with a model card, upload it in one commit, print its registry entry."""
     from dictionaries.publish import publish
 
     result = publish(folder, repo, subfolder=subfolder, branch=branch, private=private, dry_run=dry_run,
-                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir, dashboard=dashboard)
+                     register=register, force=force, local_hub=local_hub, staging_dir=staging_dir, dashboard=dashboard,
+                     layout=layout)
     print_publish(console, result)
 
 
@@ -69,3 +72,14 @@ def _mirror_evaluator(no_eval: bool, **options):
     except ImportError as e:
         return None, f"the evaluation code is not available ({e})"
     return (lambda folder: evaluate_and_write(str(folder), **options)), ""
+
+
+@app.command("pin")
+def pin_(names: list[str] = typer.Argument(..., help="Registry names, aliases or globs ('gpt2/*')."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+    """Resolve each unpinned entry's current commit, download and hash its files, and rewrite its card pinned."""
+    from dictionaries.pinning import pin
+
+    for name, where, before in pin(names, progress=not quiet):
+        state = "already pinned" if before == "pinned" else f"pinned (was {before})"
+        console.print(f"[green]{state}[/] {name}  {where}", highlight=False, soft_wrap=True)

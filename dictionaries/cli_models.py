@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from dictionaries.cli_app import HOOK_HELP, SITE_HELP, app, console
+from dictionaries.cli_app import DEVICE_MAP_HELP, HOOK_HELP, MODEL_DTYPE_HELP, SITE_HELP, app, console
 from dictionaries.cli_app import fmt_value as _fmt
 from dictionaries.cli_output import hook_options
 
@@ -30,14 +30,18 @@ def eval_(ref: str = typer.Argument(..., help="Registry name, native folder, or 
                                               help="Skip the sensitive-directions test."),
           hook: Optional[str] = typer.Option(None, "--hook", help=HOOK_HELP),
           site: Optional[str] = typer.Option(None, "--site", help=SITE_HELP),
-          layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site.")) -> None:
+          layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site."),
+          model_dtype: Optional[str] = typer.Option(None, "--model-dtype", help=MODEL_DTYPE_HELP + " Default: the "
+                                                    "recipe's model_dtype, else fp32."),
+          device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP)) -> None:
     """Measure every stat, write it into the card, save density.safetensors, density.png and sensitivity.png."""
     from training.evaluate import evaluate_and_write
 
     for folder, card in evaluate_and_write(ref, model=model, dataset=dataset, tokens=tokens,
                                            context_length=context_length, batch_size=batch_size, device=device,
                                            out=out, sensitivity=not no_sensitivity,
-                                           hook=hook_options(hook, site, layer)):
+                                           hook=hook_options(hook, site, layer), model_dtype=model_dtype,
+                                           device_map=device_map):
         s = card.stats
         console.print(f"[bold]{card.name}[/] -> {folder}: loss recovered {_fmt(s.frac_loss_recovered)}, "
                       f"FVU {_fmt(s.fvu)}, L0 {_fmt(s.l0)}, alive {_fmt(s.frac_alive)} ({s.tokens} tokens)",
@@ -61,16 +65,22 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
            recipe: Optional[str] = typer.Option(None, help="YAML of recipe fields: overrides, or a whole recipe."),
            checkpoint_every: int = typer.Option(1000, min=1, help="Steps between checkpoints."),
            log: Optional[str] = typer.Option(None, help="Append training curves to this JSONL file."),
+           model_dtype: Optional[str] = typer.Option(None, "--model-dtype", help=MODEL_DTYPE_HELP + " Sets the "
+                                                     "recipe's model_dtype."),
+           device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
            eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", min=0,
                                                      help="Held-out tokens the end-of-run evaluation reads (default: "
                                                           "the recipe's holdout_tokens); 0 skips it.")) -> None:
     """Regenerate entries from their card recipes (or train a recipe file); writes native folders."""
     if name is None and recipe is None:
         raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
+    from dictionaries.placement import dtype_name, parse_device_map
     from training.run import train_entries  # after the check: bad usage is said without waiting for torch
-    overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset)) if v is not None}
+    overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset),
+                                   ("model_dtype", model_dtype and dtype_name(model_dtype))) if v is not None}
     for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
-                                checkpoint_every=checkpoint_every, log_file=log, eval_tokens=eval_tokens):
+                                checkpoint_every=checkpoint_every, log_file=log,
+                                device_map=parse_device_map(device_map), eval_tokens=eval_tokens):
         console.print(f"wrote {folder}", highlight=False)
     if eval_tokens == 0:
         console.print("stats not measured (--eval-tokens 0): `dictctl eval FOLDER` measures them later",
@@ -79,17 +89,19 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
 
 @app.command("convert")
 def convert_cmd(src: str = typer.Argument(..., help="Folder in any supported format (native, dictionary_learning, "
-                                                    "saelens, sparsify)."),
-                dst: str = typer.Argument(..., help="Folder to write the native copy to (card.json + "
+                                                    "saelens, sparsify, gemma_scope, llama_scope, goodfire)."),
+                dst: str = typer.Argument(..., help="Folder to write the copy to (native: card.json + "
                                                     "weights.safetensors)."),
                 format: Optional[str] = typer.Option(None, "--format", "-f", help="Source format (default: detected)."),
+                to: str = typer.Option("native", "--to", help="Layout to write: native, saelens, sparsify or "
+                                                              "dictionary_learning."),
                 hook: Optional[str] = typer.Option(None, "--hook", help=HOOK_HELP),
                 site: Optional[str] = typer.Option(None, "--site", help=SITE_HELP),
                 layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site.")) -> None:
-    """Convert a dictionary folder to the native format, with a card built from its config."""
+    """Convert a dictionary folder to native (or --to another library's layout), with a card built from its config."""
     from dictionaries.formats import convert, summarize
 
-    card = convert(src, dst, format=format, hook=hook_options(hook, site, layer))
+    card = convert(src, dst, format=format, hook=hook_options(hook, site, layer), to=to)
     console.print(f"[green]wrote[/] {dst}", highlight=False, soft_wrap=True)
     console.print(summarize(card), highlight=False, markup=False, soft_wrap=True)
 
@@ -104,13 +116,16 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
                 context: int = typer.Option(8, "--context", help="Tokens shown before the activating one."),
                 hook: Optional[str] = typer.Option(None, "--hook", help=HOOK_HELP),
                 site: Optional[str] = typer.Option(None, "--site", help=SITE_HELP),
-                layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site.")) -> None:
+                layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Block index for --site."),
+                model_dtype: Optional[str] = typer.Option(None, "--model-dtype", help=MODEL_DTYPE_HELP),
+                device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP)) -> None:
     """A feature's top-activating contexts (activating token highlighted) and the tokens it promotes."""
     from rich.markup import escape
 
     from dictionaries.features import inspect_named
 
-    r = inspect_named(name, feature, texts, model=model, top=top, context=context, hook=hook_options(hook, site, layer))
+    r = inspect_named(name, feature, texts, model=model, top=top, context=context, hook=hook_options(hook, site, layer),
+                      model_dtype=model_dtype, device_map=device_map)
     console.print(f"[bold]{escape(r.dictionary)}[/] feature {r.feature}: fires on {r.frequency:.2%} of "
                   f"{r.tokens} tokens", highlight=False)
     for ex in r.examples:
@@ -122,6 +137,10 @@ def inspect_cmd(name: str = typer.Argument(..., help="Registry name, alias or di
         if scores:
             console.print(f"{label}: " + ", ".join(f"{escape(repr(s.token))} {s.score:+.2f}" for s in scores),
                           highlight=False)
+    if r.no_lens:
+        console.print(f"logit lens: none; {escape(r.no_lens)}", highlight=False)
+    if r.neuronpedia:
+        console.print(f"neuronpedia: {r.neuronpedia}", highlight=False, soft_wrap=True)
 
 
 @app.command("dashboard")
@@ -133,11 +152,14 @@ def dashboard_cmd(name: str = typer.Argument(..., help="Registry name, alias or 
                   out: str = typer.Option("dashboard", help="Folder to write the site into."),
                   device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
                   serve: bool = typer.Option(False, "--serve", help="Then serve it on 127.0.0.1 until Ctrl-C."),
-                  port: int = typer.Option(8000, help="Port for --serve (0: any free one).")) -> None:
+                  port: int = typer.Option(8000, help="Port for --serve (0: any free one)."),
+                  model_dtype: Optional[str] = typer.Option(None, "--model-dtype", help=MODEL_DTYPE_HELP),
+                  device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP)) -> None:
     """A static web page of every feature (density, top and sampled contexts, logit lens, nearest features)."""
     from dictionaries import dashboard_site as s
 
-    index = s.make_dashboard(name, out, dataset=dataset, tokens=tokens, model=model, features=features, device=device)
+    index = s.make_dashboard(name, out, dataset=dataset, tokens=tokens, model=model, features=features, device=device,
+                             model_dtype=model_dtype, device_map=device_map)
     console.print(f"[green]wrote[/] {index} ({s.site_size(index.parent) / 1e6:.2f} MB)", soft_wrap=True)
     if serve:
         s.serve(index.parent, port, say=print)

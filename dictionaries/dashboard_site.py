@@ -151,13 +151,18 @@ def parse_range(spec: str | None, d_dict: int) -> range:
 
 def make_dashboard(ref: str | Path, out: str | Path, *, dataset: str | None = None, tokens: int = 65_536,
                    model: str | None = None, features: str | None = None, context_length: int = 128,
-                   batch_size: int = 16, device: str | None = None, progress: bool = True) -> Path:
+                   batch_size: int = 16, device: str | None = None, progress: bool = True, model_dtype: Any = None,
+                   device_map: Any = None) -> Path:
     """`dictctl dashboard`: load the dictionary and its model (default the card's), read `tokens` tokens of
-    `dataset` (default the card's recipe dataset), build the data in one pass, write the site; its index.html."""
+    `dataset` (default the card's recipe dataset), build the data in one pass, write the site; its index.html.
+    The model loads in `model_dtype` (fp32 by default) and is placed by `device_map` (placement.py)."""
     from dictionaries.dashboard import build_dashboard, read_source, token_batches
     from dictionaries.hooks import load_model
     from dictionaries.loader import load_dictionary
+    from dictionaries.placement import model_dtype as as_dtype
+    from dictionaries.placement import parse_device_map
 
+    as_dtype(model_dtype), parse_device_map(device_map)  # bad values before anything loads
     dictionary = load_dictionary(ref, device=device)
     chosen = parse_range(features, dictionary.d_dict)  # every cheap check before the model loads
     card = dictionary.card
@@ -168,7 +173,7 @@ def make_dashboard(ref: str | Path, out: str | Path, *, dataset: str | None = No
     if source is None:
         raise CardError(str(ref), "recipe.dataset", "the card names no dataset; pass `--dataset` (text file, "
                                                     "folder of .txt or a dataset id)")
-    hf, tokenizer = load_model(model_id, device=device)
+    hf, tokenizer = load_model(model_id, device=device, dtype=model_dtype, device_map=device_map)
     batches = token_batches(tokenizer, read_source(source), tokens=tokens, context_length=context_length,
                             batch_size=batch_size)
     data = build_dashboard(hf, dictionary, batches, features=chosen, progress=progress)

@@ -113,6 +113,16 @@ def read_dictionary_learning(folder: Path, *, architecture: str | None = None) -
     return found
 
 
+def dictionary_learning_hook_in(folder: Path, fam: Any) -> dict | None:
+    """HookPoint fields of a dictionary_learning folder's hook (config.json's submodule_name, layer and io, or
+    the folder name) in a model of family `fam` (model_families.Family, from a loaded model's config when the
+    config's `lm_name` is a model the package does not know); None when it names no site of that family."""
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    fields, _ = dictionary_learning_hook(None, _lookup(config, "submodule_name"), _lookup(config, "layer"),
+                                         _lookup(config, "io"), folder, fam)
+    return fields
+
+
 def _dl_linear(state: dict[str, Tensor], bias_key: str, dec_bias_key: str) -> dict[str, Tensor]:
     # nn.Linear stores [out, in]: encoder.weight [F, d] and decoder.weight [d, F] transpose into native. The
     # transposed views are kept (matmuls take them as they are; native_state makes them contiguous to save).

@@ -79,6 +79,11 @@ class FeatureReport(Strict):
     """Tokens the decoder direction promotes most; empty where the model has no unembedding of that width."""
     suppressed: list[TokenScore]
     """Tokens it suppresses most."""
+    no_lens: str | None = None
+    """Why there is no logit lens (promoted and suppressed empty), e.g. a model without an unembedding (a BERT
+    encoder loaded as BertModel); None when there is one."""
+    neuronpedia: str | None = None
+    """The feature's Neuronpedia page, where the card has a Neuronpedia id."""
 
 
 def _tokenizer(model: Any) -> Any:
@@ -139,6 +144,21 @@ def _final_norm(hf: nn.Module) -> nn.Module | None:
     return None
 
 
+def lens_problem(model: Any, width: int) -> str | None:
+    """Why a direction of `width` has no logit lens in this model (no unembedding, or one of another width);
+    None when it has one."""
+    from dictionaries.hooks import torch_model
+
+    hf = torch_model(model)
+    unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if unembed is None:
+        return f"the model ({type(hf).__name__}) has no unembedding (no LM head), so no logit lens"
+    reads = getattr(unembed, "in_features", None)
+    if reads != width:
+        return f"the model's unembedding reads width {reads}, not this hook's {width}, so no logit lens"
+    return None
+
+
 def logit_lens(model: Any, direction: Tensor, *, top: int = 10) -> tuple[list[TokenScore], list[TokenScore]]:
     """(promoted, suppressed) tokens of a residual direction (d,): unembed(final_norm(direction))."""
     import torch
@@ -191,10 +211,13 @@ def inspect_feature(model: Any, dictionary: Dictionary, texts: Sequence[str], fe
     firing = sum(int((a > 0).sum()) for a in acts)
     promoted, suppressed = logit_lens(model, dictionary.W_dec[feature].detach(), top=top)
     card = getattr(dictionary, "card", None)
+    from dictionaries.neuronpedia import neuronpedia_url
+
     return FeatureReport(dictionary=card.name if card is not None else type(dictionary).__name__,
                          feature=feature, tokens=n, frequency=firing / n if n else 0.0,
                          examples=_examples(model, texts, acts, top, context), promoted=promoted,
-                         suppressed=suppressed)
+                         suppressed=suppressed, no_lens=lens_problem(model, dictionary.d_in),
+                         neuronpedia=neuronpedia_url(card, feature))
 
 
 def check_report_sizes(top: int, context: int) -> None:
@@ -221,14 +244,20 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str | None = None,
-                  top: int = 10, context: int = 8, hook: Any = None) -> FeatureReport:
+                  top: int = 10, context: int = 8, hook: Any = None, model_dtype: Any = None,
+                  device_map: Any = None) -> FeatureReport:
     """`dictctl inspect`: load the dictionary and the model (default: the card's model id), read the texts.
-    `hook` (a module path or (site, layer), see hook_choice.py) replaces or supplies the card's hook point."""
+    `hook` (a module path or (site, layer), see hook_choice.py) replaces or supplies the card's hook point;
+    the model loads in `model_dtype` (fp32 by default), placed by `device_map` (placement.py)."""
     from dictionaries.hook_choice import model_hook
 
     check_report_sizes(top, context)  # every cheap check before torch, the dictionary and the model load
     texts = read_texts(texts_file)
     from dictionaries.loader import load_dictionary
+    from dictionaries.placement import model_dtype as as_dtype
+    from dictionaries.placement import parse_device_map
+
+    as_dtype(model_dtype), parse_device_map(device_map)
 
     dictionary = load_dictionary(ref)
     if not 0 <= feature < dictionary.d_dict:
@@ -239,6 +268,6 @@ def inspect_named(ref: str, feature: int, texts_file: str | Path, *, model: str 
         raise CardError(str(ref), "model", "the card names no model; pass `--model` (HF id or folder)")
     from dictionaries.attachment import wrap_model  # nnsight, only once everything else is known to be good
 
-    wrapped = wrap_model(model_id)
+    wrapped = wrap_model(model_id, dtype=model_dtype, device_map=device_map)
     dictionary.card = card.model_copy(update={"hook": model_hook(wrapped, card, hook)})
     return inspect_feature(wrapped, dictionary, texts, feature, top=top, context=context)

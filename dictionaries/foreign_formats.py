@@ -30,6 +30,8 @@ class Foreign:
     files: list[Path]
     model: str | None = None
     hook: dict[str, Any] | None = None  # HookPoint fields
+    transcoder: bool = False  # reads `hook`, predicts `output_hook` (W_dec [F, d_out], b_dec [d_out], W_skip)
+    output_hook: dict[str, Any] | None = None  # HookPoint fields of the predicted activation, where known
     notes: list[str] = field(default_factory=list)
 
 

@@ -30,23 +30,26 @@ if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
     from dictionaries.foreign_formats import Foreign
 
-FORMATS = ("native", "dictionary_learning", "saelens", "sparsify")
+FORMATS = ("native", "dictionary_learning", "saelens", "sparsify", "gemma_scope", "llama_scope", "goodfire")
 
-# format -> the files that identify it (all must be present), in the order detection tries them.
+# format -> the files that identify it (all must be present; names or globs), in the order detection tries them.
 SIGNATURES: dict[str, tuple[str, ...]] = {
     "native": (CARD_FILE, WEIGHTS_FILE),
     "saelens": ("cfg.json", "sae_weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
     "dictionary_learning": ("ae.pt",),
+    "gemma_scope": ("params.npz",),
+    "llama_scope": ("hyperparams.json", "checkpoints/final.safetensors"),
+    "goodfire": ("*-SAE-l*.pt*",),  # a glob: the file is named after the model and layer
 }
 
 
 # ---- detection ------------------------------------------------------------------------------------
 def detect_format(folder: str | Path) -> str:
-    """"native" | "dictionary_learning" | "saelens" | "sparsify": the format whose files the folder holds."""
+    """One of FORMATS: the format whose files the folder holds."""
     folder = _existing_folder(folder)
     for name, files in SIGNATURES.items():
-        if all((folder / f).is_file() for f in files):
+        if all(any(p.is_file() for p in folder.glob(f)) for f in files):
             return name
     looked = "; ".join(f"{name}: {' + '.join(files)}" for name, files in SIGNATURES.items())
     present = sorted(p.name for p in folder.iterdir())[:20]
@@ -148,6 +151,12 @@ def check_card_matches(card: Card, state: dict, source: str, *, found_architectu
                                  (card.d_in, card.d_dict), tuple(state["W_enc"].shape),
                                  hint=f"The card of {card.name!r} says d_in={card.d_in}, d_dict={card.d_dict}; "
                                       "is it the card of another dictionary?")
+    d_out = card.d_out or card.d_in
+    if "W_dec" in state and tuple(state["W_dec"].shape) != (card.d_dict, d_out):
+        raise ShapeMismatchError(f"{source}: tensor 'W_dec' (native layout [d_dict, d_out])", (card.d_dict, d_out),
+                                 tuple(state["W_dec"].shape), hint=f"The card of {card.name!r} says d_out={d_out}.")
+    if "W_enc" in state and ("W_skip" in state) != card.skip:
+        raise ArchitectureMismatchError(source, card.name, "skip", card.skip, "W_skip" in state)
 
 
 def assemble(card: Card, state: dict, source: str, *, device: torch.device | str | None = None,
@@ -176,9 +185,12 @@ def assemble(card: Card, state: dict, source: str, *, device: torch.device | str
 
 def _card_from_foreign(folder: Path, fmt: str, found: Foreign) -> Card:
     """A card for an unregistered foreign folder: what its files and config say, nothing more."""
-    w_enc = found.state["W_enc"]
+    w_enc, d_out = found.state["W_enc"], found.state["W_dec"].shape[1]
     original = str(folder.resolve())
+    transcoder = {"output_hook": HookPoint(**found.output_hook) if found.output_hook else None,
+                  "d_out": d_out if d_out != w_enc.shape[0] else None}
     return Card(
+        **(transcoder if found.transcoder else {}), skip="W_skip" in found.state,
         name=folder.resolve().name, architecture=found.architecture, d_in=w_enc.shape[0], d_dict=w_enc.shape[1],
         k=found.k, pre_encoder_bias=found.pre_encoder_bias, dtype=str(w_enc.dtype).removeprefix("torch."),
         model=ModelRef(id=found.model) if found.model else None,
@@ -232,24 +244,53 @@ def file_entry(path: Path, root: Path) -> FileEntry:
 def _bare_card(dictionary: Dictionary, folder: Path) -> Card:
     return Card(name=folder.resolve().name or "dictionary", architecture=dictionary.architecture, d_in=dictionary.d_in,
                 d_dict=dictionary.d_dict, k=getattr(dictionary, "k", None),
-                pre_encoder_bias=dictionary.pre_encoder_bias, files=Files(items=[]))
+                pre_encoder_bias=dictionary.pre_encoder_bias, skip=dictionary.W_skip is not None,
+                files=Files(items=[]))  # no output hook known: an SAE
 
 
-def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook: Any = None) -> Card:
-    """Read a folder in any supported format and write it to `dst` as a native folder; the written card.
-    `hook` (a module path or (site, layer), see hook_choice.py) is recorded as the card's hook point."""
+def convert(src: str | Path, dst: str | Path, *, format: str | None = None, hook: Any = None,
+            to: str = "native") -> Card:
+    """Read a folder in any supported format and write it to `dst` as a native folder (or, `to`, in another
+    library's layout: foreign_writers.py); the written card. `hook` (a module path or (site, layer), see
+    hook_choice.py) is recorded as the card's hook point."""
     from dictionaries.hook_choice import card_hook
 
+    if to != "native":
+        from dictionaries.foreign_writers import WRITABLE
+
+        if to not in WRITABLE:
+            raise InvalidArgumentError("--to", to, f"expected one of native, {', '.join(WRITABLE)}")
     target_folder(dst)  # before the source is read
     dictionary = read_folder(src, format=format)
     if hook is not None:
         dictionary.card = dictionary.card.model_copy(update={"hook": card_hook(dictionary.card, hook)})
-    return write_native(dictionary, dst)
+    return write_native(dictionary, dst) if to == "native" else write_foreign(dictionary, dst, to)
+
+
+def write_foreign(dictionary: Dictionary, folder: str | Path, to: str) -> Card:
+    """Write `dictionary` into `folder` in library `to`'s layout (foreign_writers.py; each file atomically); the card
+    describing the written files (format `to`, each file hashed)."""
+    from dictionaries.foreign_writers import layout_files, sparsify_note
+
+    folder = target_folder(folder)
+    card = dictionary.card or _bare_card(dictionary, folder)
+    files = layout_files(dictionary, to, card)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_atomic(folder / name, data)
+    notes = [*card.provenance.notes, *([sparsify_note(card)] if to == "sparsify" else [])]
+    return card.model_copy(update={
+        "files": Files(format=to, items=[file_entry(folder / n, folder) for n in files],
+                       source=card.files.source or card.provenance.original),
+        "provenance": card.provenance.model_copy(update={"notes": notes})})
 
 
 def summarize(card: Card) -> str:
     """A few lines saying what a card describes (what `dictctl convert` prints)."""
     hook = f"{card.hook.module} ({card.hook.io})" if card.hook else "unknown (set it in card.json)"
+    if card.output_hook is not None:
+        hook += (f" -> {card.output_hook.module} ({card.output_hook.io}), "
+                 f"{'skip-' if card.skip else ''}transcoder, d_out={card.d_out or card.d_in}")
     lines = [f"{card.name}: {card.architecture} dictionary, d_in={card.d_in}, d_dict={card.d_dict}"
              + (f", k={card.k}" if card.k is not None else "") + f", {card.dtype}",
              f"model: {card.model.id if card.model else 'unknown (set it in card.json)'}; hook: {hook}",
@@ -268,6 +309,12 @@ def foreign_reader(fmt: str):
         from dictionaries.saelens_format import read_saelens as reader
     elif fmt == "sparsify":
         from dictionaries.sparsify_format import read_sparsify as reader
+    elif fmt == "gemma_scope":
+        from dictionaries.gemma_scope_format import read_gemma_scope as reader
+    elif fmt == "llama_scope":
+        from dictionaries.llama_scope_format import read_llama_scope as reader
+    elif fmt == "goodfire":
+        from dictionaries.goodfire_format import read_goodfire as reader
     else:
         raise FormatError(fmt, f"no reader for format {fmt!r}")
     return reader

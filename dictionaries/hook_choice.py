@@ -5,7 +5,8 @@ family, and so its module paths, is unknown). `hook_spec` checks what `--hook MO
 or `--site S --layer L` say; `card_hook` turns that into a card's HookPoint without a model (`convert`: a
 (site, layer) needs a known family in the card's model id); `model_hook` turns it into a HookPoint checked
 against a loaded model (`eval`, `inspect`), and without one reads the foreign config's own hook name again
-and places it with the loaded model's `config.model_type`, which names the family the card could not.
+(SAELens' hook_name, sparsify's folder, dictionary_learning's submodule_name) and places it with the loaded
+model's `config.model_type`, which names the family the card could not.
 """
 
 from __future__ import annotations
@@ -109,12 +110,19 @@ def _has_module(model: Any, path: str) -> bool:
 
 
 def _foreign_hook(model: Any, card: Any) -> HookPoint | None:
-    """The hook named in the original SAELens or sparsify folder (still on disk) placed in `model`."""
+    """The hook named in the original SAELens, sparsify or dictionary_learning folder (still on disk) placed in
+    `model`."""
     from dictionaries.files import read_json
     from dictionaries.hooks import site_hook, torch_model
 
     source = card.files.source or card.provenance.original
     folder = Path(source) if source and "://" not in source else None
+    if folder is not None and (folder / "ae.pt").is_file():  # dictionary_learning: its config's submodule_name
+        from dictionaries.dictionary_learning_format import dictionary_learning_hook_in
+
+        fam = family_of(getattr(getattr(torch_model(model), "config", None), "model_type", None))
+        fields = dictionary_learning_hook_in(folder, fam) if fam else None
+        return HookPoint(**fields) if fields else None
     if folder is None or not (folder / "cfg.json").is_file():
         return None
     cfg = read_json(folder / "cfg.json")

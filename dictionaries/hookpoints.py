@@ -140,3 +140,23 @@ def sparsify_hook(model: str | None, hookpoint: str, fam: Family | None = None) 
     m = re.match(rf"^{re.escape(fam.layers)}\.(\d+)(?:\.(.+))?$", hookpoint)
     site = m and _sparsify_site(fam, m.group(2) or "")
     return {"module": module, "io": "output", "site": site, "layer": int(m.group(1))} if site else None
+
+
+_TL_BY_CARD_SITE = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+
+
+def transformerlens_hook(model: str | None, hook: Any) -> str | None:
+    """The TransformerLens hook name of a card's hook point (what SAELens' cfg.json records as hook_name): the name
+    whose module and io (saelens_hook) are the card's, for the model's family; without a family (or a match), the
+    name of the card's site kind at its layer (resid -> hook_resid_post, mlp -> hook_mlp_out, attn ->
+    hook_attn_out, embed -> hook_embed). None without a hook point."""
+    if hook is None:
+        return None
+    embed = hook.site == "embed" or hook.layer is None
+    names = ["hook_embed", "blocks.0.hook_resid_pre"] if embed else [
+        f"blocks.{layer}.{name}" for layer in (hook.layer, hook.layer + 1) for name in _TL_SITES]
+    for tl in names:  # a block's input is recorded as the previous block's resid, so layer + 1 is tried too
+        found = saelens_hook(model, tl)
+        if found and (found["module"], found["io"]) == (hook.module, hook.io):
+            return tl
+    return "hook_embed" if embed else f"blocks.{hook.layer}.{_TL_BY_CARD_SITE[hook.site]}"

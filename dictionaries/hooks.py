@@ -28,12 +28,19 @@ from torch import Tensor, nn
 
 from dictionaries.errors import (
     HookPointError,
-    InvalidArgumentError,
     ModelLoadError,
     NotWrappedError,
     ShapeMismatchError,
 )
 from dictionaries.model_families import SiteHook, family_of, site_path
+from dictionaries.placement import (
+    input_device,
+    may_offload,
+    model_dtype,
+    offload_folder,
+    parse_device_map,
+    resolve_device,
+)
 from dictionaries.recipe import HookPoint
 
 SiteRef = tuple[str, int]
@@ -70,43 +77,28 @@ def replace_first(value: Any, new: Tensor) -> Any:
 
 
 def load_model(ref: str, *, revision: str | None = None, device: torch.device | str | None = None,
-               tokenizer: Any = None) -> tuple[nn.Module, Any]:
+               tokenizer: Any = None, dtype: Any = None, device_map: Any = None) -> tuple[nn.Module, Any]:
     """A model (eval mode, on `device`) and its tokenizer from a HF id or a local `save_pretrained` folder, at
     `revision`, in the class its config names (`model_class`); ModelLoadError saying why when either cannot
-    be loaded."""
+    be loaded. `dtype` (fp32 by default, bf16, fp16: placement.model_dtype) is the weights' precision, whatever
+    the checkpoint's (transformers 5 would otherwise load the dtype its config names, fp16 for Pythia);
+    `device_map` (placement.parse_device_map) places the model instead of `device` as it loads."""
     from transformers import AutoConfig, AutoTokenizer
 
     if ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().is_dir():  # a path, never a Hub id
         raise ModelLoadError(ref, "there is no folder at this path")
+    torch_dtype, placed = model_dtype(dtype), parse_device_map(device_map)  # bad values before any loading
     device = resolve_device(device if device is not None else "cpu")
+    where: dict[str, Any] = {"device_map": placed} if placed is not None else {}
+    if may_offload(placed):
+        where["offload_folder"] = offload_folder()
     try:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ref, revision=revision)
         config = AutoConfig.from_pretrained(ref, revision=revision)
-        model = model_class(config).from_pretrained(ref, revision=revision)
+        model = model_class(config).from_pretrained(ref, revision=revision, dtype=torch_dtype, **where)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(ref, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    return model.to(device).eval(), tokenizer
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """`device` as a torch.device that this machine has; InvalidArgumentError naming what it lacks otherwise
-    (torch would fail later, deep inside a model or tensor move, with a message about something else)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InvalidArgumentError("device", str(device), "expected cpu, cuda, cuda:N (or another torch device "
-                                                          "type such as mps)") from None
-    if dev.type in ("cpu", "meta"):
-        return dev
-    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu: each says what it has
-    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
-    count = getattr(backend, "device_count", lambda: 1)() if available else 0
-    if count == 0:
-        raise InvalidArgumentError("device", str(device), f"this machine has no {dev.type} device; use cpu")
-    if dev.index is not None and dev.index >= count:
-        raise InvalidArgumentError("device", str(device), f"this machine has {count} {dev.type} device(s), "
-                                                          f"{dev.type}:0 to {dev.type}:{count - 1}")
-    return dev
+    return (model if placed is not None else model.to(device)).eval(), tokenizer
 
 
 def model_class(config: Any) -> Any:
@@ -260,6 +252,9 @@ def _position_ids(attention_mask: Tensor | None) -> Tensor | None:
 
 
 def _forward(hf: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Any:
+    device = input_device(hf)  # with a device map: where the embedding is, not necessarily the caller's device
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
     kwargs: dict[str, Any] = {"use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask

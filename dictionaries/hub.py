@@ -166,6 +166,24 @@ def _repo_exists(repo: str, revision: str, repo_type: str) -> bool:
         return False
 
 
+def resolve_commit(repo: str, revision: str = "main", *, repo_type: str = "model") -> str:
+    """The 40-hex commit a branch or tag of a Hub repo points to now (one bounded reachability request first)."""
+    from huggingface_hub import HfApi
+
+    s = hub_settings()
+    what = hub_path(repo, revision=revision)
+    if s.offline:
+        raise HubUnreachableError(what, s.endpoint, offline=True)
+    check_reachable(s.endpoint, what, repo, revision, repo_type)
+    try:
+        sha = HfApi(endpoint=s.endpoint).repo_info(repo, revision=revision, repo_type=repo_type).sha
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub's errors become ours, as for downloads
+        raise _hub_error(exc, repo, ".", revision, repo_type) from exc
+    if not sha or not _COMMIT.fullmatch(sha):
+        raise MissingFileError(what, f"The Hub gave no commit for {revision!r} of {repo}.")
+    return sha
+
+
 def check_reachable(endpoint: str, what: str, repo: str = "", revision: str = "main", repo_type: str = "model",
                     timeout: float | None = None) -> None:
     """One request to the repo's revision (`/api/<type>s/<repo>/revision/<rev>`), no retries, at most `timeout`

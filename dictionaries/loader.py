@@ -1,6 +1,6 @@
 """`load_dictionary`: a ready torch module from a registry name, a local folder or an `hf://` Hub folder.
 
-A reference is resolved once (`registry.resolve_one`). A registry name (or alias) is fetched at its pinned
+A reference is resolved once (`references.resolve_one`). A registry name (or alias) is fetched at its pinned
 revision with every file checked against the card (`fetch.fetch`), then read in the format the card names
 (`formats.read_folder`). A local folder or an unregistered Hub folder is read from its own `card.json`
 (native) or foreign config (detected).
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dictionaries.errors import UnknownNameError
-from dictionaries.registry import Entry, Registry, load_registry, resolve, resolve_one
+from dictionaries.references import resolve, resolve_one
+from dictionaries.registry import Entry, Registry, load_registry
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +46,10 @@ def load_dictionary(ref: str | Path, *, device: torch.device | str | None = None
 def fetch_entry(entry: Entry, *, force: bool = False, progress: bool = True, verify: bool = False) -> Path:
     """Download a registry entry's files into the cache (verified) and return their folder."""
     from dictionaries.fetch import fetch
+    from dictionaries.pinning import files_to_load
 
-    return fetch(entry.location, entry.card.files.items, force=force, progress=progress, verify=verify)
+    location, files = files_to_load(entry, progress=progress)  # an unpinned entry: this machine's pin
+    return fetch(location, files, force=force, progress=progress, verify=verify)
 
 
 def download(refs: list[str], *, force: bool = False, progress: bool = True,

@@ -44,9 +44,11 @@ def convert_entry(entry: Entry, dest: Path, *, progress: bool = True) -> Card:
     """Fetch the entry's original files and write them to `dest` as a native folder; the card written."""
     from dictionaries.fetch import describe, fetch
     from dictionaries.formats import read_folder, write_native
+    from dictionaries.pinning import files_to_load
 
-    original = describe(entry.location)
-    source = fetch(entry.location, entry.card.files.items, progress=progress)
+    location, files = files_to_load(entry, progress=progress)  # an unpinned entry: at the commit it resolves to
+    original = describe(location)
+    source = fetch(location, files, progress=progress)
     dictionary = read_folder(source, format=entry.card.files.format, card=entry.card)
     return write_native(dictionary, dest, card=mirrored_card(entry, original))
 

@@ -7,7 +7,7 @@ README.md model card with Hub YAML front matter as bytes: no temporary copies fo
 and uploads them in ONE commit: to the real Hub through `hub.upload_commit` (`HfApi.create_commit`), or to
 a local hub (DESIGN.md section 5) by committing into its git mirror, all or nothing, with the target
 checked again under the repo's lock (`LocalHub.commit`). The registry entry pins the commit created;
-`register=True` writes it into registry.yaml and cards/ as one change (`registry.register_entry`) only
+`register=True` writes it into registry.yaml and cards/ as one change (`registration.register_entry`) only
 after the commit exists, so an interrupted publish registers nothing, or the whole entry.
 
 A local hub is chosen by passing a `LocalHub` (or its root folder) as `local_hub`, or by setting
@@ -49,7 +49,8 @@ from dictionaries.errors import (
 )
 from dictionaries.files import sha256_of
 from dictionaries.localhub import LocalHub
-from dictionaries.registry import HubLocation, entry_block, register_entry
+from dictionaries.registration import entry_block, register_entry
+from dictionaries.registry import HubLocation
 
 # Hub repo id parts: letters, digits, '-', '_', '.'; no '--' or '..'; not starting/ending in '-' or '.'.
 _REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?$")
@@ -162,24 +163,28 @@ def upload_list(folder: Path, card: Card) -> list[Path]:
 
 # ---- staging -----------------------------------------------------------------------------------
 def stage(folder: Path, card: Card, repo: str, subfolder: str, dest: Path | None,
-          dashboard: Path | None = None) -> dict[str, Path | bytes]:
+          dashboard: Path | None = None, layout: str = "native") -> dict[str, Path | bytes]:
     """What goes up: repo path -> a file of the folder, or bytes (card.json, read once, and a README.md model
     card), and the files of a `dictctl dashboard` site under dashboard/, linked from the model card. Nothing
     is copied unless `dest` is given (a dry run, `--staging-dir`): then the upload is written into
     `dest/<subfolder>/` and the mapping names those copies. Copies of large weights in a temporary folder
-    would outlive a killed publish; the files are read where they are instead."""
+    would outlive a killed publish; the files are read where they are instead. `layout` (publish_layouts.py)
+    adds SAELens' files or puts them in place of the native ones."""
     from dictionaries.hub import model_card_metadata
+    from dictionaries.publish_layouts import stage_layout
 
     staged: dict[str, Path | bytes] = {}
     for src in upload_list(folder, card):
         rel = src.relative_to(folder).as_posix()
         staged[_repo_path(subfolder, rel)] = src.read_bytes() if rel == CARD_FILE else src
+    staged = stage_layout(staged, folder, card, subfolder, layout)
     plots = [p for p in staged if p.endswith(".png")]
     for src in dashboard_files(dashboard) if dashboard is not None else []:
         staged[_repo_path(subfolder, f"{DASHBOARD_DIR}/{src.relative_to(dashboard).as_posix()}")] = src
-    readme = model_card_text(card, repo, subfolder, [Path(p).name for p in plots], dashboard=dashboard is not None)
+    readme = model_card_text(card, repo, subfolder, [Path(p).name for p in plots], dashboard=dashboard is not None,
+                             layout=layout)
     meta = model_card_metadata(readme)  # parse it back the way the Hub parses it: a broken header fails here
-    if meta.get("library_name") != "dictionaries":
+    if meta.get("library_name") != ("dictionaries" if layout == "native" else "saelens"):
         raise FormatError(README_FILE, "the staged model card lost its `library_name` front matter")
     staged[_repo_path(subfolder, README_FILE)] = readme.encode()
     if dest is None:
@@ -209,7 +214,8 @@ def _repo_path(subfolder: str, rel: str) -> str:
     return f"{subfolder}/{rel}" if subfolder else rel
 
 
-def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str], dashboard: bool = False) -> str:
+def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str], dashboard: bool = False,
+                    layout: str = "native") -> str:
     """The repo README.md: Hub YAML front matter, what the dictionary is, its stats, plots and usage."""
     meta: dict = {"library_name": "dictionaries", "license": (card.license or "other").lower()}
     tags = ["sparse-autoencoder", "sae", "dictionary-learning", "interpretability", card.architecture]
@@ -219,6 +225,9 @@ def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str], das
     if card.hook is not None:
         tags.append(card.hook.site)
     meta["tags"] = tags
+    from dictionaries.publish_layouts import front_matter, usage_lines
+
+    meta = front_matter(meta, layout)
     where = f"`{card.hook.module}` ({card.hook.io})" if card.hook else "an unrecorded hook point"
     model = f"`{card.model.id}`" if card.model else "an unrecorded model"
     from dictionaries.hub import hub_path
@@ -241,7 +250,7 @@ def model_card_text(card: Card, repo: str, subfolder: str, plots: list[str], das
     lines += ["## Usage", "", "```python", "from dictionaries import load_dictionary, attach", "",
               f'd = load_dictionary("{path}")   # or by registry name: load_dictionary("{card.name}")',
               "with attach(model, d) as sae:", '    with model.trace("The Eiffel Tower is in"):',
-              "        f = sae.features.save()", "```", "",
+              "        f = sae.features.save()", "```", "", *usage_lines(repo, subfolder, layout),
               f"Published with `dictionaries` {__version__}; `card.json` holds the full card (files with "
               "sha256, stats, training recipe, provenance).", ""]
     return "\n".join(lines)
@@ -306,8 +315,8 @@ def check_target(card: Card, existing: dict | None, target: str, force: bool) ->
 
 
 def _weights_hash(card: dict) -> str | None:
-    for item in (card.get("files") or {}).get("items") or []:
-        if isinstance(item, dict) and item.get("path") == WEIGHTS_FILE:
+    for item in (card.get("files") or {}).get("items") or []:  # native weights, or SAELens' (publish_layouts.py)
+        if isinstance(item, dict) and item.get("path") in (WEIGHTS_FILE, "sae_weights.safetensors"):
             return item.get("sha256")
     return None
 
@@ -336,17 +345,20 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
             dry_run: bool = False, register: bool = False, force: bool = False, endpoint: str | None = None,
             token: str | None = None, local_hub: LocalHub | str | Path | None = None,
             staging_dir: str | Path | None = None, registry_path: str | Path | None = None,
-            dashboard: str | Path | None = None) -> PublishResult:
+            dashboard: str | Path | None = None, layout: str = "native") -> PublishResult:
     """Validate `folder`, stage it with a model card, upload it in one commit and return its registry entry.
 
     `dry_run` stages into `staging_dir` (default: a new temporary folder, kept) and uploads nothing.
     `register` writes the entry into registry.yaml (`registry_path`, default the registry in use) and
     its card into cards/ after the commit succeeded. `dashboard` (a `dictctl dashboard` folder) goes up in the
-    same commit, under dashboard/.
+    same commit, under dashboard/. `layout` native, saelens or both (publish_layouts.py).
     """
+    from dictionaries.publish_layouts import check_layout_name, staged_card
+
     folder = Path(folder)
     check_repo_id(repo)
     subfolder = check_subfolder(subfolder)
+    check_layout_name(layout, subfolder)
     if not _BRANCH.match(branch) or ".." in branch:
         raise RepoNameError(f"{repo}@{branch}", f"branch {branch!r} is not a valid git branch name")
     card = validate_folder(folder)
@@ -372,8 +384,8 @@ def publish(folder: str | Path, repo: str, *, subfolder: str = "", branch: str =
     dest = Path(staging_dir) if staging_dir else None
     if dry_run and dest is None:
         dest = Path(tempfile.mkdtemp(prefix="dictionaries-publish-"))  # kept: the user inspects it
-    staged = stage(folder, card, repo, subfolder, dest, site)
-    card = entry_card(card, staged[_repo_path(subfolder, CARD_FILE)])
+    staged = stage(folder, card, repo, subfolder, dest, site, layout)
+    card = entry_card(staged_card(staged[_repo_path(subfolder, CARD_FILE)]), staged[_repo_path(subfolder, CARD_FILE)])
     if dry_run:
         return PublishResult(card.name, card, target, dest, sorted(staged), dry_run=True, notes=notes)
 

@@ -9,7 +9,7 @@ together they are one schema, imported one way. The named presets that fill a re
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,6 +17,8 @@ Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 Site = Literal["embed", "attn", "mlp", "resid"]
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 """The dtypes a dictionary is stored and trained in: torch floating types that safetensors holds."""
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+"""The dtypes a model's weights (and so its activations) may be loaded in (placement.MODEL_DTYPES: fp32, bf16...)."""
 MAX_SIZE = 2**31 - 1
 """Upper bound of a width, feature count or k: torch and safetensors hold shapes as int64, so a larger one (a
 typo such as 10**30) would fail deep inside them instead of at validation, and no real dictionary is near it."""
@@ -149,6 +151,10 @@ class Recipe(Strict):
     """Model (and revision) whose activations are read."""
     hook: HookPoint
     """Where activations are read."""
+    output_hook: HookPoint | None = None
+    """Transcoders: where the target is read (e.g. the MLP's output); None: an SAE reconstructing `hook`."""
+    skip: bool = False
+    """Add a trained linear term x @ W_skip (Paulo et al. 2025's skip-transcoders; sparsify's skip_connection)."""
     dataset: DatasetSpec
     """Training text."""
     context_length: int = Field(default=128, gt=1)
@@ -200,10 +206,18 @@ class Recipe(Strict):
     on text it never trained on (whole documents: training starts at the first document after them)."""
     dtype: Dtype = "float32"
     """Training dtype of the dictionary."""
+    model_dtype: ModelDtype = "float32"
+    """Dtype the model is loaded and run in while harvesting: its activations are those of this precision (cast
+    to `dtype` in the buffer). bfloat16 or float16 halve a big model's memory; float32 for the existing entries."""
     threshold_decay: float = Field(default=0.999, ge=0, lt=1)
     """batchtopk: decay of the running average of the smallest kept activation (the inference threshold)."""
     unknowns: list[str] = Field(default_factory=list)
     """What is not known about the original recipe (for entries reproduced from a paper)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transcoder_bias(cls, data: Any) -> Any:
+        return transcoder_defaults(data)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -232,11 +246,36 @@ PENALTIES_FOR = {"relu": ("l1", "tanh", "approx_l0"), "topk": ("none",), "batcht
                  "jumprelu": ("l0",), "gated": ("l1",)}
 
 
+def transcoder_defaults(data: Any) -> Any:
+    """A card or recipe with an `output_hook` and no `pre_encoder_bias` gets none: b_dec lives in the output
+    space, so subtracting it from the input means nothing (SAELens' Transcoder refuses apply_b_dec_to_input;
+    sparsify's encode skips `x - b_dec` when `transcode`)."""
+    if isinstance(data, dict) and data.get("output_hook") is not None and "pre_encoder_bias" not in data:
+        return {**data, "pre_encoder_bias": False}
+    return data
+
+
+def transcoder_problem(output_hook: HookPoint | None, pre_encoder_bias: bool, skip: bool,
+                       d_out: int | None = None) -> str | None:
+    """Why the transcoder fields contradict each other or the rest (naming them in backticks), else None."""
+    if output_hook is None and d_out is not None:
+        return "`d_out` is for transcoders: give `output_hook`, the hook point the prediction is written to"
+    if output_hook is not None and pre_encoder_bias:
+        return ("`pre_encoder_bias` contradicts `output_hook`: a transcoder's b_dec lives in the output space, "
+                "so it is not subtracted from the input (set pre_encoder_bias: false)")
+    return None
+
+
 def recipe_contradiction(r: Recipe) -> str | None:
     """The first pair of fields that contradict each other, as a message naming them in backticks; else None."""
     topk = r.architecture in ("topk", "batchtopk")
     if k_problem(r.architecture, r.k):
         return k_problem(r.architecture, r.k)
+    if transcoder_problem(r.output_hook, r.pre_encoder_bias, r.skip):
+        return transcoder_problem(r.output_hook, r.pre_encoder_bias, r.skip)
+    if r.output_hook is not None and r.resampling.kind == "anthropic":
+        return ("`resampling.kind` anthropic sets dead decoder rows to inputs, which a transcoder's decoder "
+                "(`output_hook`'s space) cannot take: use none, or aux_k with topk/batchtopk")
     if r.penalty.kind not in PENALTIES_FOR[r.architecture]:
         return (f"`penalty.kind` {r.penalty.kind} contradicts `architecture` {r.architecture}, "
                 f"which takes {' or '.join(PENALTIES_FOR[r.architecture])}")

@@ -1,106 +1,36 @@
 """The registry: `registry.yaml` (name -> where the files live + card file) and the cards under `cards/`.
 
 Loading validates every card and the index as a whole (a name listed twice is an error, whatever the YAML
-style); look-ups go by name or alias, and an unknown name raises an error listing the closest names.
-`resolve` turns what a user types to mean dictionaries (a name, alias or glob, a folder or a glob of
-folders, an `hf://` path) into `Ref`s, the one resolver every command uses. `register_entry` writes an
-entry and its card as one change (a journal that the next reader finishes if a kill cut it). Nothing here
-imports torch, so `dictctl list` answers at once. The registry read is the one shipped with the package, or
-the one `DICTIONARIES_REGISTRY` points to.
+style); look-ups go by name or alias, and an unknown name raises an error listing the closest names. Where
+the files live is `locations.py`; what a user types is resolved in `references.py`; an entry is written by
+`registration.py` (a journal that the reader here finishes if a kill cut it). Nothing here imports torch, so
+`dictctl list` answers at once. The registry read is the one shipped with the package, or the one
+`DICTIONARIES_REGISTRY` points to.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import glob
 import os
-import re
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ValidationError, field_validator
 
-from dictionaries.card import (
-    NAME_PATTERN,
-    REVISION_PATTERN,
-    Card,
-    format_validation_error,
-    read_card,
-    repo_id_problem,
-)
-from dictionaries.constants import CARD_FILE, ENV_REGISTRY
-from dictionaries.errors import (
-    CardError,
-    InvalidArgumentError,
-    MissingFileError,
-    RegistryError,
-    UnknownNameError,
-)
-from dictionaries.files import locked, relative_path_problem, replay_journal, write_together
+from dictionaries.card import NAME_PATTERN, REVISION_PATTERN, Card, format_validation_error, read_card
+from dictionaries.constants import ENV_REGISTRY
+from dictionaries.errors import CardError, InvalidArgumentError, RegistryError, UnknownNameError
+from dictionaries.files import locked, relative_path_problem, replay_journal
+from dictionaries.locations import HubLocation, HubZipLocation, Location, UrlLocation
 from dictionaries.recipe import Architecture, Site, Strict
 
-
-def _valid_repo(repo: str) -> str:
-    problem = repo_id_problem(repo)  # refused here, not deep inside huggingface_hub at download time
-    if problem:
-        raise ValueError(problem)
-    return repo
-
-
-class HubLocation(Strict):
-    """Files in a Hub repo folder, at a pinned commit."""
-
-    kind: Literal["hub"] = "hub"
-    """Discriminator."""
-    repo: str
-    """Hub repo id `org/name`."""
-    revision: str
-    """The 40-hex commit the files are pinned to."""
-    subfolder: str = ""
-    """Folder inside the repo holding the files ('' for the root)."""
-    repo_type: Literal["model", "dataset"] = "model"
-    """Kind of Hub repo."""
-
-    _repo = field_validator("repo")(_valid_repo)
-
-
-class HubZipLocation(Strict):
-    """Files inside a zip archive in a Hub repo, at a pinned commit."""
-
-    kind: Literal["hub_zip"] = "hub_zip"
-    """Discriminator."""
-    repo: str
-    """Hub repo id `org/name`."""
-    revision: str
-    """The 40-hex commit the archive is pinned to."""
-    filename: str
-    """Path of the zip in the repo."""
-    size: int | None = None
-    """Size of the zip in bytes."""
-    sha256: str | None = None
-    """sha256 of the whole zip."""
-    member: str
-    """Folder inside the zip holding the dictionary's files (ending in `/`)."""
-
-    _repo = field_validator("repo")(_valid_repo)
-
-
-class UrlLocation(Strict):
-    """Files at a plain HTTPS folder (original releases outside the Hub)."""
-
-    kind: Literal["url"] = "url"
-    """Discriminator."""
-    url: str
-    """Base URL; each file's path is appended to it."""
-
-
-Location = Annotated[HubLocation | HubZipLocation | UrlLocation, Field(discriminator="kind")]
+__all__ = ["HubLocation", "HubZipLocation", "Location", "UrlLocation", "Registry", "Entry", "load_registry",
+           "default_registry_path"]  # the locations stay importable from here, where they lived first
 
 
 class IndexEntry(Strict):
@@ -287,96 +217,6 @@ def load_registry(path: str | Path | None = None) -> Registry:
     return _load(str(p), mtime)
 
 
-# ---- references: what a user types to mean dictionaries --------------------------------------------
-@dataclass(frozen=True)
-class Ref:
-    """One dictionary a reference resolved to: exactly one of `entry`, `folder`, `hub` is set."""
-
-    text: str
-    entry: Entry | None = None
-    folder: Path | None = None
-    hub: str | None = None  # an hf:// path, parsed by hub.parse_hub_path where it is fetched
-
-
-_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
-
-
-def resolve(refs: str | Path | Sequence[str | Path], registry: Registry | None = None) -> list[Ref]:
-    """Every dictionary meant by `refs`: registry names, aliases and globs; folders (an explicit path, or an
-    existing folder that is not a registry name) and globs of folders; `hf://org/repo/sub@rev` paths."""
-    if isinstance(refs, (list, tuple)):
-        return [r for item in refs for r in resolve(item, registry)]
-    text = str(refs)
-    if text.startswith("hf://"):
-        return [Ref(text, hub=text)]
-    path = Path(text).expanduser()
-    if not path.is_dir() and any(c in text for c in "*?["):  # a glob of folders, if it matches any
-        folders = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_dir())
-        if folders:
-            return [Ref(str(p), folder=p) for p in folders]
-    explicit = isinstance(refs, Path) or text.startswith(_PATH_PREFIXES)
-    reg = registry if registry is not None or explicit else load_registry()
-    if explicit or (path.is_dir() and text not in reg):
-        if not path.is_dir():
-            raise MissingFileError(str(path), "No such folder (give a registry name, a folder or hf://org/repo/folder).")
-        return [Ref(text, folder=path)]
-    return [Ref(e.name, entry=e) for e in reg.match(text)]
-
-
-def resolve_one(ref: str | Path, registry: Registry | None = None) -> Ref:
-    """The one dictionary `ref` means; a glob matching several is an error naming them."""
-    found = resolve(ref, registry)
-    if len(found) != 1:
-        raise UnknownNameError(str(ref), [r.text for r in found[:5]],
-                               problem=f"matches {len(found)} dictionaries; give one name or folder")
-    return found[0]
-
-
-def card_of(ref: str | Path, registry: Registry | None = None) -> Card:
-    """The card of a registry name or of a native folder's card.json (no download, no torch)."""
-    found = resolve_one(ref, registry)
-    if found.entry is not None:
-        return found.entry.card
-    if found.folder is None or not (found.folder / CARD_FILE).is_file():
-        where = found.folder / CARD_FILE if found.folder is not None else found.text
-        raise MissingFileError(str(where), "Only registry names and native folders (with card.json) have a card "
-                                           "to read here.")
-    return read_card(found.folder / CARD_FILE)
-
-
-# ---- writing an entry ------------------------------------------------------------------------------
-def register_entry(card: Card, location: HubLocation, registry_path: str | Path | None = None) -> Path:
-    """Write (or replace) the entry in registry.yaml and its card in cards/ as one change; the registry path.
-
-    `publish --register` and `mirror` call it only after the commit it points at exists. Comments and other
-    entries in registry.yaml are kept: only the entry's own block is replaced or appended. Both files go
-    through one journal (`files.write_together`): a kill between the card and registry.yaml is finished by
-    the next `load_registry` or registration, so the registry never pins one commit while the card holds
-    another's hashes. If the registry no longer validates afterwards, both are put back as they were.
-    """
-    reg = Path(registry_path) if registry_path else default_registry_path()
-    with _registry_lock(reg):
-        replay_journal(_journal(reg))  # a registration killed half-way is finished first
-        for pattern in (f".{reg.name}.*.tmp", f".{_journal(reg).name}.*.tmp"):  # a killed registration's
-            for stale in reg.parent.glob(pattern):                                # write_atomic temporaries
-                stale.unlink(missing_ok=True)
-        text = reg.read_text()
-        old = ((yaml.safe_load(text) or {}).get("entries") or {}).get(card.name)
-        card_rel = old["card"] if old else f"{card.name}.yaml"
-        card_path = reg.parent / "cards" / card_rel
-        old_card = card_path.read_text() if card_path.exists() else None
-        header = f"# Card of {card.name}: see DESIGN.md section 4 and `dictctl schema`.\n"
-        card_text = header + yaml.safe_dump(card.model_dump(mode="json", exclude_none=True), sort_keys=False,
-                                            width=110)
-        new_text = _replace_entry(text, card.name, entry_block(card.name, card_rel, location))
-        write_together(_journal(reg), {card_path: card_text, reg: new_text})
-        try:
-            Registry(reg)  # validated as load_registry would (which would wait on the lock held here)
-        except BaseException:
-            write_together(_journal(reg), {card_path: old_card, reg: text})
-            raise
-    return reg
-
 
 def _journal(reg: Path) -> Path:
     """The journal of a registration in progress (or killed), beside registry.yaml."""
@@ -398,22 +238,3 @@ def _registry_lock(reg: Path) -> AbstractContextManager[None]:
     """Serialise registrations into one registry (two publishes at once would otherwise lose an entry): a lock
     on the registry's folder, the same for every process whatever its temp folder, and no file added."""
     return locked(reg.parent)
-
-
-def entry_block(name: str, card_rel: str, location: HubLocation) -> str:
-    """The lines of registry.yaml for one entry."""
-    body = {name: {"card": card_rel, "location": location.model_dump(mode="json")}}
-    return "\n".join("  " + line for line in yaml.safe_dump(body, sort_keys=False).splitlines()) + "\n"
-
-
-def _replace_entry(text: str, name: str, block: str) -> str:
-    """registry.yaml's text with `name`'s block replaced (or appended), comments elsewhere kept."""
-    lines = text.splitlines(keepends=True)
-    head = re.compile(rf"^  ['\"]?{re.escape(name)}['\"]?:\s*$")
-    start = next((i for i, line in enumerate(lines) if head.match(line)), None)
-    if start is None:
-        return text + ("" if text.endswith("\n") else "\n") + block
-    end = start + 1
-    while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
-        end += 1
-    return "".join(lines[:start]) + block + "".join(lines[end:])

@@ -32,11 +32,19 @@ SAELENS_LAYOUTS: dict[str, Layout] = {
 }
 _SL_ARCHITECTURE = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
                     "batchtopk": "batchtopk", "matryoshka_batchtopk": "batchtopk"}
+# Transcoders (SAELens' saes/transcoder.py): W_dec [d_sae, d_out], b_dec [d_out], no b_dec on the input
+# (apply_b_dec_to_input must be false), skip kinds add x @ W_skip.T with W_skip [d_out, d_in] stored.
+_SL_TRANSCODER: Layout = {"W_enc": (("d", "F"), True), "b_enc": (("F",), True), "W_dec": (("F", "o"), True),
+                          "b_dec": (("o",), True)}
+SAELENS_TRANSCODERS: dict[str, tuple[str, Layout]] = {
+    "transcoder": ("relu", _SL_TRANSCODER),
+    "skip_transcoder": ("relu", {**_SL_TRANSCODER, "W_skip": (("o", "d"), True)}),
+    "jumprelu_transcoder": ("jumprelu", {**_SL_TRANSCODER, "threshold": (("F",), True)}),
+    "jumprelu_skip_transcoder": ("jumprelu", {**_SL_TRANSCODER, "threshold": (("F",), True),
+                                              "W_skip": (("o", "d"), True)}),
+}
 SAELENS_UNREPRESENTABLE = {
     "abstopk": "it keeps the k largest |pre-activations| with their sign; native features are non-negative",
-    "transcoder": "a transcoder reconstructs another site than it reads",
-    "skip_transcoder": "a transcoder reconstructs another site than it reads",
-    "jumprelu_transcoder": "a transcoder reconstructs another site than it reads",
     "temporal": "it attends over previous tokens",
     "matching_pursuit": "its encoder is iterative matching pursuit, not one affine map",
 }
@@ -67,6 +75,8 @@ def read_saelens(folder: Path, *, architecture: str | None = None) -> Foreign:
     except FormatError as e:
         raise FormatError(str(cfg_path), e.problem) from None
     arch = cfg["architecture"]
+    if arch in SAELENS_TRANSCODERS:
+        return _read_transcoder(cfg, cfg_path, weights)
     if arch in SAELENS_UNREPRESENTABLE:
         raise FormatError(str(cfg_path),
                           f"SAELens architecture {arch!r} cannot be read: {SAELENS_UNREPRESENTABLE[arch]}")
@@ -146,3 +156,37 @@ def _saelens_fold(state: dict[str, Tensor], cfg: dict, folder: Path, found: Fore
         state["W_dec"] = state["W_dec"] * s[:, None]
         if not torch.equal(s, torch.ones_like(s)):
             found.notes.append("finetuning scaling factor folded into the decoder")
+
+
+def _read_transcoder(cfg: dict, cfg_path: Path, weights: Path) -> Foreign:
+    """A SAELens (skip-, jumprelu-) transcoder: native transcoder tensors, input and output hooks placed.
+
+    SAELens encodes relu(x W_enc + b_enc) (jumprelu: times pre > threshold) with no b_dec on the input and
+    predicts f W_dec + b_dec (+ x W_skip^T, from the raw input), so the tensors carry over, W_skip transposed.
+    """
+    arch = cfg["architecture"]
+    kind, layout = SAELENS_TRANSCODERS[arch]
+    if cfg.get("apply_b_dec_to_input"):
+        raise FormatError(str(cfg_path), "apply_b_dec_to_input is true, which SAELens itself refuses for transcoders")
+    if cfg["normalize_activations"] != "none" or cfg.get("rescale_acts_by_decoder_norm") or cfg.get("hook_head_index"):
+        raise FormatError(str(cfg_path), "a transcoder with normalize_activations, rescale_acts_by_decoder_norm or "
+                                         "hook_head_index is not supported")
+    state = load_safetensors(weights)
+    sizes = {k: int(cfg[n]) for k, n in (("d", "d_in"), ("F", "d_sae"), ("o", "d_out")) if cfg.get(n) is not None}
+    check_layout(state, layout, weights, sizes, sizes_from=f"{cfg_path.name} (d_in, d_sae, d_out)")
+    dtype = getattr(torch, str(cfg.get("dtype") or "float32").removeprefix("torch."), None)
+    state = {k: v.to(dtype) if isinstance(dtype, torch.dtype) else v for k, v in state.items()}
+    if "W_skip" in state:
+        state["W_skip"] = state["W_skip"].T.contiguous()            # [d_out, d_in] -> native [d_in, d_out]
+    found = Foreign(kind, state, None, False, weights, [cfg_path, weights], transcoder=True)
+    found.notes.append(f"SAELens architecture {arch}")
+    found.model = model_id(cfg.get("model_name"))
+    names = {"hook_name": cfg.get("hook_name"), "hook_name_out": cfg.get("hook_name_out") or cfg.get("hook_name")}
+    if not cfg.get("hook_name_out"):  # SAELens then writes at the input hook (HookedSAETransformer, SAE bridge)
+        found.notes.append("no hook_name_out: the prediction is written at the hook it reads, as SAELens does")
+    found.hook, found.output_hook = (saelens_hook(found.model, n) for n in names.values())
+    for key, name in names.items():
+        if not name or (found.hook if key == "hook_name" else found.output_hook) is None:
+            raise FormatError(str(cfg_path), f"the transcoder's {key} {name!r} (model {cfg.get('model_name')!r}) "
+                                             "has no known module path, and a transcoder needs both hook points")
+    return found

@@ -22,9 +22,7 @@ def read_sparsify(folder: Path, *, architecture: str | None = None) -> Foreign:
     cfg_path = require(folder / "cfg.json", "sparsify")
     weights = require(folder / "sae.safetensors", "sparsify")
     cfg = read_json(cfg_path)
-    why = ("transcoder: it predicts a module's output from its input" if cfg.get("transcode") else
-           "skip connection (W_skip) is not part of any native kind" if cfg.get("skip_connection") else
-           "signed top-k features are not non-negative" if cfg.get("signed") else
+    why = ("signed top-k features are not non-negative" if cfg.get("signed") else
            f"activation {cfg.get('activation')!r}: only topk is supported"
            if cfg.get("activation", "topk") != "topk" else None)
     if why:
@@ -34,11 +32,17 @@ def read_sparsify(folder: Path, *, architecture: str | None = None) -> Foreign:
     d_in = int(cfg["d_in"])
     sizes = {"d": d_in, "F": int(cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32)))}
     state = load_safetensors(weights)
-    check_layout(state, SPARSIFY_LAYOUT, weights, sizes, sizes_from=f"{cfg_path.name} (d_in, num_latents)")
-    # encode: TopK of ReLU(W (x - b_dec) + b); decode: sum of the top activations times W_dec rows + b_dec
+    skip = bool(cfg.get("skip_connection"))
+    layout = {**SPARSIFY_LAYOUT, "W_skip": (("d", "d"), True)} if skip else SPARSIFY_LAYOUT
+    check_layout(state, layout, weights, sizes, sizes_from=f"{cfg_path.name} (d_in, num_latents)")
+    # encode: TopK of ReLU(W (x - b_dec) + b), without the b_dec shift when `transcode`; decode: the top
+    # activations times W_dec rows + b_dec, plus x @ W_skip^T with skip_connection (stored [d_out, d_in])
     native = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
               "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
-    found = Foreign("topk", native, int(cfg["k"]), True, weights, [cfg_path, weights])
+    if skip:
+        native["W_skip"] = state["W_skip"].T.contiguous()
+    transcode = bool(cfg.get("transcode"))
+    found = Foreign("topk", native, int(cfg["k"]), not transcode, weights, [cfg_path, weights], transcoder=transcode)
     if cfg.get("multi_topk"):
         found.notes.append("trained with the Multi-TopK loss; inference keeps k")
     run_config = folder.parent / "config.json"
@@ -47,4 +51,10 @@ def read_sparsify(folder: Path, *, architecture: str | None = None) -> Foreign:
     found.hook = sparsify_hook(found.model, folder.name)
     found.notes.append(f"sparsify hookpoint {folder.name!r}" + ("" if found.hook else
                        " (not mapped to a module path: the model is unknown; set card.hook by hand)"))
+    if transcode:  # sparsify's transcoders read the hookpoint module's input and predict its output
+        if found.hook is None:
+            raise FormatError(str(cfg_path), f"a transcoder at hookpoint {folder.name!r} of an unknown model "
+                                             f"({run.get('model')!r}): its input and output hook points cannot be "
+                                             "placed")
+        found.hook, found.output_hook = {**found.hook, "io": "input"}, found.hook
     return found

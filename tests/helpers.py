@@ -6,6 +6,7 @@ Fixtures live in conftest.py; these are plain functions and constants, imported 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,3 +137,58 @@ def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     out = capsys.readouterr()
     return code, out.out, out.err
 
+
+
+# ---- a real browser ------------------------------------------------------------------------------------
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+"""Flags for headless Debian chromium on a machine without a network (its background fetches would fail)."""
+
+
+@contextmanager
+def chromium_page(errors: list[str]):
+    """A page of headless chromium driven by playwright; console errors and page errors are appended to `errors`.
+
+    Skips (with the reason) only where the browser or playwright cannot be installed; `.ci/run` installs both.
+    """
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium on PATH (CI installs Debian's `chromium`; apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; it is in the `test` extra)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page
+        finally:
+            browser.close()
+
+
+# ---- transcoders ---------------------------------------------------------------------------------------
+def make_transcoder(d_in: int, d_out: int, d_dict: int, hook: str, output_hook: str, kind: str = "relu",
+                    skip: bool = False, seed: int = 0, layer: int = 0):
+    """A (skip-)transcoder of `kind` reading `hook` and predicting `output_hook` ("path[:io]"), seeded weights."""
+    def point(ref: str) -> HookPoint:
+        path, _, io = ref.partition(":")
+        return HookPoint(module=path, io=io or "output", site="mlp", layer=layer)
+
+    card = Card(name=f"test/mlp{layer}/{d_dict}-transcoder", architecture=kind, d_in=d_in, d_dict=d_dict,
+                k=4 if kind in ("topk", "batchtopk") else None, files=Files(items=[]), hook=point(hook),
+                output_hook=point(output_hook), d_out=d_out if d_out != d_in else None, skip=skip)
+    d = build_dictionary(card)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.05))
+        if kind in ("jumprelu", "batchtopk"):
+            d.threshold.fill_(0.01)
+    return d

@@ -3,8 +3,9 @@
 Written from the published source of each library, on the raw tensors as that library saves them, and
 independently of `dictionaries/` (no import from it): dictionary_learning 0.1.0 (`dictionary.py`,
 `trainers/top_k.py`, `trainers/batch_top_k.py`, `trainers/matryoshka_batch_top_k.py`, `utils.load_dictionary`),
-SAELens 6.x (`saes/*_sae.py`, `training/activation_scaler.py`) and EleutherAI sparsify 1.3
-(`sparse_coder.py`, `fused_encoder.py`). The packages themselves are not test dependencies: each imports in
+SAELens 6.x (`saes/*_sae.py`, `saes/transcoder.py`, `training/activation_scaler.py`) and EleutherAI sparsify 1.3
+(`sparse_coder.py`, `fused_encoder.py`), Gemma Scope (the tutorial), Llama Scope (`lm_saes` `sae.py`) and
+Goodfire (the model card). The packages themselves are not test dependencies: each imports in
 several seconds and dictionary_learning would replace torch and nnsight.
 Each function returns (x_hat, f) with f dense (..., F).
 """
@@ -110,8 +111,64 @@ def saelens(cfg: dict, s: dict, x: Tensor, scaling_factor: float | None = None) 
 
 # ---- sparsify: SparseCoder.encode / decode -------------------------------------------------------------
 def sparsify(cfg: dict, s: dict, x: Tensor) -> tuple[Tensor, Tensor]:
-    pre = relu((x - s["b_dec"]) @ s["encoder.weight"].T + s["encoder.bias"])
+    sae_in = x if cfg.get("transcode") else x - s["b_dec"]          # encode: no b_dec shift for transcoders
+    pre = relu(sae_in @ s["encoder.weight"].T + s["encoder.bias"])
     top_acts, top_indices = torch.topk(pre, cfg["k"], dim=-1, sorted=False)
     flat_idx, flat_acts = top_indices.reshape(-1, cfg["k"]), top_acts.reshape(-1, cfg["k"])
     y = torch.nn.functional.embedding_bag(flat_idx, s["W_dec"], per_sample_weights=flat_acts, mode="sum")
-    return y.reshape(*x.shape[:-1], -1) + s["b_dec"], _scatter_topk(top_acts, top_indices, pre)
+    y = y.reshape(*x.shape[:-1], -1) + s["b_dec"]
+    if cfg.get("skip_connection"):                                   # forward: sae_out += x @ W_skip.mT
+        y = y + x @ s["W_skip"].mT
+    return y, _scatter_topk(top_acts, top_indices, pre)
+
+
+# ---- Gemma Scope: the tutorial's JumpReLUSAE (Lieberum et al. 2024, Colab "Gemma Scope tutorial") -------------
+def gemma_scope(p: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+    pre = x @ p["W_enc"] + p["b_enc"]  # no b_dec subtracted from the input
+    f = (pre > p["threshold"]) * relu(pre)
+    return f @ p["W_dec"] + p["b_dec"], f
+
+
+# ---- Llama Scope: lm_saes SparseAutoEncoder.encode / decode, output unscaled as compute_loss does -----------
+def llama_scope(cfg: dict, s: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+    d = cfg["d_model"]
+    avg = cfg.get("dataset_average_activation_norm") or {}
+    dataset_wise = cfg.get("norm_activation", "dataset-wise") == "dataset-wise"
+    s_in = d ** 0.5 / avg["in"] if dataset_wise else 1.0
+    s_out = d ** 0.5 / avg["out"] if dataset_wise else 1.0
+    b_dec = s.get("decoder.bias", torch.zeros(d))
+    x = x * s_in
+    if cfg.get("apply_decoder_bias_to_pre_encoder"):
+        x = x - b_dec
+    hidden_pre = x @ s["encoder.weight"].T + s["encoder.bias"]
+    # defaults of lm_saes' SAEConfig where the hyperparams leave a field out
+    include_norm = cfg.get("sparsity_include_decoder_norm", True)
+    scores = hidden_pre * s["decoder.weight"].norm(dim=0) if include_norm else hidden_pre
+    if cfg.get("act_fn", "relu") == "jumprelu":
+        theta = s["log_jumprelu_threshold"].exp() if "log_jumprelu_threshold" in s else \
+            cfg.get("jump_relu_threshold", 0)
+        mask = scores > theta
+    else:  # relu: the activation function returns the mask scores > 0
+        mask = scores > 0
+    f = hidden_pre * mask
+    return (f @ s["decoder.weight"].T + b_dec) / s_out, f
+
+
+# ---- Goodfire: the model card's SparseAutoEncoder (two nn.Linear, ReLU) -------------------------------------
+def goodfire(s: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+    f = relu(x @ s["encoder_linear.weight"].T + s["encoder_linear.bias"])
+    return f @ s["decoder_linear.weight"].T + s["decoder_linear.bias"], f
+
+
+# ---- SAELens transcoders: saes/transcoder.py ------------------------------------------------------------
+def saelens_transcoder(cfg: dict, s: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Transcoder.encode (no b_dec on the input) / decode to d_out; the jumprelu kinds mask relu(pre) by
+    pre > threshold; the skip kinds add x @ W_skip.T (W_skip [d_out, d_in]) from the raw input."""
+    hidden = x @ s["W_enc"] + s["b_enc"]
+    f = relu(hidden)
+    if cfg["architecture"].startswith("jumprelu"):
+        f = f * (hidden > s["threshold"]).to(x.dtype)
+    out = f @ s["W_dec"] + s["b_dec"]
+    if "skip" in cfg["architecture"]:
+        out = out + x @ s["W_skip"].T
+    return out, f

@@ -18,7 +18,9 @@ COMMON = {"model": "m", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp
 TINY = {"bricken2023": {"penalty.coefficient": 3e-3}, "marks2023": {}, "anthropic2024": {"penalty.coefficient": 0.05},
         "farrell2024": {}, "topk": {"k": 4, "penalty.aux_dead_tokens": 2560},
         "batchtopk": {"k": 4, "threshold_decay": 0.9},
-        "jumprelu": {"penalty.coefficient": 1e-2, "penalty.warmup_steps": 20}, "gated": {}}
+        "jumprelu": {"penalty.coefficient": 1e-2, "penalty.warmup_steps": 20}, "gated": {},
+        "dunefsky2024": {"penalty.coefficient": 3e-3, "resampling.dead_window": 20, "batch_size": BATCH},
+        "paulo2025": {"k": 4, "penalty.aux_dead_tokens": 2560}}
 
 
 class SparseSource:

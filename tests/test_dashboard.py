@@ -15,7 +15,7 @@ from dictionaries.dashboard import DashboardBuilder, build_dashboard, keep_first
 from dictionaries.dashboard_site import SHARD, vocab_of, write_site
 from dictionaries.features import features_of, inspect_feature, logit_lens
 
-from helpers import dictctl, make_dictionary
+from helpers import chromium_page, dictctl, make_dictionary
 
 HOOK = "gpt_neox.layers.0.mlp"
 SCREENSHOT = os.environ.get("DASHBOARD_SCREENSHOT")  # where a copy of the browser test's screenshot goes
@@ -176,59 +176,36 @@ def test_cli_dashboard_and_publish_beside_the_weights(tmp_path, tiny_neox, token
 
 
 # ---- the page in a browser -------------------------------------------------------------------------
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
-def _chromium():
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("no chromium on PATH (CI installs Debian's `chromium`; apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; it is in the `test` extra)")
-    return exe, sync_playwright
-
-
 def test_page_in_headless_chromium(data, site, wrapped, dictionary, texts, tmp_path):
-    exe, sync_playwright = _chromium()
     feature = int(data.count.argsort(descending=True)[1])
     report = inspect_feature(wrapped, dictionary, texts, feature, top=6, context=8, progress=False)
     windows = {(a, t.replace("\n", "\u23ce"), m.replace("\n", "\u23ce"))
                for a, t, m in every_window(wrapped.tokenizer, features_of(wrapped, dictionary, texts, progress=False),
                                            texts, feature)}
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto((site / "index.html").as_uri())
-            assert page.locator("tr.row").count() == 40
-            page.click("th[data-key=max]")                   # sorts by max activation, highest first
-            first = int(page.locator("tr.row").first.get_attribute("data-id"))
-            assert first == int(data.maximum.argmax())
-            page.fill("#search", str(feature))
-            assert page.locator("tr.row").count() == 1
-            page.click(f"tr.row[data-id='{feature}'] a")
-            page.wait_for_selector("#top-contexts .context")
-            assert page.url.endswith(f"#f={feature}")
-            shown = page.eval_on_selector_all("#top-contexts .context", """els => els.map(e => [e.dataset.act,
-                Array.from(e.querySelectorAll('.tok')).map(t => t.textContent).join(''),
-                e.querySelector('.tok.marked').textContent])""")
-            shown = [(f"{float(a):.4g}", t, m) for a, t, m in shown]
-            assert sorted(a for a, _, _ in shown) == sorted(f"{e.activation:.4g}" for e in report.examples)
-            assert all(s in windows for s in shown), [s for s in shown if s not in windows]
-            assert page.locator("#samples .context").count() == min(9, int(data.count[feature]))
-            assert page.locator("#nearest a").count() == 8
-            page.screenshot(path=str(tmp_path / "feature.png"), full_page=True)
-            if SCREENSHOT:
-                shutil.copyfile(tmp_path / "feature.png", SCREENSHOT)
-            page.goto((site / "index.html").as_uri() + "#f=999")
-            assert "not in this dashboard" in page.inner_text("#view")
-        finally:
-            browser.close()
+    with chromium_page(errors) as page:
+        page.goto((site / "index.html").as_uri())
+        assert page.locator("tr.row").count() == 40
+        page.click("th[data-key=max]")                   # sorts by max activation, highest first
+        first = int(page.locator("tr.row").first.get_attribute("data-id"))
+        assert first == int(data.maximum.argmax())
+        page.fill("#search", str(feature))
+        assert page.locator("tr.row").count() == 1
+        page.click(f"tr.row[data-id='{feature}'] a")
+        page.wait_for_selector("#top-contexts .context")
+        assert page.url.endswith(f"#f={feature}")
+        shown = page.eval_on_selector_all("#top-contexts .context", """els => els.map(e => [e.dataset.act,
+            Array.from(e.querySelectorAll('.tok')).map(t => t.textContent).join(''),
+            e.querySelector('.tok.marked').textContent])""")
+        shown = [(f"{float(a):.4g}", t, m) for a, t, m in shown]
+        assert sorted(a for a, _, _ in shown) == sorted(f"{e.activation:.4g}" for e in report.examples)
+        assert all(s in windows for s in shown), [s for s in shown if s not in windows]
+        assert page.locator("#samples .context").count() == min(9, int(data.count[feature]))
+        assert page.locator("#nearest a").count() == 8
+        page.screenshot(path=str(tmp_path / "feature.png"), full_page=True)
+        if SCREENSHOT:
+            shutil.copyfile(tmp_path / "feature.png", SCREENSHOT)
+        page.goto((site / "index.html").as_uri() + "#f=999")
+        assert "not in this dashboard" in page.inner_text("#view")
     assert errors == []
 

@@ -10,6 +10,8 @@ from dictionaries.demo import run_demo
 from dictionaries.errors import InvalidArgumentError
 from dictionaries.registry import load_registry
 
+from helpers import chromium_page
+
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):
@@ -36,6 +38,37 @@ def test_demo_runs_the_whole_loop_offline(tmp_path, monkeypatch):
     assert all(peak > 0 for _, peak, _ in result.top_features)
     assert result.dashboard.is_file() and str(result.dashboard) in text
     assert len(list(result.dashboard.parent.glob("data/shard_*.js"))) == 1024 // 256
+    _check_dashboard_in_chromium(result.dashboard, tmp_path / "demo-dashboard.png")
+
+
+def _check_dashboard_in_chromium(index, screenshot):
+    """The demo's own dashboard in headless chromium: the strongest feature's view shows shaded contexts."""
+    import os
+    import shutil
+
+    from training.toymodel import corpus_documents
+
+    errors: list[str] = []
+    with chromium_page(errors) as page:
+        page.goto(index.as_uri())
+        page.click("th[data-key=max]")                                   # strongest feature first
+        row = page.locator("tr.row").first
+        feature, peak = int(row.get_attribute("data-id")), float(row.locator("td").nth(2).inner_text())
+        page.fill("#search", str(feature))
+        page.click(f"tr.row[data-id='{feature}'] a")
+        page.wait_for_selector("#top-contexts .context")
+        contexts = page.eval_on_selector_all("#top-contexts .context", """els => els.map(e => [Number(e.dataset.act),
+            Array.from(e.querySelectorAll('.tok')).map(t => t.textContent).join(''),
+            getComputedStyle(e.querySelector('.tok.marked')).backgroundColor])""")
+        page.screenshot(path=str(screenshot), full_page=True)
+    assert errors == []
+    assert contexts[0][0] == pytest.approx(peak, rel=1e-2)                 # the table's max is the top context's
+    assert contexts[0][2] == "rgb(255, 110, 0)"                           # the maximum is fully shaded
+    corpus = " ".join(corpus_documents()).replace("\n", "\u23ce")
+    assert all(text.strip() in corpus for _, text, _ in contexts)         # windows of the text the dashboard read
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("DEMO_SCREENSHOT"):
+        shutil.copyfile(screenshot, os.environ["DEMO_SCREENSHOT"])
 
 
 def _dictctl_lines(text: str) -> list[list[str]]:

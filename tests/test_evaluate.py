@@ -15,7 +15,7 @@ from dictionaries.architectures import ARCHITECTURES, build_dictionary
 from dictionaries.card import Card, Files, compare_stats
 from dictionaries.errors import EvalInputError, InvalidArgumentError, MissingFileError, ModelLoadError, UnknownNameError
 from dictionaries.recipe import HookPoint, ModelRef
-from dictionaries.registry import card_of
+from dictionaries.references import card_of
 from training.evaluate import Tally, evaluate, evaluate_and_write, pack_batches
 
 D = 64  # tiny_neox's width

@@ -123,12 +123,14 @@ def test_inspect_named_checks_its_arguments_before_loading_anything(tmp_path):
         F.inspect_named(str(tmp_path / "no-such-dictionary"), 0, tmp_path / "blank.txt", context=-1)
 
 
-def _folders(tmp_path, raw, tokenizer, model_id: str | None):
+def _folders(tmp_path, raw, tokenizer, model_id: str | None, neuronpedia: str | None = None):
     from dictionaries.formats import write_native
 
     raw.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     d = make_dictionary(64, 96, "gpt_neox.layers.1.mlp", model_id=model_id)
+    if neuronpedia:
+        d.card = d.card.model_copy(update={"links": d.card.links.model_copy(update={"neuronpedia": neuronpedia})})
     write_native(d, tmp_path / "dict")
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS))
     return d
@@ -140,7 +142,7 @@ def test_cli_inspect(models, tokenizer, tmp_path):
     from dictionaries.cli import app
 
     raw, model = models["neox"]
-    d = _folders(tmp_path, raw, tokenizer, model_id=str(tmp_path / "model"))   # default --model: the card's
+    d = _folders(tmp_path, raw, tokenizer, model_id=str(tmp_path / "model"), neuronpedia="toy-neox/1-mlp-t")
     i = int(torch.cat(F.features_of(model, d, TEXTS, progress=False)).gt(0).sum(0).argmax())
     res = CliRunner().invoke(app, ["inspect", str(tmp_path / "dict"), "--feature", str(i), "--texts",
                                    str(tmp_path / "texts.txt"), "--top", "3"])
@@ -149,6 +151,7 @@ def test_cli_inspect(models, tokenizer, tmp_path):
     assert f"feature {i}" in res.output
     assert "promotes" in res.output
     assert "suppresses" in res.output
+    assert f"neuronpedia: https://www.neuronpedia.org/toy-neox/1-mlp-t/{i}" in res.output
     for e in report.examples:
         assert f"text {e.text} pos {e.position}" in res.output
 

@@ -270,8 +270,7 @@ def test_sparsify(tmp_path, hookpoint, module, site):
     assert (read.card.hook.module, read.card.hook.site) == (module, site)
 
 
-@pytest.mark.parametrize("problem, match", [({"transcode": True}, "transcoder"),
-                                            ({"skip_connection": True}, "skip connection"),
+@pytest.mark.parametrize("problem, match", [({"skip_connection": True}, "missing \\['W_skip'\\]"),
                                             ({"activation": "groupmax"}, "groupmax"),
                                             ({"signed": True}, "signed"),
                                             ({"num_latents": F + 8}, "'encoder.weight'.*found")])

@@ -153,3 +153,56 @@ def test_cli_eval_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
     s = card["stats"]
     assert s.get("frac_loss_recovered") is None and s.get("ce_spliced") is None and s.get("kl") is None
     assert s["fvu"] > 0 and s["l0"] > 0 and 0 < s["hidden_change_spliced"] < 10 and s["hidden_change_zero"] > 0
+
+
+def dictionary_learning_folder(root: Path, submodule: str, io: str = "out") -> Path:
+    """A dictionary_learning AutoEncoder folder (ae.pt + config.json) whose `lm_name` the package does not know."""
+    torch.manual_seed(0)
+    folder = root / "dl"
+    folder.mkdir()
+    torch.save({"encoder.weight": torch.randn(F, D) * 0.1, "encoder.bias": torch.zeros(F),
+                "decoder.weight": torch.randn(D, F) * 0.1, "bias": torch.zeros(D)}, folder / "ae.pt")
+    trainer = {"dict_class": "AutoEncoder", "activation_dim": D, "dict_size": F, "lm_name": "my-private-model",
+               "submodule_name": submodule, "layer": 1}
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"io": io}}))
+    return folder
+
+
+@pytest.mark.parametrize("submodule, io, module, want_io, site, layer", [
+    ("mlp_out_layer0", "out", "transformer.h.0.mlp", "output", "mlp", 0),
+    ("resid_post_layer1", "out", "transformer.h.1", "output", "resid", 1),
+    ("attn_out_layer1", "out", "transformer.h.1.attn", "output", "attn", 1)])
+def test_model_hook_places_a_dictionary_learning_name_by_the_loaded_architecture(tmp_path, submodule, io, module,
+                                                                                  want_io, site, layer):
+    card = read_folder(dictionary_learning_folder(tmp_path, submodule, io)).card
+    assert card.hook is None and card.model.id == "my-private-model"  # unknown model: no family, no hook
+    hp = model_hook(gpt2_model(), card)  # submodule_name placed through config.model_type == "gpt2"
+    assert (hp.module, hp.io, hp.site, hp.layer) == (module, want_io, site, layer)
+
+
+def test_model_hook_of_a_dictionary_learning_name_it_cannot_place(tmp_path):
+    card = read_folder(dictionary_learning_folder(tmp_path, "decoder_block_7")).card
+    with pytest.raises(HookPointError, match="--site SITE --layer L"):
+        model_hook(gpt2_model(), card)
+
+
+def test_cli_inspect_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
+    """`dictctl inspect` on a BertModel: contexts and frequency, and in place of the logit lens a line saying the
+    model has no unembedding."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1024, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=1, architectures=["BertModel"])
+    BertModel(config).eval().save_pretrained(tmp_path / "bert-local")
+    tokenizer.save_pretrained(tmp_path / "bert-local")
+    (tmp_path / "src").mkdir()
+    sae = saelens_folder(tmp_path / "src", model_name="my-bert", hook="blocks.0.hook_resid_post")
+    r = dictctl("inspect", str(sae), "--feature", "3", "--texts", str(world / "texts.txt"), "--top", "3",
+                "--model", str(tmp_path / "bert-local"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("sae feature 3: fires on") and "%" in lines[0], r.stdout
+    assert len([line for line in lines if " pos " in line]) == 3  # the top contexts
+    assert lines[-1] == "logit lens: none; the model (BertModel) has no unembedding (no LM head), so no logit lens"
+    assert "promotes" not in r.stdout

@@ -228,25 +228,48 @@ def _registry_names() -> list[str]:
     return [e.name for e in load_registry().filter()]
 
 
-@pytest.fixture(scope="module")
-def pythia70m_skeleton():
-    """Pythia-70m's exact module tree on the meta device (no weights allocated)."""
-    from transformers import GPTNeoXForCausalLM
+def _skeleton_config(model_id: str):
+    """Each registry model's config as published (only widths and depth matter to a hook point)."""
+    import transformers
 
     from training.toymodel import pythia70m_config
 
-    with torch.device("meta"):
-        return GPTNeoXForCausalLM(pythia70m_config())
+    llama3_8b = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256)
+    return {"EleutherAI/pythia-70m-deduped": pythia70m_config,
+            "gpt2": transformers.GPT2Config,  # its defaults are GPT-2 small's
+            "google/gemma-2-2b": lambda: transformers.Gemma2Config(
+                hidden_size=2304, num_hidden_layers=26, intermediate_size=9216, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=256, vocab_size=256000),
+            "meta-llama/Llama-3.1-8B": lambda: transformers.LlamaConfig(**llama3_8b),
+            "meta-llama/Meta-Llama-3-8B": lambda: transformers.LlamaConfig(**llama3_8b)}[model_id]()
+
+
+@pytest.fixture(scope="module")
+def skeletons():
+    """model id -> its exact module tree on the meta device (no weights allocated), built on first use."""
+    from transformers import AutoModelForCausalLM
+
+    built = {}
+
+    def get(model_id: str):
+        if model_id not in built:
+            with torch.device("meta"):
+                built[model_id] = AutoModelForCausalLM.from_config(_skeleton_config(model_id))
+        return built[model_id]
+
+    return get
 
 
 @pytest.mark.parametrize("name", _registry_names())
-def test_every_registry_hook_point_resolves_on_pythia70m(pythia70m_skeleton, name):
+def test_every_registry_hook_point_resolves_on_its_model(skeletons, name):
     from dictionaries.registry import load_registry
 
     card = load_registry().get(name).card
-    module = A.resolve_hook(pythia70m_skeleton, card.hook, d_in=card.d_in)
-    assert module is pythia70m_skeleton.get_submodule(card.hook.module)
-    assert H.find_hook(pythia70m_skeleton, card.hook).width == card.d_in
+    skeleton = skeletons(card.model.id)
+    module = A.resolve_hook(skeleton, card.hook, d_in=card.d_in)
+    assert module is skeleton.get_submodule(card.hook.module)
+    assert H.find_hook(skeleton, card.hook).width == card.d_in
 
 
 @pytest.mark.parametrize("cls, saved_as", [("BertForMaskedLM", "BertForMaskedLM"), ("BertModel", "BertModel"),

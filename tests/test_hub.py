@@ -89,7 +89,8 @@ def test_every_entry_plans_exactly_its_card_files(name):
             assert f"/{loc.repo}/resolve/{loc.revision}/{loc.filename}#{loc.member}{f.path}" in url
         else:
             sub = loc.subfolder.strip("/")
-            assert f"/{loc.repo}/resolve/{loc.revision}/{sub + '/' if sub else ''}{f.path}" in url
+            rev = loc.revision or "main"  # an unpinned entry is resolved from its main branch
+            assert f"/{loc.repo}/resolve/{rev}/{sub + '/' if sub else ''}{f.path}" in url
 
 
 # ---- Hub locations ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from training.presets import PRESETS, preset, read_recipe_file, recipe_for, vali
 REQUIRED = {"model": "org/model", "hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0},
             "dataset": "text.txt", "tokens": 10_000, "d_dict": 64, "batch_size": 32, "buffer_contexts": 4,
             "context_length": 16}
-K_FOR = {"topk": 4, "batchtopk": 4}
+K_FOR = {"topk": 4, "batchtopk": 4, "paulo2025": 4}
 
 
 def _entries():

@@ -18,10 +18,17 @@ from dictionaries.errors import (
     RegistryError,
     UnknownNameError,
 )
-from dictionaries.registry import HubLocation, Registry, default_registry_path, load_registry, register_entry
+from dictionaries.registration import register_entry
+from dictionaries.registry import HubLocation, Registry, default_registry_path, load_registry
 
+ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = load_registry()
 ENTRIES = sorted(REGISTRY.entries)
+MODELS = {"pythia70m": ({"EleutherAI/pythia-70m-deduped"}, "gpt_neox."), "gpt2": ({"gpt2"}, "transformer.h."),
+          "gemma2-2b": ({"google/gemma-2-2b"}, "model.layers."),
+          "llama3.1-8b": ({"meta-llama/Llama-3.1-8B"}, "model.layers."),
+          "llama3-8b": ({"meta-llama/Meta-Llama-3-8B"}, "model.layers.")}
+"""Registry name prefix -> (the HF model ids its cards may name, the prefix of their hook modules)."""
 
 
 @pytest.mark.parametrize("name", ENTRIES)
@@ -33,12 +40,17 @@ def test_entry_is_consistent(name):
     assert card.d_dict == int(size.split("-")[0])
     assert card.hook is not None
     assert site_layer == f"{card.hook.site}{'' if card.hook.layer is None else card.hook.layer}"
-    assert card.hook.module.startswith("gpt_neox.")
+    model_ids, module_prefix = MODELS[model]
+    assert card.hook.module.startswith(module_prefix)
     assert card.model is not None
-    assert card.model.id == "EleutherAI/pythia-70m-deduped"
-    assert card.recipe is not None
-    assert card.recipe.hook == card.hook
-    assert card.recipe.d_dict == card.d_dict
+    assert card.model.id in model_ids
+    if card.files.format == "dictionary_learning":  # the entries this package's recipes regenerate
+        assert card.recipe is not None
+    if card.recipe is not None:
+        assert card.recipe.hook == card.hook
+        assert card.recipe.d_dict == card.d_dict
+    if card.links.neuronpedia:  # the Neuronpedia id is also a name the entry answers to
+        assert REGISTRY.get(card.links.neuronpedia) is entry
     if card.stats is not None and card.stats.source == "reported":
         assert card.stats.reference.startswith("https://")
     for alias in card.aliases:
@@ -73,8 +85,8 @@ def test_lookup_is_case_insensitive_and_by_alias():
 
 def test_filters_and_globs():
     assert {e.layer for e in REGISTRY.filter(model="pythia70m", site="mlp", size=8192)} == set(range(6))
-    assert len(REGISTRY.filter(model="EleutherAI/pythia-70m-deduped", layer=2)) == 5  # mlp x3 sets, attn, resid
-    assert REGISTRY.filter(architecture="topk") == []
+    assert len(REGISTRY.filter(model="EleutherAI/pythia-70m-deduped", layer=2)) == 6  # mlp x3, attn, resid x2
+    assert {e.name.split("/")[0] for e in REGISTRY.filter(architecture="topk")} == {"llama3-8b", "pythia70m"}
     assert [e.name for e in REGISTRY.match("pythia70m/mlp*/8192")] == [f"pythia70m/mlp{i}/8192" for i in range(6)]
     with pytest.raises(UnknownNameError):
         REGISTRY.match("nothing/*/here")
@@ -203,7 +215,7 @@ def test_missing_registry(tmp_path):
 
 # ---- references ---------------------------------------------------------------------------------
 def test_resolve_every_kind_of_reference(tmp_path, monkeypatch):
-    from dictionaries.registry import card_of, resolve, resolve_one
+    from dictionaries.references import card_of, resolve, resolve_one
 
     for sub in ("a1", "a2"):
         (tmp_path / sub).mkdir()
@@ -253,3 +265,40 @@ def test_a_card_that_breaks_the_registry_is_rolled_back(registry):
         register_entry(card("toy/mlp0/8", aliases=[taken]), location(0), registry)
     after = {p: p.read_bytes() for p in registry.parent.rglob("*") if p.is_file()}
     assert after == before
+
+
+# ---- the public releases (cards/releases.py) ---------------------------------------------------------
+def test_releases_are_complete_and_answer_to_their_saelens_and_neuronpedia_ids():
+    counts = {prefix: len(REGISTRY.filter(model=prefix)) for prefix in ("gpt2", "gemma2-2b", "llama3.1-8b",
+                                                                        "llama3-8b")}
+    assert counts == {"gpt2": 13, "gemma2-2b": 52, "llama3.1-8b": 32, "llama3-8b": 32}
+    # resid_pre L is kept as the resid output of block L - 1, and resid_pre 0 as the embedding's
+    assert REGISTRY.get("gpt2-small-res-jb/blocks.3.hook_resid_pre").name == "gpt2/resid2/24576-jb"
+    assert REGISTRY.get("gpt2-small/0-res-jb").name == "gpt2/embed/24576-jb"
+    assert REGISTRY.get("gpt2-small/12-res-jb").name == "gpt2/resid11/24576-jb"
+    assert REGISTRY.get("gemma-scope-2b-pt-res-canonical/layer_3/width_65k/canonical").name == \
+        "gemma2-2b/resid3/65536"
+    assert REGISTRY.get("gemma-2-2b/3-gemmascope-res-16k").location.subfolder == "layer_3/width_16k/average_l0_59"
+    assert REGISTRY.get("llama_scope_lxr_8x/l7r_8x").name == "llama3.1-8b/resid7/32768"
+    assert REGISTRY.get("pythia-70m-deduped/4-att-sm").name == "pythia70m/attn4/32768-sfc"
+    assert REGISTRY.get("EleutherAI/sae-pythia-70m-deduped-32k/layers.2").card.k == 16
+    sfc = [e for e in REGISTRY.entries.values() if e.name.endswith("-sfc")]
+    assert sum(bool(e.card.links.neuronpedia) for e in sfc) == 18  # all but the embedding's (no confirmed id)
+    for e in REGISTRY.entries.values():
+        if e.location.kind == "hub" and e.location.revision is None:
+            assert not e.card.verified and e.card.provenance.original  # unpinned, the original named
+
+
+def test_release_cards_are_what_the_generator_writes():
+    """The cards on disk are cards/releases.py's output: regenerating changes nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_cards", ROOT / "cards" / "releases.py")
+    make_cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_cards)
+    generated = [*make_cards.gpt2_res_jb(), *make_cards.gemma_scope(), *make_cards.llama_scope(),
+                 *make_cards.eleuther_llama3(), *make_cards.eleuther_pythia()]
+    assert len(generated) == 135
+    for card, location in generated:
+        entry = REGISTRY.get(card.name)
+        assert (entry.card, entry.location) == (card, location), card.name

@@ -135,3 +135,29 @@ def test_module_decode_takes_the_sparse_path_without_a_gradient_and_matches_dens
     f.requires_grad_()
     d.decode(f).sum().backward()                                        # a gradient to f: the dense product
     assert calls == [1] and torch.count_nonzero(f.grad) == f.numel()
+
+
+def test_sparse_loss_of_a_skip_transcoder_equals_the_dense_one():
+    """A skip-transcoder (d_out != d_in, W_skip, no pre-encoder bias) predicting a target, AuxK included."""
+    recipe = make_recipe("topk", d_dict=F, k=K)
+    module = TopKDictionary(D, F, k=K, d_out=D + 3, skip=True, pre_encoder_bias=False, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    x, y = torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(B, D + 3, generator=g, dtype=torch.float64)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::3] = True
+    results = []
+    for sparse in (False, True):
+        module.zero_grad(set_to_none=True)
+        out = losses.compute_loss(module, x, recipe, losses.LossContext(dead), target=y, sparse=sparse)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    (dense, g_dense), (sparse, g_sparse) = results
+    assert sparse.code is not None and "W_skip" in g_dense
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat)
+    assert g_sparse.keys() == g_dense.keys()
+    for n in g_dense:
+        torch.testing.assert_close(g_sparse[n], g_dense[n], msg=n)

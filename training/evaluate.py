@@ -54,10 +54,26 @@ def _check_dictionaries(dictionaries: Sequence[Dictionary]) -> list[HookPoint]:
 
 def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint], b: int, keep: Tensor,
                      captured: dict[int, tuple[Tensor, Tensor, Tensor]]) -> dict[HookPoint, Any]:
-    """One patch per hook: segment 1+2s gets dictionary s's x_hat, segment 2+2s zeros (counted positions)."""
+    """One patch per hook: segment 1+2s gets dictionary s's x_hat, segment 2+2s zeros (counted positions).
+
+    A transcoder writes at its output hook (the MLP's output: its prediction, or zeros, the zero-ablation
+    baseline) from the clean rows of its input hook, read by a patch there that changes nothing; its
+    reconstruction stats compare the prediction with the output hook's clean rows.
+    """
     by_hook: dict[HookPoint, list[tuple[int, int, Dictionary]]] = defaultdict(list)
+    reads: dict[HookPoint, list[int]] = defaultdict(list)
+    inputs: dict[int, Tensor] = {}                           # transcoder j's clean input rows (B, pos, d_in)
     for s, (j, d) in enumerate(group):
-        by_hook[hooks[j]].append((s, j, d))
+        out_hook = d.card.output_hook if d.card is not None else None
+        by_hook[out_hook or hooks[j]].append((s, j, d))
+        if out_hook is not None:
+            reads[hooks[j]].append(j)
+
+    def read(js: list[int], then: Any = None):
+        def patch(x: Tensor) -> Tensor:
+            inputs.update({j: x[:b] for j in js})           # segment 0 is never patched: clean everywhere
+            return x if then is None else then(x)
+        return patch
 
     def make(items: list[tuple[int, int, Dictionary]]):
         def patch(x: Tensor) -> Tensor:                      # x (nseg * B, pos, d)
@@ -65,15 +81,19 @@ def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint]
             clean = x[:b]
             mask = keep.to(x.device)[..., None]              # (B, pos, 1)
             for s, j, d in items:
-                x_hat, f = d(clean.to(d.W_dec.dtype))
-                captured[j] = (clean, x_hat, f)
+                x_d = inputs.get(j, clean).to(d.W_dec.device, d.W_dec.dtype)   # the dictionary's dtype, device
+                x_hat, f = d(x_d)
+                captured[j] = (clean.to(d.W_dec.device, d.W_dec.dtype), x_hat, f)
                 lo = (1 + 2 * s) * b
-                out[lo:lo + b] = torch.where(mask, x_hat.to(x.dtype), clean)
+                out[lo:lo + b] = torch.where(mask, x_hat.to(x.device, x.dtype), clean)
                 out[lo + b:lo + 2 * b] = torch.where(mask, torch.zeros_like(clean), clean)
             return out
         return patch
 
-    return {hook: make(items) for hook, items in by_hook.items()}
+    patches = {hook: make(items) for hook, items in by_hook.items()}
+    for hook, js in reads.items():  # reading first where a transcoder reads what another dictionary writes
+        patches[hook] = read(js, patches.get(hook))
+    return patches
 
 
 def _token_log_probs(lp: Tensor, targets: Tensor) -> Tensor:
@@ -226,19 +246,21 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     from tqdm.auto import tqdm
 
     from dictionaries.hooks import torch_model
+    from dictionaries.placement import input_device, is_dispatched
     from training.harvest import token_mask
 
     check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)
     hooks = _check_dictionaries(dictionaries)
     hf = torch_model(model)                                   # a transformers model, wrapped by nnsight or not
-    device = torch.device(device) if device is not None else next(hf.parameters()).device
-    hf.to(device)
+    device = torch.device(device) if device is not None else input_device(hf)
+    if not is_dispatched(hf):  # a model spread by a device map stays where the map put it
+        hf.to(device)
     dicts = [d.to(device) for d in dictionaries]
     batches = pack_batches(data, tokenizer=tokenizer, tokens=tokens, context_length=context_length,
                            batch_size=batch_size, seed=seed, prepend_bos=prepend_bos)
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     bos = bos if bos is not None else getattr(hf.config, "bos_token_id", None)
-    tallies = [Tally(d.d_in, d.d_dict) for d in dicts]
+    tallies = [Tally(d.d_out, d.d_dict) for d in dicts]   # a transcoder's stats are of its output hook
     ce_clean, predictions = 0.0, 0
     bar = tqdm(total=sum(ids.numel() for ids, _ in batches), desc="eval", unit="tok", unit_scale=True,
                disable=not progress)
@@ -255,12 +277,16 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
     meta = _meta(data, dataset_name, batches, context_length=context_length, exclude_bos=exclude_bos, seed=seed,
                  prepend_bos=prepend_bos, held_out=held_out)
     curves: list[SensitivityCurves | None] = [None] * len(dicts)
-    if sensitivity and has_lm_head(hf):  # its KL is between next-token distributions
-        curves = sensitivity_on_eval_set(hf, dicts, hooks, batches, bos_id=bos, exclude_bos=exclude_bos,
-                                         samples=sensitivity_samples, seed=seed, progress=progress)
+    saes = [i for i, d in enumerate(dicts) if d.card.output_hook is None]  # Apollo's test perturbs x along the
+    if sensitivity and has_lm_head(hf) and saes:  # decoder at the hook read; KL between next-token distributions
+        found = sensitivity_on_eval_set(hf, [dicts[i] for i in saes], [hooks[i] for i in saes], batches, bos_id=bos,
+                                        exclude_bos=exclude_bos, samples=sensitivity_samples, seed=seed,
+                                        progress=progress)
+        for i, c in zip(saes, found):
+            curves[i] = c
     results = []
     for d, t, c in zip(dicts, tallies, curves):
-        stats = t.stats(ce_clean, predictions, d.d_in, **meta)
+        stats = t.stats(ce_clean, predictions, d.d_out, **meta)
         if c is not None:
             stats = stats.model_copy(update={"sensitivity": c.to_card()})
         results.append(EvalResult(d.card.name, stats, (t.fired / max(t.tokens, 1)).float(), c))
@@ -296,7 +322,8 @@ def write_evaluated(folder: str | Path, dictionary: Dictionary, result: EvalResu
 def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset: Any = None, tokens: int = 16384,
                        context_length: int = 128, batch_size: int = 8, device=None, out: str | None = None,
                        sensitivity: bool = True, sensitivity_samples: int = 32, exclude_bos: bool = True,
-                       seed: int = 0, progress: bool = True, hook: Any = None) -> list[tuple[str, Any]]:
+                       seed: int = 0, progress: bool = True, hook: Any = None, model_dtype: Any = None,
+                       device_map: Any = None) -> list[tuple[str, Any]]:
     """`dictctl eval`: evaluate what `refs` names (registry names, native folders, globs of either, or a list
     of them) in one pass; write stats, density and plots.
 
@@ -304,15 +331,20 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
     `tokenizer`. A native folder (with card.json) is updated in place unless `out` is given; a registry entry
     (or a foreign folder) becomes an evaluated native folder `out/<card name>` (default out: `evaluated`).
     Returns (folder written, new card) per dictionary; `hook` (hook_choice.py) supplies or replaces card hooks.
+    A model loaded here is in `model_dtype` (default: the cards' recipe `model_dtype`, else float32) and placed
+    by `device_map` (placement.py) when one is given; each dictionary keeps its own dtype.
     """
     from dictionaries.hook_choice import set_hooks
     from dictionaries.hooks import load_model, resolve_device
     from dictionaries.loader import load_dictionary
-    from dictionaries.registry import resolve
+    from dictionaries.placement import model_dtype as as_dtype
+    from dictionaries.placement import parse_device_map
+    from dictionaries.references import resolve
     from training.data import check_dataset
 
     check_sizes(tokens=tokens, context_length=context_length, batch_size=batch_size)  # bad input before any work
     device = resolve_device(device) if device is not None else None
+    model_dtype, device_map = as_dtype(model_dtype) if model_dtype is not None else None, parse_device_map(device_map)
     if isinstance(dataset, (str, Path)):
         check_dataset(DatasetSpec(path=str(dataset)))
     found = resolve(refs)
@@ -330,7 +362,9 @@ def evaluate_and_write(refs: Any, *, model: Any = None, tokenizer=None, dataset:
                              "Pass --dataset (a local text file or a dataset id).")
     lm = ref
     if isinstance(ref, (str, Path)):
-        lm, tokenizer = load_model(str(ref), revision=revision, device=device)
+        trained_in = {d.card.recipe.model_dtype for d in dicts if d.card.recipe is not None}
+        dtype = model_dtype or (trained_in.pop() if len(trained_in) == 1 else None)
+        lm, tokenizer = load_model(str(ref), revision=revision, device=device, dtype=dtype, device_map=device_map)
     set_hooks(lm, dicts, hook)  # a hook given, or the foreign config's placed by the loaded model's family
     local = isinstance(data, (str, Path)) and Path(data).expanduser().exists()
     name = str(Path(data).expanduser().resolve()) if local else (data if isinstance(data, str) else None)

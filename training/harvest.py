@@ -55,7 +55,7 @@ class Harvester:
             attention_mask = attention_mask.to(self.device)
         keep = token_mask(input_ids, attention_mask, bos_id=self.bos_id, exclude_bos=self.exclude_bos)
         acts = self._collect(input_ids, attention_mask)
-        return [a[keep] for a in acts]
+        return [a[keep.to(a.device)] for a in acts]  # with a device map, a hook's module may be on another device
 
 
 def harvest_chunks(harvester: Harvester, next_contexts: Callable[[int], Tensor],

@@ -250,9 +250,10 @@ def _project(module: Dictionary, x: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addmm(bias - (shift - shift.detach()), (x - module.b_dec).detach(), module.W_enc)
 
 
-def _decode(module: Dictionary, f: Tensor) -> Tensor:
-    """f @ W_dec + b_dec, (B, d), as one addmm."""
-    return torch.addmm(module.b_dec, f, module.W_dec)
+def _decode(module: Dictionary, f: Tensor, x: Tensor | None = None) -> Tensor:
+    """f @ W_dec + b_dec, (B, d_out), as one addmm; plus x @ W_skip for a skip-transcoder."""
+    out = torch.addmm(module.b_dec, f, module.W_dec)
+    return out if module.W_skip is None or x is None else out + x @ module.W_skip
 
 
 def windowed_density(s: Tensor, past: Tensor | None, count: int) -> Tensor:
@@ -287,16 +288,19 @@ def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, o
     return total
 
 
-def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext, *,
-                 sparse: bool = True) -> LossOutput:
+def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext,
+                 target: Tensor | None = None, *, sparse: bool = True) -> LossOutput:
     """One training forward of `module` on x (B, d) under `recipe`: loss, reconstruction, features, parts.
 
+    A transcoder predicts `target` (B, d_out) instead of reconstructing x: the loss is MSE(prediction, target)
+    plus the same sparsity terms (Dunefsky et al. 2024; Paulo et al. 2025 add the skip term x W_skip).
     `sparse`: TopK and BatchTopK decode, and take their gradients, through the kept features only
     (`_sparse_topk_loss`); False runs the dense (B, F) products (the reference, and every other kind)."""
+    y = x if target is None else target
     if recipe.architecture == "gated":
-        return _gated_loss(module, x, recipe, ctx)
+        return _gated_loss(module, x, recipe, ctx, y)
     if sparse and recipe.architecture in ("topk", "batchtopk"):
-        return _sparse_topk_loss(module, x, recipe, ctx)
+        return _sparse_topk_loss(module, x, recipe, ctx, y)
     pre = _project(module, x, module.b_enc)                               # (B, F)
     extra: dict = {"terms": {}}
     arch, p = recipe.architecture, recipe.penalty
@@ -310,8 +314,8 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
         f, extra["smallest_kept"] = batchtopk_features(pre, recipe.k)
     else:  # jumprelu
         f = jumprelu(pre, module.threshold, p.bandwidth)
-    x_hat = _decode(module, f)
-    mse = reconstruction_loss(x, x_hat, recipe.mse)
+    x_hat = _decode(module, f, x)
+    mse = reconstruction_loss(y, x_hat, recipe.mse)
     terms = extra["terms"]
     if arch == "relu":
         sparsity = _sparsity(recipe, module, f, ctx, extra)
@@ -322,32 +326,35 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
     loss = mse + sparsity
     if p.aux_k is not None:  # half_d_in: d_in // 2, as dictionary_learning's TopK trainers (Gao et al. 2024, B.1)
         aux_k = p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
-        terms["auxk"] = auxk_loss(pre, x - x_hat, ctx.dead, aux_k, module.W_dec)
+        terms["auxk"] = auxk_loss(pre, y - x_hat, ctx.dead, aux_k, module.W_dec)
         loss = loss + p.aux_coefficient * terms["auxk"]
     if recipe.resampling.kind == "ghost_grads":
-        terms["ghost"] = ghost_grads_loss(pre, x - x_hat, ctx.dead, module.W_dec, mse)
+        terms["ghost"] = ghost_grads_loss(pre, y - x_hat, ctx.dead, module.W_dec, mse)
         loss = loss + terms["ghost"]
     terms.update(mse=mse, sparsity=sparsity)
     return LossOutput(loss, x_hat, f, terms, extra.get("density"), extra.get("smallest_kept"))
 
 
-def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext) -> LossOutput:
+def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext, y: Tensor) -> LossOutput:
     """Rajamanoharan et al. 2024a, eq. 8: MSE + lambda ||ReLU(pi_gate)||_1 + MSE of ReLU(pi_gate) decoded frozen."""
     projected = _project(module, x, None)                                 # (B, F), shared by gate and magnitude
     pi_gate = projected + module.b_enc
     magnitude = torch.relu(projected * torch.exp(module.r_mag) + module.b_mag)
     f = (pi_gate > 0) * magnitude
-    x_hat = _decode(module, f)
-    mse = reconstruction_loss(x, x_hat, recipe.mse)
+    x_hat = _decode(module, f, x)
+    mse = reconstruction_loss(y, x_hat, recipe.mse)
     gate = torch.relu(pi_gate)
     norms = module.W_dec.norm(dim=-1) if recipe.penalty.scale_by_decoder_norm else None
     sparsity = recipe.penalty.coefficient * ctx.sparsity_scale * l1_penalty(gate, norms)
-    aux = reconstruction_loss(x, gate @ module.W_dec.detach() + module.b_dec.detach(), recipe.mse)
+    frozen = gate @ module.W_dec.detach() + module.b_dec.detach()
+    if module.W_skip is not None:  # a skip-transcoder's gate path predicts what the skip term leaves
+        frozen = frozen + x @ module.W_skip.detach()
+    aux = reconstruction_loss(y, frozen, recipe.mse)
     terms = {"mse": mse, "sparsity": sparsity, "gated_aux": aux}
     return LossOutput(mse + sparsity + aux, x_hat, f, terms)
 
 
-def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext) -> LossOutput:
+def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext, y: Tensor) -> LossOutput:
     """TopK / BatchTopK (with AuxK) whose decode and backward touch the kept features only
     (dictionaries/sparse_decoding.py): the (B, F) pre-activations are computed once without a graph to choose
     the kept entries (the same choice as the dense path: same `_project`), then the kept values are recomputed
@@ -367,12 +374,14 @@ def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossCo
     # the encoder bias as `_project` has it, b_enc - b_dec @ W_enc (F,): b_dec's gradient by one vector product
     bias = module.b_enc - module.b_dec @ module.W_enc if module.pre_encoder_bias else module.b_enc
     values = torch.relu(gathered_pre_activations(x, module.W_enc, bias, rows, feats))            # (n,)
-    x_hat = decode_code(module.W_dec, module.b_dec, rows, feats, values, b)
-    mse = reconstruction_loss(x, x_hat, recipe.mse)
+    x_hat = decode_code(module.W_dec, module.b_dec, rows, feats, values, b)          # (B, d_out)
+    if module.W_skip is not None:  # a skip-transcoder's skip term, dense (d_in x d_out, no F)
+        x_hat = x_hat + x @ module.W_skip
+    mse = reconstruction_loss(y, x_hat, recipe.mse)
     terms, loss, p = {}, mse, recipe.penalty
     if p.aux_k is not None:  # Gao et al. 2024 AuxK, as auxk_loss, through the dead features' code
         aux_k = p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
-        terms["auxk"] = _sparse_auxk(module, x, bias, pre, x - x_hat, ctx.dead, aux_k)
+        terms["auxk"] = _sparse_auxk(module, x, bias, pre, y - x_hat, ctx.dead, aux_k)
         loss = loss + p.aux_coefficient * terms["auxk"]
     terms.update(mse=mse, sparsity=pre.new_zeros(()))
     f = pre.zero_().index_put_((rows, feats), values.detach().to(pre.dtype))  # the (B, F) buffer reused, no graph

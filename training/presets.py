@@ -178,6 +178,54 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unknowns": ["b_dec starts at zero as in dictionary_learning's GatedAutoEncoder; the paper's own choice is "
                      "not among the sources at hand."],
     },
+    # Dunefsky, Chlenski & Nanda 2024, "Transcoders find interpretable LLM feature circuits" (arXiv:2406.11944), as
+    # their released train_transcoder.py (jacobdunefsky/transcoder_circuits, GPT-2 small layer 8, MLP input ->
+    # hook_mlp_out): ReLU, L1 coefficient 1.4e-4, Adam lr 4e-4 constant after a 5000-step warm-up, batch 4096,
+    # context 128, 60M tokens, expansion 32, ghost grads, unit-norm decoder rows at init. Give `hook` (mlp_in) and
+    # `output_hook` (mlp_out). Their module also subtracts a learned input-space bias before encoding; that is
+    # b_enc - b W_enc folded, so a run without it spans the same functions (pre_encoder_bias false).
+    "dunefsky2024": {
+        "architecture": "relu", "pre_encoder_bias": False,
+        "penalty": {"kind": "l1", "coefficient": 1.4e-4},
+        "optimizer": {"lr": 4e-4, "betas": (0.9, 0.999), "warmup_steps": 5000, "decay_fraction": 0.0},
+        "decoder_norm": "unit", "resampling": {"kind": "ghost_grads", "dead_window": 5000},
+        "input_normalization": "none", "mse": "mean", "init": "kaiming", "b_dec_init": "geometric_median",
+        "batch_size": 4096, "context_length": 128,
+        "unknowns": [
+            "Their MSE divides each token's squared error by the target's L2 norm before the mean; the plain mean "
+            "over elements stands in (no recipe option matches it).",
+            "b_dec starts at the mean of the targets in their script (b_dec_init_method 'mean'); the geometric "
+            "median stands in. Their ghost-grads residual is taken against the input, not the target; here "
+            "against the target.",
+            "Whether decoder rows were held at unit norm during training (the SAELens of early 2024 did) is not "
+            "stated in the script; unit is used. Their kaiming_uniform_ encoder bound differs from nn.Linear's.",
+            "The L1 coefficient and learning rate are the script's example for GPT-2 small layer 8; the paper's "
+            "other models and layers may have used others, not verified here.",
+        ],
+    },
+    # Paulo, Shabalin & Belrose 2025, "Transcoders beat sparse autoencoders for interpretability" (arXiv:2501.18823):
+    # skip-transcoders trained with EleutherAI's sparsify: TopK of ReLU, prediction = W_dec f + b_dec + x W_skip
+    # with W_skip starting at 0, no pre-encoder bias (`transcode`), decoder rows not normalised for transcoders,
+    # FVU loss (sum of squared errors over the batch's variance: mse normalized), AuxK over k_aux = d_out // 2 dead
+    # features with coefficient 1/32 and a feature dead after 10M tokens, Adam with a 1000-step warm-up and
+    # lr 2e-4 / sqrt(F / 2^14). Give `hook`, `output_hook` and `k`.
+    "paulo2025": {
+        "architecture": "topk", "pre_encoder_bias": False, "skip": True,
+        "penalty": {"kind": "none", "coefficient": 0.0, "aux_k": "half_d_in", "aux_coefficient": 1 / 32,
+                    "aux_dead_tokens": 10_000_000},
+        "optimizer": {"lr": 2e-4, "betas": (0.9, 0.999), "warmup_steps": 1000, "decay_fraction": 0.0},
+        "decoder_norm": "free", "resampling": {"kind": "none"}, "input_normalization": "none",
+        "mse": "normalized", "init": "kaiming", "decoder_init_norm": 0.01, "b_dec_init": "zero",
+        "unknowns": [
+            "The paper's k, expansion factor, batch (sparsify's default: 32 contexts of 2048 tokens) and token "
+            "count could not be checked here (the paper's text was not at hand): k must be given.",
+            "sparsify scales the learning rate as 2e-4 / sqrt(F / 2^14); 2e-4 (F = 16384) is stored: scale it "
+            "for other widths. Later sparsify releases default to the Signum optimiser and auxk_alpha 0.",
+            "sparsify starts a transcoder's W_dec at 0 and zeroes the encoder bias; here decoder rows start as "
+            "random directions of norm 0.01 (near 0, yet the encoder gets a gradient from the first step) and "
+            "the kaiming encoder draws its bias. k_aux is d_in // 2 (d_out // 2 in sparsify: equal for an MLP).",
+        ],
+    },
 }
 
 # convenient string forms of nested overrides: model="org/x" means model.id, dataset="path" means dataset.path

@@ -53,10 +53,12 @@ from training.session import (
 
 
 def default_name(recipe: Recipe) -> str:
-    """`<model>/<site><layer>/<d_dict>` from the recipe, e.g. `pythia-70m-deduped/mlp3/8192`."""
+    """`<model>/<site><layer>/<d_dict>` from the recipe, e.g. `pythia-70m-deduped/mlp3/8192`; a transcoder's ends
+    in `-transcoder`, so that it and an SAE at the same site get different names."""
     model = Path(recipe.model.id.rstrip("/")).name.lower()
     layer = "" if recipe.hook.layer is None else str(recipe.hook.layer)
-    return f"{model}/{recipe.hook.site}{layer}/{recipe.d_dict}"
+    variant = "-transcoder" if recipe.output_hook is not None else ""
+    return f"{model}/{recipe.hook.site}{layer}/{recipe.d_dict}{variant}"
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -70,7 +72,8 @@ def _step_all(s: Session, rows: list[torch.Tensor], checkpoint: Path | None) -> 
 
         if s.step == 0:  # the trainer's input scale comes from a sample before the first step
             job.trainer.estimate_input_scale(sample(min(s.buffer.unread, 8 * s.local_batch)))
-        results.append(job.trainer.step(rows[job.hook_index], sample))
+        target = rows[job.target_index] if job.target_index is not None else None   # a transcoder's (B, d_out)
+        results.append(job.trainer.step(rows[job.hook_index], sample, target=target))
     bad = [i for i, m in enumerate(results) if not (math.isfinite(m["loss"]) and math.isfinite(m["weight_norm"]))]
     if any_rank(bool(bad), s.world):  # every rank stops together (a NaN reaches all through the gradients)
         i = bad[0] if bad else 0
@@ -176,6 +179,8 @@ def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: di
     return Card(name=job.name, architecture=r.architecture, d_in=module.d_in, d_dict=module.d_dict,
                 k=getattr(module, "k", None), pre_encoder_bias=r.pre_encoder_bias, dtype=r.dtype,
                 model=r.model, hook=r.hook, files=Files(items=[]), recipe=r,
+                skip=r.skip, output_hook=r.output_hook,
+                d_out=module.d_out if module.d_out != module.d_in else None,
                 provenance=Provenance(date=datetime.date.today().isoformat(), code=_code_version(), notes=notes))
 
 
@@ -218,14 +223,16 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
 def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None = None, resume: bool = False,
           checkpoint_every: int = 1000, log_file: str | Path | None = None, progress: bool = True,
           names: list[str] | None = None, model: Any = None, tokenizer: Any = None,
-          eval_tokens: int | None = None) -> list[Path]:
+          eval_tokens: int | None = None, device_map: Any = None) -> list[Path]:
     """Train every recipe's dictionary from one pass over their shared model and data.
 
     Each output is then evaluated on `eval_tokens` tokens (default: all of the recipe's `holdout_tokens`, the
     head of the stream training skipped; 0 skips evaluation), so its card holds measured, held-out stats.
     Returns the native folders written (`<out>/<name>/`). `model`/`tokenizer` may be given as objects
     (in-process models); otherwise they load from the recipe's model id (a Hub id or a local folder).
-    `resume=True` continues from `<out>/checkpoint` when there is one.
+    `resume=True` continues from `<out>/checkpoint` when there is one. The model is loaded in the recipe's
+    `model_dtype` (a model object must already be in it) and placed by `device_map` when one is given
+    (placement.parse_device_map; the dictionaries train on `device`).
     """
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     names = list(names) if names is not None else [default_name(r) for r in recipes]
@@ -248,9 +255,11 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     if model is None or tokenizer is None:
         from dictionaries.hooks import load_model
 
-        loaded = load_model(recipes[0].model.id, revision=recipes[0].model.revision, device=dev, tokenizer=tokenizer)
+        loaded = load_model(recipes[0].model.id, revision=recipes[0].model.revision, device=dev, tokenizer=tokenizer,
+                            dtype=recipes[0].model_dtype, device_map=device_map)
         model = loaded[0] if model is None else model
         tokenizer = loaded[1]
+    check_model_dtype(model, recipes[0])
     session = build_session(recipes, names, model, tokenizer, out=out, rank=rank, world=world, device=dev)
     if folder is not None:
         restore_checkpoint(session, folder)
@@ -267,6 +276,17 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     return paths
 
 
+def check_model_dtype(model: Any, recipe: Recipe) -> None:
+    """RecipeError when a model object given to `train` runs in another dtype than the recipe's `model_dtype`
+    (the card would record a precision its activations did not have)."""
+    from dictionaries.hooks import torch_model
+
+    found = next(torch_model(model).parameters()).dtype
+    if found != getattr(torch, recipe.model_dtype):
+        raise RecipeError(["model_dtype"], f"the model given runs in {str(found).removeprefix('torch.')}, the recipe "
+                                           f"says {recipe.model_dtype}: set model_dtype or cast the model")
+
+
 def train_entries(ref: str | None, *, overrides: dict[str, Any] | None = None, recipe_file: str | Path | None = None,
                   out: str | Path = "trained", **kwargs: Any) -> list[Path]:
     """Train the registry entries `ref` names (a name, alias or glob) from one pass, their card recipes overridden.
@@ -276,7 +296,7 @@ def train_entries(ref: str | None, *, overrides: dict[str, Any] | None = None, r
     last. Other keyword arguments go to `train`.
     """
     from dictionaries.errors import UnknownNameError
-    from dictionaries.registry import resolve
+    from dictionaries.references import resolve
     from training.presets import preset, read_recipe_file, recipe_for, validate_recipe
 
     fields = read_recipe_file(recipe_file) if recipe_file else {}

@@ -25,7 +25,7 @@ from training.harvest import Harvester, harvest_chunks
 from training.trainer import Trainer
 
 # fields every dictionary of one pass shares: they fix the tokens, the batches and the step count
-SHARED_FIELDS = ("model", "dataset", "context_length", "prepend_bos", "exclude_bos", "buffer_contexts",
+SHARED_FIELDS = ("model", "model_dtype", "dataset", "context_length", "prepend_bos", "exclude_bos", "buffer_contexts",
                  "harvest_batch_size", "batch_size", "tokens", "seed", "holdout_tokens")
 
 
@@ -39,6 +39,7 @@ class Job:
     trainer: Trainer
     sampler: torch.Generator  # draws resampling inputs from the buffer, independent of the batch order
     notes: list[str] = dataclass_field(default_factory=list)  # recipe changes made on resume (training/resume.py)
+    target_index: int | None = None  # a transcoder's output hook in the harvest (its targets); None: an SAE
 
 
 @dataclass
@@ -102,7 +103,9 @@ def build_session(recipes: list[Recipe], names: list[str], model: Any, tokenizer
                   rank: int, world: int, device: torch.device) -> Session:
     """Stream, harvester, buffer and one trainer per recipe; hook points are checked before any training."""
     r0 = recipes[0]
-    hooks = list(dict.fromkeys(r.hook for r in recipes))  # distinct hook points, in first-seen order
+    # distinct hook points, in first-seen order; a transcoder's input and output rows come from the same
+    # forward and share the buffer's row order, so row i of both is one token's (input, target) pair
+    hooks = list(dict.fromkeys(h for r in recipes for h in (r.hook, r.output_hook) if h is not None))
     if r0.batch_size % world:
         raise RecipeError(["batch_size"], f"{r0.batch_size} does not divide over {world} ranks")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -118,8 +121,10 @@ def build_session(recipes: list[Recipe], names: list[str], model: Any, tokenizer
     jobs = []
     for name, recipe in zip(names, recipes):
         h = hooks.index(recipe.hook)
-        trainer = Trainer(recipe, harvester.dims[h], total_steps=total_steps, device=device)
+        t = hooks.index(recipe.output_hook) if recipe.output_hook is not None else None
+        trainer = Trainer(recipe, harvester.dims[h], total_steps=total_steps, device=device,
+                          d_out=harvester.dims[t] if t is not None else None)
         sampler = torch.Generator().manual_seed(recipe.seed + 7919 * (rank + 1))
-        jobs.append(Job(name, recipe, h, trainer, sampler))
+        jobs.append(Job(name, recipe, h, trainer, sampler, target_index=t))
     return Session(jobs, stream, buffer, out, rank, world, r0.batch_size // world, total_steps,
                    held_out_documents=held_out)

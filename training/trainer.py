@@ -28,7 +28,7 @@ from training.resume import recipe_differences, split_changes
 # recipe fields that change the optimisation; a resumed state must agree on all of them
 _OPTIMISATION_FIELDS = ("architecture", "d_dict", "k", "pre_encoder_bias", "penalty", "optimizer", "decoder_norm",
                         "prune_below", "resampling", "input_normalization", "mse", "seed", "dtype",
-                        "threshold_decay", "init", "decoder_init_norm", "b_dec_init")
+                        "threshold_decay", "init", "decoder_init_norm", "b_dec_init", "output_hook", "skip")
 
 
 def _world() -> int:
@@ -58,7 +58,8 @@ def lr_at(recipe: Recipe, step: int, total_steps: int) -> float:
     return opt.lr * factor
 
 
-def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: str | torch.device) -> Dictionary:
+def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: str | torch.device,
+                    d_out: int | None = None) -> Dictionary:
     """A module of the recipe's kind: decoder rows random directions of norm `decoder_init_norm`, encoder by `init`.
 
     tied: W_enc = W_dec^T and b_enc = 0 (Gao et al. 2024; Anthropic, April 2024, with decoder norms 0.1).
@@ -66,17 +67,25 @@ def init_dictionary(recipe: Recipe, d_in: int, *, dtype: torch.dtype, device: st
     and independent of the decoder (Bricken et al. 2023, seed 004: "the default Pytorch Kaiming Uniform
     initialization"; dictionary_learning's AutoEncoder of 2023, whose decoder columns were normalised Gaussians).
     b_dec starts at 0 (see `Trainer._initialise_decoder_bias`), JumpReLU thresholds at `penalty.initial_threshold`,
-    gated r_mag/b_mag at 0 (Rajamanoharan et al. 2024a).
+    gated r_mag/b_mag at 0 (Rajamanoharan et al. 2024a). A transcoder's decoder rows live in the output space
+    (d_out): tied then means W_enc = W_dec^T when d_out = d_in, else encoder columns drawn the same way on their
+    own; W_skip starts at 0 (SAELens' SkipTranscoder and sparsify both do).
     """
-    kw = {"pre_encoder_bias": recipe.pre_encoder_bias, "dtype": dtype, "device": device}
+    d_out = d_out or d_in
+    kw = {"pre_encoder_bias": recipe.pre_encoder_bias, "dtype": dtype, "device": device,
+          "d_out": d_out, "skip": recipe.skip}
     if recipe.k is not None:
         kw["k"] = recipe.k
     module = ARCHITECTURES[recipe.architecture](d_in, recipe.d_dict, **kw)
     gen = torch.Generator().manual_seed(recipe.seed)
-    W_dec = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)         # (F, d)
+    W_dec = torch.randn(recipe.d_dict, d_out, generator=gen, dtype=torch.float64)        # (F, d_out)
     W_dec *= recipe.decoder_init_norm / W_dec.norm(dim=-1, keepdim=True)
     if recipe.init == "tied":
-        W_enc, b_enc = W_dec.T, torch.zeros(recipe.d_dict, dtype=torch.float64)
+        rows = W_dec
+        if d_out != d_in:  # the encoder's own directions, of the same norm
+            rows = torch.randn(recipe.d_dict, d_in, generator=gen, dtype=torch.float64)
+            rows *= recipe.decoder_init_norm / rows.norm(dim=-1, keepdim=True)
+        W_enc, b_enc = rows.T, torch.zeros(recipe.d_dict, dtype=torch.float64)
     else:  # kaiming: nn.Linear's kaiming_uniform_(a=sqrt(5)) bound and its bias bound are both 1/sqrt(fan_in)
         bound = 1.0 / math.sqrt(d_in)
         W_enc = (2 * torch.rand(d_in, recipe.d_dict, generator=gen, dtype=torch.float64) - 1) * bound  # (d, F)
@@ -115,7 +124,7 @@ class Trainer:
     """Trains one dictionary under `recipe` on activations of width d_in, for `total_steps` steps."""
 
     def __init__(self, recipe: Recipe, d_in: int, *, total_steps: int, device: str | torch.device = "cpu",
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, d_out: int | None = None):
         """`autocast` (e.g. torch.bfloat16) runs the forward's matmuls at that precision; weights, Adam and the
         backward's accumulation stay in the recipe's dtype. Not part of the recipe: it is a hardware choice, held
         to BF16_TOLERANCE of the float32 run."""
@@ -126,7 +135,8 @@ class Trainer:
         self.dtype = getattr(torch, recipe.dtype)
         self.autocast = autocast
         self.sparse_decoding = True  # TopK/BatchTopK through their kept features (losses._sparse_topk_loss)
-        self.module = init_dictionary(recipe, d_in, dtype=self.dtype, device=self.device)
+        self.d_out = d_out or d_in  # a transcoder's target width (recipe.output_hook); d_in for an SAE
+        self.module = init_dictionary(recipe, d_in, dtype=self.dtype, device=self.device, d_out=self.d_out)
         frozen = {"threshold"} if recipe.architecture == "batchtopk" else set()  # set from statistics, not trained
         for name in frozen:
             getattr(self.module, name).requires_grad_(False)
@@ -164,8 +174,10 @@ class Trainer:
             mean_square = _all_reduce(x.double().pow(2).sum(-1).mean().reshape(1), "mean")
             self.input_scale = float(1.0 / mean_square.clamp_min(1e-24).sqrt().item())
 
-    def step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None = None) -> dict[str, float]:
-        """One optimisation step on raw activations x (B, d_in); returns the step's metrics.
+    def step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None = None, *,
+             target: Tensor | None = None) -> dict[str, float]:
+        """One optimisation step on raw activations x (B, d_in); returns the step's metrics. A transcoder
+        predicts `target` (B, d_out), the output hook's rows of the same tokens (scaled by the same factor).
 
         Only the forward runs under autocast: at `self.autocast`, else at the dtype of a caller's autocast
         region; the backward, the update and the bookkeeping always run at full precision.
@@ -173,13 +185,14 @@ class Trainer:
         kind = self.device.type
         precision = self.autocast or (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
         with torch.autocast(kind, enabled=False):
-            return self._step(x, sample_inputs, precision)
+            return self._step(x, sample_inputs, precision, target)
 
     def _step(self, x: Tensor, sample_inputs: Callable[[int], Tensor] | None,
-              precision: torch.dtype | None) -> dict[str, float]:
+              precision: torch.dtype | None, target: Tensor | None = None) -> dict[str, float]:
         x = self._check(x) * self.input_scale
+        y = x if target is None else self._check(target, self.d_out) * self.input_scale   # (B, d_out)
         if self.step_count == 0 and self.recipe.b_dec_init == "geometric_median":
-            self._initialise_decoder_bias(x)
+            self._initialise_decoder_bias(y)   # b_dec lives where the decoder writes
         lr = lr_at(self.recipe, self.step_count, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -187,7 +200,8 @@ class Trainer:
         # optimiser updates them in place: drop the cache before this forward and after the update.
         torch.clear_autocast_cache()
         with torch.autocast(self.device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
-            out = compute_loss(self.module, x, self.recipe, self._context(), sparse=self.sparse_decoding)
+            out = compute_loss(self.module, x, self.recipe, self._context(), target=None if target is None else y,
+                               sparse=self.sparse_decoding)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self._all_reduce_grads()
@@ -205,7 +219,7 @@ class Trainer:
         torch.clear_autocast_cache()
         self.step_count += 1
         resampled = self._maybe_resample(x, sample_inputs)
-        return self._metrics(x, out, lr, resampled, l0)
+        return self._metrics(y, out, lr, resampled, l0)
 
     @torch.no_grad()
     def _initialise_decoder_bias(self, x: Tensor, iterations: int = 20) -> None:
@@ -224,9 +238,10 @@ class Trainer:
             median = (weights[:, None] * x).sum(0) / weights.sum()
         self.module.b_dec.copy_(median)
 
-    def _check(self, x: Tensor) -> Tensor:
-        if x.ndim != 2 or x.shape[-1] != self.d_in:
-            raise ShapeMismatchError("training batch", f"(batch, {self.d_in})", tuple(x.shape))
+    def _check(self, x: Tensor, width: int | None = None) -> Tensor:
+        width = width or self.d_in
+        if x.ndim != 2 or x.shape[-1] != width:
+            raise ShapeMismatchError("training batch", f"(batch, {width})", tuple(x.shape))
         return x.to(self.device, self.dtype)
 
     def _metrics(self, x: Tensor, out, lr: float, resampled: int, l0: Tensor) -> dict[str, float]:
@@ -398,7 +413,8 @@ class Trainer:
         if d_dict == 0:
             raise RecipeError(["prune_below"], f"every feature has decoder norm below {r.prune_below}, so pruning "
                                                "would leave none: train longer or lower prune_below")
-        kw = {"pre_encoder_bias": r.pre_encoder_bias, "dtype": self.dtype, "device": self.device}
+        kw = {"pre_encoder_bias": r.pre_encoder_bias, "dtype": self.dtype, "device": self.device,
+              "d_out": self.d_out, "skip": r.skip}   # W_skip maps scaled x to scaled y: the scale cancels
         if r.k is not None:
             kw["k"] = min(r.k, d_dict)
         return ARCHITECTURES[r.architecture](self.d_in, d_dict, **kw).load_native_state(state, "trainer").eval()
