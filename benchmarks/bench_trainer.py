@@ -30,22 +30,23 @@ def _recipe(name: str, extra: dict):
                                   dataset="bench.txt", tokens=10**9, d_dict=D_DICT, batch_size=BATCH, **extra))
 
 
-def matmul_rate(precision: str, device: str = "cpu") -> float:
-    """FLOP/s of (BATCH, D_IN) @ (D_IN, D_DICT) at the given precision (the fastest of REPEATS)."""
+def matmul_rate(precision: str, device: str = "cpu", repeats: int = 2) -> float:
+    """FLOP/s of (BATCH, D_IN) @ (D_IN, D_DICT) at the given precision (the fastest of `repeats`)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(BATCH, D_IN, dtype=dtype), torch.randn(D_IN, D_DICT, dtype=dtype)
     a @ b
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - start)
     return 2 * BATCH * D_IN * D_DICT / min(times)
 
 
-def step_times(name: str, extra: dict) -> dict[str, float]:
-    """precision -> seconds of one Trainer.step at BATCH, fp32 and bf16 trainers stepping alternately (a busy
-    machine slows both alike), the fastest of REPEATS after two warm-up steps: the step's own cost in steady state."""
+def step_times(name: str, extra: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """(precision -> seconds of one Trainer.step at BATCH, precision -> matmul FLOP/s): fp32 and bf16 trainers
+    step alternately, each step followed by the matmul at its precision (a busy machine slows all alike), the
+    fastest of REPEATS after two warm-up steps: the step's own cost in steady state, beside its roofline."""
     from training.trainer import Trainer
 
     recipe = _recipe(name, extra)
@@ -57,13 +58,15 @@ def step_times(name: str, extra: dict) -> dict[str, float]:
         if recipe.input_normalization != "none":
             trainers[precision].estimate_input_scale(x)
     times: dict[str, list[float]] = {p: [] for p in trainers}
+    rates: dict[str, list[float]] = {p: [] for p in trainers}
     for i in range(REPEATS + 2):
         for precision, trainer in trainers.items():
             start = time.perf_counter()
             trainer.step(x)
             if i >= 2:
                 times[precision].append(time.perf_counter() - start)
-    return {p: min(v) for p, v in times.items()}
+                rates[precision].append(matmul_rate(precision))
+    return {p: min(v) for p, v in times.items()}, {p: max(v) for p, v in rates.items()}
 
 
 SPARSE_SHAPE = {"k": 32, "d_dict": 32768, "batch": 4096}
@@ -100,9 +103,8 @@ def sparse_vs_dense(precision: str = "fp32") -> list[dict]:
 def run() -> list[dict]:
     """The sparse-decoding rows, then one row per recipe and precision with the bf16 / fp32 step ratio."""
     rows = sparse_vs_dense()
-    rates = {p: matmul_rate(p) for p in ("fp32", "bf16")}
     for name, extra in RECIPES.items():
-        seconds = step_times(name, extra)
+        seconds, rates = step_times(name, extra)
         # products of the (B, d_in) x (d_in, F) size a step costs: five dense, one where TopK decodes sparsely
         products = 1 if name in ("topk", "batchtopk") else 5
         for precision, s in seconds.items():
