@@ -29,6 +29,7 @@ KINDS = {"standard": ("relu", True), "standard, no pre-encoder bias": ("relu", F
          "jumprelu": ("jumprelu", True), "gated": ("gated", True), "batchtopk": ("batchtopk", True)}
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
                 "batchtopk": "jumprelu (BatchTopK's inference form)"}
+TRAINED = "topk, trained here"
 TOLERANCE = 1e-5
 LOADER = {"saelens": "SAE.load_from_disk", "sparsify": "SparseCoder.load_from_disk",
           "dictionary_learning": "utils.load_dictionary's dispatch"}
@@ -63,6 +64,28 @@ def build(kind: str, pre_encoder_bias: bool, seed: int):
     return d
 
 
+def train_one(tmp: Path):
+    """A TopK dictionary trained here by `training.run.train` (the path `dictctl train` takes) at block 1's output
+    of a tiny random GPT-NeoX with d_model = D_IN, on the toy corpus: a few hundred steps' worth of real
+    weights rather than seeded ones, evaluated on held-out text as a run always is."""
+    from dictionaries.loader import load_dictionary
+    from dictionaries.recipe import Recipe
+    from training.presets import preset
+    from training.run import train
+    from training.toymodel import build_model, build_tokenizer, corpus_documents, tiny_config
+
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n\n".join(corpus_documents()))
+    recipe = Recipe.model_validate(preset(
+        "topk", model={"id": "toy/gpt-neox-d32"}, dataset={"path": str(corpus)},
+        hook={"module": "gpt_neox.layers.1", "site": "resid", "layer": 1}, context_length=32, tokens=256 * 48,
+        batch_size=256, buffer_contexts=64, harvest_batch_size=16, d_dict=D_DICT, k=K, holdout_tokens=1024))
+    model = build_model(tiny_config(d_model=D_IN, n_heads=4), seed=0).eval()
+    [out] = train(recipe, out=tmp / "trained", device="cpu", model=model, tokenizer=build_tokenizer(),
+                  names=[f"bench/resid1/{D_DICT}-trained"], progress=False)
+    return load_dictionary(str(out))
+
+
 def inputs() -> torch.Tensor:
     return torch.randn(N, D_IN, generator=torch.Generator().manual_seed(0)) + 0.5
 
@@ -75,9 +98,9 @@ def write_all(tmp: Path, hub) -> tuple[dict, dict[str, list[dict]]]:
     from dictionaries.publish import publish
 
     ours, jobs = {}, {"saelens": [], "sparsify": [], "dictionary_learning": []}
-    for i, (name, (kind, pre)) in enumerate(KINDS.items()):
+    for i, (name, (kind, pre)) in enumerate([*KINDS.items(), (TRAINED, ("topk", True))]):
         slug = name.replace(", ", "-").replace(" ", "-")
-        d = build(kind, pre, seed=i)
+        d = train_one(tmp) if name == TRAINED else build(kind, pre, seed=i)
         with torch.no_grad():
             ours[name] = d(inputs())
         native = tmp / "native" / slug

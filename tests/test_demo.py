@@ -123,13 +123,14 @@ def test_every_command_the_readme_lists_parses():
 
 
 def _alternatives(line: str) -> list[str]:
-    """`[A | B]` groups expanded: one line per alternative (each parsed on its own)."""
+    """`[A | B]` groups expanded: one line per alternative (each parsed on its own); `a|b` without spaces is one
+    option's set of values (`--to native|saelens`), parsed as one word."""
     import re
 
-    group = re.search(r"\[([^\[\]]*\|[^\[\]]*)\]", line)
+    group = re.search(r"\[([^\[\]]* \| [^\[\]]*)\]", line)
     if group is None:
         return [line]
-    return [variant for choice in group.group(1).split("|")
+    return [variant for choice in group.group(1).split(" | ")
             for variant in _alternatives(line[:group.start()] + choice.strip() + line[group.end():])]
 
 

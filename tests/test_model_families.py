@@ -172,3 +172,40 @@ def test_foreign_hook_names_land_on_the_table(name):
     fields = sparsify_hook(None, f"{fam.layers}.{LAYER}", fam)
     assert fields["module"] == H.find_hook(raw, ("resid_post", LAYER)).path
     H.find_hook(raw, HookPoint(**saelens_hook(None, "hook_embed", fam)))
+
+
+# ---- training and evaluation at every site: one pass per family ------------------------------------------
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_site_trains_and_evaluates(name, tokenizer, tmp_path):
+    """One train() pass per family trains a TopK dictionary at every site the family has (one harvest, all
+    hooks); training.evaluate then measures each on held-out text in one pass: reconstruction stats, loss
+    recovered through the LM head (causal and masked LMs alike) and the sensitivity test. (The folders'
+    plots, written the same way for every model, are left out here: they cost more than the rest.)"""
+    from dictionaries.loader import load_dictionary
+    from dictionaries.recipe import DatasetSpec, Recipe
+    from training.evaluate import evaluate
+    from training.presets import preset
+    from training.run import train
+    from training.toymodel import corpus_documents
+
+    raw = tiny(name)
+    sites = [s for s in SITES if not isinstance(site_path(FAMILIES[name], s, LAYER, config=raw.config), str)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(corpus_documents()[:40]))
+    recipes = [Recipe.model_validate(preset(
+        "topk", model={"id": f"tiny-{name}"}, hook=H.site_hook(raw, site, LAYER).card_fields,
+        dataset={"path": str(corpus)}, context_length=16, tokens=64 * 4, batch_size=64, buffer_contexts=8,
+        harvest_batch_size=8, d_dict=48, k=4, holdout_tokens=256)) for site in sites]
+    outs = train(recipes, out=tmp_path / "run", device="cpu", model=raw, tokenizer=tokenizer, progress=False,
+                 names=[f"tiny-{name}/{site}" for site in sites], eval_tokens=0)
+    assert len(outs) == len(sites) >= 6
+    trained = [load_dictionary(str(out)) for out in outs]
+    assert [d.card.hook.module for d in trained] == [r.hook.module for r in recipes]
+    results = evaluate(raw, trained, DatasetSpec(path=str(corpus)), tokenizer=tokenizer, tokens=256,
+                       context_length=16, sensitivity_samples=4, progress=False)
+    for site, result in zip(sites, results):
+        s = result.stats
+        assert s.tokens > 0 and s.l0 <= 4 + 1e-6, (name, site)
+        assert 0 < s.fvu < 10, (name, site)
+        assert s.frac_loss_recovered is not None and s.ce_spliced is not None, (name, site)
+        assert result.sensitivity is not None, (name, site)
