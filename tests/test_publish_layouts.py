@@ -38,7 +38,8 @@ def test_both_layouts_in_one_commit(arch, tmp_path, hub_env):
     assert sorted(result.uploaded) == [f"l0-{arch}/{f}" for f in ("README.md", "card.json", "cfg.json",
                                                                    "sae_weights.safetensors", "weights.safetensors")]
     assert hub_env.head("org/both") not in (None, before)
-    folder = snapshot_download("org/both", revision=result.location.revision, allow_patterns=[f"l0-{arch}/*"])
+    folder = snapshot_download("org/both", revision=result.location.revision, allow_patterns=[f"l0-{arch}/*"],
+                               endpoint=hub_env.endpoint)  # huggingface_hub reads HF_ENDPOINT once, at import
     here = os.path.join(folder, f"l0-{arch}")
     same_outputs(read_folder(here, format="saelens"), original)     # the SAELens pair
     same_outputs(load_dictionary(f"hf://org/both/l0-{arch}@{result.location.revision}"), original)  # the native
