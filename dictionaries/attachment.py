@@ -235,9 +235,36 @@ def decode(dictionary: Dictionary, f: Tensor) -> Tensor:
     return (rows + dictionary.b_dec).reshape(*f.shape[:-1], -1)
 
 
+RECONSTRUCT_BLOCK_BYTES = 16 * 2**20
+"""On CPU, `reconstruct` encodes at most this many bytes of features at a time."""
+
+
+def reconstruct(dictionary: Dictionary, x: Tensor) -> Tensor:
+    """decode(encode(x)) (..., d) for activations x (..., d), without the dense (tokens, F) features.
+
+    Every architecture encodes each token on its own, so the tokens go through in blocks: on CPU a
+    (tokens, F) tensor of one forward (1024 x 32768 floats, 128 MiB) is fresh memory from the system each
+    time, whose first-touch page faults cost as much as a third of its encoder GEMM; a 16 MiB block is
+    reused from the allocator's free list and stays in cache through its sparse decode. Accelerators
+    (a caching allocator, no per-block launch savings to lose) take the tokens in one block.
+    """
+    flat = x.reshape(-1, x.shape[-1]).to(dictionary.W_enc.dtype)                   # (tokens, d)
+    rows = flat.shape[0]
+    if flat.device.type == "cpu":
+        rows = max(1, RECONSTRUCT_BLOCK_BYTES // (dictionary.d_dict * flat.element_size()))
+    if rows >= flat.shape[0]:
+        return decode(dictionary, dictionary.encode(flat)).reshape(*x.shape[:-1], -1)
+    out = torch.empty(flat.shape[0], dictionary.d_in, dtype=flat.dtype, device=flat.device)
+    for start in range(0, flat.shape[0], rows):
+        block = flat[start:start + rows]                                           # (rows, d)
+        out[start:start + rows] = decode(dictionary, dictionary.encode(block))
+    return out.reshape(*x.shape[:-1], -1)
+
+
 @dataclass
 class _State:
-    """One activation seen at a hook: x (batch, pos, d) and its features f (batch, pos, F).
+    """One activation seen at a hook: x (batch, pos, d) and its features f (batch, pos, F), computed on first
+    use (a splice of the error term alone needs none, a plain splice only the reconstruction: `reconstruct`).
 
     Edits are kept sparse: `idx` (k,) the sorted indices of edited features, `vals` (batch, pos, k) their
     new values, so an edit costs O(k d) per token instead of a dense (F, d) decode.
@@ -245,7 +272,7 @@ class _State:
 
     x: Tensor
     real: Tensor | None
-    f: Tensor
+    f: Tensor | None = None
     raw: Tensor | None = None     # the module's own tensor when x is a (batch, pos, d) view of it (OPT's MLP)
     idx: Tensor | None = None
     vals: Tensor | None = None
@@ -281,23 +308,27 @@ class Attachment:
         if st is not None and (raw is st.raw or raw is st.x or raw is st.written):
             return st
         x = as_tokens(raw, self._masks.batch_shape)                    # (batch, pos, d)
-        real = self._masks.real(x)
-        f = self.dictionary.encode(x.to(self.dictionary.W_enc.dtype))   # (batch, pos, F), the dictionary's dtype
-        if real is not None:
-            f = f * real.unsqueeze(-1).to(f.dtype)
-        self._state = _State(x=x, real=real, f=f, raw=raw)
+        self._state = _State(x=x, real=self._masks.real(x), raw=raw)
         return self._state
+
+    def _features(self, st: _State) -> Tensor:
+        """st.f, encoded on first use: (batch, pos, F) in the dictionary's dtype, 0 at pad positions."""
+        if st.f is None:
+            f = self.dictionary.encode(st.x.to(self.dictionary.W_enc.dtype))
+            st.f = f if st.real is None else f * st.real.unsqueeze(-1).to(f.dtype)
+        return st.f
 
     @property
     def features(self) -> Tensor:
         """Features f (batch, pos, d_dict) of the activation at the hook (0 at pad positions)."""
-        return self._current().f
+        return self._features(self._current())
 
     @property
     def reconstruction(self) -> Tensor:
         """decode(f) (batch, pos, d_in); pad positions hold the activation itself."""
         st = self._current()
-        x_hat = decode(self.dictionary, st.f).to(st.x.dtype)
+        x_hat = reconstruct(self.dictionary, st.x) if st.f is None else decode(self.dictionary, st.f)
+        x_hat = x_hat.to(st.x.dtype)
         return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, st.x)
 
     @property
@@ -312,6 +343,8 @@ class Attachment:
         delta = None if st.idx is None else (st.vals - st.f[..., st.idx]) @ W_dec[st.idx]   # (batch, pos, d)
         if error:
             new = st.x if delta is None else st.x + delta.to(st.x.dtype)   # exactly x when nothing was edited
+        elif st.f is None:      # nothing edited and the features never read: no dense (batch, pos, F)
+            new = reconstruct(self.dictionary, st.x)
         else:
             new = decode(self.dictionary, st.f)
             new = (new if delta is None else new + delta).to(st.x.dtype)
@@ -330,11 +363,12 @@ class Attachment:
     def _edit(self, features: int | Sequence[int] | Tensor, value: float | None, add: float | None,
               error: bool) -> None:
         st = self._current()
-        index = torch.as_tensor(features, dtype=torch.long, device=st.f.device).reshape(-1).unique()
+        f = self._features(st)
+        index = torch.as_tensor(features, dtype=torch.long, device=f.device).reshape(-1).unique()
         if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= self.dictionary.d_dict):
             raise FeatureIndexError(index.tolist(), self.dictionary.d_dict)
         idx = index if st.idx is None else torch.cat([st.idx, index]).unique()      # sorted
-        vals = st.f[..., idx].clone()                                              # (batch, pos, k)
+        vals = f[..., idx].clone()                                                 # (batch, pos, k)
         if st.idx is not None:  # earlier edits of this forward carry over
             vals[..., torch.searchsorted(idx, st.idx)] = st.vals
         at = torch.searchsorted(idx, index)
