@@ -225,9 +225,12 @@ def decode(dictionary: Dictionary, f: Tensor) -> Tensor:
     (F, d) matmul; above SPARSE_DECODE_DENSITY the dense matmul wins.
     """
     flat = f.reshape(-1, f.shape[-1])                                          # (tokens, F)
-    if flat.numel() == 0 or int(torch.count_nonzero(flat)) > SPARSE_DECODE_DENSITY * flat.numel():
+    probe = flat[: max(1, flat.shape[0] // 16)]   # the density from a slice: a full count is one more pass
+    if flat.numel() == 0 or int(torch.count_nonzero(probe)) > SPARSE_DECODE_DENSITY * probe.numel():
         return dictionary.decode(f)
     nz = flat.nonzero()                                                        # (nnz, 2), row-major
+    if nz.shape[0] > SPARSE_DECODE_DENSITY * flat.numel():                     # the slice was not typical
+        return dictionary.decode(f)
     counts = torch.bincount(nz[:, 0], minlength=flat.shape[0])
     offsets = counts.cumsum(0) - counts
     rows = torch.nn.functional.embedding_bag(nz[:, 1], dictionary.W_dec, offsets, mode="sum",
