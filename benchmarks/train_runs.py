@@ -136,9 +136,10 @@ def ours_child(kind: str, steps: int, batch: int, d_dict: int, warmup: int, eval
     stamps = [line["time"] for line in first]                       # step ends
     rate, counted = steady(stamps, warmup, batch)
     startup, loop, evaluated = _notes_seconds(paths[0])
-    steady_lines = [line for line in lines if line["step"] > warmup]
+    # stamps[warmup] ends step warmup + 1: the steady interval holds steps warmup + 2 .. the last
+    steady_lines = [line for line in lines if line["step"] > warmup + 1]
     step_s = sum(line["step_s"] for line in steady_lines) / max(counted, 1)          # all dictionaries, per step
-    data_s = sum(line["data_s"] for line in first if line["step"] > warmup) / max(counted, 1)
+    data_s = sum(line["data_s"] for line in first if line["step"] > warmup + 1) / max(counted, 1)
     return {"tokens": steps * batch, "seconds": returned - called, "startup_s": startup, "train_s": loop,
             "end_s": returned - called - startup - loop, "eval_s": evaluated, "steady_tokens_per_s": rate,
             "steady_steps": counted, "step_s": step_s, "data_s": data_s, "cpu_s": cpu, "peak_mb": peak_mb(),
