@@ -54,6 +54,7 @@ from dictionaries.hooks import (
 )
 from dictionaries.placement import model_dtype
 from dictionaries.recipe import HookPoint
+from dictionaries.sparse_decoding import decode_mostly_zero, reconstruct
 
 if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
@@ -237,31 +238,10 @@ def attach(model: Any, *dictionaries: Dictionary, at: Any = None) -> Iterator[At
         recorder.handle.remove()
 
 
-SPARSE_DECODE_DENSITY = 0.02
-"""Below this fraction of non-zero features, decode gathers decoder rows instead of a dense matmul."""
-
-
-def decode(dictionary: Dictionary, f: Tensor) -> Tensor:
-    """dictionary.decode(f) for f (..., F); for sparse f, as a weighted sum of the active decoder rows.
-
-    A trained dictionary has L0 in the tens to hundreds of 32768 features (under 1%), so summing only the
-    active rows of W_dec (`embedding_bag`, O(L0 d) per token) is several times cheaper on CPU than the dense
-    (F, d) matmul; above SPARSE_DECODE_DENSITY the dense matmul wins.
-    """
-    flat = f.reshape(-1, f.shape[-1])                                          # (tokens, F)
-    if flat.numel() == 0 or int(torch.count_nonzero(flat)) > SPARSE_DECODE_DENSITY * flat.numel():
-        return dictionary.decode(f)
-    nz = flat.nonzero()                                                        # (nnz, 2), row-major
-    counts = torch.bincount(nz[:, 0], minlength=flat.shape[0])
-    offsets = counts.cumsum(0) - counts
-    rows = torch.nn.functional.embedding_bag(nz[:, 1], dictionary.W_dec, offsets, mode="sum",
-                                             per_sample_weights=flat[nz[:, 0], nz[:, 1]])  # (tokens, d)
-    return (rows + dictionary.b_dec).reshape(*f.shape[:-1], -1)
-
-
 @dataclass
 class _State:
-    """One activation seen at a hook: x (batch, pos, d) and its features f (batch, pos, F).
+    """One activation seen at a hook: x (batch, pos, d) and its features f (batch, pos, F), computed on first
+    use (a splice of the error term alone needs none, a plain splice only the reconstruction: `reconstruct`).
 
     Edits are kept sparse: `idx` (k,) the sorted indices of edited features, `vals` (batch, pos, k) their
     new values, so an edit costs O(k d) per token instead of a dense (F, d) decode.
@@ -269,7 +249,7 @@ class _State:
 
     x: Tensor
     real: Tensor | None
-    f: Tensor
+    f: Tensor | None = None
     raw: Tensor | None = None     # the module's own tensor when x is a (batch, pos, d) view of it (OPT's MLP)
     idx: Tensor | None = None
     vals: Tensor | None = None
@@ -313,7 +293,7 @@ class Attachment:
 
     def _prediction(self, st: _State) -> Tensor:
         """decode(f), plus x W_skip for a skip-transcoder (Paulo et al. 2025): (batch, pos, d_out)."""
-        out = decode(self.dictionary, st.f)
+        out = decode_mostly_zero(self.dictionary, self._features(st))
         W_skip = self.dictionary.W_skip
         return out if W_skip is None else out + st.x.to(W_skip.device, W_skip.dtype) @ W_skip
 
@@ -324,26 +304,35 @@ class Attachment:
         if st is not None and (raw is st.raw or raw is st.x or raw is st.written):
             return st
         x = as_tokens(raw, self._masks.batch_shape)                    # (batch, pos, d)
-        real = self._masks.real(x)
-        W = self.dictionary.W_enc  # cast at the boundary: a bf16 model (or a device map) and an fp32 dictionary
-        f = self.dictionary.encode(x.to(W.device, W.dtype))             # (batch, pos, F), the dictionary's dtype
-        if real is not None:
-            f = f * real.unsqueeze(-1).to(f.device, f.dtype)
-        self._state = _State(x=x, real=real, f=f, raw=raw)
+        self._state = _State(x=x, real=self._masks.real(x), raw=raw)
         return self._state
+
+    def _features(self, st: _State) -> Tensor:
+        """st.f, encoded on first use: (batch, pos, F) in the dictionary's dtype, 0 at pad positions."""
+        if st.f is None:
+            W = self.dictionary.W_enc  # cast at the boundary: a bf16 model (or a device map), an fp32 dictionary
+            f = self.dictionary.encode(st.x.to(W.device, W.dtype))
+            st.f = f if st.real is None else f * st.real.unsqueeze(-1).to(f.device, f.dtype)
+        return st.f
 
     @property
     def features(self) -> Tensor:
         """Features f (batch, pos, d_dict) of the activation at the hook (0 at pad positions)."""
-        return self._current().f
+        return self._features(self._current())
 
     @property
     def reconstruction(self) -> Tensor:
         """decode(f) (batch, pos, d_in), a transcoder's prediction (batch, pos, d_out); pad positions hold the
         activation itself (a transcoder's: its output hook's)."""
         st = self._current()
-        y = self._target(st)[0] if self.output_hook is not None else st.x
-        x_hat = self._prediction(st).to(y.device, y.dtype)
+        if self.output_hook is None:   # an SAE: without the dense features when none were read (`reconstruct`)
+            y = st.x
+            x_hat = (reconstruct(self.dictionary, st.x) if st.f is None else
+                     decode_mostly_zero(self.dictionary, st.f))
+        else:
+            y = self._target(st)[0]
+            x_hat = self._prediction(st)
+        x_hat = x_hat.to(y.device, y.dtype)
         return x_hat if st.real is None else torch.where(st.real.unsqueeze(-1), x_hat, y)
 
     @property
@@ -360,6 +349,8 @@ class Attachment:
         delta = None if st.idx is None else (st.vals - st.f[..., st.idx]) @ W_dec[st.idx]   # (batch, pos, d_out)
         if error:
             new = y if delta is None else y + delta.to(y.device, y.dtype)   # exactly y when nothing was edited
+        elif st.f is None and self.output_hook is None:   # nothing edited, features never read: no (batch, pos, F)
+            new = reconstruct(self.dictionary, st.x).to(y.device, y.dtype)
         else:
             new = self._prediction(st)
             new = (new if delta is None else new + delta).to(y.device, y.dtype)
@@ -379,11 +370,12 @@ class Attachment:
     def _edit(self, features: int | Sequence[int] | Tensor, value: float | None, add: float | None,
               error: bool) -> None:
         st = self._current()
-        index = torch.as_tensor(features, dtype=torch.long, device=st.f.device).reshape(-1).unique()
+        f = self._features(st)
+        index = torch.as_tensor(features, dtype=torch.long, device=f.device).reshape(-1).unique()
         if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= self.dictionary.d_dict):
             raise FeatureIndexError(index.tolist(), self.dictionary.d_dict)
         idx = index if st.idx is None else torch.cat([st.idx, index]).unique()      # sorted
-        vals = st.f[..., idx].clone()                                              # (batch, pos, k)
+        vals = f[..., idx].clone()                                                 # (batch, pos, k)
         if st.idx is not None:  # earlier edits of this forward carry over
             vals[..., torch.searchsorted(idx, st.idx)] = st.vals
         at = torch.searchsorted(idx, index)

@@ -95,3 +95,55 @@ def gathered_pre_activations(x: Tensor, W_enc: Tensor, bias: Tensor, rows: Tenso
     """(n,) pre-activations x[rows] . W_enc[:, features] + bias[features], differentiable, for the kept
     entries only: W_enc's gradient is an index-add of n columns instead of a (d, B) @ (B, F) matmul."""
     return _GatherDot.apply(x, W_enc, rows, features) + bias[features]
+
+
+# ---- whole dictionaries at inference (attach, eval): what the nnsight side calls -----------------------
+ACTIVE_ROWS_DENSITY = 0.02
+"""Below this fraction of non-zero features, decode gathers decoder rows instead of a dense matmul."""
+
+
+def decode_mostly_zero(dictionary: torch.nn.Module, f: Tensor) -> Tensor:
+    """dictionary.decode(f) for f (..., F); for sparse f, as a weighted sum of the active decoder rows.
+
+    A trained dictionary has L0 in the tens to hundreds of 32768 features (under 1%), so summing only the
+    active rows of W_dec (`embedding_bag`, O(L0 d) per token) is several times cheaper on CPU than the dense
+    (F, d) matmul; above ACTIVE_ROWS_DENSITY the dense matmul wins.
+    """
+    flat = f.reshape(-1, f.shape[-1])                                          # (tokens, F)
+    probe = flat[: max(1, flat.shape[0] // 16)]   # the density from a slice: a full count is one more pass
+    if flat.numel() == 0 or int(torch.count_nonzero(probe)) > ACTIVE_ROWS_DENSITY * probe.numel():
+        return dictionary.decode(f)
+    nz = flat.nonzero()                                                        # (nnz, 2), row-major
+    if nz.shape[0] > ACTIVE_ROWS_DENSITY * flat.numel():                     # the slice was not typical
+        return dictionary.decode(f)
+    counts = torch.bincount(nz[:, 0], minlength=flat.shape[0])
+    offsets = counts.cumsum(0) - counts
+    rows = torch.nn.functional.embedding_bag(nz[:, 1], dictionary.W_dec, offsets, mode="sum",
+                                             per_sample_weights=flat[nz[:, 0], nz[:, 1]])  # (tokens, d)
+    return (rows + dictionary.b_dec).reshape(*f.shape[:-1], -1)
+
+
+RECONSTRUCT_BLOCK_BYTES = 16 * 2**20
+"""On CPU, `reconstruct` encodes at most this many bytes of features at a time."""
+
+
+def reconstruct(dictionary: torch.nn.Module, x: Tensor) -> Tensor:
+    """decode(encode(x)) (..., d) for activations x (..., d), without the dense (tokens, F) features.
+
+    Every architecture encodes each token on its own, so the tokens go through in blocks: on CPU a
+    (tokens, F) tensor of one forward (1024 x 32768 floats, 128 MiB) is fresh memory from the system each
+    time, whose first-touch page faults cost as much as a third of its encoder GEMM; a 16 MiB block is
+    reused from the allocator's free list and stays in cache through its sparse decode. Accelerators
+    (a caching allocator, no per-block launch savings to lose) take the tokens in one block.
+    """
+    flat = x.reshape(-1, x.shape[-1]).to(dictionary.W_enc.device, dictionary.W_enc.dtype)   # (tokens, d)
+    rows = flat.shape[0]
+    if flat.device.type == "cpu":
+        rows = max(1, RECONSTRUCT_BLOCK_BYTES // (dictionary.d_dict * flat.element_size()))
+    if rows >= flat.shape[0]:
+        return decode_mostly_zero(dictionary, dictionary.encode(flat)).reshape(*x.shape[:-1], -1)
+    out = torch.empty(flat.shape[0], dictionary.d_in, dtype=flat.dtype, device=flat.device)
+    for start in range(0, flat.shape[0], rows):
+        block = flat[start:start + rows]                                           # (rows, d)
+        out[start:start + rows] = decode_mostly_zero(dictionary, dictionary.encode(block))
+    return out.reshape(*x.shape[:-1], -1)

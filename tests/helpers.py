@@ -192,3 +192,32 @@ def make_transcoder(d_in: int, d_out: int, d_dict: int, hook: str, output_hook: 
         if kind in ("jumprelu", "batchtopk"):
             d.threshold.fill_(0.01)
     return d
+
+
+# ---- logits with edits, by plain torch hooks and through a trace -------------------------------------
+def reference_logits(raw, ids, mask, edits: dict[str, callable]):
+    """Logits with each module's output x replaced by edits[path](x), via plain torch hooks."""
+    from dictionaries.hooks import _position_ids
+
+    handles = []
+    for path, fn in edits.items():
+        def hook(m, a, o, fn=fn):
+            return (fn(o[0]), *o[1:]) if isinstance(o, tuple) else fn(o)
+        handles.append(raw.get_submodule(path).register_forward_hook(hook))
+    with torch.no_grad():
+        out = raw(ids, attention_mask=mask, position_ids=_position_ids(mask)).logits
+    for h in handles:
+        h.remove()
+    return out
+
+
+def keep_pads(mask, fn):
+    """Apply fn at real positions only, as an Attachment does."""
+    return lambda x: torch.where(mask.bool()[..., None], fn(x), x)
+
+
+def traced_logits(model, ids, mask, body):
+    with torch.no_grad(), model.trace(ids, attention_mask=mask):
+        body()
+        logits = model.output.logits.save()
+    return logits

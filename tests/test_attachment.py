@@ -23,7 +23,7 @@ from dictionaries.errors import (
     ShapeMismatchError,
 )
 
-from helpers import ATTN, EMBED, FAMILIES, TEXTS, batch, make_dictionary
+from helpers import ATTN, EMBED, FAMILIES, TEXTS, batch, keep_pads, make_dictionary, reference_logits, traced_logits
 
 
 def identity_dictionary(d_in: int, hook: str):
@@ -36,32 +36,6 @@ def identity_dictionary(d_in: int, hook: str):
         d.b_enc.zero_()
         d.b_dec.zero_()
     return d
-
-
-def reference_logits(raw, ids, mask, edits: dict[str, callable]):
-    """Logits with each module's output x replaced by edits[path](x), via plain torch hooks."""
-    handles = []
-    for path, fn in edits.items():
-        def hook(m, a, o, fn=fn):
-            return (fn(o[0]), *o[1:]) if isinstance(o, tuple) else fn(o)
-        handles.append(raw.get_submodule(path).register_forward_hook(hook))
-    with torch.no_grad():
-        out = raw(ids, attention_mask=mask, position_ids=H._position_ids(mask)).logits
-    for h in handles:
-        h.remove()
-    return out
-
-
-def keep_pads(mask, fn):
-    """Apply fn at real positions only, as an Attachment does."""
-    return lambda x: torch.where(mask.bool()[..., None], fn(x), x)
-
-
-def traced_logits(model, ids, mask, body):
-    with torch.no_grad(), model.trace(ids, attention_mask=mask):
-        body()
-        logits = model.output.logits.save()
-    return logits
 
 
 # ---- splice ------------------------------------------------------------------------------------------
@@ -85,7 +59,7 @@ def test_splice_with_error_is_exact_and_without_matches_hand(models, tokenizer, 
 
 
 def test_sparse_features_decode_like_dense(models, tokenizer):
-    from dictionaries import attachment as S
+    from dictionaries import sparse_decoding as S
 
     raw, model = models["neox"]
     path = "gpt_neox.layers.0.mlp"
@@ -96,8 +70,8 @@ def test_sparse_features_decode_like_dense(models, tokenizer):
         d.b_enc.sub_(d.pre_activation(x[mask.bool()]).flatten().quantile(0.995))
         f = d.encode(x)
     density = float((f[mask.bool()] > 0).float().mean())
-    assert 0 < density < S.SPARSE_DECODE_DENSITY
-    torch.testing.assert_close(S.decode(d, f), d.decode(f))
+    assert 0 < density < S.ACTIVE_ROWS_DENSITY
+    torch.testing.assert_close(S.decode_mostly_zero(d, f), d.decode(f))
     with A.attach(model, d) as sae:
         got = traced_logits(model, ids, mask, lambda: sae.splice(error=False))
     with torch.no_grad():

@@ -7,6 +7,7 @@ is an exception raised from inside a training step (after the last checkpoint, b
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -74,6 +75,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, corpus, tiny_neox, to
             assert torch.equal(wa[key], wb[key]), key
     lines = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [step for step in range(1, 25) for _ in range(2)]  # no repeats
+    assert all(line["data_s"] >= 0 and line["step_s"] > 0 for line in lines)  # where each step's time went
     assert {line["dictionary"] for line in lines} == {
         "toy-neox/mlp0/96", "toy-neox/resid1/64"}
     assert not (tmp_path / "cut" / "checkpoint").exists()  # a finished run drops its checkpoint
@@ -100,6 +102,7 @@ def test_output_card_holds_the_exact_recipe(tmp_path, corpus, tiny_neox, tokeniz
     assert Recipe.model_validate(card["recipe"]) == recipe
     assert card["provenance"]["code"].startswith("dictionaries ")
     assert any("768 tokens" in note for note in card["provenance"]["notes"])
+    assert any(re.search(r"after a start-up of \d+\.\d s", note) for note in card["provenance"]["notes"])
     dictionary = read_folder(folder)
     assert dictionary.d_in == 64
     assert dictionary.d_dict == 96
@@ -113,7 +116,9 @@ def test_trained_dictionary_arrives_with_measured_stats(tmp_path, corpus, tiny_n
 
     recipe = run_recipe(corpus, tokens=128 * 6)
     (folder,) = train(recipe, tmp_path, tiny_neox, tokenizer, eval_tokens=512)
-    stats = read_folder(folder).card.stats
+    card = read_folder(folder).card
+    assert any(re.search(r"evaluation on 512 held-out tokens: \d+\.\d s", n) for n in card.provenance.notes)
+    stats = card.stats
     assert stats.source == "measured"
     assert stats.eval_set.dataset == recipe.dataset           # the whole spec, not the path alone
     assert stats.eval_set.seed == recipe.seed

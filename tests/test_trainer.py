@@ -76,6 +76,8 @@ def test_decoder_norms_obey_their_constraint(name, norm):
     t, _ = train(make_recipe(name), 100, SparseSource())
     norms = t.module.W_dec.norm(dim=-1)
     assert t.recipe.decoder_norm == norm
+    # the projection of the gradient is not recorded by autograd (each step's graph kept (F, d) tensors alive)
+    assert not t.module.W_dec.grad.requires_grad
     if norm == "unit":
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     else:

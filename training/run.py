@@ -73,7 +73,9 @@ def _step_all(s: Session, rows: list[torch.Tensor], checkpoint: Path | None) -> 
         if s.step == 0:  # the trainer's input scale comes from a sample before the first step
             job.trainer.estimate_input_scale(sample(min(s.buffer.unread, 8 * s.local_batch)))
         target = rows[job.target_index] if job.target_index is not None else None   # a transcoder's (B, d_out)
-        results.append(job.trainer.step(rows[job.hook_index], sample, target=target))
+        started = time.perf_counter()
+        metrics = job.trainer.step(rows[job.hook_index], sample, target=target)
+        results.append({**metrics, "step_s": time.perf_counter() - started})  # host time (asynchronous on GPUs)
     bad = [i for i, m in enumerate(results) if not (math.isfinite(m["loss"]) and math.isfinite(m["weight_norm"]))]
     if any_rank(bool(bad), s.world):  # every rank stops together (a NaN reaches all through the gradients)
         i = bad[0] if bad else 0
@@ -96,7 +98,9 @@ def run_loop(s: Session, *, checkpoint_every: int, log_file: Path | None, progre
     checkpoint = latest_checkpoint(s.out)
     try:
         while s.step < s.total_steps:
-            rows = s.buffer.next_batch(s.local_batch)
+            started = time.perf_counter()
+            rows = s.buffer.next_batch(s.local_batch)      # harvest (when half the buffer is read) + shuffle
+            data_s = time.perf_counter() - started
             if any_rank(rows is None, s.world):
                 _sync_log(log)
                 checkpoint = save_checkpoint(s)
@@ -105,7 +109,7 @@ def run_loop(s: Session, *, checkpoint_every: int, log_file: Path | None, progre
             s.step += 1
             bar.update(batch)
             if log is not None:
-                _log(log, s, metrics, batch)
+                _log(log, s, metrics, batch, data_s)
             if s.step % 10 == 0 or s.step == s.total_steps:
                 m = metrics[0]
                 bar.set_postfix(mse=f"{m['mse']:.3g}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.2f}",
@@ -138,12 +142,14 @@ def _trim_log(path: Path, step: int) -> None:
     write_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines() if line and kept(line)))
 
 
-def _log(log: Any, s: Session, metrics: list[dict[str, float]], batch: int) -> None:
-    """One JSON line per dictionary and step: the curves."""
+def _log(log: Any, s: Session, metrics: list[dict[str, float]], batch: int, data_s: float) -> None:
+    """One JSON line per dictionary and step: the curves, with where the step's time went: `data_s` the wait
+    for the batch (harvest and buffer, shared by the step's dictionaries), `step_s` this dictionary's
+    optimisation step."""
     now = time.time()
     for job, m in zip(s.jobs, metrics):
-        log.write(json.dumps({"step": s.step, "tokens": s.step * batch, "dictionary": job.name, "time": now, **m})
-                  + "\n")
+        log.write(json.dumps({"step": s.step, "tokens": s.step * batch, "dictionary": job.name, "time": now,
+                              "data_s": data_s, **m}) + "\n")
 
 
 # ---- outputs -------------------------------------------------------------------------------------------
@@ -162,14 +168,17 @@ def _code_version() -> str:
         return text
 
 
-def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: dict[str, float] | None) -> Any:
-    """The card of a trained dictionary: the exact recipe, provenance and a summary of the run."""
+def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: dict[str, float] | None,
+              startup: float | None = None) -> Any:
+    """The card of a trained dictionary: the exact recipe, provenance and a summary of the run (the training
+    loop's wall time `seconds`, and the start-up before it: model, data, buffer and trainers set up)."""
     import datetime
 
     from dictionaries.card import Card, Files, Provenance
 
     r = job.trainer.recipe  # resolved: d_in-dependent values (aux_k half_d_in) as trained
-    notes = [f"Trained by training/run.py on {tokens:,} tokens in {seconds:.0f} s "
+    before = "" if startup is None else f" after a start-up of {startup:.1f} s"
+    notes = [f"Trained by training/run.py on {tokens:,} tokens in {seconds:.1f} s{before} "
              f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, {job.trainer.total_steps} steps).", *job.notes]
     if metrics:
         shown = [f"{k} {metrics[k]:.4g}" for k in ("loss", "mse", "l0", "dead_frac") if k in metrics]
@@ -185,7 +194,7 @@ def make_card(job: Job, module: Any, *, seconds: float, tokens: int, metrics: di
 
 
 def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eval_tokens: int,
-                  progress: bool) -> list[Path]:
+                  progress: bool, startup: float | None = None) -> list[Path]:
     """One native folder per dictionary under `<out>/<name>/`, written once by rank 0; returns the folders.
 
     The trained modules (their cards attached) go to `evaluate` in memory first, so each folder is written
@@ -199,7 +208,8 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
     modules = []
     for i, job in enumerate(s.jobs):
         module = job.trainer.finish()
-        module.card = make_card(job, module, seconds=seconds, tokens=tokens, metrics=s.last[i] if s.last else None)
+        module.card = make_card(job, module, seconds=seconds, tokens=tokens, metrics=s.last[i] if s.last else None,
+                                startup=startup)
         modules.append(module)
     check_finite(s, modules, latest_checkpoint(s.out))  # finish() rescales: check what would be written
     if s.rank != 0:
@@ -211,13 +221,23 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
     r = s.jobs[0].recipe
     held_out = (f"the first {s.held_out_documents} documents of the seeded order (holdout_tokens "
                 f"{r.holdout_tokens}), which training skipped")
+    started = time.perf_counter()
     results = evaluate(model, modules, r.dataset, tokenizer=tokenizer, tokens=eval_tokens,
                        context_length=r.context_length, device=next(model.parameters()).device,
                        exclude_bos=r.exclude_bos, seed=r.seed, prepend_bos=r.prepend_bos, held_out=held_out,
                        progress=progress)
+    evaluated = f"End-of-run evaluation on {eval_tokens:,} held-out tokens: {time.perf_counter() - started:.1f} s."
     for module, folder, result in zip(modules, folders, results):
-        write_evaluated(folder, module, result)
+        write_evaluated(folder, _noted(module, evaluated), result)
     return folders
+
+
+def _noted(module: Any, note: str) -> Any:
+    """The module with `note` appended to its card's provenance notes (cards are frozen: a copy)."""
+    provenance = module.card.provenance
+    module.card = module.card.model_copy(update={"provenance": provenance.model_copy(
+        update={"notes": [*provenance.notes, note]})})
+    return module
 
 
 def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None = None, resume: bool = False,
@@ -234,6 +254,7 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     `model_dtype` (a model object must already be in it) and placed by `device_map` when one is given
     (placement.parse_device_map; the dictionaries train on `device`).
     """
+    called = time.time()
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     names = list(names) if names is not None else [default_name(r) for r in recipes]
     if len(set(names)) != len(names):
@@ -267,7 +288,7 @@ def train(recipes: list[Recipe] | Recipe, *, out: str | Path, device: str | None
     run_loop(session, checkpoint_every=checkpoint_every, log_file=Path(log_file) if log_file else None,
              progress=progress)
     paths = write_outputs(session, model, tokenizer, seconds=time.time() - started, eval_tokens=eval_tokens,
-                          progress=progress)
+                          progress=progress, startup=started - called)
     barrier(world)
     if rank == 0:  # the run is complete: its checkpoint is no longer needed
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

@@ -259,6 +259,7 @@ class Trainer:
         return torch.stack([torch.dot(p.view(-1), p.view(-1)) for p in self.module.parameters()]).sum().sqrt()
 
     # ---- constraints on the decoder ----------------------------------------------------------------
+    @torch.no_grad()  # recorded by autograd, each step's edit kept a (F, d) and an (F, 1) tensor alive: +16 MB a step
     def _constrain_gradients(self) -> None:
         """Unit-norm decoder: remove the gradient's component along each decoder row (Bricken et al. 2023)."""
         W, g = self.module.W_dec, self.module.W_dec.grad
