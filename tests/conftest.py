@@ -33,6 +33,15 @@ def tiny_neox():
     return build_model()
 
 
+@pytest.fixture(scope="session")
+def toy_folder(tmp_path_factory, tiny_neox, tokenizer):
+    """The tiny GPT-NeoX and its tokenizer saved as a from_pretrained folder (what --model takes)."""
+    folder = tmp_path_factory.mktemp("toy-neox")
+    tiny_neox.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hf(tmp_path, monkeypatch):
     """Every test gets its own HF cache and no route to the real Hub."""

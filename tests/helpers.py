@@ -60,11 +60,16 @@ def make_dictionary(d_in: int, d_dict: int, hook: str | None, kind: str = "relu"
                 k=4 if kind in ("topk", "batchtopk") else None, files=Files(items=[]), hook=hp,
                 model=ModelRef(id=model_id) if model_id else None)
     d = build_dictionary(card)
+    return seed_weights(d, seed)
+
+
+def seed_weights(d, seed: int = 0):
+    """d with seeded random weights (thresholds low enough that features fire); returns d."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in d.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.05))
-        if kind in ("jumprelu", "batchtopk"):
+        if d.architecture in ("jumprelu", "batchtopk"):
             d.threshold.fill_(0.01)
     return d
 
@@ -185,13 +190,7 @@ def make_transcoder(d_in: int, d_out: int, d_dict: int, hook: str, output_hook: 
                 k=4 if kind in ("topk", "batchtopk") else None, files=Files(items=[]), hook=point(hook),
                 output_hook=point(output_hook), d_out=d_out if d_out != d_in else None, skip=skip)
     d = build_dictionary(card)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in d.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.05))
-        if kind in ("jumprelu", "batchtopk"):
-            d.threshold.fill_(0.01)
-    return d
+    return seed_weights(d, seed)
 
 
 # ---- logits with edits, by plain torch hooks and through a trace -------------------------------------

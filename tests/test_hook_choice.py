@@ -135,13 +135,7 @@ def test_cli_eval_and_inspect_resolve_against_the_loaded_model(world, tmp_path):
 def test_cli_eval_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
     """A BERT-family encoder loaded as BertModel: reconstruction stats, the final hidden state's relative change
     (spliced, zero-ablated) standing in for the downstream effect, and no loss recovered."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=1024, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, pad_token_id=1, architectures=["BertModel"])
-    BertModel(config).eval().save_pretrained(tmp_path / "bert-local")
-    tokenizer.save_pretrained(tmp_path / "bert-local")
+    _bert_folder(tmp_path / "bert-local", tokenizer)
     (tmp_path / "src").mkdir()
     sae = saelens_folder(tmp_path / "src", model_name="my-bert", hook="blocks.0.hook_resid_post")
     r = dictctl("eval", str(sae), "--model", str(tmp_path / "bert-local"), "--dataset", str(world / "texts.txt"),
@@ -189,13 +183,7 @@ def test_model_hook_of_a_dictionary_learning_name_it_cannot_place(tmp_path):
 def test_cli_inspect_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
     """`dictctl inspect` on a BertModel: contexts and frequency, and in place of the logit lens a line saying the
     model has no unembedding."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=1024, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, pad_token_id=1, architectures=["BertModel"])
-    BertModel(config).eval().save_pretrained(tmp_path / "bert-local")
-    tokenizer.save_pretrained(tmp_path / "bert-local")
+    _bert_folder(tmp_path / "bert-local", tokenizer)
     (tmp_path / "src").mkdir()
     sae = saelens_folder(tmp_path / "src", model_name="my-bert", hook="blocks.0.hook_resid_post")
     r = dictctl("inspect", str(sae), "--feature", "3", "--texts", str(world / "texts.txt"), "--top", "3",
@@ -206,3 +194,15 @@ def test_cli_inspect_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
     assert len([line for line in lines if " pos " in line]) == 3  # the top contexts
     assert lines[-1] == "logit lens: none; the model (BertModel) has no unembedding (no LM head), so no logit lens"
     assert "promotes" not in r.stdout
+
+
+def _bert_folder(folder: Path, tokenizer) -> Path:
+    """A tiny random BERT encoder saved as a BertModel (no LM head) with the toy tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1024, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=1, architectures=["BertModel"])
+    BertModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

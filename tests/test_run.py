@@ -236,15 +236,6 @@ def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.fixture(scope="module")
-def toy_folder(tmp_path_factory, tiny_neox, tokenizer):
-    """The tiny GPT-NeoX and its tokenizer saved as a from_pretrained folder (what --model takes)."""
-    folder = tmp_path_factory.mktemp("toy-neox")
-    tiny_neox.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 SMALL = "batch_size: 128\nbuffer_contexts: 16\nharvest_batch_size: 8\ncontext_length: 32\nd_dict: 64\n" \
         "optimizer: {warmup_steps: 2}\n"
 

@@ -72,14 +72,6 @@ def test_a_target_of_the_wrong_width_is_refused():
 
 # ---- one run on the tiny GPT-NeoX, through the command line ---------------------------------------------
 @pytest.fixture(scope="module")
-def toy_folder(tmp_path_factory, tiny_neox, tokenizer):
-    folder = tmp_path_factory.mktemp("toy-neox")
-    tiny_neox.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     from training.toymodel import corpus_documents
 
