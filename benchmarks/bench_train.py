@@ -70,10 +70,12 @@ def _child(python: str, args: list[str], timeout: int = 3600) -> dict:
     return json.loads(lines[-1])
 
 
-def _ours(kind: str, size: dict, steps: int, batch: int, d_dict: int, device: str, evaluate: bool = True) -> dict:
+def _ours(kind: str, size: dict, steps: int, batch: int, d_dict: int, device: str, evaluate: bool = True,
+          precision: str = "fp32") -> dict:
     return _child(sys.executable, ["--child", kind, "--steps", str(steps), "--batch", str(batch), "--d-dict",
                                    str(d_dict), "--warmup", str(size["warmup"]), "--eval-tokens",
-                                   str(size["eval_tokens"] if evaluate else 0), "--device", device])
+                                   str(size["eval_tokens"] if evaluate else 0), "--device", device,
+                                   "--precision", precision])
 
 
 def _peer(peer: str, size: dict, steps: int, batch: int, d_dict: int, device: str) -> dict:
@@ -182,7 +184,7 @@ def _child_main(args: dict) -> dict:
 
             return PEER_CHILDREN[args["--peer"]](**common, device=device, folder=Path(tmp))
         return ours_child(args["--child"], **common, eval_tokens=int(args["--eval-tokens"]), device=device,
-                          folder=Path(tmp))
+                          folder=Path(tmp), precision=args.get("--precision", "fp32"))  # fp32 or bf16
 
 
 def main(argv: list[str]) -> None:

@@ -86,8 +86,15 @@ def corpus_documents() -> list[str]:
 
 
 # ---- ours ----------------------------------------------------------------------------------------------
-def ours_recipes(kind: str, steps: int, batch: int, d_dict: int, warmup: int, folder: Path, eval_tokens: int) -> list:
-    """`l1` (marks2023 at mlp3), `topk` (k=32 at mlp3) or `twelve` (marks2023 at mlp and resid of every layer)."""
+PRECISIONS = {"fp32": {}, "bf16": {"model_dtype": "bfloat16", "autocast": "bfloat16"}}
+"""A run's precision: fp32, or bf16 = the model's harvest forward and the dictionary's forward in bf16 (the
+dictionary's weights and Adam stay fp32)."""
+
+
+def ours_recipes(kind: str, steps: int, batch: int, d_dict: int, warmup: int, folder: Path, eval_tokens: int,
+                 precision: str = "fp32") -> list:
+    """`l1` (marks2023 at mlp3), `topk` (k=32 at mlp3) or `twelve` (marks2023 at mlp and resid of every layer),
+    at a precision of PRECISIONS."""
     from dictionaries.recipe import Recipe
     from training.presets import preset
 
@@ -103,7 +110,7 @@ def ours_recipes(kind: str, steps: int, batch: int, d_dict: int, warmup: int, fo
         name, model={"id": "pythia70m-random"}, hook=h, dataset={"path": str(corpus)}, context_length=CONTEXT,
         tokens=steps * batch, batch_size=batch, buffer_contexts=2 * batch // CONTEXT,
         harvest_batch_size=batch // CONTEXT, d_dict=d_dict, holdout_tokens=max(eval_tokens, CONTEXT),
-        optimizer={"lr": lr, "warmup_steps": warmup}, **extra))
+        optimizer={"lr": lr, "warmup_steps": warmup}, **extra, **PRECISIONS[precision]))
         for h in hooks]
 
 
@@ -116,15 +123,16 @@ def _notes_seconds(folder: Path) -> tuple[float, float, float]:
 
 
 def ours_child(kind: str, steps: int, batch: int, d_dict: int, warmup: int, eval_tokens: int, device: str,
-               folder: Path) -> dict:
-    """training.run.train on the recipes of `kind`; phases from its curve file and card notes."""
+               folder: Path, precision: str = "fp32") -> dict:
+    """training.run.train on the recipes of `kind` at `precision`; phases from its curve file and card notes."""
     import torch
 
     from training import run
     from training.toymodel import build_model, build_tokenizer, pythia70m_config
 
-    model = build_model(pythia70m_config()).to(device)
-    recipes = ours_recipes(kind, steps, batch, d_dict, warmup, folder, eval_tokens)
+    recipes = ours_recipes(kind, steps, batch, d_dict, warmup, folder, eval_tokens, precision)
+    # train() checks a model object against the recipe's model_dtype: build it in that dtype
+    model = build_model(pythia70m_config()).to(device, getattr(torch, recipes[0].model_dtype))
     sampler, log = PeakSampler(), folder / "curve.jsonl"
     called, cpu = time.time(), cpu_seconds()
     paths = run.train(recipes, out=folder / "out", device=device, model=model, tokenizer=build_tokenizer(),
@@ -144,4 +152,5 @@ def ours_child(kind: str, steps: int, batch: int, d_dict: int, warmup: int, eval
             "end_s": returned - called - startup - loop, "eval_s": evaluated, "steady_tokens_per_s": rate,
             "steady_steps": counted, "step_s": step_s, "data_s": data_s, "cpu_s": cpu, "peak_mb": peak_mb(),
             "peak_startup_mb": sampler.peak_before(called + startup),
-            "peak_train_mb": sampler.peak_before(called + startup + loop), "threads": torch.get_num_threads()}
+            "peak_train_mb": sampler.peak_before(called + startup + loop), "threads": torch.get_num_threads(),
+            "precision": precision}

@@ -68,6 +68,8 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
            model_dtype: Optional[str] = typer.Option(None, "--model-dtype", help=MODEL_DTYPE_HELP + " Sets the "
                                                      "recipe's model_dtype."),
            device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+           autocast: Optional[str] = typer.Option(None, "--autocast", help="bf16, fp16 or none: precision of the "
+                                                  "dictionary's forward in training (sets the recipe's autocast)."),
            eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", min=0,
                                                      help="Held-out tokens the end-of-run evaluation reads (default: "
                                                           "the recipe's holdout_tokens); 0 skips it.")) -> None:
@@ -75,9 +77,10 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
     if name is None and recipe is None:
         raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
     from dictionaries.placement import dtype_name, parse_device_map
-    from training.run import train_entries  # after the check: bad usage is said without waiting for torch
     overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset),
-                                   ("model_dtype", model_dtype and dtype_name(model_dtype))) if v is not None}
+                                   ("model_dtype", model_dtype and dtype_name(model_dtype)),
+                                   ("autocast", autocast and _autocast_name(autocast))) if v is not None}
+    from training.run import train_entries  # after the checks: bad usage is said without importing training
     for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
                                 checkpoint_every=checkpoint_every, log_file=log,
                                 device_map=parse_device_map(device_map), eval_tokens=eval_tokens):
@@ -85,6 +88,19 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
     if eval_tokens == 0:
         console.print("stats not measured (--eval-tokens 0): `dictctl eval FOLDER` measures them later",
                       highlight=False)
+
+
+def _autocast_name(value: str) -> str:
+    """The recipe's `autocast` for a name given the way --model-dtype takes dtypes (bf16, bfloat16, fp16, half),
+    none/off/fp32 for full precision; InvalidArgumentError listing them otherwise."""
+    from dictionaries.errors import InvalidArgumentError
+    from dictionaries.placement import MODEL_DTYPES, dtype_name
+
+    key = value.strip().lower().removeprefix("torch.")
+    if key not in MODEL_DTYPES and key not in ("none", "off"):
+        raise InvalidArgumentError("autocast", value, "expected bf16, fp16 or none (bfloat16, float16, fp32)")
+    name = "none" if key in ("none", "off") else dtype_name(key)
+    return "none" if name == "float32" else name
 
 
 @app.command("convert")

@@ -209,6 +209,8 @@ class Recipe(Strict):
     model_dtype: ModelDtype = "float32"
     """Dtype the model is loaded and run in while harvesting: its activations are those of this precision (cast
     to `dtype` in the buffer). bfloat16 or float16 halve a big model's memory; float32 for the existing entries."""
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
+    """Precision of the dictionary's forward in training (torch autocast; weights and Adam stay in `dtype`)."""
     threshold_decay: float = Field(default=0.999, ge=0, lt=1)
     """batchtopk: decay of the running average of the smallest kept activation (the inference threshold)."""
     unknowns: list[str] = Field(default_factory=list)

@@ -113,6 +113,7 @@ CASES = [
     Case("train-checkpoint-every-zero", TRAIN + "ce0 --checkpoint-every 0"),
     Case("train-checkpoint-every-negative", TRAIN + "ce-1 --checkpoint-every -1"),
     Case("train-device-nonsense", TRAIN + "dev --device nonsense"),
+    Case("train-autocast-nonsense", TRAIN + "ac --autocast int8"),
     Case("train-device-cuda", TRAIN + "cuda --device cuda", gpu_free=True),
     Case("train-model-missing", TRAIN + "m --model {w}/nowhere"),
     Case("train-dataset-missing", TRAIN + "d --dataset {w}/nowhere.txt"),

@@ -193,3 +193,26 @@ def test_fused_relu_l1_keeps_a_bf16_gradient_in_bf16(gen):
     assert pre.grad.dtype == torch.bfloat16 and penalty.dtype == torch.float32
     ref = torch.where(pre.detach().float() > 0, 2 * pre.detach().float() + 1 / B, 0)
     torch.testing.assert_close(pre.grad.float(), ref, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_sparse_topk_kept_values_stay_float32_under_bf16_autocast(gen, name):
+    """Only the choosing product runs in bf16: the kept values, x . W_enc[:, f] + b_enc[f] - b_dec . W_enc[:, f],
+    are float32 throughout (a bf16 b_dec @ W_enc would round the bias to 8 bits and cast its (d, F) gradient)."""
+    from dictionaries.architectures import BatchTopKDictionary, TopKDictionary
+
+    from synthetic import make_recipe
+
+    module = (TopKDictionary if name == "topk" else BatchTopKDictionary)(D, F, k=4)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(B, D, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = losses.compute_loss(module, x, make_recipe(name, d_dict=F, k=4),
+                                  losses.LossContext(torch.zeros(F, dtype=torch.bool)), sparse=True)
+    rows, feats, values = out.code
+    W, b_enc, b_dec = module.W_enc.detach(), module.b_enc.detach(), module.b_dec.detach()
+    expected = ((x[rows] - b_dec) * W[:, feats].t()).sum(-1) + b_enc[feats]
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, expected.relu(), rtol=1e-5, atol=1e-5)

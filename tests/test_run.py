@@ -41,13 +41,13 @@ def corpus(tmp_path_factory):
     return path
 
 
-def run_recipe(corpus, hook=MLP0, **fields) -> Recipe:
+def run_recipe(corpus, hook=MLP0, name="bricken2023", **fields) -> Recipe:
     base = dict(model={"id": "toy-neox"}, hook=hook, dataset={"path": str(corpus)}, context_length=32,
                 tokens=128 * 24, batch_size=128, buffer_contexts=16, harvest_batch_size=8, d_dict=96,
                 holdout_tokens=512, optimizer={"lr": 1e-3, "warmup_steps": 4},
                 resampling={"kind": "anthropic", "every": 6, "dead_window": 3, "inputs": 256})
     base.update(fields)
-    return Recipe.model_validate(preset("bricken2023", **base))
+    return Recipe.model_validate(preset(name, **base))
 
 
 def train(recipes, out, tiny_neox, tokenizer, **kw):
@@ -392,3 +392,23 @@ def test_a_corrupt_checkpoint_is_refused_naming_it(tmp_path, corpus):
     with pytest.raises(FormatError, match="cannot be read \\(trainers.pt.*without --resume") as info:
         run_module.train(run_recipe(corpus), out=tmp_path, resume=True)
     assert info.value.path == str(tmp_path / "checkpoint" / "step-5")
+
+
+@pytest.mark.parametrize("name", ["bricken2023", "topk"])
+def test_a_recipe_with_bf16_autocast_ends_within_tolerance_of_float32(tmp_path, corpus, tiny_neox, tokenizer, name):
+    """The recipe's `autocast` reaches the trainers: held-out FVU and L0 within BF16_TOLERANCE, recorded in the card."""
+    from dictionaries.formats import read_folder
+    from training.trainer import BF16_TOLERANCE
+
+    extra = {"k": 8} if name == "topk" else {"penalty": {"coefficient": 1e-4}}
+    extra.update(resampling={"kind": "none"}, optimizer={"lr": 3e-3, "warmup_steps": 2})
+    cards = {}
+    for autocast in ("none", "bfloat16"):
+        recipe = run_recipe(corpus, name=name, tokens=128 * 40, holdout_tokens=1024, autocast=autocast, **extra)
+        (folder,) = train(recipe, tmp_path / autocast, tiny_neox, tokenizer, eval_tokens=1024)
+        cards[autocast] = read_folder(folder).card
+    fp32, bf16 = cards["none"].stats, cards["bfloat16"].stats
+    assert cards["bfloat16"].recipe.autocast == "bfloat16" and fp32.fvu < 0.8      # and training did something
+    assert bf16.fvu != fp32.fvu                                   # the bf16 forward did run
+    assert abs(bf16.fvu - fp32.fvu) <= BF16_TOLERANCE["fvu"], (fp32.fvu, bf16.fvu)
+    assert abs(bf16.l0 - fp32.l0) <= BF16_TOLERANCE["l0_relative"] * fp32.l0, (fp32.l0, bf16.l0)

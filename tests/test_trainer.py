@@ -263,6 +263,21 @@ def test_autocast_forward_trains_and_a_callers_autocast_region_sees_fresh_weight
     assert own.module.W_enc.dtype == torch.float32
 
 
+def test_the_recipes_autocast_is_the_trainers_and_a_resume_may_not_change_it():
+    """autocast: bfloat16 in the recipe steps exactly as the explicit argument; an fp32 state is refused by it."""
+    from_recipe = Trainer(make_recipe("topk", autocast="bfloat16"), D_IN, total_steps=5)
+    explicit = Trainer(make_recipe("topk"), D_IN, total_steps=5, autocast=torch.bfloat16)
+    plain = Trainer(make_recipe("topk"), D_IN, total_steps=5)
+    a, b, c = SparseSource(), SparseSource(), SparseSource()
+    for _ in range(5):
+        from_recipe.step(a()), explicit.step(b()), plain.step(c())
+    assert torch.equal(from_recipe.module.W_enc, explicit.module.W_enc)
+    assert not torch.equal(from_recipe.module.W_enc, plain.module.W_enc)
+    with pytest.raises(RecipeError) as info:
+        from_recipe.load_state_dict(plain.state_dict())
+    assert info.value.fields == ["autocast"]
+
+
 def _rank_run(rank: int, world: int, store: str, name: str, steps: int, out: str) -> None:
     """One rank of a two-process gloo run: each rank steps on its half of every batch."""
     import torch.distributed as dist

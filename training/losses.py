@@ -371,8 +371,11 @@ def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossCo
         rows, feats = flat_code(kept.indices, n_features)
         positive = kept.values[kept.values > 0]
         smallest = positive.min() if positive.numel() else torch.tensor(float("inf"), device=pre.device)
-    # the encoder bias as `_project` has it, b_enc - b_dec @ W_enc (F,): b_dec's gradient by one vector product
-    bias = module.b_enc - module.b_dec @ module.W_enc if module.pre_encoder_bias else module.b_enc
+    # the encoder bias as `_project` has it, b_enc - b_dec @ W_enc (F,): b_dec's gradient by one vector product;
+    # at full precision, as the kept dot products: under autocast the product and its (d, F) gradient would run
+    # in bf16, then be cast back to W_enc's float32 (one more (d, F) pass) and round the bias to 8 bits
+    with torch.autocast(x.device.type, enabled=False):
+        bias = module.b_enc - module.b_dec @ module.W_enc if module.pre_encoder_bias else module.b_enc
     values = torch.relu(gathered_pre_activations(x, module.W_enc, bias, rows, feats))            # (n,)
     x_hat = decode_code(module.W_dec, module.b_dec, rows, feats, values, b)          # (B, d_out)
     if module.W_skip is not None:  # a skip-transcoder's skip term, dense (d_in x d_out, no F)

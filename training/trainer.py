@@ -25,9 +25,10 @@ from training.presets import resolve
 from training.resampling import resample_features
 from training.resume import recipe_differences, split_changes
 
-# recipe fields that change the optimisation; a resumed state must agree on all of them
+# recipe fields that change the optimisation; a resumed state must agree on all of them (autocast too: it rounds
+# every remaining forward, and the card records one precision for the whole run)
 _OPTIMISATION_FIELDS = ("architecture", "d_dict", "k", "pre_encoder_bias", "penalty", "optimizer", "decoder_norm",
-                        "prune_below", "resampling", "input_normalization", "mse", "seed", "dtype",
+                        "prune_below", "resampling", "input_normalization", "mse", "seed", "dtype", "autocast",
                         "threshold_decay", "init", "decoder_init_norm", "b_dec_init", "output_hook", "skip")
 
 
@@ -124,15 +125,14 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, d_in: int, *, total_steps: int, device: str | torch.device = "cpu",
                  autocast: torch.dtype | None = None, d_out: int | None = None):
-        """`autocast` (e.g. torch.bfloat16) runs the forward's matmuls at that precision; weights, Adam and the
-        backward's accumulation stay in the recipe's dtype. Not part of the recipe: it is a hardware choice, held
-        to BF16_TOLERANCE of the float32 run."""
+        """`autocast` (e.g. torch.bfloat16; default: the recipe's `autocast`) runs the forward's matmuls at that
+        precision; weights, Adam and the backward's accumulation stay in the recipe's dtype (BF16_TOLERANCE)."""
         if total_steps <= 0:
             raise RecipeError(["tokens", "batch_size"], f"training needs at least one step, got {total_steps}")
         recipe = resolve(recipe, d_in)  # d_in-dependent values fixed (penalty.aux_k half_d_in)
         self.recipe, self.d_in, self.total_steps, self.device = recipe, d_in, total_steps, torch.device(device)
         self.dtype = getattr(torch, recipe.dtype)
-        self.autocast = autocast
+        self.autocast = autocast or (None if recipe.autocast == "none" else getattr(torch, recipe.autocast))
         self.sparse_decoding = True  # TopK/BatchTopK through their kept features (losses._sparse_topk_loss)
         self.d_out = d_out or d_in  # a transcoder's target width (recipe.output_hook); d_in for an SAE
         self.module = init_dictionary(recipe, d_in, dtype=self.dtype, device=self.device, d_out=self.d_out)
