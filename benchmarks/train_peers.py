@@ -22,7 +22,13 @@ def _documents_forever():
         yield from corpus_documents()
 
 
-def dictionary_learning_child(steps: int, batch: int, d_dict: int, warmup: int, device: str, folder: Path) -> dict:
+def _fp32_only(peer: str, precision: str) -> None:
+    if precision != "fp32":
+        raise ValueError(f"{peer} has no {precision} training on this device (see bench_train.PLANS)")
+
+
+def dictionary_learning_child(steps: int, batch: int, d_dict: int, warmup: int, device: str, folder: Path,
+                              precision: str = "fp32") -> dict:
     """dictionary_learning's ActivationBuffer and StandardTrainer at mlp3, stepped as its trainSAE steps them.
 
     trainSAE itself cannot be imported here: dictionary_learning/training.py imports wandb at module level,
@@ -31,6 +37,7 @@ def dictionary_learning_child(steps: int, batch: int, d_dict: int, warmup: int, 
     for each buffer batch, save `ae.pt`; that is what runs here.
     """
     import torch
+    _fp32_only("dictionary_learning", precision)
     from dictionary_learning import ActivationBuffer
     from dictionary_learning.dictionary import AutoEncoder
     from dictionary_learning.trainers.standard import StandardTrainer
@@ -56,8 +63,10 @@ def dictionary_learning_child(steps: int, batch: int, d_dict: int, warmup: int, 
     return {**phases(called, stamps, returned, warmup, batch, steps * batch), "cpu_s": cpu, "peak_mb": peak_mb()}
 
 
-def saelens_child(steps: int, batch: int, d_dict: int, warmup: int, device: str, folder: Path) -> dict:
-    """SAELens' LanguageModelSAETrainingRunner (standard L1 SAE) on a random transformer_lens Pythia-70m."""
+def saelens_child(steps: int, batch: int, d_dict: int, warmup: int, device: str, folder: Path,
+                  precision: str = "fp32") -> dict:
+    """SAELens' LanguageModelSAETrainingRunner (standard L1 SAE) on a random transformer_lens Pythia-70m; bf16 is
+    its own mixed precision: `autocast` (the SAE's forward) and `autocast_lm` (the model's, in the store)."""
     from datasets import Dataset
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig
     from sae_lens.config import LoggingConfig
@@ -78,7 +87,8 @@ def saelens_child(steps: int, batch: int, d_dict: int, warmup: int, device: str,
         model_name="pythia70m-random", hook_name="blocks.3.hook_mlp_out", dataset_path="", streaming=False,
         is_dataset_tokenized=False, context_size=CONTEXT, training_tokens=steps * batch,
         train_batch_size_tokens=batch, n_batches_in_buffer=2, store_batch_size_prompts=batch // CONTEXT,
-        device=device, lr=1e-3, lr_warm_up_steps=warmup, logger=LoggingConfig(log_to_wandb=False),
+        device=device, lr=1e-3, lr_warm_up_steps=warmup, autocast=precision == "bf16",
+        autocast_lm=precision == "bf16", logger=LoggingConfig(log_to_wandb=False),
         checkpoint_path=str(folder / "ckpt"), n_checkpoints=0, output_path=str(folder / "out"))
     stamps: list[float] = []
     real_step = SAETrainer.step
@@ -104,8 +114,11 @@ def _token_contexts(tokenizer, contexts: int) -> list[list[int]]:
     return [ids[i * CONTEXT:(i + 1) * CONTEXT] for i in range(contexts)]
 
 
-def sparsify_child(steps: int, batch: int, d_dict: int, warmup: int, device: str, folder: Path) -> dict:
+def sparsify_child(steps: int, batch: int, d_dict: int, warmup: int, device: str, folder: Path,
+                   precision: str = "fp32") -> dict:
     """EleutherAI sparsify's Trainer.fit: TopK k=32 at mlp3, Adam, AuxK 1/32, FVU loss."""
+    if device == "cpu":  # its bf16 autocast is gated on torch.cuda.is_bf16_supported()
+        _fp32_only("sparsify on the CPU", precision)
     from datasets import Dataset
     from sparsify import SparseCoderConfig, TrainConfig, Trainer
 
