@@ -8,7 +8,7 @@ from functools import cache
 import pytest
 import torch
 
-from dictionaries.hooks import collect_activations, find_hook
+from dictionaries.hooks import collect_activations
 from training import perturbation as P
 
 SMALL = dict(vocab_size=1024, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -77,17 +77,13 @@ def _directions(model, site, ids, n_kinds=2):
             * base.norm(dim=-1, keepdim=True) for j in range(n_kinds)}
 
 
-@pytest.mark.parametrize("site", SITES)
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name,site", [(n, s) for n in SPECS for s in SITES
+                                       if not (s[0] == "resid_mid" and n in ("gpt_neox", "falcon"))])  # parallel
 def test_replaying_the_blocks_before_the_hook_gives_the_full_forwards_curves(name, site):
     """The three paths agree at every site (inside a block, at its input or output, the last block's output)
     for parallel (NeoX, Falcon), sequential, post-norm (Gemma 2) and flattening (OPT) blocks; and with skipping,
     the blocks before the hook compute nothing for the perturbed rows (their modules see N rows only)."""
     model = tiny(name)
-    try:
-        find_hook(model, site)
-    except Exception as exc:                                                  # a parallel block's resid_mid
-        pytest.skip(str(exc))
     ids = torch.randint(2, 1024, (3, 10), generator=torch.Generator().manual_seed(1))
     dirs, steps = _directions(model, site, ids), torch.tensor([0.0, 2.0, 32.0])
     full = P.curves_full(model, site, ids, None, torch.full((3,), 9), dirs, steps, 4, _Bar())

@@ -12,7 +12,8 @@ Three paths, equal within float rounding:
   replaced by one returning that recorded (rows, 1, d) output (`replaying`). The model's own forward still
   builds masks, positions and rotary embeddings and runs the embedding, the hook's block and all later ones
   over the cache. The skipped layers' cache entries are not extended by the last token, which nothing reads:
-  the cache length is taken before the first block, and the copy is dropped after the forward.
+  the cache length is taken before the first block, and the copy is dropped after the forward (no family of
+  the table shares keys and values across layers).
 
 Skipping needs a causal family of `model_families.py` (its block list `<base>.<layers>`) with the hook inside
 that list, and blocks returning a tensor or a tuple whose other elements are None (transformers 5: every
@@ -128,10 +129,16 @@ def _replayable(output: Any) -> bool:
 @contextmanager
 def recording(blocks: Sequence[nn.Module]) -> Iterator[list[Any]]:
     """For the forward run inside it: each block's output object, in block order (its tensors (N, 1, d) for a
-    last-token forward of N rows). An empty list when a block did not run."""
+    last-token forward of N rows), the activation copied (a later block may add into its input in place). An
+    empty list when a block did not run."""
+    from dictionaries.hooks import first_tensor, replace_first
+
     outputs: dict[int, Any] = {}
-    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
-               for i, b in enumerate(blocks)]
+
+    def keep(i: int, out: Any) -> None:
+        outputs[i] = replace_first(out, first_tensor(out).clone()) if _replayable(out) else out
+
+    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: keep(i, out)) for i, b in enumerate(blocks)]
     recorded: list[Any] = []
     try:
         yield recorded
