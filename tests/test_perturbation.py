@@ -16,7 +16,8 @@ SMALL = dict(vocab_size=1024, hidden_size=32, num_hidden_layers=2, num_attention
 GQA = dict(SMALL, num_key_value_heads=1, head_dim=16)
 SPECS = {  # family -> (config class, model class, config kwargs): 2 layers, d_model 32
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", SMALL),                       # parallel attn + mlp
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=1024, n_embd=32, n_layer=2, n_head=2)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=1024, n_embd=32, n_layer=2, n_head=2,
+                                                initializer_range=0.2)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", SMALL),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", GQA),                              # post-norms, soft-capping
     "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=1024, hidden_size=32, num_hidden_layers=2,
@@ -103,3 +104,22 @@ def test_replaying_the_blocks_before_the_hook_gives_the_full_forwards_curves(nam
         assert full[kind][:, -1].min() > 1e-4, kind                           # the perturbations move the output
         torch.testing.assert_close(plain[kind], full[kind], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(fast[kind], full[kind], rtol=1e-4, atol=1e-6)
+
+
+def test_another_hook_on_a_replayed_block_applies_once():
+    """A hook someone left on a skipped block (a splice at an earlier layer) changes the replayed output once, as
+    it does in the whole-context forward, not twice (the recording takes the block's output before it)."""
+    from dictionaries.hooks import first_tensor, replace_first
+
+    model, site = tiny("gpt2"), ("mlp_out", 1)
+    ids = torch.randint(2, 1024, (3, 10), generator=torch.Generator().manual_seed(1))
+    dirs, steps = _directions(model, site, ids, n_kinds=1), torch.tensor([0.0, 8.0])
+    shift = torch.randn(32, generator=torch.Generator().manual_seed(4))      # not constant: LayerNorm removes that
+    handle = _blocks(model)[0].register_forward_hook(lambda _m, _a, out: replace_first(out, first_tensor(out) + shift))
+    try:
+        full = P.curves_full(model, site, ids, None, torch.full((3,), 9), dirs, steps, 6, _Bar())
+        fast = P.curves_from_prefix(model, site, ids, P.prefix_cache(model, ids), dirs, steps, 6, _Bar())
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fast["k0"], full["k0"], rtol=1e-4, atol=1e-6)
+    assert full["k0"][:, -1].min() > 1e-4

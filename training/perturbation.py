@@ -138,7 +138,9 @@ def recording(blocks: Sequence[nn.Module]) -> Iterator[list[Any]]:
     def keep(i: int, out: Any) -> None:
         outputs[i] = replace_first(out, first_tensor(out).clone()) if _replayable(out) else out
 
-    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: keep(i, out)) for i, b in enumerate(blocks)]
+    # prepend: the forward's own output, before any other hook on the block (those run again on the replay)
+    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: keep(i, out), prepend=True)
+               for i, b in enumerate(blocks)]
     recorded: list[Any] = []
     try:
         yield recorded
