@@ -138,8 +138,8 @@ def test_eval_set_test_uses_one_fixed_position_and_a_pool_from_it(tiny_neox, tok
                                          ("gpt2", "transformer.h.0"), ("llama", "model.layers.1.mlp")])
 def test_last_token_over_the_prefix_cache_equals_whole_context_forwards(tiny_neox, family, hook, monkeypatch):
     """The cheap path (prefix cached once per base, the last token alone perturbed, all steps of a kind in one
-    forward) gives the KLs of the whole-context forwards, for rotary (NeoX, Llama) and learned positions (GPT-2),
-    at a module's output and at a block's input."""
+    forward, the blocks before the hook replayed or run) gives the KLs of the whole-context forwards, for rotary
+    (NeoX, Llama) and learned positions (GPT-2), at a module's output and at a block's input."""
     import training.sensitivity as S
     from dictionaries.hooks import collect_activations
 
@@ -155,8 +155,11 @@ def test_last_token_over_the_prefix_cache_equals_whole_context_forwards(tiny_neo
     steps = torch.tensor([0.0, 0.5, 4.0, 32.0])
     kw = dict(steps=steps, progress=False, centre=True, rows_per_forward=7)   # 7: several forwards per kind
     [full] = measure_sensitivity(model, point, [d], ids, torch.full((5,), 9), pool, reuse_prefix=False, **kw)
-    monkeypatch.setattr(S, "_curves_full", None)                            # the cheap path must not fall back
+    monkeypatch.setattr(S, "curves_full", None)                            # the cheap path must not fall back
     [cheap] = measure_sensitivity(model, point, [d], ids, torch.full((5,), 9), pool, **kw)
+    [every_layer] = measure_sensitivity(model, point, [d], ids, torch.full((5,), 9), pool, skip_before_hook=False,
+                                        **kw)                                  # the prefix path before issue 12.2
     for kind in ("random", "real", "dictionary"):
         assert full.kl[kind][:, -1].min() > 1e-4, kind                   # the perturbations do move the output
         torch.testing.assert_close(cheap.kl[kind], full.kl[kind], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(every_layer.kl[kind], full.kl[kind], rtol=1e-4, atol=1e-6)

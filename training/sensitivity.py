@@ -17,6 +17,9 @@ Normalisation (so that steps compare across kinds): every direction u is rescale
 (centred) base activation, so t = 1 means "moved by one activation norm" whatever the kind.
 Per base activation we interpolate linearly the first step where the KL reaches 0.5 (inf if it never
 does on the grid); the card stores the median over base activations for each kind.
+
+The perturbed forwards themselves (whole contexts, or the last token over a cached prefix with the blocks
+before the hook run once per base) live in perturbation.py; here the directions, the curves and the plot.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from dictionaries.files import write_atomic
+from training.perturbation import curves_from_prefix, curves_full, prefix_cache
 
 if TYPE_CHECKING:
     from dictionaries.architectures import Dictionary
@@ -136,145 +140,11 @@ def dictionary_directions(dictionary: Dictionary, base: Tensor) -> Tensor:
         return dictionary.W_dec[top].to(base.dtype).to(base.device)
 
 
-def _final_logprobs(model, contexts: Tensor, mask: Tensor | None, positions: Tensor, hook: HookPoint,
-                    deltas: Tensor | None) -> Tensor:
-    """Log-probs (R, V) at each row's position, with deltas (R, d) added to the hook's activation there."""
-    from dictionaries.hooks import run_patched
-
-    rows = torch.arange(contexts.shape[0])
-    patches = None
-    if deltas is not None:
-        def perturb(x: Tensor) -> Tensor:
-            out = x.clone()
-            out[rows, positions] = out[rows, positions] + deltas.to(x.dtype).to(x.device)
-            return out
-        patches = {hook: perturb}
-    logits = run_patched(model, contexts, mask, patches)               # (R, P, V)
-    return torch.log_softmax(logits[rows, positions.to(logits.device)].float(), -1).cpu()
-
-
-def _add_at_last(model, hook: HookPoint, deltas: Tensor, shape: tuple[int, ...]):
-    """A torch hook adding deltas (R, d) to the hook's activation at the last position of a forward of token
-    ids `shape` (R, P); returns its handle. Here rather than hooks.run_patched, which runs without a KV cache."""
-    from dictionaries.hooks import as_tokens, find_hook, first_tensor, replace_first
-
-    found = find_hook(model, hook)
-
-    def shifted(x: Tensor) -> Tensor:
-        t = as_tokens(x, shape)                                          # (R, P, d)
-        out = t.clone()
-        out[:, -1] += deltas.to(t.dtype).to(t.device)
-        return out.reshape(x.shape)
-
-    if found.io == "output":
-        return found.module.register_forward_hook(
-            lambda _m, args, output: replace_first(output, shifted(first_tensor(output))))
-
-    def on_input(_m, args, kwargs):
-        if args:
-            return (shifted(args[0]), *args[1:]), kwargs
-        name = next(iter(kwargs))
-        return args, {**kwargs, name: shifted(kwargs[name])}
-
-    return found.module.register_forward_pre_hook(on_input, with_kwargs=True)
-
-
-def _prefix_cache(hf, contexts: Tensor):
-    """The KV cache of every context's first P - 1 tokens (N rows), or None for a model that keeps none."""
-    with torch.no_grad():
-        out = hf(contexts[:, :-1], use_cache=True)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # transformers >= 5.24: `cache`
-    needed = ("batch_repeat_interleave", "batch_select_indices")
-    return cache if all(hasattr(cache, m) for m in needed) else None
-
-
-def _cache_argument(hf, cache) -> dict:
-    """The forward's keyword for a KV cache: `cache` from transformers 5.24, `past_key_values` before."""
-    import inspect
-
-    return {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values": cache}
-
-
-def _last_logprobs(hf, hook: HookPoint, cache, last: Tensor, bases: Tensor, repeats: int,
-                   deltas: Tensor | None) -> Tensor:
-    """Log-probs (len(bases) * repeats, V) at the last position, each base's row repeated `repeats` times
-    (ordered base, then repeat) with deltas (rows, d) added to the hook's activation there.
-
-    Causal attention: the P - 1 earlier positions do not see the last one, so their keys and values come
-    from `cache` (computed once per base) and only the last token runs through the model, which also
-    computes the LM head at one position instead of P (the head dominates Pythia-70m's cost per token)."""
-    import copy
-
-    c = copy.deepcopy(cache)                                             # the forward appends to its cache
-    c.batch_select_indices(bases.to(last.device))
-    if repeats > 1:
-        c.batch_repeat_interleave(repeats)
-    ids = last[bases].repeat_interleave(repeats)[:, None]                # (R, 1)
-    handle = _add_at_last(hf, hook, deltas, tuple(ids.shape)) if deltas is not None else None
-    try:
-        with torch.no_grad():
-            logits = hf(ids, **_cache_argument(hf, c), use_cache=True).logits[:, -1]   # (R, V)
-    finally:
-        if handle is not None:
-            handle.remove()
-    return torch.log_softmax(logits.float(), -1).cpu()
-
-
-def _kl(ref: Tensor, lp: Tensor) -> Tensor:
-    """KL(ref || lp) per row of log-probs (R, V), clamped at 0 (rounding)."""
-    return (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
-
-
-def _curves_from_prefix(hf, hook: HookPoint, contexts: Tensor, cache, directions: dict[str, Tensor],
-                        steps: Tensor, rows_per_forward: int, bar) -> dict[str, Tensor]:
-    """kind -> (N, S) KL, every step and base of a kind in one forward of the last token over `cache`
-    (more forwards only when N * S rows of logits exceed the budget)."""
-    n, s = contexts.shape[0], len(steps)
-    last = contexts[:, -1]
-    everyone = torch.arange(n)
-    clean = _last_logprobs(hf, hook, cache, last, everyone, 1, None)            # (N, V)
-    per = max(1, rows_per_forward // s)                                          # bases per forward
-    kls = {}
-    for kind, u in directions.items():
-        out = torch.empty(n, s)
-        for lo in range(0, n, per):
-            bases = everyone[lo:lo + per]
-            deltas = (steps[None, :, None] * u[bases, None, :]).reshape(-1, u.shape[1])   # (b*S, d)
-            lp = _last_logprobs(hf, hook, cache, last, bases, s, deltas)
-            out[bases] = _kl(clean[bases].repeat_interleave(s, 0), lp).view(len(bases), s)
-            bar.update(len(bases) * s)
-        kls[kind] = out
-    return kls
-
-
-def _curves_full(model, hook: HookPoint, contexts: Tensor, mask: Tensor | None, positions: Tensor,
-                 directions: dict[str, Tensor], steps: Tensor, rows_per_forward: int, bar) -> dict[str, Tensor]:
-    """kind -> (N, S) KL from whole-context forwards (any positions, padding): the reference path."""
-    n = contexts.shape[0]
-    with torch.no_grad():
-        clean = _final_logprobs(model, contexts, mask, positions, hook, None)          # (N, V)
-    kls = {}
-    for kind, u in directions.items():
-        # rows ordered (base, step): delta = t * u
-        deltas = (steps[None, :, None] * u[:, None, :]).reshape(-1, u.shape[1])          # (N*S, d)
-        which = torch.arange(n).repeat_interleave(len(steps))
-        out = torch.empty(n * len(steps))
-        for lo in range(0, len(which), rows_per_forward):
-            idx = which[lo:lo + rows_per_forward]
-            m = mask[idx] if mask is not None else None
-            with torch.no_grad():
-                lp = _final_logprobs(model, contexts[idx], m, positions[idx], hook, deltas[lo:lo + len(idx)])
-            out[lo:lo + len(idx)] = _kl(clean[idx], lp)
-            bar.update(len(idx))
-        kls[kind] = out.view(n, len(steps))
-    return kls
-
-
 def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionary], contexts: Tensor,
                         positions: Tensor, pool: Tensor, *, attention_mask: Tensor | None = None,
                         steps: Tensor | None = None, seed: int = 0, rows_per_forward: int | None = None,
-                        centre: bool = False, progress: bool = True, reuse_prefix: bool = True
-                        ) -> list[SensitivityCurves]:
+                        centre: bool = False, progress: bool = True, reuse_prefix: bool = True,
+                        skip_before_hook: bool = True) -> list[SensitivityCurves]:
     """The test at one hook: curves for random and real directions (shared) and for each dictionary.
 
     contexts (N, P) token ids, each perturbed at positions[i]; pool (M, d) real activations at the hook (the
@@ -283,7 +153,9 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
     defaults to what keeps one forward's logits under LOGITS_BUDGET bytes. `reuse_prefix` (where every
     position is the last and nothing is padded, as in Apollo's protocol): the unperturbed prefix runs once
     per base and each perturbed forward runs the last token alone over its KV cache; otherwise (or for a
-    model without a cache) every perturbed forward runs the whole context. Both give the same KLs.
+    model without a cache) every perturbed forward runs the whole context. `skip_before_hook` (with the
+    prefix): the blocks wholly before the hook run once per base, not per perturbed copy (perturbation.py says
+    where this holds). All give the same KLs.
     """
     from tqdm.auto import tqdm
 
@@ -307,14 +179,15 @@ def measure_sensitivity(model, hook: HookPoint, dictionaries: Sequence[Dictionar
                disable=not progress, leave=False)
     unpadded = attention_mask is None or bool(attention_mask.all())
     hf = torch_model(model)
-    cache = _prefix_cache(hf, contexts) if (reuse_prefix and unpadded and length > 1
+    cache = prefix_cache(hf, contexts) if (reuse_prefix and unpadded and length > 1
                                             and bool((positions == length - 1).all())) else None
     if cache is not None:
-        kls = _curves_from_prefix(hf, hook, contexts, cache, directions, steps,
-                                  rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab)), bar)
+        kls = curves_from_prefix(hf, hook, contexts, cache, directions, steps,
+                                 rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab)), bar,
+                                 skip_before_hook=skip_before_hook)
     else:
-        kls = _curves_full(model, hook, contexts, attention_mask, positions, directions, steps,
-                           rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab * length)), bar)
+        kls = curves_full(model, hook, contexts, attention_mask, positions, directions, steps,
+                          rows_per_forward or max(1, LOGITS_BUDGET // (4 * vocab * length)), bar)
     bar.close()
     shared = {"random": kls["random"], "real": kls["real"]}
     return [SensitivityCurves(steps, {**shared, "dictionary": kls[f"dictionary{j}"]})
