@@ -37,9 +37,9 @@ from dictionaries.recipe import DatasetSpec, HookPoint
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
 from training.tally import EvalResult, Tally, add_hidden_changes, add_losses, has_lm_head
 
-LOGITS_BUDGET = 256 << 20
-"""Bytes of float32 logits one forward may produce by default (Pythia-70m, context 128: 10 rows, so one
-dictionary's three segments of 3 contexts); the log-softmax temporaries are an eighth of it at most."""
+LOGITS_BUDGET = 64 << 20
+"""Bytes of float32 logits one forward may produce by default; at least one context's three segments go
+through a forward (Pythia-70m, context 128: 3 rows, 77 MB), and log-softmax runs one context at a time."""
 
 
 def _check_dictionaries(dictionaries: Sequence[Dictionary]) -> list[HookPoint]:

@@ -212,6 +212,7 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
                                 startup=startup)
         modules.append(module)
     check_finite(s, modules, latest_checkpoint(s.out))  # finish() rescales: check what would be written
+    s.release_trainers()
     if s.rank != 0:
         return folders
     if eval_tokens <= 0:
