@@ -206,6 +206,7 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
     tokens = s.total_steps * s.local_batch * s.world
     folders = [s.out / job.name for job in s.jobs]
     modules = []
+    s.release_optimizers()
     for i, job in enumerate(s.jobs):
         module = job.trainer.finish()
         module.card = make_card(job, module, seconds=seconds, tokens=tokens, metrics=s.last[i] if s.last else None,

@@ -58,6 +58,13 @@ class Session:
     last: list[dict[str, float]] | None = None  # the last step's metrics per dictionary
     held_out_documents: int = 0  # documents at the head of the shuffled order that training skips
 
+    def release_optimizers(self) -> None:
+        """Drop every trainer's gradients and Adam moments once the last step is taken (3 copies of each
+        weight), so that `Trainer.finish`'s copies and the evaluation reuse that memory."""
+        for job in self.jobs:
+            job.trainer.optimizer.zero_grad(set_to_none=True)
+            job.trainer.optimizer.state.clear()
+
     def release_trainers(self) -> None:
         """Drop every trainer (its module, gradients, Adam's two moments per weight, density history) once the
         finished modules are taken (`Trainer.finish` copies them), so the end-of-run evaluation and writing
