@@ -26,6 +26,16 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Python's own docs as one text file (the offline training corpus)."""
+    from training.toymodel import corpus_documents
+
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(corpus_documents()))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_neox():
     """A 2-layer, d_model 64 GPT-NeoX with Pythia's module names and seeded random weights (eval mode)."""
     from training.toymodel import build_model

@@ -220,3 +220,29 @@ def traced_logits(model, ids, mask, body):
         body()
         logits = model.output.logits.save()
     return logits
+
+
+# ---- training runs on the tiny GPT-NeoX (test_run.py, test_session.py) ----------------------------------
+MLP0 = {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}
+
+
+def run_recipe(corpus, hook=MLP0, name="bricken2023", **fields):
+    """A small recipe of preset `name` on the corpus file: 24 steps of 128 tokens, 96 features."""
+    from dictionaries.recipe import Recipe
+    from training.presets import preset
+
+    base = dict(model={"id": "toy-neox"}, hook=hook, dataset={"path": str(corpus)}, context_length=32,
+                tokens=128 * 24, batch_size=128, buffer_contexts=16, harvest_batch_size=8, d_dict=96,
+                holdout_tokens=512, optimizer={"lr": 1e-3, "warmup_steps": 4},
+                resampling={"kind": "anthropic", "every": 6, "dead_window": 3, "inputs": 256})
+    base.update(fields)
+    return Recipe.model_validate(preset(name, **base))
+
+
+def train(recipes, out, tiny_neox, tokenizer, **kw):
+    """training.run.train on the tiny model, checkpoints every 5 steps, no bar, no evaluation unless asked."""
+    from training import run as run_module
+
+    kw = {"checkpoint_every": 5, "progress": False, **kw}
+    kw.setdefault("eval_tokens", 0)
+    return run_module.train(recipes, out=out, model=tiny_neox, tokenizer=tokenizer, **kw)

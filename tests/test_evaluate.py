@@ -16,7 +16,7 @@ from dictionaries.card import Card, Files, compare_stats
 from dictionaries.errors import EvalInputError, InvalidArgumentError, MissingFileError, ModelLoadError, UnknownNameError
 from dictionaries.recipe import HookPoint, ModelRef
 from dictionaries.references import card_of
-from training.evaluate import Tally, evaluate, evaluate_and_write, pack_batches
+from training.evaluate import evaluate, evaluate_and_write, pack_batches
 
 D = 64  # tiny_neox's width
 
@@ -72,45 +72,6 @@ def ce_and_kl(logits, clean, ids, predicts):
     ce = -lp.gather(1, tgt[:, None]).mean()
     kl = (lc.exp() * (lc - lp)).sum(-1).mean()
     return float(ce), float(kl)
-
-
-# ---- streaming sums against whole-tensor formulas ----------------------------------------------------
-def test_tally_matches_direct_formulas():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 8, generator=gen) * 3 + 5           # large mean: a naive sum-of-squares FVU would lose digits
-    x_hat = x + 0.3 * torch.randn(300, 8, generator=gen)
-    f = torch.relu(torch.randn(300, 16, generator=gen) - 1)
-    f[:, 3] = 0                                              # one dead feature
-    t = Tally(8, 16)
-    for lo in (0, 7, 100, 233):                              # uneven batches
-        hi = {0: 7, 7: 100, 100: 233, 233: 300}[lo]
-        t.add_reconstruction(x[lo:hi], x_hat[lo:hi], f[lo:hi])
-    s = t.stats(0.0, 1, 8)
-    xd, xhd = x.double(), x_hat.double()
-    assert s.mse == pytest.approx(float(((xd - xhd) ** 2).mean()), rel=1e-9)
-    assert s.l1 == pytest.approx(float(f.double().abs().sum(1).mean()), rel=1e-9)
-    assert s.l0 == pytest.approx(float((f > 0).double().sum(1).mean()), rel=1e-9)
-    fvu = ((xd - xhd) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
-    assert s.fvu == pytest.approx(float(fvu), rel=1e-9)
-    assert s.variance_explained == pytest.approx(1 - float(fvu), rel=1e-9)
-    assert s.frac_alive == pytest.approx(15 / 16)
-    assert s.density["dead"] == 1
-    assert s.tokens == 300
-
-
-def test_l0_and_frac_alive_on_hand_built_features():
-    f = torch.zeros(4, 6)
-    f[0, [0, 1]] = 1.0          # 2 active
-    f[1, [0]] = 2.0             # 1 active
-    f[2, [0, 1, 4]] = 0.5       # 3 active
-    f[3, 5] = -1.0              # negative: not active (f > 0), but counts in L1
-    t = Tally(2, 6)
-    t.add_reconstruction(torch.zeros(4, 2), torch.zeros(4, 2), f)
-    s = t.stats(0.0, 1, 2)
-    assert s.l0 == pytest.approx(6 / 4)
-    assert s.frac_alive == pytest.approx(3 / 6)              # features 0, 1, 4; 5 is never positive
-    assert s.l1 == pytest.approx((2 + 2 + 1.5 + 1) / 4)
-    assert (t.fired / t.tokens).tolist() == [0.75, 0.5, 0.0, 0.0, 0.25, 0.0]
 
 
 # ---- on the tiny GPT-NeoX ----------------------------------------------------------------------------
@@ -198,6 +159,41 @@ def test_one_pass_equals_separate_passes_and_groups(tiny_neox, contexts):
         for key in ("mse", "fvu", "l1", "l0", "ce_clean", "ce_spliced", "ce_zero", "kl", "frac_loss_recovered"):
             for other in (together[i], grouped[i]):
                 assert getattr(other.stats, key) == pytest.approx(getattr(alone.stats, key), rel=1e-5, abs=1e-9), key
+
+
+def test_a_small_logits_budget_bounds_every_forward_and_log_softmax(tiny_neox, contexts, monkeypatch):
+    """With a budget of 4 rows of logits, each forward holds one context's three segments (3 rows) and each
+    log-softmax one context, and every stat equals the unchunked evaluation's."""
+    import dictionaries.hooks
+    import training.evaluate as module
+
+    assert module.LOGITS_BUDGET <= 256 << 20                  # the default stays a small fixed number of bytes
+    a, b = identity_like(scale=0.5), identity_like(scale=0.8, layer=1, name="toy/mlp1/128")
+    whole = evaluate(tiny_neox, [a, b], contexts, tokens=10**6, context_length=24, sensitivity=False,
+                     progress=False)
+    rows, softmaxed = [], []
+    run_patched, log_softmax = dictionaries.hooks.run_patched, torch.log_softmax
+
+    def counted_run(model, ids, *args):
+        rows.append(ids.shape[0])
+        return run_patched(model, ids, *args)
+
+    def counted_softmax(x, dim):
+        softmaxed.append(x.shape[0])
+        return log_softmax(x, dim)
+
+    monkeypatch.setattr(dictionaries.hooks, "run_patched", counted_run)
+    monkeypatch.setattr(torch, "log_softmax", counted_softmax)
+    monkeypatch.setattr(module, "LOGITS_BUDGET", 4 * 4 * 24 * tiny_neox.config.vocab_size)
+    chunked = evaluate(tiny_neox, [a, b], contexts, tokens=10**6, context_length=24, sensitivity=False,
+                       progress=False)
+    assert rows and max(rows) == 3                             # 8 contexts, 2 dictionaries: 16 forwards
+    assert len(rows) == 16
+    assert softmaxed and max(softmaxed) == 1
+    for one, other in zip(whole, chunked):
+        for key in ("mse", "fvu", "l1", "l0", "ce_clean", "ce_spliced", "ce_zero", "kl", "frac_loss_recovered"):
+            assert getattr(other.stats, key) == pytest.approx(getattr(one.stats, key), rel=1e-6, abs=1e-9), key
+        assert torch.equal(other.density, one.density)
 
 
 def test_an_nnsight_wrapped_model_gives_the_same_stats(tiny_neox, tokenizer, contexts):

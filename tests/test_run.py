@@ -24,36 +24,12 @@ from dictionaries.errors import (
 )
 from dictionaries.recipe import Recipe
 from training import run as run_module
-from training.presets import preset
 from training.toymodel import corpus_documents
 from training.trainer import Trainer
 
-from helpers import Killed, kill_at, weights
+from helpers import MLP0, Killed, kill_at, run_recipe, train, weights
 
-MLP0 = {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}
 RESID1 = {"module": "gpt_neox.layers.1", "site": "resid", "layer": 1}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n\n".join(corpus_documents()))
-    return path
-
-
-def run_recipe(corpus, hook=MLP0, name="bricken2023", **fields) -> Recipe:
-    base = dict(model={"id": "toy-neox"}, hook=hook, dataset={"path": str(corpus)}, context_length=32,
-                tokens=128 * 24, batch_size=128, buffer_contexts=16, harvest_batch_size=8, d_dict=96,
-                holdout_tokens=512, optimizer={"lr": 1e-3, "warmup_steps": 4},
-                resampling={"kind": "anthropic", "every": 6, "dead_window": 3, "inputs": 256})
-    base.update(fields)
-    return Recipe.model_validate(preset(name, **base))
-
-
-def train(recipes, out, tiny_neox, tokenizer, **kw):
-    kw = {"checkpoint_every": 5, "progress": False, **kw}
-    kw.setdefault("eval_tokens", 0)  # evaluation after training is tested once, below
-    return run_module.train(recipes, out=out, model=tiny_neox, tokenizer=tokenizer, **kw)
 
 
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, corpus, tiny_neox, tokenizer, monkeypatch):

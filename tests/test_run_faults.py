@@ -22,20 +22,12 @@ from dictionaries.errors import NonFiniteLossError, RecipeMismatchError
 from dictionaries.recipe import Recipe
 from training import run as run_module
 from training.presets import preset
-from training.toymodel import corpus_documents
 from training.trainer import Trainer
 
 from helpers import Killed, kill_at, weights
 
 MLP0 = {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0}
 NAME = "toy-neox/mlp0/96"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n\n".join(corpus_documents()))
-    return path
 
 
 def make_recipe(corpus, *, optimizer=None, **fields) -> Recipe:

@@ -71,15 +71,6 @@ def test_a_target_of_the_wrong_width_is_refused():
 
 
 # ---- one run on the tiny GPT-NeoX, through the command line ---------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from training.toymodel import corpus_documents
-
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n\n".join(corpus_documents()))
-    return path
-
-
 def test_dictctl_trains_a_skip_transcoder_from_a_recipe_file(tmp_path, corpus, toy_folder, monkeypatch, capsys):
     recipe = (f"preset: paulo2025\nk: 8\ntokens: 2048\nmodel: {{id: {toy_folder}}}\ndataset: {{path: {corpus}}}\n"
               "hook: {module: gpt_neox.layers.1.mlp, io: input, site: mlp, layer: 1}\n"

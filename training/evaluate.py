@@ -6,7 +6,9 @@ with zeros there), so clean, spliced and zero-ablated logits share a forward (di
 `evaluation.loss_recovered` runs five traces per batch for one dictionary). Each patch touches only its own
 segments, so every dictionary sees clean activations at its hook even when dictionaries sit at different
 depths. `max_rows` caps the rows per forward (default: logits of at most LOGITS_BUDGET bytes); dictionaries
-are then split into groups, each group re-running the clean segment.
+are then split into groups, each group re-running the clean segment, and a batch whose three segments exceed it
+into slices of contexts; log-softmax, CE and KL run a few contexts at a time, so the evaluation's memory is
+bounded by the budget whatever the vocabulary, context length or batch size.
 
 Token positions: a position counts when it is a real token (attention mask 1) and, with `exclude_bos`,
 not the BOS id (with Pythia's tokenizer BOS = EOS, so the separators between packed documents too; see
@@ -33,10 +35,11 @@ from dictionaries.architectures import Dictionary
 from dictionaries.errors import EvalInputError, InvalidArgumentError
 from dictionaries.recipe import DatasetSpec, HookPoint
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
-from training.tally import EvalResult, Tally, add_hidden_changes, has_lm_head
+from training.tally import EvalResult, Tally, add_hidden_changes, add_losses, has_lm_head
 
-LOGITS_BUDGET = 4 << 30
-"""Bytes of float32 logits one forward may produce by default (Pythia-70m, context 128: 166 rows)."""
+LOGITS_BUDGET = 64 << 20
+"""Bytes of float32 logits one forward may produce by default; at least one context's three segments go
+through a forward (Pythia-70m, context 128: 3 rows, 77 MB), and log-softmax runs one context at a time."""
 
 
 def _check_dictionaries(dictionaries: Sequence[Dictionary]) -> list[HookPoint]:
@@ -96,27 +99,40 @@ def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint]
     return patches
 
 
-def _token_log_probs(lp: Tensor, targets: Tensor) -> Tensor:
-    """lp (B, pos, V) log-probs, targets (B, pos) ids -> (B, pos) log-prob of each target."""
-    return lp.gather(-1, targets[..., None]).squeeze(-1)
-
-
 def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoint], tallies: list[Tally],
                   input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor,
                   max_rows: int | None) -> tuple[float, int]:
     """Measure one batch for every dictionary; returns (sum of clean CE, predictions counted).
 
-    log_softmax runs over every position of a segment (no gather-copy of the selected ones: the excluded
-    positions are few) and the masks select what is summed; KL(clean || spliced) per position is
-    sum_v p_clean (log p_clean - log p_spliced), the direction in which the clean model is the reference.
+    At most `max_rows` rows go through one forward: dictionaries are split into groups (each re-running the
+    clean segment) and, when even one dictionary's three segments of B rows are too many, the batch into
+    slices of contexts (the sums add up the same; only their float64 order changes).
     """
+    b = input_ids.shape[0]
+    if max_rows is not None and max_rows < 3 * b and b > 1:
+        sub = max(1, max_rows // 3)                            # contexts per forward: clean, spliced, zeroed
+        ce_clean, predictions = 0.0, 0
+        for lo in range(0, b, sub):
+            part = slice(lo, lo + sub)
+            mask = attention_mask[part] if attention_mask is not None else None
+            ce, n = measure_batch(model, dictionaries, hooks, tallies, input_ids[part], mask, keep[part], max_rows)
+            ce_clean, predictions = ce_clean + ce, predictions + n
+        return ce_clean, predictions
+    return _measure_groups(model, dictionaries, hooks, tallies, input_ids, attention_mask, keep, max_rows)
+
+
+def _measure_groups(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoint], tallies: list[Tally],
+                    input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor,
+                    max_rows: int | None) -> tuple[float, int]:
+    """`measure_batch` for a batch whose three segments fit `max_rows`: one forward per group of dictionaries."""
     from dictionaries.hooks import run_patched, torch_model
 
     b, head = input_ids.shape[0], has_lm_head(torch_model(model))
     real = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
     predicts = (keep[:, :-1] & real[:, 1:]).double()          # (B, pos-1): position t predicts token t+1
-    targets = input_ids[:, 1:]                                # (B, pos-1)
     per_forward = len(dictionaries) if max_rows is None else max(1, (max_rows // b - 1) // 2)
+    # contexts per log-softmax: each (chunk, pos-1, V) temporary is at most an eighth of the forward's logits
+    chunk = b if max_rows is None else max(1, max_rows // 8)
     order = list(enumerate(dictionaries))
     ce_clean = 0.0
     for start in range(0, len(order), per_forward):
@@ -127,28 +143,14 @@ def measure_batch(model, dictionaries: Sequence[Dictionary], hooks: list[HookPoi
         ids = input_ids.repeat(nseg, 1)
         mask = attention_mask.repeat(nseg, 1) if attention_mask is not None else None
         logits = run_patched(model, ids, mask, patches)       # (nseg * B, pos, V), or hidden states (no head)
-        if not head:
+        if head:
+            ce = add_losses(logits, b, group, tallies, input_ids[:, 1:].to(logits.device),
+                             predicts.to(logits.device), chunk)
+            ce_clean = ce if start == 0 else ce_clean
+        else:
             add_hidden_changes(logits, b, group, tallies, keep)
-            _add_reconstructions(group, tallies, captured, keep)
-            continue
-        weight = predicts.to(logits.device)
-        tgt = targets.to(logits.device)
-        lp_clean = torch.log_softmax(logits[:b].float(), -1)[:, :-1]                # (B, pos-1, V)
-        if start == 0:
-            ce_clean = -float((_token_log_probs(lp_clean, tgt).double() * weight).sum())
-        for s, (j, _) in enumerate(group):
-            t = tallies[j]
-            lo = (1 + 2 * s) * b
-            lp_spliced = torch.log_softmax(logits[lo:lo + b].float(), -1)[:, :-1]
-            t.ce_spliced -= float((_token_log_probs(lp_spliced, tgt).double() * weight).sum())
-            kl = torch.nn.functional.kl_div(lp_spliced, lp_clean, reduction="none", log_target=True).sum(-1)
-            t.kl += float((kl.double() * weight).sum())
-            del lp_spliced, kl
-            lp_zero = torch.log_softmax(logits[lo + b:lo + 2 * b].float(), -1)[:, :-1]
-            t.ce_zero -= float((_token_log_probs(lp_zero, tgt).double() * weight).sum())
-            del lp_zero
+        del logits
         _add_reconstructions(group, tallies, captured, keep)
-        del logits, lp_clean
     return ce_clean, int(predicts.sum().item())
 
 
@@ -269,7 +271,7 @@ def evaluate(model, dictionaries: Sequence[Dictionary], data: Any, *, tokenizer=
             ids = ids.to(device)
             mask = mask.to(device) if mask is not None else None
             keep = token_mask(ids, mask, bos_id=bos, exclude_bos=exclude_bos)
-            rows = max_rows or LOGITS_BUDGET // (4 * ids.shape[1] * hf.config.vocab_size)
+            rows = max_rows or max(1, LOGITS_BUDGET // (4 * ids.shape[1] * hf.config.vocab_size))
             ce, n = measure_batch(model, dicts, hooks, tallies, ids, mask, keep, rows)
             ce_clean, predictions = ce_clean + ce, predictions + n
             bar.update(ids.numel())

@@ -206,12 +206,14 @@ def write_outputs(s: Session, model: Any, tokenizer: Any, *, seconds: float, eva
     tokens = s.total_steps * s.local_batch * s.world
     folders = [s.out / job.name for job in s.jobs]
     modules = []
+    s.release_optimizers()
     for i, job in enumerate(s.jobs):
         module = job.trainer.finish()
         module.card = make_card(job, module, seconds=seconds, tokens=tokens, metrics=s.last[i] if s.last else None,
                                 startup=startup)
         modules.append(module)
     check_finite(s, modules, latest_checkpoint(s.out))  # finish() rescales: check what would be written
+    s.release_trainers()
     if s.rank != 0:
         return folders
     if eval_tokens <= 0:

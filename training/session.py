@@ -36,7 +36,7 @@ class Job:
     name: str
     recipe: Recipe
     hook_index: int
-    trainer: Trainer
+    trainer: Trainer  # dropped (None) by Session.release_trainers once the run's modules are finished
     sampler: torch.Generator  # draws resampling inputs from the buffer, independent of the batch order
     notes: list[str] = dataclass_field(default_factory=list)  # recipe changes made on resume (training/resume.py)
     target_index: int | None = None  # a transcoder's output hook in the harvest (its targets); None: an SAE
@@ -57,6 +57,21 @@ class Session:
     step: int = 0
     last: list[dict[str, float]] | None = None  # the last step's metrics per dictionary
     held_out_documents: int = 0  # documents at the head of the shuffled order that training skips
+
+    def release_optimizers(self) -> None:
+        """Drop every trainer's gradients and Adam moments once the last step is taken (3 copies of each
+        weight), so that `Trainer.finish`'s copies and the evaluation reuse that memory."""
+        for job in self.jobs:
+            job.trainer.optimizer.zero_grad(set_to_none=True)
+            job.trainer.optimizer.state.clear()
+
+    def release_trainers(self) -> None:
+        """Drop every trainer (its module, gradients, Adam's two moments per weight, density history) once the
+        finished modules are taken (`Trainer.finish` copies them), so the end-of-run evaluation and writing
+        reuse that memory instead of adding to it (about 8 (F, d) float32 matrices a dictionary). No step
+        or checkpoint can follow."""
+        for job in self.jobs:
+            job.trainer = None
 
 
 def check_shared(recipes: list[Recipe]) -> None:

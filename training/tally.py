@@ -1,4 +1,6 @@
-"""The running tallies behind the card's stats, and the stand-in for loss recovered where a model has no LM head.
+"""The running tallies behind the card's stats, what one forward's segments add to them (CE and KL from logits,
+in chunks of contexts so that no full-vocabulary temporary exceeds a fraction of the logits), and the stand-in
+for loss recovered where a model has no LM head.
 
 An encoder loaded without its head (BertModel) predicts no tokens, so neither CE nor loss recovered exists.
 What is measured instead is how far splicing moves the model's output: per counted token, the relative
@@ -112,3 +114,45 @@ def add_hidden_changes(hidden: Tensor, b: int, group: list, tallies: list[Tally]
         sums = tallies[j].hidden = tallies[j].hidden or {"spliced": 0.0, "zero": 0.0}
         for key, seg in (("spliced", hidden[lo:lo + b]), ("zero", hidden[lo + b:lo + 2 * b])):
             sums[key] += float(((seg.double() - clean).norm(dim=-1) / norm)[k].sum())
+
+
+def add_losses(logits: Tensor, b: int, group: list, tallies: list[Tally], targets: Tensor, weight: Tensor,
+                chunk: int) -> float:
+    """Add each dictionary's spliced CE, KL and zero-ablated CE from logits (nseg * B, pos, V) to its tally;
+    returns the clean segment's summed CE. targets (B, pos-1) ids, weight (B, pos-1) the counted predictions.
+
+    Log-softmax runs `chunk` contexts at a time, so no (B, pos, V) float32 temporary exists beside the logits
+    (the excluded positions are few: they are computed and masked out, not gathered). KL(clean || spliced)
+    per position is sum_v p_clean (log p_clean - log p_spliced), the clean model as the reference.
+    """
+    ce_clean = 0.0
+    for lo in range(0, b, chunk):
+        rows = slice(lo, min(lo + chunk, b))
+        tgt, w = targets[rows], weight[rows]
+        lp_clean = _log_probs(logits, b, 0, rows)
+        ce_clean += _ce(lp_clean, tgt, w)
+        for s, (j, _) in enumerate(group):
+            t = tallies[j]
+            lp = _log_probs(logits, b, 1 + 2 * s, rows)
+            t.ce_spliced += _ce(lp, tgt, w)
+            kl = torch.nn.functional.kl_div(lp, lp_clean, reduction="none", log_target=True).sum(-1)
+            t.kl += float((kl.double() * w).sum())
+            del lp, kl
+            t.ce_zero += _ce(_log_probs(logits, b, 2 + 2 * s, rows), tgt, w)
+        del lp_clean
+    return ce_clean
+
+
+def _log_probs(logits: Tensor, b: int, segment: int, rows: slice) -> Tensor:
+    """(contexts, pos-1, V) log-probs of `rows` (contexts of the batch) in one segment of logits (nseg * B, pos, V)."""
+    return torch.log_softmax(logits[segment * b:(segment + 1) * b][rows, :-1].float(), -1)
+
+
+def _ce(lp: Tensor, targets: Tensor, weight: Tensor) -> float:
+    """Summed CE of the counted predictions: lp (n, pos-1, V), targets and weight (n, pos-1)."""
+    return -float((_token_log_probs(lp, targets).double() * weight).sum())
+
+
+def _token_log_probs(lp: Tensor, targets: Tensor) -> Tensor:
+    """lp (B, pos, V) log-probs, targets (B, pos) ids -> (B, pos) log-prob of each target."""
+    return lp.gather(-1, targets[..., None]).squeeze(-1)
