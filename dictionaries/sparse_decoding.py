@@ -7,6 +7,9 @@ The encoder side for training, `gathered_pre_activations`, gives the kept pre-ac
 dot products, so W_enc's gradient reaches the k columns per token by an index-add instead of the dense
 (d, B) @ (B, F) product. Gao et al. 2024 (appendix D) describe the same kernels for their TopK training.
 
+At inference (attach, eval) `encode_code` gives the active features of encode(x) without the dense (tokens, F)
+features, block by block of tokens and features, and `reconstruct` decodes them.
+
 Shapes: a "code" is (rows (n,), features (n,), values (n,)), rows ascending: token r's active features.
 """
 
