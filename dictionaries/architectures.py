@@ -83,15 +83,18 @@ class Dictionary(nn.Module):
         """Features f (..., F) of activations x (..., d)."""
         raise NotImplementedError
 
-    def encode_columns(self, xc: Tensor, cols: slice) -> Tensor:
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
         """encode(x)[:, cols] (tokens, len(cols)) from the centred activations xc = x - b_dec (x without a
         pre-encoder bias), (tokens, d), reading only those columns of W_enc: what lets a sparse encode work
-        in cache-sized blocks of features (sparse_decoding.encode_code). Only where `columnwise`."""
+        in cache-sized blocks of features (sparse_decoding.encode_code). Only where `columnwise`. `out`, a
+        contiguous (tokens, len(cols)) buffer, may receive the pre-activations (a block reused, not allocated)."""
         raise NotImplementedError
 
-    def _pre_columns(self, xc: Tensor, cols: slice) -> Tensor:
-        """pre_activation's columns `cols`: addmm of the bias slice, (tokens, len(cols))."""
-        return torch.addmm(self.b_enc[cols], xc, self.W_enc[:, cols])
+    def _pre_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        """pre_activation's columns `cols`: addmm of the bias slice, (tokens, len(cols)), into `out` if given."""
+        if out is None:
+            return torch.addmm(self.b_enc[cols], xc, self.W_enc[:, cols])
+        return torch.addmm(self.b_enc[cols], xc, self.W_enc[:, cols], out=out)
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction x_hat (..., d) of features f (..., F)."""
@@ -159,8 +162,8 @@ class ReluDictionary(Dictionary):
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_activation(x).relu_()  # in place on the fresh pre-activation: no second (tokens, F) tensor
 
-    def encode_columns(self, xc: Tensor, cols: slice) -> Tensor:
-        return self._pre_columns(xc, cols).relu_()
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        return self._pre_columns(xc, cols, out).relu_()
 
 
 class TopKDictionary(Dictionary):
@@ -198,8 +201,8 @@ class BatchTopKDictionary(TopKDictionary):
         pre = torch.relu(self.pre_activation(x))
         return pre * (pre > self.threshold)
 
-    def encode_columns(self, xc: Tensor, cols: slice) -> Tensor:
-        pre = self._pre_columns(xc, cols).relu_()
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        pre = self._pre_columns(xc, cols, out).relu_()
         return pre * (pre > self.threshold)
 
     def encode_batch(self, x: Tensor) -> Tensor:
@@ -221,8 +224,8 @@ class JumpReluDictionary(Dictionary):
         pre = self.pre_activation(x)
         return pre * (pre > self.threshold) * (pre > 0)
 
-    def encode_columns(self, xc: Tensor, cols: slice) -> Tensor:
-        pre = self._pre_columns(xc, cols)
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        pre = self._pre_columns(xc, cols, out)
         return pre * (pre > self.threshold[cols]) * (pre > 0)
 
 
@@ -243,8 +246,8 @@ class GatedDictionary(Dictionary):
         magnitude = torch.relu(projected * torch.exp(self.r_mag) + self.b_mag)
         return gate * magnitude
 
-    def encode_columns(self, xc: Tensor, cols: slice) -> Tensor:
-        projected = xc @ self.W_enc[:, cols]                          # (tokens, len(cols))
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        projected = torch.mm(xc, self.W_enc[:, cols], out=out)                          # (tokens, len(cols))
         gate = (projected + self.b_enc[cols]) > 0
         return gate * torch.relu(projected * torch.exp(self.r_mag[cols]) + self.b_mag[cols])
 

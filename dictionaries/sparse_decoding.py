@@ -146,6 +146,7 @@ def encode_code(dictionary: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor,
     step_rows, step_cols = ENCODE_BLOCK
     if not dictionary.columnwise:
         step_rows, step_cols = max(1, RECONSTRUCT_BLOCK_BYTES // (dictionary.d_dict * x.element_size())), None
+    buffer = None if step_cols is None or torch.is_grad_enabled() else x.new_empty(step_rows * step_cols)
     rows, features, values = [], [], []
     for r0 in range(0, x.shape[0], step_rows):
         block_rows, block_features, block_values = [], [], []
@@ -153,11 +154,14 @@ def encode_code(dictionary: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor,
             if step_cols is None:
                 f = dictionary.encode(x[r0:r0 + step_rows])                              # (rows, F)
             else:
-                f = dictionary.encode_columns(xc[r0:r0 + step_rows], slice(c0, c0 + step_cols))  # (rows, cols)
-            r, c = f.nonzero(as_tuple=True)                                              # row-major
-            block_rows.append(r + r0)
-            block_features.append(c + c0)
-            block_values.append(f[r, c])
+                xb, cols = xc[r0:r0 + step_rows], slice(c0, min(c0 + step_cols, dictionary.d_dict))
+                out = None if buffer is None else buffer[:xb.shape[0] * (cols.stop - c0)].view(xb.shape[0], -1)
+                f = dictionary.encode_columns(xb, cols, out)                             # (rows, cols)
+            # a flat nonzero (a 1-d index, then // and %) is cheaper than the 2-d one on CPU
+            flat = f.reshape(-1).nonzero().squeeze(1)                                     # row-major
+            block_rows.append(flat // f.shape[1] + r0)
+            block_features.append(flat % f.shape[1] + c0)
+            block_values.append(f.reshape(-1)[flat])
         r, c, v = torch.cat(block_rows), torch.cat(block_features), torch.cat(block_values)
         if len(block_rows) > 1:  # column blocks: row-major within each, so a stable sort by row keeps c ascending
             order = r.argsort(stable=True)
