@@ -8,9 +8,15 @@ as trained ones have. The best of `repeats` rounds, each timing every configurat
 
 A dense 32768 x 512 encoder is 2 * 1024 * 512 * 32768 = 34 GFLOP per batch against about 92 GFLOP for
 the model's matmuls; the decode of sparse features is cheap (`site.decode`: L0 rows a token), and with the
-error kept and nothing edited no decode is needed (the written activation is x itself). `flop_ratio` gives
-(model + dictionary) / model matmul FLOPs next to each measurement; one large GEMM runs faster per FLOP
-than the model's many small ops, so measured ratios can be lower.
+error kept and nothing edited neither encode nor decode is needed (the written activation is x itself: its
+flop_ratio is 1). `flop_ratio` gives
+(model + dictionary) / model matmul FLOPs next to each measurement, `over_flops` the measured ratio to the
+bare nnsight trace over it (1.0: the dictionaries cost exactly their FLOPs); one large GEMM runs faster per
+FLOP than the model's many small ops, so it can be below 1. The row "trace + 6 sites written back" reads
+and writes the six hook points without a dictionary: nnsight's own per-site cost, inside the spliced rows.
+
+Every round times each configuration once, in a shuffled order, so load from other processes weighs on all
+alike; `ms` is the best round (load only ever adds time), `ms_median` the median one.
 
 `python -m benchmarks.bench_attach [--repeats N] [--device cpu|cuda]`
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 import torch
@@ -42,10 +49,9 @@ def _timed(fn, repeats: int, device: torch.device, warm: bool = True) -> float:
     return min(times)
 
 
-def _round_robin(fns: list, repeats: int, device: torch.device) -> list[float]:
-    """Best seconds of each fn, timed in turns (one run of each per round, in a shuffled order) so that load
-    from other processes on a shared machine weighs on every configuration alike; the minimum, because such
-    load only ever adds time (as `timeit` advises)."""
+def _round_robin(fns: list, repeats: int, device: torch.device) -> list[list[float]]:
+    """Seconds of each fn in every round, timed in turns (one run of each per round, in a shuffled order) so
+    that load from other processes on a shared machine weighs on every configuration alike."""
     for fn in fns:
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
@@ -55,7 +61,7 @@ def _round_robin(fns: list, repeats: int, device: torch.device) -> list[float]:
         rng.shuffle(order)  # no configuration always runs first in its round
         for i in order:
             times[i].append(_timed(fns[i], 1, device, warm=False))
-    return [min(acc) for acc in times]
+    return times
 
 
 def _dictionaries(model, ids, n: int, d_in: int, device: torch.device, l0: float):
@@ -90,7 +96,8 @@ def _model_flops(hf, tokens: int) -> float:
 
 
 def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 128, l0: float = 64.0) -> list[dict]:
-    """Table rows: one per configuration, with the best ms and ratios to bare transformers and bare nnsight."""
+    """Table rows: one per configuration, with the best and median ms and ratios to bare transformers and bare
+    nnsight (of the best ms), and over_flops = x_nnsight / flop_ratio."""
     from dictionaries.attachment import attach, wrap_model
     from training.toymodel import build_model, build_tokenizer, pythia70m_config
 
@@ -119,20 +126,30 @@ def run(repeats: int = 3, device: str = "cpu", batch: int = 8, context: int = 12
                 model.output.logits.save()
         return go
 
+    def written_back():
+        with model.trace(ids):
+            for layer in range(len(dicts)):
+                mlp = model.gpt_neox.layers[layer].mlp
+                mlp.output = mlp.output + 0          # read and write the site, as a splice does
+            model.output.logits.save()
+
     configs = [("bare transformers forward", bare, 0.0),
                ("bare nnsight trace", trace, 0.0),
-               ("trace + 1 dictionary, splice(error=True)", spliced(dicts[3:4], True), enc_gflop),
+               ("trace + 6 sites written back", written_back, 0.0),
+               ("trace + 1 dictionary, splice(error=True)", spliced(dicts[3:4], True), 0.0),   # encodes nothing
                ("trace + 1 dictionary, splice(error=False)", spliced(dicts[3:4], False), enc_gflop + dec_gflop),
                ("trace + 6 dictionaries, splice(error=False)", spliced(dicts, False), 6 * (enc_gflop + dec_gflop))]
     rows = []
     with torch.no_grad():
-        for (name, _, extra), sec in zip(configs, _round_robin([fn for _, fn, _ in configs], repeats, dev)):
-            rows.append({"benchmark": name, "device": dev.type, "tokens": tokens, "ms": 1000 * sec,
+        for (name, _, extra), secs in zip(configs, _round_robin([fn for _, fn, _ in configs], repeats, dev)):
+            rows.append({"benchmark": name, "device": dev.type, "tokens": tokens, "ms": 1000 * min(secs),
+                         "ms_median": 1000 * statistics.median(secs),
                          "flop_ratio": (model_gflop + extra) / model_gflop})
         base, nns = rows[0]["ms"], rows[1]["ms"]
         for r in rows:
             r["x_transformers"] = r["ms"] / base
             r["x_nnsight"] = r["ms"] / nns
+            r["over_flops"] = r["x_nnsight"] / r["flop_ratio"]
         rows += _fixed_overhead(hf, model, dev, repeats)
     return rows
 
@@ -145,16 +162,19 @@ def _fixed_overhead(hf, model, dev: torch.device, repeats: int) -> list[dict]:
         with model.trace(ids):
             model.output.logits.save()
 
-    bare = 1000 * _timed(lambda: hf(ids, use_cache=False), 5 * repeats, dev)
-    traced = 1000 * _timed(trace, 5 * repeats, dev)
+    bare_s, traced_s = _round_robin([lambda: hf(ids, use_cache=False), trace], 5 * repeats, dev)
+    bare, traced = 1000 * min(bare_s), 1000 * min(traced_s)
     return [{"benchmark": "bare transformers forward (1 x 16)", "device": dev.type, "tokens": 16, "ms": bare,
-             "flop_ratio": 1.0, "x_transformers": 1.0, "x_nnsight": bare / traced},
+             "ms_median": 1000 * statistics.median(bare_s), "flop_ratio": 1.0, "x_transformers": 1.0,
+             "x_nnsight": bare / traced, "over_flops": bare / traced},
             {"benchmark": "bare nnsight trace (1 x 16)", "device": dev.type, "tokens": 16, "ms": traced,
-             "flop_ratio": 1.0, "x_transformers": traced / bare, "x_nnsight": 1.0}]
+             "ms_median": 1000 * statistics.median(traced_s), "flop_ratio": 1.0, "x_transformers": traced / bare,
+             "x_nnsight": 1.0, "over_flops": 1.0}]
 
 
 def _print(rows: list[dict]) -> None:
-    cols = ["benchmark", "device", "tokens", "ms", "x_transformers", "x_nnsight", "flop_ratio"]
+    cols = ["benchmark", "device", "tokens", "ms", "ms_median", "x_transformers", "x_nnsight", "flop_ratio",
+            "over_flops"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))

@@ -49,6 +49,7 @@ class Dictionary(nn.Module):
     """Base of every dictionary: affine encoder, an architecture-specific nonlinearity, affine decoder."""
 
     architecture: ClassVar[str]
+    columnwise: ClassVar[bool] = True  # each feature from its own pre-activation: `encode_columns` applies
     extra_parameters: ClassVar[dict[str, str]] = {}  # name -> "F" or "" (scalar), beyond the four shared
 
     def __init__(self, d_in: int, d_dict: int, *, pre_encoder_bias: bool = True, card: Card | None = None,
@@ -81,6 +82,19 @@ class Dictionary(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Features f (..., F) of activations x (..., d)."""
         raise NotImplementedError
+
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        """encode(x)[:, cols] (tokens, len(cols)) from the centred activations xc = x - b_dec (x without a
+        pre-encoder bias), (tokens, d), reading only those columns of W_enc: what lets a sparse encode work
+        in cache-sized blocks of features (sparse_decoding.encode_code). Only where `columnwise`. `out`, a
+        contiguous (tokens, len(cols)) buffer, may receive the pre-activations (a block reused, not allocated)."""
+        raise NotImplementedError
+
+    def _pre_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        """pre_activation's columns `cols`: addmm of the bias slice, (tokens, len(cols)), into `out` if given."""
+        if out is None:
+            return torch.addmm(self.b_enc[cols], xc, self.W_enc[:, cols])
+        return torch.addmm(self.b_enc[cols], xc, self.W_enc[:, cols], out=out)
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction x_hat (..., d) of features f (..., F)."""
@@ -148,11 +162,15 @@ class ReluDictionary(Dictionary):
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_activation(x).relu_()  # in place on the fresh pre-activation: no second (tokens, F) tensor
 
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        return self._pre_columns(xc, cols, out).relu_()
+
 
 class TopKDictionary(Dictionary):
     """Keep the k largest pre-activations per token, ReLU'd (Gao et al. 2024)."""
 
     architecture = "topk"
+    columnwise = False  # a token's k largest over all F: no column block alone decides
 
     def __init__(self, d_in: int, d_dict: int, *, k: int, **kw):
         super().__init__(d_in, d_dict, **kw)
@@ -176,10 +194,15 @@ class BatchTopKDictionary(TopKDictionary):
     """
 
     architecture = "batchtopk"
+    columnwise = True  # at inference a global threshold: each feature on its own
     extra_parameters = {"threshold": ""}
 
     def encode(self, x: Tensor) -> Tensor:
         pre = torch.relu(self.pre_activation(x))
+        return pre * (pre > self.threshold)
+
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        pre = self._pre_columns(xc, cols, out).relu_()
         return pre * (pre > self.threshold)
 
     def encode_batch(self, x: Tensor) -> Tensor:
@@ -201,6 +224,10 @@ class JumpReluDictionary(Dictionary):
         pre = self.pre_activation(x)
         return pre * (pre > self.threshold) * (pre > 0)
 
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        pre = self._pre_columns(xc, cols, out)
+        return pre * (pre > self.threshold[cols]) * (pre > 0)
+
 
 class GatedDictionary(Dictionary):
     """Gated SAE with tied gate/magnitude weights (Rajamanoharan et al. 2024a).
@@ -218,6 +245,11 @@ class GatedDictionary(Dictionary):
         gate = (projected + self.b_enc) > 0
         magnitude = torch.relu(projected * torch.exp(self.r_mag) + self.b_mag)
         return gate * magnitude
+
+    def encode_columns(self, xc: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        projected = torch.mm(xc, self.W_enc[:, cols], out=out)                          # (tokens, len(cols))
+        gate = (projected + self.b_enc[cols]) > 0
+        return gate * torch.relu(projected * torch.exp(self.r_mag[cols]) + self.b_mag[cols])
 
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {

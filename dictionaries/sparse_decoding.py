@@ -7,6 +7,9 @@ The encoder side for training, `gathered_pre_activations`, gives the kept pre-ac
 dot products, so W_enc's gradient reaches the k columns per token by an index-add instead of the dense
 (d, B) @ (B, F) product. Gao et al. 2024 (appendix D) describe the same kernels for their TopK training.
 
+At inference (attach, eval) `encode_code` gives the active features of encode(x) without the dense (tokens, F)
+features, block by block of tokens and features, and `reconstruct` decodes them.
+
 Shapes: a "code" is (rows (n,), features (n,), values (n,)), rows ascending: token r's active features.
 """
 
@@ -123,27 +126,82 @@ def decode_mostly_zero(dictionary: torch.nn.Module, f: Tensor) -> Tensor:
     return (rows + dictionary.b_dec).reshape(*f.shape[:-1], -1)
 
 
+ENCODE_BLOCK = (1024, 1024)
+"""(tokens, features) of one block of `encode_code` on CPU: 4 MiB of fp32 pre-activations, cache-resident."""
+
+
+def encode_code(dictionary: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The active features of dictionary.encode(x) for x (tokens, d) as a code (rows, features, values), rows
+    ascending and features ascending within a row, without the dense (tokens, F) features.
+
+    A columnwise architecture (each feature from its own pre-activation) encodes in blocks of ENCODE_BLOCK:
+    each block's GEMM, nonlinearity and nonzero run on 4 MiB that stay in cache, where the dense encode writes
+    a (1024, 32768) fp32 tensor (128 MiB of fresh pages from the system, first-touch faults included) and
+    reads it back once per elementwise pass (bias, ReLU, threshold, nonzero, gather); row blocks alone would
+    read W_enc (d x F, 64 MiB) from memory once per block. TopK (a token's k largest over all F) encodes
+    row blocks densely.
+    """
+    x = x.to(dictionary.W_enc.device, dictionary.W_enc.dtype)
+    xc = x - dictionary.b_dec if dictionary.pre_encoder_bias else x                # (tokens, d)
+    step_rows, step_cols = ENCODE_BLOCK
+    if not dictionary.columnwise:
+        step_rows, step_cols = max(1, RECONSTRUCT_BLOCK_BYTES // (dictionary.d_dict * x.element_size())), None
+    buffer = None if step_cols is None or torch.is_grad_enabled() else x.new_empty(step_rows * step_cols)
+    rows, features, values = [], [], []
+    for r0 in range(0, x.shape[0], step_rows):
+        block_rows, block_features, block_values = [], [], []
+        for c0 in range(0, dictionary.d_dict, step_cols or dictionary.d_dict):
+            if step_cols is None:
+                f = dictionary.encode(x[r0:r0 + step_rows])                              # (rows, F)
+            else:
+                xb, cols = xc[r0:r0 + step_rows], slice(c0, min(c0 + step_cols, dictionary.d_dict))
+                out = None if buffer is None else buffer[:xb.shape[0] * (cols.stop - c0)].view(xb.shape[0], -1)
+                f = dictionary.encode_columns(xb, cols, out)                             # (rows, cols)
+            # a flat nonzero (a 1-d index, then // and %) is cheaper than the 2-d one on CPU
+            flat = f.reshape(-1).nonzero().squeeze(1)                                     # row-major
+            block_rows.append(flat // f.shape[1] + r0)
+            block_features.append(flat % f.shape[1] + c0)
+            block_values.append(f.reshape(-1)[flat])
+        r, c, v = torch.cat(block_rows), torch.cat(block_features), torch.cat(block_values)
+        if len(block_rows) > 1:  # column blocks: row-major within each, so a stable sort by row keeps c ascending
+            order = r.argsort(stable=True)
+            r, c, v = r[order], c[order], v[order]
+        rows.append(r)
+        features.append(c)
+        values.append(v)
+    return torch.cat(rows), torch.cat(features), torch.cat(values)
+
+
 RECONSTRUCT_BLOCK_BYTES = 16 * 2**20
-"""On CPU, `reconstruct` encodes at most this many bytes of features at a time."""
+"""On CPU, TopK's rows of `encode_code` encode at most this many bytes of features at a time."""
 
 
 def reconstruct(dictionary: torch.nn.Module, x: Tensor) -> Tensor:
-    """decode(encode(x)) (..., d) for activations x (..., d), without the dense (tokens, F) features.
+    """decode(encode(x)) (..., d) for activations x (..., d), without the dense (tokens, F) features on CPU.
 
-    Every architecture encodes each token on its own, so the tokens go through in blocks: on CPU a
-    (tokens, F) tensor of one forward (1024 x 32768 floats, 128 MiB) is fresh memory from the system each
-    time, whose first-touch page faults cost as much as a third of its encoder GEMM; a 16 MiB block is
-    reused from the allocator's free list and stays in cache through its sparse decode. Accelerators
-    (a caching allocator, no per-block launch savings to lose) take the tokens in one block.
+    On CPU through `encode_code` and the active decoder rows (`decode_code`). Accelerators (a caching
+    allocator; a nonzero per block would synchronise with the host) encode densely in one go.
     """
     flat = x.reshape(-1, x.shape[-1]).to(dictionary.W_enc.device, dictionary.W_enc.dtype)   # (tokens, d)
-    rows = flat.shape[0]
-    if flat.device.type == "cpu":
-        rows = max(1, RECONSTRUCT_BLOCK_BYTES // (dictionary.d_dict * flat.element_size()))
-    if rows >= flat.shape[0]:
+    if flat.device.type != "cpu" or flat.shape[0] == 0:
         return decode_mostly_zero(dictionary, dictionary.encode(flat)).reshape(*x.shape[:-1], -1)
-    out = torch.empty(flat.shape[0], dictionary.d_in, dtype=flat.dtype, device=flat.device)
-    for start in range(0, flat.shape[0], rows):
-        block = flat[start:start + rows]                                           # (rows, d)
-        out[start:start + rows] = decode_mostly_zero(dictionary, dictionary.encode(block))
+    rows, features, values = encode_code(dictionary, flat)
+    out = decode_code(dictionary.W_dec, dictionary.b_dec, rows, features, values, flat.shape[0])
     return out.reshape(*x.shape[:-1], -1)
+
+
+def encode_and_predict(dictionary: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """dictionary(x) for x (..., d): the prediction (..., d_out) (decode, plus x W_skip for a skip-transcoder)
+    and the dense features f (..., F); on CPU without a gradient, encoded through `encode_code` (the dense f
+    is then only written, once, from the code) and decoded through the active rows."""
+    flat = x.reshape(-1, x.shape[-1])                                                # (tokens, d)
+    if flat.device.type != "cpu" or flat.shape[0] == 0 or (
+            torch.is_grad_enabled() and (x.requires_grad or dictionary.W_enc.requires_grad)):
+        return tuple(dictionary(x))
+    rows, features, values = encode_code(dictionary, flat)
+    f = torch.zeros(flat.shape[0], dictionary.d_dict, dtype=values.dtype, device=values.device)
+    f[rows, features] = values
+    out = decode_code(dictionary.W_dec, dictionary.b_dec, rows, features, values, flat.shape[0])
+    if dictionary.W_skip is not None:
+        out = out + flat @ dictionary.W_skip
+    return out.reshape(*x.shape[:-1], -1), f.reshape(*x.shape[:-1], -1)

@@ -194,3 +194,17 @@ def test_load_native_state_rejects_wrong_keys_and_shapes():
 
     with pytest.raises(FormatError, match="missing \\['threshold'\\]"):
         m.load_native_state({k: v for k, v in state.items() if k != "threshold"})
+
+
+@pytest.mark.parametrize("kind", sorted(k for k, cls in ARCHITECTURES.items() if cls.columnwise))
+@pytest.mark.parametrize("pre_encoder_bias", [True, False])
+def test_encode_columns_is_encode_of_those_columns(kind, pre_encoder_bias):
+    """Each columnwise kind's block rule (sparse_decoding.encode_code encodes by it) is its `encode` restricted."""
+    m = make(kind, pre_encoder_bias=pre_encoder_bias)
+    x = torch.randn(9, D)
+    xc = x - m.b_dec if pre_encoder_bias else x
+    full = m.encode(x)
+    assert 0 < int(torch.count_nonzero(full)) < full.numel()
+    for cols in (slice(0, 7), slice(7, 14), slice(14, F)):
+        torch.testing.assert_close(m.encode_columns(xc, cols), full[:, cols])
+    assert not ARCHITECTURES["topk"].columnwise and ARCHITECTURES["batchtopk"].columnwise

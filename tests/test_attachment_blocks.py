@@ -13,9 +13,9 @@ from dictionaries import sparse_decoding as S
 from helpers import batch, keep_pads, make_dictionary, reference_logits, traced_logits
 
 
-def test_plain_splice_reconstructs_in_token_blocks(models, tokenizer, monkeypatch):
-    """A splice that never reads the features decodes block by block (`reconstruct`): blocks of three tokens
-    give the dense reconstruction; features dense past the density probe's slice still decode exactly."""
+def test_plain_splice_reconstructs_in_blocks(models, tokenizer, monkeypatch):
+    """A splice that never reads the features decodes block by block (`reconstruct`): blocks of three tokens and
+    500 features give the dense reconstruction; features dense past the density probe's slice still decode."""
     raw, model = models["neox"]
     path = "gpt_neox.layers.0.mlp"
     d = make_dictionary(64, 2048, path)
@@ -23,7 +23,7 @@ def test_plain_splice_reconstructs_in_token_blocks(models, tokenizer, monkeypatc
     [x] = H.collect_activations(model, [path], ids, mask)
     with torch.no_grad():
         d.b_enc.sub_(d.pre_activation(x[mask.bool()]).flatten().quantile(0.995))
-        monkeypatch.setattr(S, "RECONSTRUCT_BLOCK_BYTES", 3 * 2048 * 4)          # 3 tokens a block
+        monkeypatch.setattr(S, "ENCODE_BLOCK", (3, 500))                          # (tokens, features) a block
         torch.testing.assert_close(S.reconstruct(d, x), d.decode(d.encode(x)))
         f = d.encode(x.reshape(-1, 64))
         f[f.shape[0] // 16 + 1:] += 1.0                                          # dense after the probe's rows

@@ -161,3 +161,48 @@ def test_sparse_loss_of_a_skip_transcoder_equals_the_dense_one():
     assert g_sparse.keys() == g_dense.keys()
     for n in g_dense:
         torch.testing.assert_close(g_sparse[n], g_dense[n], msg=n)
+
+
+def _inference_dictionary(kind: str, **kw):
+    """A kind with seeded weights and a negative encoder bias: a minority of its F features fire per token."""
+    from dictionaries.architectures import ARCHITECTURES
+
+    extra = {"k": K} if kind in ("topk", "batchtopk") else {}
+    d = ARCHITECTURES[kind](D, F, **extra, **kw)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        d.b_enc.sub_(0.5)                                   # fewer features fire: a sparse code
+        if kind == "jumprelu":
+            d.threshold.abs_().mul_(0.5)
+        elif kind == "batchtopk":
+            d.threshold.fill_(0.3)                          # the global inference threshold
+    return d
+
+
+@pytest.mark.parametrize("kind,kw", [("relu", {}), ("topk", {}), ("batchtopk", {}), ("jumprelu", {}), ("gated", {}),
+                                     ("relu", {"pre_encoder_bias": False}),
+                                     ("jumprelu", {"d_out": D + 3, "skip": True, "pre_encoder_bias": False})])
+def test_block_encode_and_reconstruct_equal_the_dense_path(kind, kw, monkeypatch):
+    """encode_code in blocks that divide neither tokens nor features gives encode(x)'s nonzeros, rows then features
+    ascending; reconstruct and encode_and_predict (what a plain splice and the evaluation call) equal dense."""
+    import dictionaries.sparse_decoding as S
+
+    d = _inference_dictionary(kind, **kw)
+    x = torch.randn(3, 11, D)
+    monkeypatch.setattr(S, "ENCODE_BLOCK", (4, 13))
+    monkeypatch.setattr(S, "RECONSTRUCT_BLOCK_BYTES", 5 * F * 4)       # TopK: 5 tokens a block
+    with torch.no_grad():
+        f = d.encode(x)
+        flat = f.reshape(-1, F)
+        assert 0 < int(torch.count_nonzero(f)) < f.numel() // 2
+        rows, features, values = S.encode_code(d, x.reshape(-1, D))
+        want_rows, want_features = flat.nonzero(as_tuple=True)
+        assert torch.equal(rows, want_rows) and torch.equal(features, want_features)
+        torch.testing.assert_close(values, flat[want_rows, want_features])
+        if "skip" not in kw:
+            torch.testing.assert_close(S.reconstruct(d, x), f @ d.W_dec + d.b_dec)
+        x_hat, f_got = S.encode_and_predict(d, x)
+        torch.testing.assert_close(f_got, f)
+        torch.testing.assert_close(x_hat, d(x).reconstruction)

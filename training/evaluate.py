@@ -34,6 +34,7 @@ from torch import Tensor
 from dictionaries.architectures import Dictionary
 from dictionaries.errors import EvalInputError, InvalidArgumentError
 from dictionaries.recipe import DatasetSpec, HookPoint
+from dictionaries.sparse_decoding import encode_and_predict
 from training.sensitivity import SensitivityCurves, sensitivity_on_eval_set
 from training.tally import EvalResult, Tally, add_hidden_changes, add_losses, has_lm_head
 
@@ -85,7 +86,7 @@ def _segment_patches(group: list[tuple[int, Dictionary]], hooks: list[HookPoint]
             mask = keep.to(x.device)[..., None]              # (B, pos, 1)
             for s, j, d in items:
                 x_d = inputs.get(j, clean).to(d.W_dec.device, d.W_dec.dtype)   # the dictionary's dtype, device
-                x_hat, f = d(x_d)
+                x_hat, f = encode_and_predict(d, x_d)            # d(x_d), without dense passes on CPU
                 captured[j] = (clean.to(d.W_dec.device, d.W_dec.dtype), x_hat, f)
                 lo = (1 + 2 * s) * b
                 out[lo:lo + b] = torch.where(mask, x_hat.to(x.device, x.dtype), clean)
