@@ -163,3 +163,26 @@ def test_last_token_over_the_prefix_cache_equals_whole_context_forwards(tiny_neo
         assert full.kl[kind][:, -1].min() > 1e-4, kind                   # the perturbations do move the output
         torch.testing.assert_close(cheap.kl[kind], full.kl[kind], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(every_layer.kl[kind], full.kl[kind], rtol=1e-4, atol=1e-6)
+
+
+def test_the_perturbed_forwards_logits_stay_within_a_small_budget(tiny_neox, tokenizer, monkeypatch):
+    """Each perturbed forward yields at most LOGITS_BUDGET bytes of logits (at 1 GiB the test added ~790 MB to a
+    Pythia-70m training run's peak): the default stays small, and a budget of two bases' rows is obeyed."""
+    from dictionaries.hooks import collect_activations
+    from training import perturbation, sensitivity
+
+    assert sensitivity.LOGITS_BUDGET <= 64 << 20
+    rows, real = [], perturbation._last_logprobs
+
+    def counted(hf, hook, cache, last, bases, repeats, deltas):
+        rows.append(len(bases) * repeats)
+        return real(hf, hook, cache, last, bases, repeats, deltas)
+
+    steps = torch.linspace(0, 3, 5)
+    monkeypatch.setattr(perturbation, "_last_logprobs", counted)
+    monkeypatch.setattr(sensitivity, "LOGITS_BUDGET", 4 * tiny_neox.config.vocab_size * 2 * len(steps))
+    ids = torch.randint(0, tiny_neox.config.vocab_size, (6, 10), generator=torch.Generator().manual_seed(0))
+    pool = collect_activations(tiny_neox, [HOOK], ids)[0].reshape(-1, 64)
+    measure_sensitivity(tiny_neox, HOOK, [], ids, torch.full((6,), 9), pool, steps=steps, progress=False)
+    assert rows[0] == 6 and max(rows[1:]) == 2 * len(steps)       # the clean forward: a row a base
+    assert len(rows) == 1 + 2 * 3                                  # random and real kinds, 3 forwards each

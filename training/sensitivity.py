@@ -46,8 +46,10 @@ POOL_SIZE = 4096
 """Real activations kept per hook for the random kind's mean/covariance and the real kind's targets."""
 APOLLO_LENGTH = 10
 """Tokens per sequence, perturbed and read at the last one (Apollo 2024 used 10-token openwebtext sequences)."""
-LOGITS_BUDGET = 1 << 30
-"""Bytes of float32 logits one perturbed forward may produce (Pythia-70m, 64 tokens: 83 rows)."""
+LOGITS_BUDGET = 16 << 20
+"""Bytes of float32 logits one perturbed forward may produce (Pythia-70m: 83 one-token rows, so 3 bases x 21 steps).
+Its log-softmax, the clean rows repeated beside it and the KL's products are each as large again; at 1 GiB the
+test added ~790 MB to a training run's peak, at this size ~20 MB, for a few more forwards of the last token."""
 KL_THRESHOLD = 0.5
 """The KL (nats) at which a perturbation counts as having changed the output."""
 
