@@ -44,14 +44,20 @@ def _cell(v: object) -> str:
     return str(v)
 
 
+FLAGS = {"--quick"}
+"""The bench modules' options that take no value."""
+
+
 def _topic_args(argv: list[str]) -> list[str]:
     """The topics named in argv; `--flag value` pairs are the bench modules' own options (read from sys.argv)."""
     names, skip = [], False
     for arg in argv:
-        if skip or arg.startswith("--"):
-            skip = arg.startswith("--") and "=" not in arg and not skip
-            continue
-        names.append(arg)
+        if skip:
+            skip = False
+        elif arg.startswith("--"):
+            skip = "=" not in arg and arg not in FLAGS       # the next arg is this option's value
+        else:
+            names.append(arg)
     return names
 
 
