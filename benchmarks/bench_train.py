@@ -16,7 +16,7 @@ ratios are to that run. Comparisons:
 - twelve 8192-feature dictionaries (mlp and resid of every layer) from one pass, against the sum of their
   optimisation times (twelve times the one-dictionary fp32 step) plus one harvest (the twelve run's own);
 - the optimisation step as a fraction of this machine's matmul rate at the step's precision, measured in the
-  same run (fp32 and bf16, 2048^3, best of 5): 12 d F FLOPs a token for L1, 2 d F for TopK (`_summary`).
+  same run (fp32 and bf16, 2048^3, best of 5): 10 d F FLOPs a token for L1, 2 d F for TopK (`_summary`).
 Peers live in their own virtual environments (benchmarks/peers.py); one that cannot run has a row saying why.
 
 Batch: 1024 tokens a step for both comparisons. The recipes' own batches are 4096-8192, which would take the
@@ -165,12 +165,15 @@ def _ratios(rows: list[dict]) -> None:
 
 def _summary(rows: list[dict], rates: dict, d_in: int) -> None:
     """Roofline fraction of our optimisation step at its precision, and twelve from one pass against the sum of
-    parts. FLOPs a token: 12 d F for L1 (encoder and decoder, forward and backward, all dense); 2 d F for TopK,
+    parts. FLOPs a token: 10 d F for L1, the five (B, d) x (d, F) products the step runs (encoder and decoder
+    forward, W_dec's and f's gradients, W_enc's; b_dec's gradient through the encoder is a vector product,
+    losses._project, and x needs none; counting a sixth, as this table did before, overstated the fraction by
+    a fifth); 2 d F for TopK,
     whose sparse step keeps one dense product (the forward that chooses the kept features: decode, its backward
     and the encoder's backward go through the k kept features only)."""
     for r in rows:
         if r["run"].startswith("ours") and "step_s" in r and r.get("dictionaries") == 1:
-            per_token = (2 if "TopK" in r["run"] else 12) * d_in * int(r["run"].split("F=")[1].split()[0])
+            per_token = (2 if "TopK" in r["run"] else 10) * d_in * int(r["run"].split("F=")[1].split()[0])
             rate = rates["bfloat16" if r["precision"] == "bf16" else "float32"]
             r["step_gflops"] = per_token * r["batch"] / r["step_s"] / 1e9
             r["step_roofline"] = per_token * r["batch"] / r["step_s"] / rate

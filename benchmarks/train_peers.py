@@ -82,11 +82,12 @@ def saelens_child(steps: int, batch: int, d_dict: int, warmup: int, device: str,
                                   original_architecture="GPTNeoXForCausalLM", device=device, seed=0)
     build_tokenizer().save_pretrained(folder / "tokenizer")  # transformer_lens reloads it by name_or_path
     model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"))
+    # SAELens' mixing buffer holds n_batches_in_buffer * context_size rows: two batches of rows, as ours
     runner_cfg = LanguageModelSAERunnerConfig(
         sae=StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=d_dict, l1_coefficient=1e-3),
         model_name="pythia70m-random", hook_name="blocks.3.hook_mlp_out", dataset_path="", streaming=False,
         is_dataset_tokenized=False, context_size=CONTEXT, training_tokens=steps * batch,
-        train_batch_size_tokens=batch, n_batches_in_buffer=2, store_batch_size_prompts=batch // CONTEXT,
+        train_batch_size_tokens=batch, n_batches_in_buffer=2 * batch // CONTEXT, store_batch_size_prompts=batch // CONTEXT,
         device=device, lr=1e-3, lr_warm_up_steps=warmup, autocast=precision == "bf16",
         autocast_lm=precision == "bf16", logger=LoggingConfig(log_to_wandb=False),
         checkpoint_path=str(folder / "ckpt"), n_checkpoints=0, output_path=str(folder / "out"))
