@@ -43,7 +43,8 @@ def matmul_rate(precision: str, device: str = "cpu", repeats: int = 2) -> float:
     return 2 * BATCH * D_IN * D_DICT / min(times)
 
 
-def step_times(name: str, extra: dict) -> tuple[dict[str, float], dict[str, float]]:
+def step_times(name: str, extra: dict, precisions: tuple[str, ...] = ("fp32", "bf16")
+               ) -> tuple[dict[str, float], dict[str, float]]:
     """(precision -> seconds of one Trainer.step at BATCH, precision -> matmul FLOP/s): fp32 and bf16 trainers
     step alternately, each step followed by the matmul at its precision (a busy machine slows all alike), the
     fastest of REPEATS after two warm-up steps: the step's own cost in steady state, beside its roofline."""
@@ -52,7 +53,7 @@ def step_times(name: str, extra: dict) -> tuple[dict[str, float], dict[str, floa
     recipe = _recipe(name, extra)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(0))
     trainers = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         trainers[precision] = Trainer(recipe, D_IN, total_steps=1000,
                                       autocast=torch.bfloat16 if precision == "bf16" else None)
         if recipe.input_normalization != "none":
@@ -103,8 +104,13 @@ def sparse_vs_dense(precision: str = "fp32") -> list[dict]:
 def run() -> list[dict]:
     """The sparse-decoding rows, then one row per recipe and precision with the bf16 / fp32 step ratio."""
     rows = sparse_vs_dense()
+    # bf16 only where its matmuls beat fp32's: an AVX2-only CPU emulates them (~1/80 of fp32, minutes a step)
+    precisions = ("fp32", "bf16") if matmul_rate("bf16", repeats=1) > matmul_rate("fp32") else ("fp32",)
+    if len(precisions) == 1:
+        rows.append({"benchmark": "trainer.step", "precision": "bf16", "note": "skipped: bf16 matmuls are slower "
+                     "than fp32 here (no native bf16 such as AVX-512 BF16 or AMX)"})
     for name, extra in RECIPES.items():
-        seconds, rates = step_times(name, extra)
+        seconds, rates = step_times(name, extra, precisions)
         # products of the (B, d_in) x (d_in, F) size a step costs: five dense, one where TopK decodes sparsely
         products = 1 if name in ("topk", "batchtopk") else 5
         for precision, s in seconds.items():
