@@ -149,12 +149,10 @@ def _ratios(rows: list[dict]) -> None:
         if peer["run"].startswith("ours") or "steady_tokens_per_s" not in peer:
             continue
         for precision in ("fp32", "bf16"):
-            ours = [r for r in rows if r["run"].startswith("ours") and r["precision"] == precision
-                    and "steady_tokens_per_s" in r]
-            before = [r for r in ours if rows.index(r) < i][-1:]
-            after = [r for r in ours if rows.index(r) > i][:1]
-            beside = before + after
-            whole = next((r for r in ours if "(evaluated)" in r["run"]), None)
+            ours = [(at, r) for at, r in enumerate(rows) if r["run"].startswith("ours")
+                    and r["precision"] == precision and "steady_tokens_per_s" in r]   # by position, not equality
+            beside = [r for at, r in ours if at < i][-1:] + [r for at, r in ours if at > i][:1]
+            whole = next((r for _, r in ours if "(evaluated)" in r["run"]), None)
             if not beside or whole is None:
                 continue
             mean = sum(r["steady_tokens_per_s"] for r in beside) / len(beside)
