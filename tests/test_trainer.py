@@ -335,3 +335,16 @@ def test_a_bf16_autocast_run_ends_within_the_stated_tolerance_of_float32(name):
     assert abs(fvu16 - fvu32) <= BF16_TOLERANCE["fvu"], (fvu32, fvu16)
     l0_tolerance = BF16_TOLERANCE["l0_relative_jumprelu" if name == "jumprelu" else "l0_relative"]
     assert abs(l0_16 - l0_32) <= l0_tolerance * l0_32, (l0_32, l0_16)
+
+
+def test_a_state_saved_before_the_autocast_field_existed_still_resumes():
+    """A field added later (autocast) is absent from older states: it counts as its default, not as a change."""
+    t = Trainer(make_recipe("marks2023"), D_IN, total_steps=10)
+    t.step(SparseSource()())
+    state = t.state_dict()
+    del state["recipe"]["autocast"]
+    Trainer(make_recipe("marks2023"), D_IN, total_steps=10).load_state_dict(state)
+    with pytest.raises(RecipeError) as info:                  # but a state that ran under bf16 is still refused
+        Trainer(make_recipe("marks2023"), D_IN, total_steps=10).load_state_dict(
+            {**state, "recipe": {**state["recipe"], "autocast": "bfloat16"}})
+    assert "autocast" in info.value.fields

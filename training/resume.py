@@ -30,7 +30,10 @@ Difference = tuple[str, Any, Any]  # (dotted field, value in the checkpoint, val
 
 
 def recipe_differences(saved: dict, now: dict, prefix: str = "") -> list[Difference]:
-    """(dotted field, saved value, current value) for every leaf where two recipe dumps differ."""
+    """(dotted field, saved value, current value) for every leaf where two recipe dumps differ. A top-level field
+    the saved dump lacks (written before the field existed, e.g. `autocast`) counts as its default then."""
+    if not prefix:
+        saved = {**_defaults(set(now) - set(saved)), **saved}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
@@ -68,3 +71,16 @@ def describe_changes(changes: Sequence[Difference], step: int, total_steps: int,
     listing = ", ".join(f"{field.rsplit(': ', 1)[-1]} {old!r} -> {new!r}" for field, old, new in changes)
     return (f"Resumed at step {step} of {total_steps} from {checkpoint} with {listing}; steps 1-{step} ran "
             "with the former values (training/resume.py lists the changes a resume may make).")
+
+
+def _defaults(fields: set[str]) -> dict[str, Any]:
+    """The current Recipe's defaults (as a JSON dump has them) of the named top-level fields that have one."""
+    from dictionaries.recipe import Recipe
+
+    out = {}
+    for name in fields & set(Recipe.model_fields):
+        field = Recipe.model_fields[name]
+        if not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            out[name] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return out
