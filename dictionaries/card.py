@@ -301,6 +301,13 @@ def parse_card(data: Any, path: str) -> Card:
         raise format_validation_error(path, e) from None
 
 
+def safe_yaml_loader() -> type:
+    """PyYAML's safe loader on libyaml's C parser where the wheel has it (about 10x faster), else the Python one."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_card(path: str | Path) -> Card:
     """Read a card from a `.yaml`/`.yml` or `.json` file."""
     import yaml
@@ -308,7 +315,9 @@ def read_card(path: str | Path) -> Card:
     path = Path(path)
     text = _card_text(path)
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        # libyaml's parser where PyYAML has it: the registry reads every card at each command's start, and the
+        # pure-Python parser took 1.7 s of `dictctl list`'s 2.2 s for 166 cards
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=safe_yaml_loader())
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise CardError(str(path), "<root>", f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
     return parse_card(data, str(path))

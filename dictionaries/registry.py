@@ -22,7 +22,14 @@ from typing import Literal, get_args
 import yaml
 from pydantic import ValidationError, field_validator
 
-from dictionaries.card import NAME_PATTERN, REVISION_PATTERN, Card, format_validation_error, read_card
+from dictionaries.card import (
+    NAME_PATTERN,
+    REVISION_PATTERN,
+    Card,
+    format_validation_error,
+    read_card,
+    safe_yaml_loader,
+)
 from dictionaries.constants import ENV_REGISTRY
 from dictionaries.errors import CardError, InvalidArgumentError, RegistryError, UnknownNameError
 from dictionaries.files import locked, relative_path_problem, replay_journal
@@ -188,7 +195,7 @@ class Registry:
         return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(safe_yaml_loader()):
     """A safe YAML loader that refuses a key listed twice in one mapping, in block or flow style alike
     (plain YAML keeps the last silently, which would let a second entry re-point a name)."""
 

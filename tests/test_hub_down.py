@@ -47,6 +47,8 @@ def silent_endpoint():
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    # close() from this thread leaves accept() blocked (Linux): shutdown() wakes it, so the join is immediate
+    server.shutdown(socket.SHUT_RDWR)
     server.close()
     for conn in held:
         conn.close()
