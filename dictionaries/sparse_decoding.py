@@ -31,9 +31,22 @@ def flat_code(flat_indices: Tensor, d_dict: int) -> tuple[Tensor, Tensor]:
     return flat // d_dict, flat % d_dict
 
 
+ENTRIES_PER_BLOCK_ELEMENTS = 1 << 22
+"""The gathered (n, d) blocks of a code's entries are made this many elements at a time (16 MiB in float32):
+TopK's 32 kept of 32768 features on 1024 tokens gather 32768 rows, AuxK's 256 picks a token 262144 (1 GiB at
+d = 512 if gathered whole), where the dense path's (B, F) is 128 MiB."""
+
+
+def _blocks(n: int, d: int):
+    """(start, stop) of consecutive entry blocks of at most ENTRIES_PER_BLOCK_ELEMENTS / d entries."""
+    size = max(1, ENTRIES_PER_BLOCK_ELEMENTS // max(d, 1))
+    return ((start, min(start + size, n)) for start in range(0, n, size))
+
+
 class _DecodeRows(torch.autograd.Function):
     """x (n_rows, d) = sum_j values[j] W_dec[features[j]] into row rows[j]; the backward touches the n active rows
-    of W_dec only: dW_dec[features] += values * g[rows] (index-add), dvalues = <W_dec[features], g[rows]>."""
+    of W_dec only: dW_dec[features] += values * g[rows] (index-add), dvalues = <W_dec[features], g[rows]>, in
+    blocks of entries (`_blocks`) so that no (n, d) gather is whole."""
 
     @staticmethod
     def forward(ctx, W_dec: Tensor, rows: Tensor, features: Tensor, values: Tensor, n_rows: int) -> Tensor:
@@ -46,12 +59,16 @@ class _DecodeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         W_dec, rows, features, values = ctx.saved_tensors
-        g = grad.index_select(0, rows)                                          # (n, d)
-        grad_w = grad_v = None
-        if ctx.needs_input_grad[0]:
-            grad_w = torch.zeros_like(W_dec).index_add_(0, features, g * values.to(g.dtype)[:, None])
-        if ctx.needs_input_grad[3]:
-            grad_v = (W_dec.index_select(0, features).to(g.dtype) * g).sum(-1).to(values.dtype)
+        want_w, want_v = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_w = torch.zeros_like(W_dec) if want_w else None
+        grad_v = values.new_empty(values.shape) if want_v else None
+        for start, stop in _blocks(rows.numel(), W_dec.shape[1]):
+            g = grad.index_select(0, rows[start:stop])                          # (block, d)
+            feats = features[start:stop]
+            if want_w:
+                grad_w.index_add_(0, feats, g * values[start:stop].to(g.dtype)[:, None])
+            if want_v:
+                grad_v[start:stop] = (W_dec.index_select(0, feats).to(g.dtype) * g).sum(-1).to(values.dtype)
         return grad_w, None, None, grad_v, None
 
 
@@ -71,33 +88,80 @@ def decode_dense(W_dec: Tensor, b_dec: Tensor, f: Tensor) -> Tensor:
 
 
 class _GatherDot(torch.autograd.Function):
-    """(n,) dots x[rows] . W_enc[:, features], kept in W_enc's (d, F) layout: the kept columns gathered as a
-    (d, n) block (each of the d rows gathers from one contiguous row of F, cache-friendly where gathering W_enc^T's
-    rows would stride by F), and W_enc's gradient index-added back into its columns."""
+    """(n,) kept pre-activations (x - b_dec)[rows] . W_enc[:, features] + b_enc[features] (no b_dec for a
+    dictionary without the pre-encoder bias). W_enc's gradient accumulates as rows of its transpose, dW_enc^T
+    [features] += g (x - b_dec)[rows] (each entry adds one contiguous d-vector; index-adding columns of the
+    (d, F) layout touches d cache lines an entry, and took twice as long), a block of features at a time
+    (`_encoder_gradient`); b_dec's is -W_enc g_F with g_F (F,) the entries' gradients summed per feature: one
+    matrix-vector product, where b_dec's path through a bias b_enc - b_dec @ W_enc added a (d, F) outer product
+    into W_enc's gradient.
+
+    `known`: the same values already computed without a graph, returned as they are, so the forward gathers
+    nothing. Otherwise the kept columns are gathered as (d, block) blocks (each of the d rows gathers from one
+    contiguous row of F). Entries go in blocks (`_blocks`), and nothing of size (d, n) is saved: two (d, n)
+    copies kept from the forward were 128 MiB for TopK at k = 32, F = 32768, 1024 tokens, 1 GiB for its AuxK."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, rows: Tensor, features: Tensor) -> Tensor:
-        x_cols = x.t().contiguous().index_select(1, rows)                       # (d, n)
-        w_cols = W_enc.index_select(1, features)                                # (d, n)
-        ctx.save_for_backward(x_cols, w_cols, rows, features)
-        ctx.batch, ctx.width = x.shape[0], W_enc.shape[1]
-        return (x_cols * w_cols).sum(0)
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, rows: Tensor,
+                features: Tensor, known: Tensor | None) -> Tensor:
+        shifted = x - b_dec if b_dec is not None else x                         # (B, d)
+        ctx.save_for_backward(shifted, W_enc, rows, features)
+        if known is not None:
+            return known.clone()
+        x_t = shifted.t().contiguous()                                          # (d, B)
+        out = x.new_empty(rows.shape, dtype=torch.promote_types(x.dtype, W_enc.dtype))
+        for start, stop in _blocks(rows.numel(), x_t.shape[0]):
+            x_cols = x_t.index_select(1, rows[start:stop])                      # (d, block)
+            out[start:stop] = (x_cols * W_enc.index_select(1, features[start:stop])).sum(0)
+        return out + b_enc[features]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x_cols, w_cols, rows, features = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = w_cols.new_zeros(w_cols.shape[0], ctx.batch).index_add_(1, rows, w_cols * grad).t()
-        if ctx.needs_input_grad[1]:
-            grad_w = x_cols.new_zeros(x_cols.shape[0], ctx.width).index_add_(1, features, x_cols * grad)
-        return grad_x, grad_w, None, None
+        shifted, W_enc, rows, features = ctx.saved_tensors
+        want_x, want_w, want_b_enc, want_b_dec = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_b_enc = grad_b_dec = None
+        if want_x or want_b_dec:
+            per_feature = grad.new_zeros(W_enc.shape[1]).index_add_(0, features, grad)   # (F,)
+            grad_b_dec = -(W_enc @ per_feature.to(W_enc.dtype)) if want_b_dec else None  # (d,)
+        if want_x:
+            grad_x = shifted.new_zeros(shifted.shape)                             # (B, d)
+            for start, stop in _blocks(rows.numel(), shifted.shape[1]):
+                g = grad[start:stop, None].to(shifted.dtype)
+                grad_x.index_add_(0, rows[start:stop], W_enc.index_select(1, features[start:stop]).t() * g)
+        if want_w:
+            grad_w = _encoder_gradient(shifted, W_enc.shape, rows, features, grad)
+        if want_b_enc:
+            grad_b_enc = grad.new_zeros(W_enc.shape[1]).index_add_(0, features, grad)
+        return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None, None
 
 
-def gathered_pre_activations(x: Tensor, W_enc: Tensor, bias: Tensor, rows: Tensor, features: Tensor) -> Tensor:
-    """(n,) pre-activations x[rows] . W_enc[:, features] + bias[features], differentiable, for the kept
-    entries only: W_enc's gradient is an index-add of n columns instead of a (d, B) @ (B, F) matmul."""
-    return _GatherDot.apply(x, W_enc, rows, features) + bias[features]
+def _encoder_gradient(x: Tensor, shape: torch.Size, rows: Tensor, features: Tensor, grad: Tensor) -> Tensor:
+    """dW_enc (d, F): for each block of features, the entries of those features (sorted by feature) add
+    g x[row] into rows of a (block, d) transposed buffer, written into W_enc's columns at once. A whole (F, d)
+    transposed gradient would be a second (d, F)-sized tensor beside the one autograd keeps."""
+    d, n_features = shape
+    order = features.argsort()
+    rows, features, grad = rows[order], features[order], grad[order].to(x.dtype)
+    width = max(1, ENTRIES_PER_BLOCK_ELEMENTS // d)                              # features per block
+    starts = list(range(0, n_features, width))
+    bounds = torch.searchsorted(features, torch.tensor([*starts, n_features], device=features.device)).tolist()
+    grad_w = x.new_empty(shape)
+    for j, first in enumerate(starts):
+        block = x.new_zeros(min(width, n_features - first), d)                 # (block, d): rows of dW_enc^T
+        for start, stop in _blocks(bounds[j + 1] - bounds[j], d):
+            span = slice(start + bounds[j], stop + bounds[j])
+            block.index_add_(0, features[span] - first, x.index_select(0, rows[span]) * grad[span, None])
+        grad_w[:, first:first + block.shape[0]] = block.t()
+    return grad_w
+
+
+def gathered_pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, rows: Tensor,
+                             features: Tensor, known: Tensor | None = None) -> Tensor:
+    """(n,) pre-activations (x - b_dec)[rows] . W_enc[:, features] + b_enc[features], differentiable in all four,
+    for the kept entries only: W_enc's gradient is an index-add of n rows of its transpose instead of the dense
+    (d, B) @ (B, F) matmul. `b_dec` None: no pre-encoder bias. `known` (n,): these values already computed
+    without a graph at full precision (TopK's choosing product): returned exactly, with the same gradients."""
+    return _GatherDot.apply(x, W_enc, b_enc, b_dec, rows, features, known)
 
 
 # ---- whole dictionaries at inference (attach, eval): what the nnsight side calls -----------------------

@@ -41,17 +41,28 @@ def test_decode_code_and_its_gradients_equal_the_dense_product():
     assert torch.equal(topk_code(torch.tensor([[2, 0], [1, 3]]))[0], torch.tensor([0, 0, 1, 1]))
 
 
-def test_gathered_pre_activations_and_their_gradients_equal_the_dense_projection():
-    _, _, W_enc, b_enc = _params()
+@pytest.mark.parametrize("pre_encoder_bias", [True, False], ids=["b_dec", "no_b_dec"])
+@pytest.mark.parametrize("known", [False, True], ids=["computed", "known"])
+def test_gathered_pre_activations_and_their_gradients_equal_the_dense_projection(known, pre_encoder_bias,
+                                                                                  monkeypatch):
+    """(x - b_dec) W_enc + b_enc at the kept entries, computed from the gathered columns, or given (`known`) and
+    returned exactly, with the dense projection's gradients in x, W_enc, b_enc and b_dec; in entry and feature
+    blocks that divide neither the entries nor F (the block size made 7)."""
+    import dictionaries.sparse_decoding as sd
+
+    monkeypatch.setattr(sd, "ENTRIES_PER_BLOCK_ELEMENTS", 7 * D)
+    _, b_dec, W_enc, b_enc = _params()
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     indices = torch.randn(B, F).topk(K, -1).indices
     rows, feats = topk_code(indices)
-    got = gathered_pre_activations(x, W_enc, b_enc, rows, feats)
+    inputs = (x, W_enc, b_enc, b_dec) if pre_encoder_bias else (x, W_enc, b_enc)
+    dense = ((x - b_dec if pre_encoder_bias else x) @ W_enc + b_enc)[rows, feats]
+    given = dense.detach() + 1e-3 if known else None           # off by 1e-3: the result is the given values
+    got = gathered_pre_activations(x, W_enc, b_enc, b_dec if pre_encoder_bias else None, rows, feats, given)
     weights = torch.randn(got.shape, dtype=torch.float64)
-    grads = torch.autograd.grad((got * weights).sum(), (x, W_enc, b_enc))
-    dense = (x @ W_enc + b_enc)[rows, feats]
-    expected = torch.autograd.grad((dense * weights).sum(), (x, W_enc, b_enc))
-    torch.testing.assert_close(got, dense)
+    grads = torch.autograd.grad((got * weights).sum(), inputs)
+    expected = torch.autograd.grad((dense * weights).sum(), inputs)
+    assert torch.equal(got, given) if known else torch.allclose(got, dense)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b)
 
@@ -81,7 +92,10 @@ def test_sparse_training_loss_equals_the_dense_one_with_its_gradients(name, dead
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
     torch.testing.assert_close(sparse.loss, dense.loss, **tol)
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, **tol)
-    torch.testing.assert_close(sparse.features, dense.features, **tol)
+    assert sparse.features is None                                      # no dense (B, F) kept: the code has it
+    rows, feats, values = sparse.code
+    torch.testing.assert_close(torch.zeros_like(dense.features).index_put_((rows, feats), values), dense.features,
+                               **tol)
     if dead:
         assert float(dense.terms["auxk"].detach()) > 0
         torch.testing.assert_close(sparse.terms["auxk"], dense.terms["auxk"], **tol)

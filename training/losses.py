@@ -222,8 +222,8 @@ class LossOutput:
     """Scalar to minimise."""
     x_hat: Tensor
     """(B, d) reconstruction."""
-    features: Tensor
-    """(B, F) features."""
+    features: Tensor | None
+    """(B, F) features; None on the sparse TopK path, whose `code` holds them."""
     terms: dict[str, Tensor] = field(default_factory=dict)
     """Named parts of the loss (for metrics)."""
     density: Tensor | None = None
@@ -357,9 +357,10 @@ def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext,
 def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext, y: Tensor) -> LossOutput:
     """TopK / BatchTopK (with AuxK) whose decode and backward touch the kept features only
     (dictionaries/sparse_decoding.py): the (B, F) pre-activations are computed once without a graph to choose
-    the kept entries (the same choice as the dense path: same `_project`), then the kept values are recomputed
-    as differentiable dot products and decoded by an embedding bag. Of the dense step's five (B, d) x (d, F)
-    sized products one remains (the choosing forward). Same loss and gradients as `compute_loss(sparse=False)`."""
+    the kept entries (the same choice as the dense path: same `_project`), then the kept values are read from it
+    (recomputed under autocast) as differentiable dot products and decoded by an embedding bag. Of the dense
+    step's five (B, d) x (d, F) sized products one remains (the choosing forward). Same loss and gradients as
+    `compute_loss(sparse=False)`."""
     with torch.no_grad():
         pre = _project(module, x, module.b_enc)                             # (B, F), no graph
     b, n_features = pre.shape
@@ -371,12 +372,11 @@ def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossCo
         rows, feats = flat_code(kept.indices, n_features)
         positive = kept.values[kept.values > 0]
         smallest = positive.min() if positive.numel() else torch.tensor(float("inf"), device=pre.device)
-    # the encoder bias as `_project` has it, b_enc - b_dec @ W_enc (F,): b_dec's gradient by one vector product;
-    # at full precision, as the kept dot products: under autocast the product and its (d, F) gradient would run
-    # in bf16, then be cast back to W_enc's float32 (one more (d, F) pass) and round the bias to 8 bits
-    with torch.autocast(x.device.type, enabled=False):
-        bias = module.b_enc - module.b_dec @ module.W_enc if module.pre_encoder_bias else module.b_enc
-    values = torch.relu(gathered_pre_activations(x, module.W_enc, bias, rows, feats))            # (n,)
+    # the kept values (n,) with their gradients, read from pre where it ran at full precision; recomputed at
+    # full precision under autocast (a bf16 b_dec . W_enc would round the bias to 8 bits)
+    b_dec = module.b_dec if module.pre_encoder_bias else None
+    known = _known(pre, module, rows, feats)
+    values = torch.relu(gathered_pre_activations(x, module.W_enc, module.b_enc, b_dec, rows, feats, known))
     x_hat = decode_code(module.W_dec, module.b_dec, rows, feats, values, b)          # (B, d_out)
     if module.W_skip is not None:  # a skip-transcoder's skip term, dense (d_in x d_out, no F)
         x_hat = x_hat + x @ module.W_skip
@@ -384,22 +384,30 @@ def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossCo
     terms, loss, p = {}, mse, recipe.penalty
     if p.aux_k is not None:  # Gao et al. 2024 AuxK, as auxk_loss, through the dead features' code
         aux_k = p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
-        terms["auxk"] = _sparse_auxk(module, x, bias, pre, y - x_hat, ctx.dead, aux_k)
+        terms["auxk"] = _sparse_auxk(module, x, b_dec, pre, y - x_hat, ctx.dead, aux_k)
         loss = loss + p.aux_coefficient * terms["auxk"]
-    terms.update(mse=mse, sparsity=pre.new_zeros(()))
-    f = pre.zero_().index_put_((rows, feats), values.detach().to(pre.dtype))  # the (B, F) buffer reused, no graph
-    return LossOutput(loss, x_hat, f, terms, None, smallest, (rows, feats, values.detach()))
+    terms.update(mse=mse, sparsity=x_hat.new_zeros(()))
+    # no dense (B, F) features: `pre` is freed here, before the backward, and the code holds what the trainer needs
+    return LossOutput(loss, x_hat, None, terms, None, smallest, (rows, feats, values.detach()))
 
 
-def _sparse_auxk(module: Dictionary, x: Tensor, bias: Tensor, pre: Tensor, residual: Tensor, dead: Tensor,
+def _known(pre: Tensor, module: Dictionary, rows: Tensor, features: Tensor) -> Tensor | None:
+    """The kept entries' pre-activations (n,) read from the choosing product when it ran at W_enc's precision
+    (then they are the very values the dense path has); None under autocast, where they are recomputed."""
+    return pre[rows, features] if pre.dtype == module.W_enc.dtype else None
+
+
+def _sparse_auxk(module: Dictionary, x: Tensor, b_dec: Tensor | None, pre: Tensor, residual: Tensor, dead: Tensor,
                  aux_k: int) -> Tensor:
-    """`auxk_loss` through the top aux_k dead features' code: e_hat decoded by an embedding bag."""
+    """`auxk_loss` through the top aux_k dead features' code: e_hat decoded by an embedding bag. Overwrites
+    `pre` (B, F), which the caller no longer needs, rather than masking a second (B, F) copy."""
     n_dead = int(dead.sum())
     if n_dead == 0:
-        return pre.new_zeros(())
-    chosen = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
+        return residual.new_zeros(())
+    chosen = pre.masked_fill_(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
     rows, feats = topk_code(chosen)
-    values = torch.relu(gathered_pre_activations(x, module.W_enc, bias, rows, feats))
+    known = _known(pre, module, rows, feats)
+    values = torch.relu(gathered_pre_activations(x, module.W_enc, module.b_enc, b_dec, rows, feats, known))
     e_hat = decode_code(module.W_dec, torch.zeros_like(module.b_dec), rows, feats, values, pre.shape[0])
     e = residual.detach()
     return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)

@@ -107,13 +107,13 @@ one bandwidth of it, where bf16's rounding (2^-8 relative) moves samples across:
 EPYC, under 5% on the AVX-512 Xeon before it (tests/test_trainer.py checks each recipe family)."""
 
 
-def _firing(out, batch: int) -> tuple[Tensor, Tensor]:
+def _firing(out, batch: int, n_features: int) -> tuple[Tensor, Tensor]:
     """(mean L0, (F,) bool fired) of a step: from the sparse code where the loss kept one, else from f (B, F) read
     as integers of its width (positive floats are positive integers, JumpReLU's -0.0 is not): counting that mask
     is several times faster on CPU than `(f > 0).sum()` (an int64 copy) or a bf16 comparison."""
     if out.code is not None:
         _, features, values = out.code
-        fired = torch.zeros(out.features.shape[-1], dtype=torch.bool, device=values.device)
+        fired = torch.zeros(n_features, dtype=torch.bool, device=values.device)
         return (values > 0).sum() / batch, fired.index_fill_(0, features[values > 0], True)
     f = out.features
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[f.element_size()]
@@ -198,10 +198,11 @@ class Trainer:
         # A caller's autocast region caches low-precision copies of the weights, which go stale when the
         # optimiser updates them in place: drop the cache before this forward and after the update.
         torch.clear_autocast_cache()
+        # the last step's gradients (2 d F) are freed before this forward, not kept alive beside its (B, F) tensors
+        self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
             out = compute_loss(self.module, x, self.recipe, self._context(), target=None if target is None else y,
                                sparse=self.sparse_decoding)
-        self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self._all_reduce_grads()
         self._constrain_gradients()
@@ -210,7 +211,7 @@ class Trainer:
         self.optimizer.step()
         self._constrain_weights()
         with torch.no_grad():
-            l0, fired = _firing(out, x.shape[0])
+            l0, fired = _firing(out, x.shape[0], self.module.d_dict)
             fired = _all_reduce(fired.to(torch.uint8), "max").bool()
             self._count_firing(fired, x.shape[0] * max(_world(), 1))
             self._update_density(out.density)
