@@ -75,7 +75,7 @@ SPARSE_SHAPE = {"k": 32, "d_dict": 32768, "batch": 4096}
 
 
 def sparse_vs_dense(precision: str = "fp32") -> list[dict]:
-    """Median seconds of one TopK Trainer.step with dense and with sparse decoding (losses._sparse_topk_loss),
+    """Median seconds of one TopK Trainer.step with dense and with sparse decoding (training/sparse_topk.py),
     the two trainers stepping alternately so that a busy machine slows both alike; gain = dense / sparse."""
     from training.trainer import Trainer
 

@@ -51,6 +51,7 @@ def test_gathered_pre_activations_and_their_gradients_equal_the_dense_projection
     import dictionaries.sparse_decoding as sd
 
     monkeypatch.setattr(sd, "ENTRIES_PER_BLOCK_ELEMENTS", 7 * D)
+    monkeypatch.setattr(sd, "TRANSPOSED_BLOCK_ELEMENTS", 7 * D)
     _, b_dec, W_enc, b_enc = _params()
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     indices = torch.randn(B, F).topk(K, -1).indices

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from dictionaries.architectures import Dictionary
 from dictionaries.recipe import Recipe
-from dictionaries.sparse_decoding import decode_code, flat_code, gathered_pre_activations, topk_code
 
 
 # ---- reconstruction and penalties -------------------------------------------------------------------
@@ -295,12 +294,14 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
     A transcoder predicts `target` (B, d_out) instead of reconstructing x: the loss is MSE(prediction, target)
     plus the same sparsity terms (Dunefsky et al. 2024; Paulo et al. 2025 add the skip term x W_skip).
     `sparse`: TopK and BatchTopK decode, and take their gradients, through the kept features only
-    (`_sparse_topk_loss`); False runs the dense (B, F) products (the reference, and every other kind)."""
+    (training/sparse_topk.py); False runs the dense (B, F) products (the reference, and every other kind)."""
     y = x if target is None else target
     if recipe.architecture == "gated":
         return _gated_loss(module, x, recipe, ctx, y)
     if sparse and recipe.architecture in ("topk", "batchtopk"):
-        return _sparse_topk_loss(module, x, recipe, ctx, y)
+        from training.sparse_topk import sparse_topk_loss
+
+        return sparse_topk_loss(module, x, recipe, ctx.dead, y)
     pre = _project(module, x, module.b_enc)                               # (B, F)
     extra: dict = {"terms": {}}
     arch, p = recipe.architecture, recipe.penalty
@@ -352,62 +353,3 @@ def _gated_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext,
     aux = reconstruction_loss(y, frozen, recipe.mse)
     terms = {"mse": mse, "sparsity": sparsity, "gated_aux": aux}
     return LossOutput(mse + sparsity + aux, x_hat, f, terms)
-
-
-def _sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext, y: Tensor) -> LossOutput:
-    """TopK / BatchTopK (with AuxK) whose decode and backward touch the kept features only
-    (dictionaries/sparse_decoding.py): the (B, F) pre-activations are computed once without a graph to choose
-    the kept entries (the same choice as the dense path: same `_project`), then the kept values are read from it
-    (recomputed under autocast) as differentiable dot products and decoded by an embedding bag. Of the dense
-    step's five (B, d) x (d, F) sized products one remains (the choosing forward). Same loss and gradients as
-    `compute_loss(sparse=False)`."""
-    with torch.no_grad():
-        pre = _project(module, x, module.b_enc)                             # (B, F), no graph
-    b, n_features = pre.shape
-    smallest = None
-    if recipe.architecture == "topk":
-        rows, feats = topk_code(pre.topk(recipe.k, dim=-1, sorted=False).indices)
-    else:
-        kept = pre.relu().view(-1).topk(min(recipe.k * b, pre.numel()), sorted=False)
-        rows, feats = flat_code(kept.indices, n_features)
-        positive = kept.values[kept.values > 0]
-        smallest = positive.min() if positive.numel() else torch.tensor(float("inf"), device=pre.device)
-    # the kept values (n,) with their gradients, read from pre where it ran at full precision; recomputed at
-    # full precision under autocast (a bf16 b_dec . W_enc would round the bias to 8 bits)
-    b_dec = module.b_dec if module.pre_encoder_bias else None
-    known = _known(pre, module, rows, feats)
-    values = torch.relu(gathered_pre_activations(x, module.W_enc, module.b_enc, b_dec, rows, feats, known))
-    x_hat = decode_code(module.W_dec, module.b_dec, rows, feats, values, b)          # (B, d_out)
-    if module.W_skip is not None:  # a skip-transcoder's skip term, dense (d_in x d_out, no F)
-        x_hat = x_hat + x @ module.W_skip
-    mse = reconstruction_loss(y, x_hat, recipe.mse)
-    terms, loss, p = {}, mse, recipe.penalty
-    if p.aux_k is not None:  # Gao et al. 2024 AuxK, as auxk_loss, through the dead features' code
-        aux_k = p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
-        terms["auxk"] = _sparse_auxk(module, x, b_dec, pre, y - x_hat, ctx.dead, aux_k)
-        loss = loss + p.aux_coefficient * terms["auxk"]
-    terms.update(mse=mse, sparsity=x_hat.new_zeros(()))
-    # no dense (B, F) features: `pre` is freed here, before the backward, and the code holds what the trainer needs
-    return LossOutput(loss, x_hat, None, terms, None, smallest, (rows, feats, values.detach()))
-
-
-def _known(pre: Tensor, module: Dictionary, rows: Tensor, features: Tensor) -> Tensor | None:
-    """The kept entries' pre-activations (n,) read from the choosing product when it ran at W_enc's precision
-    (then they are the very values the dense path has); None under autocast, where they are recomputed."""
-    return pre[rows, features] if pre.dtype == module.W_enc.dtype else None
-
-
-def _sparse_auxk(module: Dictionary, x: Tensor, b_dec: Tensor | None, pre: Tensor, residual: Tensor, dead: Tensor,
-                 aux_k: int) -> Tensor:
-    """`auxk_loss` through the top aux_k dead features' code: e_hat decoded by an embedding bag. Overwrites
-    `pre` (B, F), which the caller no longer needs, rather than masking a second (B, F) copy."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return residual.new_zeros(())
-    chosen = pre.masked_fill_(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
-    rows, feats = topk_code(chosen)
-    known = _known(pre, module, rows, feats)
-    values = torch.relu(gathered_pre_activations(x, module.W_enc, module.b_enc, b_dec, rows, feats, known))
-    e_hat = decode_code(module.W_dec, torch.zeros_like(module.b_dec), rows, feats, values, pre.shape[0])
-    e = residual.detach()
-    return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)

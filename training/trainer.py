@@ -133,7 +133,7 @@ class Trainer:
         self.recipe, self.d_in, self.total_steps, self.device = recipe, d_in, total_steps, torch.device(device)
         self.dtype = getattr(torch, recipe.dtype)
         self.autocast = autocast or (None if recipe.autocast == "none" else getattr(torch, recipe.autocast))
-        self.sparse_decoding = True  # TopK/BatchTopK through their kept features (losses._sparse_topk_loss)
+        self.sparse_decoding = True  # TopK/BatchTopK through their kept features (training/sparse_topk.py)
         self.d_out = d_out or d_in  # a transcoder's target width (recipe.output_hook); d_in for an SAE
         self.module = init_dictionary(recipe, d_in, dtype=self.dtype, device=self.device, d_out=self.d_out)
         frozen = {"threshold"} if recipe.architecture == "batchtopk" else set()  # set from statistics, not trained

@@ -1,0 +1,89 @@
+"""training/sparse_topk.py: the blockwise choosing forward keeps exactly the entries a top over the whole (B, F)
+pre-activations keeps (TopK per token, BatchTopK over the batch, AuxK over the dead features), with their
+values, for blocks that divide neither F nor k; and the sparse loss equals the dense one for any block size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import training.sparse_topk as st
+from dictionaries.architectures import BatchTopKDictionary, TopKDictionary
+from training import losses
+
+from synthetic import make_recipe
+
+B, D, F, K, AUX = 24, 10, 90, 4, 6
+
+
+def _module(name: str, seed: int = 0):
+    module = (TopKDictionary if name == "topk" else BatchTopKDictionary)(D, F, k=K, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    return module, torch.randn(B, D, generator=g, dtype=torch.float64)
+
+
+def _entries(kept) -> dict[tuple[int, int], float]:
+    return {(int(r), int(f)): float(v) for r, f, v in zip(kept.rows, kept.features, kept.known)}
+
+
+@pytest.mark.parametrize("block_features", [F, 7, 3, 1], ids=lambda w: f"width{w}")
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_blockwise_choice_equals_the_whole_top(name, block_features, monkeypatch):
+    monkeypatch.setattr(st, "CHOOSE_BLOCK_ELEMENTS", block_features * B)
+    module, x = _module(name)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::4] = True                                                      # 23 dead features
+    choice = st.choose(module, x, make_recipe(name, d_dict=F, k=K), dead, AUX)
+    with torch.no_grad():
+        pre = (x - module.b_dec) @ module.W_enc + module.b_enc            # (B, F), the whole top's input
+    if name == "topk":
+        values, indices = pre.topk(K, dim=-1)
+        want = {(r, int(indices[r, j])): float(values[r, j]) for r in range(B) for j in range(K)}
+        assert choice.smallest is None
+    else:
+        values, indices = pre.relu().flatten().topk(K * B)
+        want = {(int(i) // F, int(i) % F): float(v) for v, i in zip(values, indices)}
+        assert float(choice.smallest) == pytest.approx(float(values[values > 0].min()))
+    assert torch.all(choice.kept.rows[1:] >= choice.kept.rows[:-1])        # rows ascending
+    got = _entries(choice.kept)
+    assert got.keys() == want.keys()
+    assert all(got[key] == pytest.approx(want[key], abs=1e-12) for key in want)
+    masked = pre.masked_fill(~dead, float("-inf"))
+    values, indices = masked.topk(AUX, dim=-1)
+    want_aux = {(r, int(indices[r, j])): float(values[r, j]) for r in range(B) for j in range(AUX)}
+    got_aux = _entries(choice.aux)
+    assert got_aux.keys() == want_aux.keys() and all(dead[f] for _, f in got_aux)
+    assert all(got_aux[key] == pytest.approx(want_aux[key], abs=1e-12) for key in want_aux)
+
+
+def test_no_dead_features_no_auxk_picks():
+    module, x = _module("topk")
+    choice = st.choose(module, x, make_recipe("topk", d_dict=F, k=K), torch.zeros(F, dtype=torch.bool), AUX)
+    assert choice.aux is None
+
+
+@pytest.mark.parametrize("block_features", [F, 7], ids=lambda w: f"width{w}")
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_sparse_loss_and_gradients_equal_the_dense_ones_in_blocks(name, block_features, monkeypatch):
+    monkeypatch.setattr(st, "CHOOSE_BLOCK_ELEMENTS", block_features * B)
+    module, x = _module(name, seed=3)
+    recipe = make_recipe(name, d_dict=F, k=K, **{"penalty.aux_k": AUX})
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[1::5] = True
+    outs, grads = [], []
+    for sparse in (False, True):
+        module.zero_grad(set_to_none=True)
+        out = losses.compute_loss(module, x, recipe, losses.LossContext(dead), sparse=sparse)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    dense, sparse = outs
+    assert sparse.code is not None and float(dense.terms["auxk"].detach()) > 0
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    torch.testing.assert_close(sparse.terms["auxk"], dense.terms["auxk"])
+    assert grads[0].keys() == grads[1].keys() >= {"W_enc", "W_dec", "b_enc", "b_dec"}
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
