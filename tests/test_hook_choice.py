@@ -31,6 +31,21 @@ def dictctl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
+@pytest.fixture
+def here(monkeypatch, capsys):
+    """`dictctl ARGS` through cli.main in this process, as a CompletedProcess: for what a command computes,
+    without 10 s of importing torch and transformers' model code again per call; each test below still runs the
+    console script once, and tests/test_cli_fuzz.py runs it for every command."""
+    from helpers import dictctl as in_process
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        code, out, err = in_process(monkeypatch, capsys, *args)
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
 def saelens_folder(root: Path, model_name: str = "my-private-model", hook: str = "blocks.1.hook_resid_post") -> Path:
     """A SAELens 6 standard SAE folder whose model the package does not know."""
     torch.manual_seed(0)
@@ -102,43 +117,43 @@ def test_model_hook_places_the_foreign_name_by_the_loaded_architecture(tmp_path)
         model_hook(model, read_folder(odd).card)
 
 
-def test_cli_convert_records_the_hook(world, tmp_path):
+def test_cli_convert_records_the_hook(world, tmp_path, here):
     r = dictctl("convert", str(world / "sae"), str(tmp_path / "out"), "--hook", "transformer.h.1:output", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     hook = json.loads((tmp_path / "out" / "card.json").read_text())["hook"]
     assert hook == {"module": "transformer.h.1", "io": "output", "site": "resid", "layer": 1}
-    r = dictctl("convert", str(world / "sae"), str(tmp_path / "out2"), "--site", "resid_post", "--layer", "1",
+    r = here("convert", str(world / "sae"), str(tmp_path / "out2"), "--site", "resid_post", "--layer", "1",
                 cwd=tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("unknown hook point:") and "--hook MODULE_PATH" in r.stderr
-    r = dictctl("convert", str(world / "sae"), str(tmp_path / "out3"), "--hook", "x:sideways", cwd=tmp_path)
+    r = here("convert", str(world / "sae"), str(tmp_path / "out3"), "--hook", "x:sideways", cwd=tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_cli_eval_and_inspect_resolve_against_the_loaded_model(world, tmp_path):
+def test_cli_eval_and_inspect_resolve_against_the_loaded_model(world, tmp_path, here):
     common = ["--model", str(world / "gpt2-local")]
     r = dictctl("eval", str(world / "sae"), *common, "--dataset", str(world / "texts.txt"), "--tokens", "256",
                 "--context-length", "32", "--no-sensitivity", "--out", str(tmp_path / "ev"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     card = json.loads((tmp_path / "ev" / "sae" / "card.json").read_text())
     assert card["hook"]["module"] == "transformer.h.1" and card["stats"]["fvu"] is not None
-    r = dictctl("inspect", str(world / "sae"), "--feature", "3", "--texts", str(world / "texts.txt"), *common,
+    r = here("inspect", str(world / "sae"), "--feature", "3", "--texts", str(world / "texts.txt"), *common,
                 "--site", "mlp_out", "--layer", "0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "feature 3" in r.stdout
-    r = dictctl("inspect", str(world / "sae"), "--feature", "3", "--texts", str(world / "texts.txt"), *common,
+    r = here("inspect", str(world / "sae"), "--feature", "3", "--texts", str(world / "texts.txt"), *common,
                 "--hook", "transformer.h.9", cwd=tmp_path)
     last = r.stderr.strip().splitlines()[-1]  # after transformers' own loading bar
     assert r.returncode == 1 and last.startswith("unknown hook point:") and "transformer.h.1" in last, r.stderr
 
 
-def test_cli_eval_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
+def test_cli_eval_of_an_encoder_without_lm_head(world, tmp_path, tokenizer, here):
     """A BERT-family encoder loaded as BertModel: reconstruction stats, the final hidden state's relative change
     (spliced, zero-ablated) standing in for the downstream effect, and no loss recovered."""
     _bert_folder(tmp_path / "bert-local", tokenizer)
     (tmp_path / "src").mkdir()
     sae = saelens_folder(tmp_path / "src", model_name="my-bert", hook="blocks.0.hook_resid_post")
-    r = dictctl("eval", str(sae), "--model", str(tmp_path / "bert-local"), "--dataset", str(world / "texts.txt"),
+    r = here("eval", str(sae), "--model", str(tmp_path / "bert-local"), "--dataset", str(world / "texts.txt"),
                 "--tokens", "256", "--context-length", "32", "--out", str(tmp_path / "ev"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "loss recovered does not apply" in r.stdout
@@ -180,13 +195,13 @@ def test_model_hook_of_a_dictionary_learning_name_it_cannot_place(tmp_path):
         model_hook(gpt2_model(), card)
 
 
-def test_cli_inspect_of_an_encoder_without_lm_head(world, tmp_path, tokenizer):
+def test_cli_inspect_of_an_encoder_without_lm_head(world, tmp_path, tokenizer, here):
     """`dictctl inspect` on a BertModel: contexts and frequency, and in place of the logit lens a line saying the
     model has no unembedding."""
     _bert_folder(tmp_path / "bert-local", tokenizer)
     (tmp_path / "src").mkdir()
     sae = saelens_folder(tmp_path / "src", model_name="my-bert", hook="blocks.0.hook_resid_post")
-    r = dictctl("inspect", str(sae), "--feature", "3", "--texts", str(world / "texts.txt"), "--top", "3",
+    r = here("inspect", str(sae), "--feature", "3", "--texts", str(world / "texts.txt"), "--top", "3",
                 "--model", str(tmp_path / "bert-local"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
