@@ -75,9 +75,15 @@ def demo_recipe(model_folder: Path, dataset: Path, d_model: int, tokens: int):
     return validate_recipe(fields)
 
 
+PRETRAIN_STEPS = 400
+"""Steps of the toy model's pretraining in the demo (AdamW, batch 32 x 64 tokens)."""
+
+
 def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: Callable[[str], None] = print,
-             progress: bool = True) -> DemoResult:
-    """Run every step; `workdir` holds the cached toy model and this run's hub, registry and outputs."""
+             progress: bool = True, pretrain_steps: int = PRETRAIN_STEPS) -> DemoResult:
+    """Run every step; `workdir` holds the cached toy model and this run's hub, registry and outputs.
+    `pretrain_steps`: the toy model's training steps, PRETRAIN_STEPS for the demo users run (~1 min on 2 cores;
+    tests/test_demo.py takes fewer: the loop is the same, the model's text is learnt less)."""
     start = time.perf_counter()
     hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     workdir = _check_arguments(Path(workdir or hf_home / CACHE_SUBDIR / "demo"), tokens)
@@ -89,7 +95,7 @@ def run_demo(workdir: str | Path | None = None, *, tokens: int = 120_000, say: C
     hub = _start_hub(run_dir, say)
     try:
         say("[2/8] Toy language model: a GPT-NeoX (Pythia's module names) pretrained on Python's own docs")
-        model_folder, dataset, d_model = _prepare_model_and_text(workdir, run_dir, progress)
+        model_folder, dataset, d_model = _prepare_model_and_text(workdir, run_dir, progress, pretrain_steps)
         say(f"      model: {model_folder}\n      text:  {dataset} ({dataset.stat().st_size:,} bytes)")
 
         say(f"[3/8] Training a TopK dictionary (8x, k=16) on gpt_neox.layers.1.mlp for {tokens:,} tokens")
@@ -165,12 +171,12 @@ def _write_dashboard(model_folder: Path, dictionary, dataset: Path, out: Path) -
     return write_site(data, vocab_of(tokenizer), out)
 
 
-def _prepare_model_and_text(workdir: Path, run_dir: Path, progress: bool) -> tuple[Path, Path, int]:
+def _prepare_model_and_text(workdir: Path, run_dir: Path, progress: bool, steps: int) -> tuple[Path, Path, int]:
     """The cached pretrained toy model's folder, the corpus as a local text file, and the model width."""
     from training.toymodel import corpus_documents, toy_model_folder
 
     d_model = 128
-    model_folder = toy_model_folder(workdir / "models", d_model=d_model, n_layers=2, steps=400, progress=progress)
+    model_folder = toy_model_folder(workdir / "models", d_model=d_model, n_layers=2, steps=steps, progress=progress)
     dataset = run_dir / "corpus.txt"
     dataset.write_text("\n\n".join(corpus_documents()))
     return model_folder, dataset, d_model
