@@ -20,6 +20,7 @@ from torch import Tensor
 from dictionaries.architectures import Dictionary
 from dictionaries.recipe import Recipe
 from dictionaries.sparse_decoding import decode_code, flat_code, gathered_pre_activations, topk_code
+from training.loss_result import LossOutput, reconstruction_loss
 
 CHOOSE_BLOCK_ELEMENTS = 1 << 22
 """Pre-activations computed per block of features: this many elements (16 MiB in float32), under glibc's
@@ -106,11 +107,9 @@ def _values(module: Dictionary, x: Tensor, kept: Kept) -> Tensor:
                                                kept.known))
 
 
-def sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, dead: Tensor, y: Tensor):
+def sparse_topk_loss(module: Dictionary, x: Tensor, recipe: Recipe, dead: Tensor, y: Tensor) -> LossOutput:
     """TopK / BatchTopK (with AuxK) whose decode and backward touch the kept features only: a LossOutput without
     dense features (its `code` holds them)."""
-    from training.losses import LossOutput, reconstruction_loss
-
     p = recipe.penalty
     aux_k = None if p.aux_k is None else p.aux_k if isinstance(p.aux_k, int) else x.shape[-1] // 2
     choice = choose(module, x, recipe, dead, aux_k)                             # no graph

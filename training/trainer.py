@@ -198,8 +198,7 @@ class Trainer:
         # A caller's autocast region caches low-precision copies of the weights, which go stale when the
         # optimiser updates them in place: drop the cache before this forward and after the update.
         torch.clear_autocast_cache()
-        # the last step's gradients (2 d F) are freed before this forward, not kept alive beside its (B, F) tensors
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)  # the last gradients (2 d F) freed before this step's (B, F)s
         with torch.autocast(self.device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
             out = compute_loss(self.module, x, self.recipe, self._context(), target=None if target is None else y,
                                sparse=self.sparse_decoding)
