@@ -9,6 +9,7 @@ machine; a peer that cannot run here has a row that says why.
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import sys
 import time
@@ -64,7 +65,9 @@ def _topic_args(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
     import torch
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    # COLUMNS widens the table in a file as on a terminal (rich alone reads it only on a terminal)
+    columns = os.environ.get("COLUMNS", "")
+    console = Console(width=int(columns) if columns.isdigit() else None if sys.stdout.isatty() else 200)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     console.print(f"python {platform.python_version()}, torch {torch.__version__}, {device}, "
                   f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
