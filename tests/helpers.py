@@ -144,6 +144,21 @@ def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 
+def dense_and_sparse(module, x, recipe, dead) -> tuple[list, list[dict]]:
+    """compute_loss(sparse=False) then (sparse=True) on the same module and batch, each backward from zeroed
+    gradients: ([dense, sparse] LossOutputs, [their gradients by parameter name])."""
+    from training import losses
+
+    outs, grads = [], []
+    for sparse in (False, True):
+        module.zero_grad(set_to_none=True)
+        out = losses.compute_loss(module, x, recipe, losses.LossContext(dead), sparse=sparse)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    return outs, grads
+
+
 # ---- a real browser ------------------------------------------------------------------------------------
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]

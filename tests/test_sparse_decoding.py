@@ -12,6 +12,7 @@ from dictionaries.sparse_decoding import decode_code, decode_dense, flat_code, g
 from training import losses
 from training.trainer import Trainer
 
+from helpers import dense_and_sparse
 from synthetic import D_IN, SparseSource, make_recipe
 
 B, D, F, K = 40, 12, 96, 5
@@ -81,14 +82,7 @@ def test_sparse_training_loss_equals_the_dense_one_with_its_gradients(name, dead
     x = torch.randn(B, D, generator=g, dtype=dtype)
     mask = torch.zeros(F, dtype=torch.bool)
     mask[torch.randperm(F, generator=g)[:dead]] = True
-    outs, grads = [], []
-    for sparse in (False, True):
-        module.zero_grad(set_to_none=True)
-        out = losses.compute_loss(module, x, recipe, losses.LossContext(mask), sparse=sparse)
-        out.loss.backward()
-        outs.append(out)
-        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
-    dense, sparse = outs
+    (dense, sparse), grads = dense_and_sparse(module, x, recipe, mask)
     assert sparse.code is not None and dense.code is None              # the sparse path did run
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
     torch.testing.assert_close(sparse.loss, dense.loss, **tol)

@@ -9,8 +9,8 @@ import torch
 
 import training.sparse_topk as st
 from dictionaries.architectures import BatchTopKDictionary, TopKDictionary
-from training import losses
 
+from helpers import dense_and_sparse
 from synthetic import make_recipe
 
 B, D, F, K, AUX = 24, 10, 90, 4, 6
@@ -73,14 +73,7 @@ def test_sparse_loss_and_gradients_equal_the_dense_ones_in_blocks(name, block_fe
     recipe = make_recipe(name, d_dict=F, k=K, **{"penalty.aux_k": AUX})
     dead = torch.zeros(F, dtype=torch.bool)
     dead[1::5] = True
-    outs, grads = [], []
-    for sparse in (False, True):
-        module.zero_grad(set_to_none=True)
-        out = losses.compute_loss(module, x, recipe, losses.LossContext(dead), sparse=sparse)
-        out.loss.backward()
-        outs.append(out)
-        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
-    dense, sparse = outs
+    (dense, sparse), grads = dense_and_sparse(module, x, recipe, dead)
     assert sparse.code is not None and float(dense.terms["auxk"].detach()) > 0
     torch.testing.assert_close(sparse.loss, dense.loss)
     torch.testing.assert_close(sparse.terms["auxk"], dense.terms["auxk"])
