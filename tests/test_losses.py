@@ -167,32 +167,41 @@ def test_normalized_mse_is_the_batch_fvu(gen):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_fused_relu_l1_equals_relu_then_l1_with_gradients(gen, weighted):
-    """relu_l1's one-pass backward gives the gradients of relu followed by l1_penalty (to pre and the norms)."""
+def test_fused_relu_l1_decode_equals_relu_l1_and_addmm_with_gradients(gen, weighted):
+    """relu_l1_decode's one backward gives the gradients of relu, l1_penalty and the decoder's addmm, built from
+    ops, to pre, the norms, W_dec and b_dec; with x_hat unused (grad_x_hat None) and with the penalty unused."""
     pre = torch.randn(B, F, generator=gen, dtype=torch.float64, requires_grad=True)
     norms = (torch.rand(F, generator=gen, dtype=torch.float64) + 0.5).requires_grad_() if weighted else None
-    probe = torch.randn(B, F, generator=gen, dtype=torch.float64)       # a downstream use of f (the decoder's)
-    inputs = (pre, norms) if weighted else (pre,)
-    f, penalty = losses.relu_l1(pre, norms)
-    got = torch.autograd.grad((f * probe).sum() + 3 * penalty, inputs)
+    W_dec = torch.randn(F, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(D, generator=gen, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(B, D, generator=gen, dtype=torch.float64)       # a downstream use of x_hat (the MSE's)
+    inputs = (pre, W_dec, b_dec) + ((norms,) if weighted else ())
+    f, penalty, x_hat = losses.relu_l1_decode(pre, norms, W_dec, b_dec)
+    got = torch.autograd.grad((x_hat * probe).sum() + 3 * penalty, inputs)
     f_ref = torch.relu(pre)
-    ref_penalty = losses.l1_penalty(f_ref, norms)
-    want = torch.autograd.grad((f_ref * probe).sum() + 3 * ref_penalty, inputs)
-    torch.testing.assert_close(f, f_ref)
+    ref_penalty, ref_x_hat = losses.l1_penalty(f_ref, norms), torch.addmm(b_dec, f_ref, W_dec)
+    want = torch.autograd.grad((ref_x_hat * probe).sum() + 3 * ref_penalty, inputs)
+    assert not f.requires_grad
+    torch.testing.assert_close(f, f_ref.detach())
     torch.testing.assert_close(penalty, ref_penalty)
+    torch.testing.assert_close(x_hat, ref_x_hat)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-    [only_penalty] = torch.autograd.grad(losses.relu_l1(pre, norms)[1], pre)   # f unused: grad_f is None
+    [only_penalty] = torch.autograd.grad(losses.relu_l1_decode(pre, norms, W_dec, b_dec)[1], pre)   # x_hat unused
     torch.testing.assert_close(only_penalty, torch.autograd.grad(losses.l1_penalty(torch.relu(pre), norms), pre)[0])
+    [only_decoded] = torch.autograd.grad(losses.relu_l1_decode(pre, norms, W_dec, b_dec)[2].sum(), pre)
+    [decoded_ref] = torch.autograd.grad(torch.addmm(b_dec, torch.relu(pre), W_dec).sum(), pre)
+    torch.testing.assert_close(only_decoded, decoded_ref)
 
 
-def test_fused_relu_l1_keeps_a_bf16_gradient_in_bf16(gen):
+def test_fused_relu_l1_decode_keeps_a_bf16_gradient_in_bf16(gen):
     pre = torch.randn(B, F, generator=gen).bfloat16().requires_grad_()
-    f, penalty = losses.relu_l1(pre)
-    (f.float().pow(2).sum() + penalty).backward()
+    W_dec, b_dec = torch.randn(F, D, generator=gen), torch.zeros(D)
+    f, penalty, x_hat = losses.relu_l1_decode(pre, None, W_dec.bfloat16(), b_dec.bfloat16())
+    (x_hat.float().sum() + penalty).backward()
     assert pre.grad.dtype == torch.bfloat16 and penalty.dtype == torch.float32
-    ref = torch.where(pre.detach().float() > 0, 2 * pre.detach().float() + 1 / B, 0)
-    torch.testing.assert_close(pre.grad.float(), ref, rtol=2e-2, atol=1e-2)
+    ref = torch.where(pre.detach().float() > 0, W_dec.bfloat16().float().sum(1) + 1 / B, 0)
+    torch.testing.assert_close(pre.grad.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk"])

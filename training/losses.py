@@ -30,16 +30,17 @@ def l1_penalty(f: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
     return (f @ decoder_norms).mean()
 
 
-class _ReluL1(torch.autograd.Function):
-    """f = ReLU(pre) (B, F) and its L1 penalty sum_bi w_i f_bi / B (w: decoder norms, or 1), fused.
+class _ReluL1Decode(torch.autograd.Function):
+    """ReLU, its L1 penalty and the decoder, fused: pre (B, F), weights (F,) or None, W_dec (F, d), b_dec (d,) ->
+    f = ReLU(pre) (B, F), penalty = sum_bi w_i f_bi / B (w: decoder norms, or 1), x_hat = f @ W_dec + b_dec (B, d).
 
-    The backward is one pass over (B, F) in pre's own dtype: grad_pre = (grad_f + g w / B) where pre > 0. Built
-    from ops, the penalty's gradient is a broadcast float32 (B, F) tensor added to grad_f, which under bf16
-    autocast promotes the whole (B, F) gradient to float32 and casts it back for the encoder's matmul backward:
-    three extra passes that kept a bf16 step near the float32 one (issue 12)."""
+    The backward makes the (B, F) gradient once, in pre's own dtype: grad_pre = (grad_x_hat @ W_dec^T + g w / B)
+    where f > 0, the penalty's term added inside the matmul as its bias and the mask applied in place. Built from
+    ops, that gradient cost three (B, F) passes and two fresh (B, F) tensors after the matmul; under bf16 autocast
+    the penalty's broadcast float32 term also promoted the whole gradient to float32 and back (issue 12)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, weights: Tensor | None):
+    def forward(ctx, pre: Tensor, weights: Tensor | None, W_dec: Tensor, b_dec: Tensor):
         f = torch.relu(pre)
         # (F,): summed in f's dtype (a bf16 sum accumulates in float32 inside; asking for a float32 result
         # instead converts all of f first, 3x slower), then widened
@@ -47,23 +48,36 @@ class _ReluL1(torch.autograd.Function):
         # elementwise, not @: under autocast a matmul would round this sum to bf16
         penalty = ((per_feature * weights.to(per_feature.dtype)).sum() if weights is not None
                    else per_feature.sum()) / f.shape[0]
-        ctx.save_for_backward(f, weights, per_feature)
-        return f, penalty
+        x_hat = torch.addmm(b_dec, f, W_dec)      # under autocast: at its precision, as a plain addmm would be
+        ctx.save_for_backward(f, weights, per_feature, W_dec)
+        ctx.mark_non_differentiable(f)            # f is read (metrics, firing), not differentiated through
+        ctx.set_materialize_grads(False)          # else autograd fills a (B, F) zero gradient for f every step
+        return f, penalty, x_hat
 
     @staticmethod
-    def backward(ctx, grad_f: Tensor | None, grad_penalty: Tensor):
-        f, weights, per_feature = ctx.saved_tensors
-        scale = grad_penalty / f.shape[0]
-        add = (scale * weights.to(scale.dtype)).to(f.dtype) if weights is not None else scale.to(f.dtype)
-        grad = add.expand_as(f) if grad_f is None else grad_f + add
-        grad_pre = torch.ops.aten.threshold_backward(grad, f, 0)              # grad where f > 0: one pass
+    def backward(ctx, _grad_f: None, grad_penalty: Tensor | None, grad_x_hat: Tensor | None):
+        f, weights, per_feature, W_dec = ctx.saved_tensors
+        dtype = f.dtype                                     # bf16 under autocast: the forward's matmul precision
+        scale = (grad_penalty if grad_penalty is not None else per_feature.new_zeros(())) / f.shape[0]
+        add = (scale * weights.to(scale.dtype)) if weights is not None else scale.expand(f.shape[1])   # (F,)
+        if grad_x_hat is None:
+            grad_pre = add.to(dtype).expand_as(f).clone()
+        else:                                               # (B, d) @ (d, F), then the penalty's (F,) in place
+            grad_pre = (grad_x_hat.to(dtype) @ W_dec.to(dtype).t()).add_(add.to(dtype))
+        torch.ops.aten.threshold_backward.grad_input(grad_pre, f, 0, grad_input=grad_pre)   # 0 where f == 0
         grad_w = per_feature * scale if weights is not None and ctx.needs_input_grad[1] else None
-        return grad_pre, None if grad_w is None else grad_w.to(weights.dtype)
+        grad_W_dec = grad_b_dec = None
+        if grad_x_hat is not None:
+            grad_W_dec = f.t() @ grad_x_hat.to(dtype) if ctx.needs_input_grad[2] else None       # (F, d)
+            grad_b_dec = grad_x_hat.sum(0) if ctx.needs_input_grad[3] else None                   # (d,)
+        return grad_pre, None if grad_w is None else grad_w.to(weights.dtype), grad_W_dec, grad_b_dec
 
 
-def relu_l1(pre: Tensor, decoder_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(ReLU(pre), l1_penalty(ReLU(pre), decoder_norms)) with one fused backward pass (`_ReluL1`)."""
-    return _ReluL1.apply(pre, decoder_norms)
+def relu_l1_decode(pre: Tensor, decoder_norms: Tensor | None, W_dec: Tensor, b_dec: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(f, penalty, x_hat): ReLU(pre), l1_penalty(f, decoder_norms) and f @ W_dec + b_dec, with the one fused
+    backward of `_ReluL1Decode`. f carries no gradient: the penalty and x_hat are its differentiable uses."""
+    return _ReluL1Decode.apply(pre, decoder_norms, W_dec, b_dec)
 
 
 def tanh_penalty(f: Tensor, a: float, b: float, decoder_norms: Tensor | None = None) -> Tensor:
@@ -223,7 +237,7 @@ def _sparsity(recipe: Recipe, module: Dictionary, f: Tensor, ctx: LossContext, o
     """The relu architecture's penalty term (L1, tanh or approximate L0 with its density term)."""
     p = recipe.penalty
     coefficient = p.coefficient * ctx.sparsity_scale
-    if "l1" in out:  # computed with the features (relu_l1)
+    if "l1" in out:  # computed with the features (relu_l1_decode)
         return coefficient * out["l1"]
     norms = module.W_dec.norm(dim=-1) if p.scale_by_decoder_norm else None
     if p.kind == "l1":
@@ -256,8 +270,12 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
     pre = _project(module, x, module.b_enc)                               # (B, F)
     extra: dict = {"terms": {}}
     arch, p = recipe.architecture, recipe.penalty
-    if arch == "relu" and p.kind == "l1":  # ReLU and its L1 with one backward pass (bf16 stays bf16)
-        f, extra["l1"] = relu_l1(pre, module.W_dec.norm(dim=-1) if p.scale_by_decoder_norm else None)
+    x_hat = None
+    if arch == "relu" and p.kind == "l1":  # ReLU, its L1 and the decoder with one backward pass (bf16 stays bf16)
+        norms = module.W_dec.norm(dim=-1) if p.scale_by_decoder_norm else None
+        f, extra["l1"], x_hat = relu_l1_decode(pre, norms, module.W_dec, module.b_dec)
+        if module.W_skip is not None:
+            x_hat = x_hat + x @ module.W_skip
     elif arch == "relu":
         f = torch.relu(pre)
     elif arch == "topk":
@@ -266,7 +284,7 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
         f, extra["smallest_kept"] = batchtopk_features(pre, recipe.k)
     else:  # jumprelu
         f = jumprelu(pre, module.threshold, p.bandwidth)
-    x_hat = _decode(module, f, x)
+    x_hat = _decode(module, f, x) if x_hat is None else x_hat
     mse = reconstruction_loss(y, x_hat, recipe.mse)
     terms = extra["terms"]
     if arch == "relu":
