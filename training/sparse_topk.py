@@ -27,6 +27,33 @@ CHOOSE_BLOCK_ELEMENTS = 1 << 22
 32 MiB threshold for mapping an allocation afresh."""
 
 
+SAMPLE_SIZE = 1 << 16
+"""`flat_top` bounds its threshold from about this many evenly spaced values."""
+
+
+def flat_top(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of a 1-d `values` and their indices: the entries of `values.topk(k, sorted=False)` (which of
+    tied values aside), found through a threshold, 10x faster on CPU for BatchTopK's k = 32 B of B F.
+
+    A top over every value costs about 80 ms for 32768 of 4M on this project's 2-core CPU. Here the top 1.5 k n / m
+    (plus 16) of m ~ SAMPLE_SIZE evenly spaced values give a bound; every value not below it is a candidate (one
+    pass and a nonzero), and the answer is the top k of the candidates, about 1.5 k of them: exact whenever at least
+    k values reach the bound, since the k largest all do; else (an unrepresentative sample) the whole top runs.
+    The stride is odd, so over a row-major (B, width) block with a power-of-two width it visits every feature.
+    NaN counts as largest, as in topk: `not (v < bound)` keeps it.
+    """
+    n = values.numel()
+    if k >= n or n < 8 * SAMPLE_SIZE:
+        return values.topk(k, sorted=False)
+    sample = values[::(n // SAMPLE_SIZE) | 1]
+    bound = sample.topk(min(sample.numel(), int(1.5 * k * sample.numel() / n) + 16), sorted=False).values.min()
+    where = values.lt(bound).logical_not_().nonzero().squeeze(1)                # (about 1.5 k,)
+    if where.numel() < k:
+        return values.topk(k, sorted=False)
+    top = values[where].topk(k, sorted=False)
+    return top.values, where[top.indices]
+
+
 @dataclass(frozen=True)
 class Kept:
     """Entries of a code chosen without a graph: each (n,), rows ascending."""
@@ -81,7 +108,7 @@ def choose(module: Dictionary, x: Tensor, recipe: Recipe, dead: Tensor, aux_k: i
             aux[0].append(values)
             aux[1].append(indices + first)
         if batch:
-            values, indices = pre.relu_().view(-1).topk(min(picks, pre.numel()), sorted=False)
+            values, indices = flat_top(pre.relu_().view(-1), min(picks, pre.numel()))
             top[0].append(values)
             top[1].append(indices // (last - first) * n_features + indices % (last - first) + first)
         else:
@@ -91,7 +118,7 @@ def choose(module: Dictionary, x: Tensor, recipe: Recipe, dead: Tensor, aux_k: i
     aux_kept = _candidates(*aux, min(aux_k, n_dead), full) if n_dead else None
     if not batch:
         return Choice(_candidates(*top, recipe.k, full), None, aux_kept)
-    values, where = torch.cat(top[0]).topk(picks, sorted=False)                  # over the flattened batch
+    values, where = flat_top(torch.cat(top[0]), picks)                          # over the flattened batch
     flat = torch.cat(top[1])[where]
     order = flat.argsort()                                                      # rows ascending, as flat_code
     rows, features = flat_code(flat, n_features)
