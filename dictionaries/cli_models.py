@@ -76,14 +76,16 @@ def train_(name: Optional[str] = typer.Argument(None, help="Registry name or glo
     """Regenerate entries from their card recipes (or train a recipe file); writes native folders."""
     if name is None and recipe is None:
         raise typer.BadParameter("give a registry NAME (or glob), or --recipe with a whole recipe")
-    from dictionaries.placement import dtype_name, parse_device_map
+    if model_dtype is not None or device_map is not None:  # placement imports torch: only when asked
+        from dictionaries.placement import dtype_name, parse_device_map
+        model_dtype, device_map = model_dtype and dtype_name(model_dtype), parse_device_map(device_map)
     overrides = {k: v for k, v in (("tokens", tokens), ("model.id", model), ("dataset.path", dataset),
-                                   ("model_dtype", model_dtype and dtype_name(model_dtype)),
-                                   ("autocast", autocast and _autocast_name(autocast))) if v is not None}
-    from training.run import train_entries  # after the checks: bad usage is said without importing training
+                                   ("model_dtype", model_dtype), ("autocast", autocast and _autocast_name(autocast)))
+                 if v is not None}
+    from training.entries import train_entries  # names and recipes checked before torch is imported
     for folder in train_entries(name, overrides=overrides, recipe_file=recipe, out=out, device=device, resume=resume,
-                                checkpoint_every=checkpoint_every, log_file=log,
-                                device_map=parse_device_map(device_map), eval_tokens=eval_tokens):
+                                checkpoint_every=checkpoint_every, log_file=log, device_map=device_map,
+                                eval_tokens=eval_tokens):
         console.print(f"wrote {folder}", highlight=False)
     if eval_tokens == 0:
         console.print("stats not measured (--eval-tokens 0): `dictctl eval FOLDER` measures them later",

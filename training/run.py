@@ -308,31 +308,3 @@ def check_model_dtype(model: Any, recipe: Recipe) -> None:
     if found != getattr(torch, recipe.model_dtype):
         raise RecipeError(["model_dtype"], f"the model given runs in {str(found).removeprefix('torch.')}, the recipe "
                                            f"says {recipe.model_dtype}: set model_dtype or cast the model")
-
-
-def train_entries(ref: str | None, *, overrides: dict[str, Any] | None = None, recipe_file: str | Path | None = None,
-                  out: str | Path = "trained", **kwargs: Any) -> list[Path]:
-    """Train the registry entries `ref` names (a name, alias or glob) from one pass, their card recipes overridden.
-
-    `recipe_file` is a YAML mapping of recipe fields: overrides applied to each entry's recipe, or, without
-    `ref`, a complete recipe. `overrides` (dotted keys allowed: `model.id`, `penalty.coefficient`) apply
-    last. Other keyword arguments go to `train`.
-    """
-    from dictionaries.errors import UnknownNameError
-    from dictionaries.references import resolve
-    from training.presets import preset, read_recipe_file, recipe_for, validate_recipe
-
-    fields = read_recipe_file(recipe_file) if recipe_file else {}
-    update = {**fields, **(overrides or {})}
-    if ref is None:  # a complete recipe: its preset's fields, then the file's, then the overrides
-        if "preset" not in update:
-            raise RecipeError(["preset"], f"{recipe_file} names no entry, so it must be a whole recipe with `preset`")
-        rest = {k: v for k, v in update.items() if k != "preset"}
-        return train(validate_recipe(preset(update["preset"], **rest)), out=out, **kwargs)
-    found = resolve(ref)
-    entries = [f.entry for f in found if f.entry is not None]
-    if len(entries) != len(found):
-        raise UnknownNameError(ref, [f.text for f in found if f.entry is None][:5],
-                               problem="names folders, not registry entries (train regenerates registry entries; "
-                                       "a folder's recipe trains with --recipe)")
-    return train([recipe_for(e.card, update) for e in entries], names=[e.name for e in entries], out=out, **kwargs)
