@@ -144,6 +144,21 @@ def dictctl(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 
+HEAVY_IMPORTS_PROBE = """
+import sys
+sys.argv = ["dictctl", *sys.argv[1:]]
+from dictionaries.cli import main
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "training", "nnsight", "transformers"})
+print("HEAVY:" + ",".join(heavy))
+"""
+"""Run as `python -c PROBE ARGS...` from the repository root: runs `dictctl ARGS` in-process and prints, last,
+`HEAVY:` and which of torch, training, nnsight and transformers the command imported."""
+
+
 def dense_and_sparse(module, x, recipe, dead) -> tuple[list, list[dict]]:
     """compute_loss(sparse=False) then (sparse=True) on the same module and batch, each backward from zeroed
     gradients: ([dense, sparse] LossOutputs, [their gradients by parameter name])."""

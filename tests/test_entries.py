@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,9 @@ from dictionaries.errors import RecipeError, UnknownNameError
 from dictionaries.registry import load_registry
 from training.entries import entry_recipes
 
-from test_layout import _PROBE, ROOT
+from helpers import HEAVY_IMPORTS_PROBE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_glob_means_every_entry_it_matches_with_the_overrides_last(tmp_path):
@@ -29,8 +32,8 @@ def test_a_glob_means_every_entry_it_matches_with_the_overrides_last(tmp_path):
 
 
 def test_a_whole_recipe_file_is_one_recipe_named_later(tmp_path):
-    (tmp_path / "whole.yaml").write_text("preset: topk\nk: 8\nd_dict: 64\ntokens: 1024\nbatch_size: 256\nmodel: {id: some/model}\n"
-                                         "dataset: {path: corpus.txt}\n"
+    (tmp_path / "whole.yaml").write_text("preset: topk\nk: 8\nd_dict: 64\ntokens: 1024\nbatch_size: 256\n"
+                                         "model: {id: some/model}\ndataset: {path: corpus.txt}\n"
                                          "hook: {module: gpt_neox.layers.1, site: resid, layer: 1}\n")
     recipes, names = entry_recipes(None, recipe_file=tmp_path / "whole.yaml")
     assert names is None and [(r.architecture, r.k, r.d_dict) for r in recipes] == [("topk", 8, 64)]
@@ -56,7 +59,8 @@ def test_an_unknown_name_suggests_close_ones():
 def test_bad_train_input_is_one_line_without_importing_torch(tmp_path, args):
     (tmp_path / "unknown.yaml").write_text("learning_rate: 0.1\n")
     argv = [a.format(tmp=tmp_path) for a in args]
-    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_PROBE, *argv], capture_output=True, text=True,
+                          timeout=120,
                           cwd=ROOT)
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr

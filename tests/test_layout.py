@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import HEAVY_IMPORTS_PROBE
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dictionaries", "training", "benchmarks")
 MAX_LINES = 420  # "~400": a file past this is split by meaning
@@ -117,24 +119,14 @@ def test_no_function_over_sixty_lines(path):
     assert long == []
 
 
-_PROBE = """
-import sys
-sys.argv = ["dictctl", *sys.argv[1:]]
-from dictionaries.cli import main
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "training", "nnsight", "transformers"})
-print("HEAVY:" + ",".join(heavy))
-"""
 
 
 @pytest.mark.parametrize("args", [["list"], ["show", "pythia70m/mlp3/8192"], ["schema"],
                                   ["compare", "pythia70m/mlp3/8192", "pythia70m/mlp3/32768"]],
                          ids=lambda a: a[0])
 def test_card_only_commands_need_neither_torch_nor_training(args):
-    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_PROBE, *args], capture_output=True, text=True,
+                          timeout=120,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "HEAVY:"
