@@ -60,8 +60,7 @@ def test_bad_train_input_is_one_line_without_importing_torch(tmp_path, args):
     (tmp_path / "unknown.yaml").write_text("learning_rate: 0.1\n")
     argv = [a.format(tmp=tmp_path) for a in args]
     done = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_PROBE, *argv], capture_output=True, text=True,
-                          timeout=120,
-                          cwd=ROOT)
+                          timeout=120, cwd=ROOT)
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout.strip().splitlines()[-1] == "HEAVY:training"          # training.entries, and no torch

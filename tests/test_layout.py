@@ -126,7 +126,6 @@ def test_no_function_over_sixty_lines(path):
                          ids=lambda a: a[0])
 def test_card_only_commands_need_neither_torch_nor_training(args):
     done = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_PROBE, *args], capture_output=True, text=True,
-                          timeout=120,
-                          cwd=ROOT)
+                          timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "HEAVY:"
