@@ -40,10 +40,11 @@ def flat_top(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     pass and a nonzero), and the answer is the top k of the candidates, about 1.5 k of them: exact whenever at least
     k values reach the bound, since the k largest all do; else (an unrepresentative sample) the whole top runs.
     The stride is odd, so over a row-major (B, width) block with a power-of-two width it visits every feature.
-    NaN counts as largest, as in topk: `not (v < bound)` keeps it.
+    NaN counts as largest, as in topk: `not (v < bound)` keeps it. On a GPU, topk (a radix select) stays: there the
+    candidates' nonzero would wait on the device once per block.
     """
     n = values.numel()
-    if k >= n or n < 8 * SAMPLE_SIZE:
+    if k >= n or n < 8 * SAMPLE_SIZE or values.device.type != "cpu":
         return values.topk(k, sorted=False)
     sample = values[::(n // SAMPLE_SIZE) | 1]
     bound = sample.topk(min(sample.numel(), int(1.5 * k * sample.numel() / n) + 16), sorted=False).values.min()
