@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dictionaries.architectures import Dictionary
 from dictionaries.recipe import Recipe
-from training import relu_blocks
+from training import feature_blocks
 from training.loss_result import LossContext, LossOutput, reconstruction_loss
 from training.sparse_topk import sparse_topk_loss
 
@@ -263,15 +263,15 @@ def compute_loss(module: Dictionary, x: Tensor, recipe: Recipe, ctx: LossContext
     plus the same sparsity terms (Dunefsky et al. 2024; Paulo et al. 2025 add the skip term x W_skip).
     `sparse`: TopK and BatchTopK decode, and take their gradients, through the kept features only
     (training/sparse_topk.py); False runs the dense (B, F) products (the reference, and every other kind).
-    `blocked`: the L1 recipe on the CPU runs a block of features at a time (training/relu_blocks.py); False runs
-    the whole (B, F) products (the reference)."""
+    `blocked`: ReLU-L1 and JumpReLU-L0 on the CPU run a block of features at a time (training/feature_blocks.py);
+    False runs the whole (B, F) products (the reference)."""
     y = x if target is None else target
     if recipe.architecture == "gated":
         return _gated_loss(module, x, recipe, ctx, y)
     if sparse and recipe.architecture in ("topk", "batchtopk"):
         return sparse_topk_loss(module, x, recipe, ctx.dead, y)
-    if blocked and relu_blocks.applies(recipe, x):
-        return relu_blocks.relu_l1_blocks_loss(module, x, recipe, ctx.sparsity_scale, y)
+    if blocked and feature_blocks.applies(recipe, x):
+        return feature_blocks.blocked_loss(module, x, recipe, ctx.sparsity_scale, y)
     pre = _project(module, x, module.b_enc)                               # (B, F)
     extra: dict = {"terms": {}}
     arch, p = recipe.architecture, recipe.penalty

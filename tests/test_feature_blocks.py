@@ -1,23 +1,25 @@
-"""training/relu_blocks.py: the L1 step one block of features at a time gives the loss, features and gradients of
-the whole-(B, F) path (losses.compute_loss(blocked=False)) for every L1 preset, blocks that divide F or not,
-weighted by decoder norms or not; and it runs only where it applies."""
+"""training/feature_blocks.py: the L1 and JumpReLU steps one block of features at a time give the loss, features
+and gradients of the whole-(B, F) path (losses.compute_loss(blocked=False)) for every L1 preset and JumpReLU,
+blocks that divide F or not, L1 weighted by decoder norms or not; and they run only where they apply."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import training.relu_blocks as rb
+import training.feature_blocks as fb
 from training import losses
 from training.trainer import Trainer, init_dictionary
 
 from synthetic import D_DICT, D_IN, make_recipe
 
-L1_PRESETS = {"bricken2023": {}, "marks2023": {}, "anthropic2024": {},
+PRESETS = {"bricken2023": {}, "marks2023": {}, "anthropic2024": {},
               # a skip-transcoder with the L1 penalty: dunefsky2024 without its ghost grads, with paulo2025's W_skip
               "dunefsky2024": {"resampling.kind": "none", "skip": True,
                                "output_hook": {"module": "gpt_neox.layers.0.mlp", "site": "mlp", "layer": 0,
-                                               "io": "output"}}}
+                                               "io": "output"}},
+              # thresholds spread over the pre-activations, and a bandwidth wide enough that some sit in the kernel
+              "jumprelu": {"penalty.bandwidth": 0.05, "pre_encoder_bias": True}}
 
 
 def _module_and_batch(recipe, seed: int = 0):
@@ -32,14 +34,20 @@ def _module_and_batch(recipe, seed: int = 0):
     return module, x, y
 
 
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "decoder_norm_weighted"])
+KINDS = [(name, weighted) for name in PRESETS for weighted in (False, True) if not weighted or name != "jumprelu"]
+"""Each preset, plain and with the penalty weighted by decoder norms (an L1 option only)."""
+
+
 @pytest.mark.parametrize("block", [D_DICT, 7, 3, 1], ids=lambda w: f"width{w}")
-@pytest.mark.parametrize("name", L1_PRESETS)
-def test_blocked_step_equals_the_whole_one(name, block, weighted, monkeypatch):
-    monkeypatch.setattr(rb, "BLOCK_FEATURES", block)
-    recipe = make_recipe(name, **{**L1_PRESETS[name], "penalty.scale_by_decoder_norm": weighted})
+@pytest.mark.parametrize("name, weighted", KINDS, ids=lambda v: {True: "weighted", False: "plain"}.get(v, v))
+def test_blocked_step_equals_the_whole_one(name, weighted, block, monkeypatch):
+    monkeypatch.setattr(fb, "BLOCK_FEATURES", block)
+    recipe = make_recipe(name, **{**PRESETS[name], "penalty.scale_by_decoder_norm": weighted})
     module, x, y = _module_and_batch(recipe)
-    assert rb.applies(recipe, x)
+    if name == "jumprelu":
+        with torch.no_grad():
+            module.threshold.copy_(torch.linspace(0.0, 0.3, D_DICT, dtype=torch.float64))
+    assert fb.applies(recipe, x)
     ctx = losses.LossContext(torch.zeros(D_DICT, dtype=torch.bool), sparsity_scale=0.7)
     outs, grads = [], []
     for blocked in (False, True):
@@ -56,24 +64,28 @@ def test_blocked_step_equals_the_whole_one(name, block, weighted, monkeypatch):
         torch.testing.assert_close(blocks.terms[term], whole.terms[term])
     assert grads[1].keys() == grads[0].keys() and {"W_enc", "b_enc", "W_dec", "b_dec"} <= grads[0].keys()
     assert ("W_skip" in grads[0]) == (recipe.output_hook is not None)
+    assert ("threshold" in grads[0]) == (name == "jumprelu")
+    if name == "jumprelu":                                                # some pre-activations in the kernel
+        assert grads[0]["threshold"].abs().sum() > 0
     for key, want in grads[0].items():
         torch.testing.assert_close(grads[1][key], want, msg=key)
 
 
 def test_it_applies_to_the_plain_l1_step_on_the_cpu_only():
     x = torch.zeros(4, D_IN)
-    assert rb.applies(make_recipe("marks2023"), x)
-    assert not rb.applies(make_recipe("marks2023", **{"resampling.kind": "ghost_grads"}), x)   # reads pre
-    assert not rb.applies(make_recipe("farrell2024"), x)                                    # approximate L0
-    assert not rb.applies(make_recipe("topk"), x)
+    assert fb.applies(make_recipe("marks2023"), x)
+    assert not fb.applies(make_recipe("marks2023", **{"resampling.kind": "ghost_grads"}), x)   # reads pre
+    assert not fb.applies(make_recipe("farrell2024"), x)                                    # approximate L0
+    assert not fb.applies(make_recipe("topk"), x)
+    assert fb.applies(make_recipe("jumprelu"), x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not rb.applies(make_recipe("marks2023"), x)                                 # out= skips autocast
-    assert not rb.applies(make_recipe("marks2023"), torch.zeros(4, D_IN, device="meta"))
+        assert not fb.applies(make_recipe("marks2023"), x)                                 # out= skips autocast
+    assert not fb.applies(make_recipe("marks2023"), torch.zeros(4, D_IN, device="meta"))
 
 
 def test_trainer_steps_blocked_as_it_steps_whole(monkeypatch):
     """Twenty Trainer steps (resampling, decoder-norm rule, Adam) in float64, blocked and whole, end equal."""
-    monkeypatch.setattr(rb, "BLOCK_FEATURES", 5)
+    monkeypatch.setattr(fb, "BLOCK_FEATURES", 5)
     recipe = make_recipe("marks2023", dtype="float64")
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(32, D_IN, generator=g, dtype=torch.float64) for _ in range(20)]
