@@ -140,6 +140,22 @@ class _JumpReluL0Blocks(torch.autograd.Function):
         return None, grad_W_enc, grad_bias, grad_theta, grad_W_dec, grad_b_dec, None
 
 
+def encoder_operands(module: Dictionary, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(xc, bias') with xc @ W_enc + bias' = (x - b_dec) @ W_enc + bias (without the pre-encoder bias, x and bias),
+    b_dec's encoder-side gradient routed through bias' by a vector product.
+
+    xc = x - b_dec is taken without a graph, so W_enc's whole gradient, both terms, comes from the one (d, B) @
+    (B, F) product of the backward; b_dec's, -W_enc @ sum_b grad, from a term of bias' whose value is zero
+    (s - s.detach(), s = b_dec @ W_enc with W_enc detached). Built naively, b_dec's gradient would cost a further
+    (B, F) x (F, d) matmul; built as bias - b_dec @ W_enc, a (d, F) outer product added into W_enc's gradient.
+    """
+    bias = bias if bias is not None else x.new_zeros(module.d_dict)
+    if not module.pre_encoder_bias:
+        return x, bias
+    shift = module.b_dec @ module.W_enc.detach()                                         # (F,): b_dec's path
+    return (x - module.b_dec).detach(), bias - (shift - shift.detach())
+
+
 def applies(recipe: Recipe, x: Tensor) -> bool:
     """Whether `blocked_loss` computes this step: ReLU with the L1 penalty or JumpReLU with L0, no AuxK or ghost
     grads, on the CPU outside autocast (where one whole GEMM per product is as fast, or out= GEMMs would skip
@@ -154,10 +170,7 @@ def blocked_loss(module: Dictionary, x: Tensor, recipe: Recipe, sparsity_scale: 
     """The recipe's loss on x (B, d) through `_ReluL1Blocks` or `_JumpReluL0Blocks`: MSE(y, x_hat) + coefficient *
     the penalty, with the same terms as losses.compute_loss (mse, sparsity) and features f (B, F)."""
     p = recipe.penalty
-    bias, xc = module.b_enc, x
-    if module.pre_encoder_bias:   # b_dec's encoder-side gradient through the bias, as losses._project
-        shift = module.b_dec @ module.W_enc.detach()                                     # (F,)
-        bias, xc = module.b_enc - (shift - shift.detach()), x - module.b_dec
+    xc, bias = encoder_operands(module, x, module.b_enc)
     if recipe.architecture == "jumprelu":
         f, penalty, x_hat = _JumpReluL0Blocks.apply(xc.detach(), module.W_enc, bias, module.threshold,
                                                     module.W_dec, module.b_dec, p.bandwidth)

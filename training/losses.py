@@ -36,9 +36,10 @@ class _ReluL1Decode(torch.autograd.Function):
     f = ReLU(pre) (B, F), penalty = sum_bi w_i f_bi / B (w: decoder norms, or 1), x_hat = f @ W_dec + b_dec (B, d).
 
     The backward makes the (B, F) gradient once, in pre's own dtype: grad_pre = (grad_x_hat @ W_dec^T + g w / B)
-    where f > 0, the penalty's term added inside the matmul as its bias and the mask applied in place. Built from
+    where f > 0, the penalty's (F,) term added in place after the matmul and the mask applied in place. Built from
     ops, that gradient cost three (B, F) passes and two fresh (B, F) tensors after the matmul; under bf16 autocast
-    the penalty's broadcast float32 term also promoted the whole gradient to float32 and back (issue 12)."""
+    the penalty's broadcast float32 term also promoted the whole gradient to float32 and back (issue 12). The path
+    under autocast and off the CPU; on the CPU feature_blocks runs the same step in blocks of features."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, weights: Tensor | None, W_dec: Tensor, b_dec: Tensor):
@@ -202,19 +203,10 @@ def ghost_grads_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor,
 
 # ---- the training forward of each architecture --------------------------------------------------------
 def _project(module: Dictionary, x: Tensor, bias: Tensor | None) -> Tensor:
-    """(x - b_dec) @ W_enc + bias, (B, F), as one addmm; b_dec's gradient through the encoder by a vector product.
-
-    The product runs on x - b_dec taken without a graph, so W_enc's whole gradient, both terms, comes from the
-    one (d, B) @ (B, F) product of the backward; b_dec's, -W_enc @ sum_b grad, from a bias term whose value is
-    zero (s - s.detach(), s = b_dec @ W_enc with W_enc detached). Built naively, b_dec's gradient would cost a
-    further (B, F) x (F, d) matmul; built as bias - b_dec @ W_enc, a (d, F) outer product added into W_enc's
-    gradient. The bias is added inside the matmul instead of in extra passes over the (B, F) result.
-    """
-    bias = bias if bias is not None else x.new_zeros(module.d_dict)
-    if not module.pre_encoder_bias:
-        return torch.addmm(bias, x, module.W_enc)
-    shift = module.b_dec @ module.W_enc.detach()                                         # (F,): b_dec's path
-    return torch.addmm(bias - (shift - shift.detach()), (x - module.b_dec).detach(), module.W_enc)
+    """(x - b_dec) @ W_enc + bias, (B, F), as one addmm (the bias inside the matmul, not in extra passes over the
+    result); b_dec's gradient through the encoder by a vector product (feature_blocks.encoder_operands)."""
+    xc, bias = feature_blocks.encoder_operands(module, x, bias)
+    return torch.addmm(bias, xc, module.W_enc)
 
 
 def _decode(module: Dictionary, f: Tensor, x: Tensor | None = None) -> Tensor:
